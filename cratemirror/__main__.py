@@ -1,0 +1,86 @@
+"""Command line: `cratemirror serve|warm|verify|prune|client-config|export|import` (see the README)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from cratemirror import __version__
+from cratemirror.config import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cratemirror.serve import serve  # imported late: it may set up multiprocess metrics first
+
+    return serve(args)
+
+
+def _client_config(args: argparse.Namespace) -> int:
+    from cratemirror.clientconfig import cargo_config_snippet, cargo_env_snippet
+
+    base = args.url or "http://127.0.0.1:8080"
+    print("# .cargo/config.toml (or $CARGO_HOME/config.toml)")
+    print(cargo_config_snippet(base))
+    print("# or, for CI, the same as environment variables:")
+    print(cargo_env_snippet(base), end="")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cratemirror", description="A pull-through caching mirror for crates.io."
+    )
+    parser.add_argument("--version", action="version", version=f"cratemirror {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the mirror")
+    serve.add_argument(
+        "--config", metavar="PATH", help="config file (default: $CRATEMIRROR_CONFIG, ./mirror.yaml)"
+    )
+    serve.add_argument("--host", help="address to listen on (server.host)")
+    serve.add_argument("--port", help="port to listen on (server.port)")
+    serve.add_argument("--workers", help="worker processes sharing the port, or 'auto' (server.workers)")
+    serve.add_argument("--cache-dir", metavar="DIR", help="where crates and index files are kept (cache.dir)")
+    serve.add_argument("--upstream", metavar="URL", help="upstream sparse index root (upstream.index_url)")
+    serve.add_argument(
+        "--offline",
+        action="store_true",
+        default=None,
+        help="never contact upstream; serve only what is cached",
+    )
+    serve.set_defaults(run=_serve)
+
+    client_config = commands.add_parser(
+        "client-config", help="print the cargo config that points at a mirror"
+    )
+    client_config.add_argument("--url", help="the mirror's base URL (default http://127.0.0.1:8080)")
+    client_config.set_defaults(run=_client_config)
+
+    from cratemirror.tools.cli import add_tool_commands
+
+    add_tool_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Command = args.run
+    try:
+        return run(args)
+    except ConfigError as exc:
+        print(f"cratemirror: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

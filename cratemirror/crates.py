@@ -1,0 +1,230 @@
+"""CrateService: look up a version's checksum, fetch the tarball once, verify sha256, store, serve.
+
+A fill writes the upstream body to a temp file while hashing it; every client waiting for that crate
+reads the temp file as it grows (so memory stays flat however many clients and however large the
+crate), but the last chunk is only released once the sha256 matched. The temp file is renamed into
+place only after verification and fsync: nothing unverified is ever stored or completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import BinaryIO
+from urllib.parse import quote
+
+from cratemirror.index import IndexService, VersionRecord, find_version
+from cratemirror.metrics import Metrics
+from cratemirror.names import CrateVersion, expand_dl_template
+from cratemirror.singleflight import SingleFlight
+from cratemirror.store import CrateMeta, Store
+from cratemirror.upstream import Upstream
+
+log = logging.getLogger("cratemirror.crates")
+
+CHUNK = 256 * 1024
+MEMO_LIMIT = 65536
+
+
+class NotFound(Exception):
+    """Unknown crate or version: the client gets 404."""
+
+
+class ChecksumMismatch(Exception):
+    """The upstream bytes do not hash to the index cksum: the client gets 502 (or a cut connection)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachedCrate:
+    file: BinaryIO  # opened before anything else, so a concurrent eviction cannot truncate the answer
+    size: int
+    sha256: str
+
+
+class Fill:
+    """One upstream download in progress, shared by every client of this process asking for it."""
+
+    def __init__(self, name: str, version: str, cksum: str) -> None:
+        self.name = name
+        self.version = version
+        self.cksum = cksum
+        loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[None] = loop.create_future()  # upstream said 200 (or failed)
+        self.finished: asyncio.Future[None] = loop.create_future()  # verified and stored (or failed)
+        self.content_length: int | None = None
+        self.published = 0  # bytes clients may be sent: all but the newest chunk until verified
+        self.reader: BinaryIO | None = None
+        self.cached: CachedCrate | None = None  # set when another worker process filled it first
+        self._progress = asyncio.Event()
+
+    def begin(self, reader: BinaryIO, content_length: int | None) -> None:
+        self.reader = reader
+        self.content_length = content_length
+        self.started.set_result(None)
+
+    def publish(self, position: int) -> None:
+        self.published = position
+        self._wake()
+
+    def succeed(self, size: int) -> None:
+        self.published = size
+        if not self.started.done():
+            self.started.set_result(None)
+        self.finished.set_result(None)
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        for future in (self.started, self.finished):
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: a fill nobody waits for is not an "unhandled" error
+        self._wake()
+
+    async def wait_beyond(self, position: int) -> None:
+        while self.published <= position and not self.finished.done():
+            event = self._progress
+            await event.wait()
+
+    def _wake(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+
+class CrateService:
+    def __init__(
+        self, store: Store, index: IndexService, upstream: Upstream, metrics: Metrics, offline: bool
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.upstream = upstream
+        self.metrics = metrics
+        self.offline = offline
+        self._fills: SingleFlight[None] = SingleFlight()
+        self._active: dict[str, Fill] = {}
+        self._sha_memo: dict[str, str] = {}  # "name/version" -> sha256, saves a metadata read per hit
+        self.last_store_error: str | None = None
+
+    async def close(self) -> None:
+        await self._fills.cancel_all()
+
+    def open_cached(self, name: str, version: str) -> CachedCrate | None:
+        path = self.store.crate_path(name, version)
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - handed to the response, which closes it
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        key = f"{name}/{version}"
+        sha = self._sha_memo.get(key)
+        if sha is None:
+            meta = self.store.get_crate_meta(name, version)
+            if meta is None:
+                handle.close()  # no recorded checksum (crash between writes): treat as a miss
+                return None
+            sha = meta.sha256
+            if len(self._sha_memo) >= MEMO_LIMIT:
+                self._sha_memo.clear()
+            self._sha_memo[key] = sha
+        size = os.fstat(handle.fileno()).st_size
+        return CachedCrate(handle, size, sha)
+
+    async def resolve(self, request: CrateVersion) -> VersionRecord:
+        """The index record for a requested version; NotFound if the registry has no such version.
+        A cached index file that lacks the version is revalidated once: it may be newly published."""
+        asked_at = time.time()
+        result = await self.index.get(request.crate, count=False)
+        record = find_version(result.entry.body, request.version) if result.entry.status == 200 else None
+        if record is None and result.x_cache in ("HIT", "STALE") and not self.offline:
+            result = await self.index.get(request.crate, newer_than=asked_at, count=False)
+            if result.entry.status == 200:
+                record = find_version(result.entry.body, request.version)
+        if record is None:
+            if result.entry.status != 200:
+                raise NotFound(f"crate {request.crate.name!r} not found")
+            raise NotFound(f"crate {request.crate.name!r} has no version {request.version!r}")
+        return record
+
+    def fill(self, record: VersionRecord, version: str) -> tuple[Fill, bool]:
+        """Start (or join) the download of a crate; returns the fill and whether it was joined."""
+        key = f"{record.name}/{version}"
+        active = self._active.get(key)
+        if active is not None:
+            return active, True
+        fill = Fill(record.name, version, record.cksum)
+        self._active[key] = fill
+
+        async def run() -> None:
+            try:
+                await self._run_fill(fill)
+            except BaseException as exc:
+                fill.fail(exc)
+                raise
+            finally:
+                self._active.pop(key, None)
+
+        # SingleFlight keeps the task alive (and its error retrieved) even if every client leaves.
+        task = asyncio.ensure_future(self._fills.run(key, run))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return fill, False
+
+    async def _run_fill(self, fill: Fill) -> None:
+        async with self.store.lock(f"crate:{fill.name}/{fill.version}"):
+            cached = self.open_cached(fill.name, fill.version)
+            if cached is not None:  # another worker process stored it while we waited
+                fill.cached = cached
+                fill.succeed(cached.size)
+                return
+            template = await self.index.dl_template()
+            # static.crates.io expects '+' (build metadata) percent-encoded; names keep their case.
+            url = expand_dl_template(template, fill.name, quote(fill.version, safe=""), fill.cksum)
+            await self._download(fill, url)
+
+    async def _download(self, fill: Fill, url: str) -> None:
+        temp = self.store.new_temp_file()
+        try:
+            with open(temp, "wb") as out:
+                fill_reader = open(temp, "rb", buffering=0)  # noqa: SIM115 - closed by the last client
+                async with self.upstream.open_crate(url) as response:
+                    length = response.content_length if "Content-Encoding" not in response.headers else None
+                    fill.begin(fill_reader, length)
+                    hasher = hashlib.sha256()
+                    size = 0
+                    async for chunk in response.content.iter_chunked(CHUNK):
+                        out.write(chunk)
+                        out.flush()
+                        hasher.update(chunk)
+                        fill.publish(size)  # everything before this chunk
+                        size += len(chunk)
+                    self.metrics.upstream_bytes.labels("crate").inc(size)
+                digest = hasher.hexdigest()
+                if digest != fill.cksum:
+                    self.metrics.checksum_failures.inc()
+                    log.error(
+                        "checksum mismatch for %s %s from %s: index cksum %s, upstream bytes hash to %s "
+                        "(%d bytes); nothing stored",
+                        fill.name, fill.version, url, fill.cksum, digest, size,
+                    )  # fmt: skip
+                    raise ChecksumMismatch(
+                        f"checksum mismatch for {fill.name} {fill.version}: upstream sent bytes that do "
+                        f"not match the index cksum"
+                    )
+                await asyncio.to_thread(os.fsync, out.fileno())
+            meta = CrateMeta(fill.name, fill.version, digest, size, time.time())
+            try:
+                await asyncio.to_thread(self.store.commit_crate, temp, meta)
+            except (OSError, sqlite3.Error) as exc:
+                self._store_failed(f"could not store {fill.name} {fill.version}: {exc}")
+            fill.succeed(size)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()  # still there only if something failed
+
+    def _store_failed(self, reason: str) -> None:
+        if self.last_store_error != reason:
+            log.error("%s", reason)
+        self.last_store_error = reason

@@ -1,0 +1,221 @@
+"""IndexService: sparse-index files with a freshness TTL, ETag revalidation, stale-if-error and a
+negative cache, plus the upstream's config.json (where its tarballs live)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from cratemirror.config import CacheConfig
+from cratemirror.metrics import Metrics
+from cratemirror.names import CrateName
+from cratemirror.singleflight import SingleFlight
+from cratemirror.store import IndexEntry, Store
+from cratemirror.upstream import Upstream, UpstreamError, UpstreamNotFound
+
+log = logging.getLogger("cratemirror.index")
+
+UPSTREAM_CONFIG_KEY = "upstream-config"
+DEFAULT_DL = "https://static.crates.io/crates"
+
+
+class OfflineMiss(Exception):
+    """Offline mode and the file is not cached: the client gets 503."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexResult:
+    entry: IndexEntry  # status 200 (a file) or 404 (not found upstream)
+    x_cache: str  # HIT | MISS | REVALIDATED | STALE
+    result: str  # the metric label: hit | miss | revalidated | stale | negative
+
+
+def body_etag(body: bytes) -> str:
+    return f'"{hashlib.sha256(body).hexdigest()[:40]}"'
+
+
+class IndexService:
+    def __init__(
+        self, store: Store, upstream: Upstream, metrics: Metrics, cache: CacheConfig, offline: bool
+    ) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self.cache = cache
+        self.offline = offline
+        self._flights: SingleFlight[IndexResult] = SingleFlight()
+        self._dl_template: str | None = None
+        self._dl_checked_at = 0.0
+        self._config_flight: SingleFlight[str] = SingleFlight()
+        self.last_store_error: str | None = None
+
+    async def close(self) -> None:
+        await self._flights.cancel_all()
+        await self._config_flight.cancel_all()
+
+    # --- index files -------------------------------------------------------------------------
+
+    async def get(
+        self, crate: CrateName, *, newer_than: float | None = None, count: bool = True
+    ) -> IndexResult:
+        """The index file for `crate`. `newer_than`: a wall-clock time the copy must have been checked
+        after (a download asking for a version the cached copy lacks). `count`: whether coalescing
+        counts in metrics (False for the lookup a download does internally)."""
+        entry = self.store.get_index(crate.lower)
+        if entry is not None and (self.offline or self._is_fresh(entry, newer_than)):
+            return self._cached_result(entry)
+        if self.offline:
+            raise OfflineMiss(f"offline and index file {crate.index_path!r} is not cached")
+        key = f"index:{crate.lower}"
+        result, joined = await self._flights.run(key, lambda: self._refresh(crate, newer_than))
+        if joined and count:
+            self.metrics.coalesced.labels("index").inc()
+        return result
+
+    def _is_fresh(self, entry: IndexEntry, newer_than: float | None) -> bool:
+        if newer_than is not None:
+            return entry.checked_at >= newer_than
+        ttl = self.cache.index_ttl if entry.status == 200 else self.cache.negative_ttl
+        return time.time() - entry.checked_at < ttl
+
+    def _cached_result(self, entry: IndexEntry) -> IndexResult:
+        if entry.status != 200:
+            return IndexResult(entry, "HIT", "negative")
+        if time.time() - entry.checked_at < self.cache.index_ttl:
+            return IndexResult(entry, "HIT", "hit")
+        return IndexResult(entry, "STALE", "stale")  # offline: served however old
+
+    async def _refresh(self, crate: CrateName, newer_than: float | None) -> IndexResult:
+        async with self.store.lock(f"index:{crate.lower}"):
+            # Another worker process may have refreshed it while we waited for the lock.
+            entry = self.store.get_index(crate.lower)
+            if entry is not None and self._is_fresh(entry, newer_than):
+                return self._cached_result(entry)
+            held = entry if entry is not None and entry.status == 200 else None
+            try:
+                fetched = await self.upstream.fetch_index(
+                    crate.index_path,
+                    held.upstream_etag if held else None,
+                    held.upstream_last_modified if held else None,
+                )
+            except UpstreamError as exc:
+                if held is not None and self._within_stale_window(held):
+                    log.warning("serving stale %s: %s", crate.index_path, exc)
+                    return IndexResult(held, "STALE", "stale")
+                raise
+            checked_at = time.time()
+            if fetched.status == 304 and held is not None:
+                renewed = IndexEntry(
+                    200, held.body, held.etag, held.last_modified, checked_at,
+                    held.upstream_etag, held.upstream_last_modified,
+                )  # fmt: skip
+                await self._put(crate.lower, renewed)
+                return IndexResult(renewed, "REVALIDATED", "revalidated")
+            if fetched.status == 200:
+                if held is not None and held.body == fetched.body:
+                    # Upstream ignored our validators but nothing changed: keep our ETag and date.
+                    fresh = IndexEntry(
+                        200, held.body, held.etag, held.last_modified, checked_at,
+                        fetched.etag, fetched.last_modified,
+                    )  # fmt: skip
+                    await self._put(crate.lower, fresh)
+                    return IndexResult(fresh, "REVALIDATED", "revalidated")
+                fresh = IndexEntry(
+                    200, fetched.body, body_etag(fetched.body),
+                    fetched.last_modified or formatdate(checked_at, usegmt=True), checked_at,
+                    fetched.etag, fetched.last_modified,
+                )  # fmt: skip
+                await self._put(crate.lower, fresh)
+                return IndexResult(fresh, "MISS", "miss")
+            # 404 (or a 304 we did not ask for): remember "not found" for negative_ttl.
+            missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)
+            await self._put(crate.lower, missing)
+            return IndexResult(missing, "MISS", "miss")
+
+    def _within_stale_window(self, entry: IndexEntry) -> bool:
+        age = time.time() - entry.checked_at
+        return age < self.cache.index_ttl + self.cache.stale_if_error
+
+    async def _put(self, lower: str, entry: IndexEntry) -> None:
+        """Store an entry; a full or read-only disk costs the cache, never the answer."""
+        try:
+            await asyncio.to_thread(self.store.put_index, lower, entry)
+        except (OSError, sqlite3.Error) as exc:
+            self._store_failed(f"could not store index file for {lower}: {exc}")
+
+    def _store_failed(self, reason: str) -> None:
+        if self.last_store_error != reason:
+            log.error("%s", reason)
+        self.last_store_error = reason
+
+    # --- the upstream's config.json ------------------------------------------------------------
+
+    async def dl_template(self) -> str:
+        """The upstream's `dl` value, re-read every index_ttl; the last known one while it fails."""
+        if self._dl_template is not None and (
+            self.offline or time.time() - self._dl_checked_at < self.cache.index_ttl
+        ):
+            return self._dl_template
+        template, _ = await self._config_flight.run("config", self._load_dl_template)
+        return template
+
+    async def _load_dl_template(self) -> str:
+        stored = self.store.get_json(UPSTREAM_CONFIG_KEY)
+        known = stored.get("dl") if isinstance(stored, dict) else None
+        if self.offline:
+            if not isinstance(known, str):
+                raise OfflineMiss("offline and the upstream's config.json was never fetched")
+            self._dl_template = known
+            return known
+        try:
+            document = await self.upstream.fetch_json("config.json")
+        except (UpstreamError, UpstreamNotFound) as exc:
+            if isinstance(known, str):
+                log.warning("upstream config.json unavailable, using the stored one: %s", exc)
+                self._dl_template = known
+                return known
+            raise UpstreamError(f"upstream config.json: {exc}") from exc
+        dl = document.get("dl") if isinstance(document, dict) else None
+        if not isinstance(dl, str) or not dl:
+            raise UpstreamError(f"upstream config.json has no 'dl': {json.dumps(document)[:200]}")
+        dl = dl.rstrip("/")
+        try:
+            await asyncio.to_thread(self.store.put_json, UPSTREAM_CONFIG_KEY, {"dl": dl})
+        except (OSError, sqlite3.Error) as exc:
+            self._store_failed(f"could not store upstream config.json: {exc}")
+        self._dl_template = dl
+        self._dl_checked_at = time.time()
+        return dl
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    name: str  # as the registry spells it: case matters in download URLs
+    cksum: str
+
+
+def find_version(body: bytes, version: str) -> VersionRecord | None:
+    """The record of `version` in an index file. Only candidate lines are parsed: a download
+    should not JSON-decode a 500 KB file."""
+    needle = f'"vers":"{version}"'.encode()
+    candidates = [line for line in body.splitlines() if needle in line]
+    if not candidates:
+        # Lines written by another registry may space their JSON differently.
+        candidates = [line for line in body.splitlines() if version.encode() in line]
+    for line in candidates:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or record.get("vers") != version:
+            continue
+        name, cksum = record.get("name"), record.get("cksum")
+        if isinstance(name, str) and isinstance(cksum, str) and len(cksum) == 64:
+            return VersionRecord(name, cksum.lower())
+    return None

@@ -1,0 +1,57 @@
+"""Response helpers shared by the routes: one-line errors, conditional requests, sendfile."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import BinaryIO
+
+from aiohttp import web
+
+_CHUNK = 256 * 1024
+
+
+def error(status: int, reason: str, x_cache: str | None = None) -> web.Response:
+    """Error bodies are one plain-text line saying what was wrong (never a traceback)."""
+    headers = {"X-Cache": x_cache} if x_cache else None
+    one_line = " ".join(reason.split())
+    return web.Response(status=status, text=one_line + "\n", headers=headers)
+
+
+def not_modified(request: web.BaseRequest, etag: str, last_modified: str) -> bool:
+    """True only when the client's validator matches ours (a 304 to a client without a copy breaks it)."""
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None:
+        tags = [tag.strip() for tag in if_none_match.split(",")]
+        return "*" in tags or etag in tags or f"W/{etag}" in tags
+    if_modified_since = request.headers.get("If-Modified-Since")
+    if if_modified_since and last_modified:
+        try:
+            return parsedate_to_datetime(if_modified_since) >= parsedate_to_datetime(last_modified)
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+async def send_file(
+    request: web.BaseRequest, file: BinaryIO, size: int, headers: Mapping[str, str]
+) -> web.StreamResponse:
+    """Send an open file with the kernel's sendfile (no copies through Python); closes the file."""
+    try:
+        response = web.StreamResponse(headers=headers)
+        response.content_length = size
+        await response.prepare(request)
+        if request.method != "HEAD" and size:
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("client went away")
+            try:
+                await asyncio.get_running_loop().sendfile(transport, file, 0, size)
+            except NotImplementedError:  # an event loop without sendfile (uvloop): copy in chunks
+                while chunk := file.read(_CHUNK):
+                    await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        file.close()

@@ -1,0 +1,175 @@
+"""`cratemirror serve`: load the config, then run one or more worker processes sharing the port.
+
+With several workers each process binds the port with SO_REUSEPORT (the kernel spreads connections),
+and prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set here before any worker
+imports it) lets /metrics sum over all of them. The parent only supervises: it restarts a worker that
+died and stops them all on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from cratemirror.config import Config, ConfigError, find_config_path, load_config
+from cratemirror.logs import setup_logging
+
+log = logging.getLogger("cratemirror")
+
+MAX_RESTARTS_PER_MINUTE = 10
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    path = find_config_path(args.config, os.environ, Path.cwd())
+    overrides = {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.workers": args.workers,
+        "cache.dir": args.cache_dir,
+        "upstream.index_url": args.upstream,
+        "offline": args.offline,
+    }
+    return load_config(path, os.environ, overrides)
+
+
+def serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    setup_logging(config.logging)
+    try:
+        config.cache.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{config.source}: cache.dir: expected a directory that can be created, got "
+            f"{str(config.cache.dir)!r} ({exc.strerror})"
+        ) from exc
+    problem = _port_problem(config.server.host, config.server.port)
+    if problem:
+        log.error("%s", problem)
+        return 1
+    log.info(
+        "cratemirror serving on http://%s:%d with %d worker(s); upstream %s; cache %s%s",
+        config.server.host, config.server.port, config.server.workers, config.upstream.index_url,
+        config.cache.dir, " (offline)" if config.offline else "",
+    )  # fmt: skip
+    if config.server.workers == 1:
+        run_worker(config)
+        return 0
+    return _supervise(config)
+
+
+def run_worker(config: Config) -> None:
+    """One worker process: an aiohttp server on the shared port."""
+    from aiohttp import web
+
+    from cratemirror.app import create_app
+    from cratemirror.logs import AccessLogger
+
+    setup_logging(config.logging)
+    loop_factory = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    import asyncio
+
+    runner_loop = loop_factory() if loop_factory else asyncio.new_event_loop()
+    asyncio.set_event_loop(runner_loop)
+    web.run_app(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        reuse_port=config.server.workers > 1,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("cratemirror.access"),
+        print=None,
+        loop=runner_loop,
+        shutdown_timeout=10,
+    )
+
+
+def _supervise(config: Config) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="cratemirror-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    context = multiprocessing.get_context("spawn")
+    workers = [_start(context, config) for _ in range(config.server.workers)]
+    stopping = False
+    restarts: list[float] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()  # SIGTERM: aiohttp shuts down gracefully
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while True:
+            sentinels = [worker.sentinel for worker in workers]
+            multiprocessing.connection.wait(sentinels)
+            if stopping:
+                for worker in workers:
+                    worker.join(timeout=15)
+                    if worker.is_alive():
+                        worker.kill()
+                return 0
+            for position, worker in enumerate(workers):
+                if worker.is_alive():
+                    continue
+                now = time.monotonic()
+                restarts = [at for at in restarts if now - at < 60] + [now]
+                if len(restarts) > MAX_RESTARTS_PER_MINUTE:
+                    log.error("workers keep dying (exit code %s); giving up", worker.exitcode)
+                    stop(signal.SIGTERM, None)
+                    for other in workers:
+                        other.join(timeout=15)
+                    return 1
+                log.error("worker pid %s exited with %s; starting another", worker.pid, worker.exitcode)
+                _mark_dead(worker.pid)
+                workers[position] = _start(context, config)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _start(
+    context: multiprocessing.context.SpawnContext, config: Config
+) -> multiprocessing.process.BaseProcess:
+    worker = context.Process(target=run_worker, args=(config,), daemon=False)
+    worker.start()
+    return worker
+
+
+def _mark_dead(pid: int | None) -> None:
+    """Tell prometheus_client a worker is gone so its live gauges stop counting."""
+    if pid is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """A clear message now beats N workers each failing to bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror}"
+    finally:
+        probe.close()
+    return None

@@ -1,0 +1,169 @@
+"""The on-disk cache.
+
+Layout under `cache.dir`:
+  meta/                diskcache: index files (body + validators) and per-crate metadata
+  crates/<name>/<name>-<version>.crate   verified tarballs, served with sendfile
+  tmp/<pid>-<random>.part                fills in progress (same filesystem, so rename is atomic)
+  locks/<key hash>.lock                  flock files that coalesce fills across worker processes
+
+Every path is built from validated names (see names.py), never from raw request text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+# Waiting on another process's flock blocks a thread; these threads do nothing else.
+_LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One cached sparse-index file, or a remembered upstream 404 (status 404, empty body)."""
+
+    status: int
+    body: bytes
+    etag: str  # ours: derived from the body, so it changes exactly when the bytes do
+    last_modified: str  # HTTP date
+    checked_at: float  # when upstream last confirmed it (wall clock)
+    upstream_etag: str | None = None
+    upstream_last_modified: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CrateMeta:
+    name: str
+    version: str
+    sha256: str
+    size: int
+    fetched_at: float
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.crates_dir = root / "crates"
+        self.tmp_dir = root / "tmp"
+        self.locks_dir = root / "locks"
+        for directory in (root, self.crates_dir, self.tmp_dir, self.locks_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        # Small SQLite database; large index bodies spill to files inside it.
+        self.meta = diskcache.Cache(str(root / "meta"), size_limit=2**40, eviction_policy="none")
+
+    def close(self) -> None:
+        self.meta.close()
+
+    # --- index files -------------------------------------------------------------------------
+
+    def get_index(self, lower_name: str) -> IndexEntry | None:
+        value: Any = self.meta.get(f"index:{lower_name}")
+        return value if isinstance(value, IndexEntry) else None
+
+    def put_index(self, lower_name: str, entry: IndexEntry) -> None:
+        self.meta.set(f"index:{lower_name}", entry)
+
+    def get_json(self, key: str) -> Any:
+        return self.meta.get(f"json:{key}")
+
+    def put_json(self, key: str, value: Any) -> None:
+        self.meta.set(f"json:{key}", value)
+
+    # --- crates ------------------------------------------------------------------------------
+
+    def crate_path(self, name: str, version: str) -> Path:
+        """`name` must be the validated, canonical-case name; `version` a validated semver."""
+        return self.crates_dir / name / f"{name}-{version}.crate"
+
+    def get_crate_meta(self, name: str, version: str) -> CrateMeta | None:
+        value: Any = self.meta.get(f"crate:{name}/{version}")
+        return value if isinstance(value, CrateMeta) else None
+
+    def new_temp_file(self) -> Path:
+        return self.tmp_dir / f"{os.getpid()}-{os.urandom(8).hex()}.part"
+
+    def commit_crate(self, temp: Path, meta: CrateMeta) -> Path:
+        """Move a verified, fsynced temp file into place. Metadata first: a crash in between leaves
+        metadata without a file (a plain miss), never a file without its checksum."""
+        final = self.crate_path(meta.name, meta.version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.meta.set(f"crate:{meta.name}/{meta.version}", meta)
+        os.replace(temp, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def remove_crate(self, name: str, version: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.crate_path(name, version).unlink()
+        self.meta.delete(f"crate:{name}/{version}")
+
+    def clean_stale_temp_files(self) -> int:
+        """Remove fills left by processes that no longer run (a crash or kill -9 mid-download)."""
+        removed = 0
+        for temp in self.tmp_dir.glob("*.part"):
+            pid_text = temp.name.split("-", 1)[0]
+            if pid_text.isdigit() and _process_alive(int(pid_text)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+                removed += 1
+        return removed
+
+    # --- cross-process coalescing ------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lock(self, key: str) -> AsyncIterator[None]:
+        """An exclusive flock on `key`, shared by every worker process using this cache dir."""
+        path = self.locks_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                await asyncio.get_running_loop().run_in_executor(
+                    _LOCK_THREADS, fcntl.flock, fd, fcntl.LOCK_EX
+                )
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def writable_problem(self) -> str | None:
+        """None when the cache dir accepts writes, else a one-line reason (for /readyz)."""
+        probe = self.tmp_dir / f"{os.getpid()}-readyz.probe"
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return f"cache dir {self.root} is not writable: {exc.strerror or exc}"
+        return None
+
+    def iter_crate_files(self) -> Iterator[Path]:
+        yield from self.crates_dir.glob("*/*.crate")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True

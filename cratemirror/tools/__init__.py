@@ -1,0 +1,1 @@
+"""Operator commands: warm, verify, prune, export, import."""

@@ -1,0 +1,244 @@
+"""The upstream registry client: one ClientSession, per-attempt timeouts, retries with backoff, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+import aiohttp
+from yarl import URL
+
+from cratemirror import PROJECT_URL, __version__
+from cratemirror.config import UpstreamConfig
+from cratemirror.metrics import Metrics
+
+log = logging.getLogger("cratemirror.upstream")
+
+T = TypeVar("T")
+
+MAX_BACKOFF = 10.0
+FAILURES_BEFORE_DOWN = 3
+
+
+class UpstreamError(Exception):
+    """Upstream could not give an answer; `status` is what the client gets (502, or 504 on timeout)."""
+
+    def __init__(self, reason: str, status: int = 502) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class UpstreamNotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class IndexFetch:
+    status: int  # 200, 304 or 404
+    body: bytes
+    etag: str | None
+    last_modified: str | None
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None, timeout: bool = False) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.timeout = timeout
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.index_url = URL(config.index_url)
+        self.user_agent = config.user_agent or f"cratemirror/{__version__} (+{PROJECT_URL})"
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        ssl_context: ssl.SSLContext | bool = True
+        if self.config.ca_bundle is not None:
+            ssl_context = ssl.create_default_context()
+            ssl_context.load_verify_locations(cafile=str(self.config.ca_bundle))
+        connector = aiohttp.TCPConnector(limit=self.config.max_connections, ssl=ssl_context)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            # Per attempt: connect, and any gap between bytes (first byte or a stall mid-body).
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self.config.timeout, sock_read=self.config.timeout
+            ),
+            headers={"User-Agent": self.user_agent},
+            trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream.start() was not awaited"
+        return self._session
+
+    @property
+    def is_up(self) -> bool:
+        return self.consecutive_failures < FAILURES_BEFORE_DOWN
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def fetch_index(self, path: str, etag: str | None, last_modified: str | None) -> IndexFetch:
+        """GET an index file (`path` relative to the index root), conditionally when we hold a copy."""
+        headers = {"Accept": "text/plain", "Accept-Encoding": "gzip"}
+        if etag:
+            headers["If-None-Match"] = etag
+        elif last_modified:
+            headers["If-Modified-Since"] = last_modified
+        url = self.index_url.join(URL(path))
+
+        async def attempt() -> IndexFetch:
+            async with self._request("index", url, headers) as response:
+                if response.status == 304:
+                    return IndexFetch(304, b"", etag, last_modified)
+                if response.status in (403, 404, 410, 451):
+                    return IndexFetch(404, b"", None, None)
+                self._raise_for_status(response)
+                body = await response.read()
+                self.metrics.upstream_bytes.labels("index").inc(len(body))
+                return IndexFetch(
+                    200, body, response.headers.get("ETag"), response.headers.get("Last-Modified")
+                )
+
+        return await self._with_retries(attempt)
+
+    async def fetch_json(self, path: str) -> object:
+        url = self.index_url.join(URL(path))
+
+        async def attempt() -> object:
+            async with self._request("config", url, {"Accept": "application/json"}) as response:
+                if response.status == 404:
+                    raise UpstreamNotFound(str(url))
+                self._raise_for_status(response)
+                return await response.json(content_type=None)
+
+        return await self._with_retries(attempt)
+
+    @contextlib.asynccontextmanager
+    async def open_crate(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """An upstream 200 response for a tarball, retried until its headers arrive; the caller reads
+        the body. Raises UpstreamNotFound (a 403/404/410 from the store) or UpstreamError."""
+
+        async def attempt() -> aiohttp.ClientResponse:
+            response = await self._send("crate", URL(url, encoded=True), {"Accept-Encoding": "identity"})
+            try:
+                if response.status in (403, 404, 410, 451):
+                    raise UpstreamNotFound(url)
+                self._raise_for_status(response)
+            except BaseException:
+                response.release()
+                raise
+            return response
+
+        response = await self._with_retries(attempt)
+        try:
+            yield response
+        finally:
+            response.release()
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, kind: str, url: URL, headers: dict[str, str]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        response = await self._send(kind, url, headers)
+        try:
+            yield response
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            raise _Retryable(f"{url}: body cut off: {exc}") from exc
+        except TimeoutError as exc:
+            raise _Retryable(f"{url}: timed out reading the body", timeout=True) from exc
+        finally:
+            response.release()
+
+    async def _send(self, kind: str, url: URL, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        started = time.perf_counter()
+        status = "error"
+        try:
+            response = await self.session.get(url, headers=headers, proxy=self.config.proxy)
+            status = str(response.status)
+            return response
+        except TimeoutError as exc:
+            status = "timeout"
+            raise _Retryable(f"{url}: timed out after {self.config.timeout:g}s", timeout=True) from exc
+        except aiohttp.ClientError as exc:
+            raise _Retryable(f"{url}: {exc.__class__.__name__}: {exc}") from exc
+        finally:
+            self.metrics.upstream_requests.labels(kind, status).inc()
+            self.metrics.upstream_duration.labels(kind).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _raise_for_status(response: aiohttp.ClientResponse) -> None:
+        if response.status == 200:
+            return
+        reason = f"{response.url}: upstream answered {response.status}"
+        if response.status == 429 or response.status >= 500:
+            raise _Retryable(reason, retry_after=_parse_retry_after(response.headers.get("Retry-After")))
+        raise UpstreamError(reason)
+
+    async def _with_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        attempts = self.config.retries + 1
+        for number in range(attempts):
+            try:
+                result = await attempt()
+            except _Retryable as exc:
+                self._record_failure(str(exc))
+                if number + 1 >= attempts:
+                    raise UpstreamError(str(exc), status=504 if exc.timeout else 502) from exc
+                await asyncio.sleep(self._backoff(number, exc.retry_after))
+                continue
+            self._record_success()
+            return result
+        raise AssertionError("unreachable")
+
+    def _backoff(self, number: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            # Honour Retry-After, but never wait longer than one attempt's timeout.
+            return min(retry_after, self.config.timeout, MAX_BACKOFF)
+        base = min(0.1 * 2.0**number, MAX_BACKOFF)
+        return base / 2 + random.uniform(0, base / 2)  # jitter: runners that failed together spread out
+
+    def _record_failure(self, reason: str) -> None:
+        self.consecutive_failures += 1
+        self.last_error = reason
+        log.warning("upstream failure (%d in a row): %s", self.consecutive_failures, reason)
+        if not self.is_up:
+            self.metrics.upstream_up.set(0)
+
+    def _record_success(self) -> None:
+        if not self.is_up:
+            log.info("upstream is answering again")
+        self.consecutive_failures = 0
+        self.metrics.upstream_up.set(1)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
