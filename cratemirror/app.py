@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,9 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     store = Store(config.cache.dir)
     upstream = Upstream(config.upstream, metrics)
     index = IndexService(store, upstream, metrics, config.cache, config.offline)
-    crates = CrateService(store, index, upstream, metrics, config.offline)
+    crates = CrateService(
+        store, index, upstream, metrics, offline=config.offline, max_size=config.cache.max_size
+    )
     mirror = Mirror(config, metrics, store, upstream, index, crates)
 
     app = web.Application(middlewares=[_instrument], handler_args={"max_field_size": 8190})
@@ -44,6 +47,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.info("removed %d partial downloads left by an earlier run", removed)
     if not mirror.config.offline:
         await mirror.upstream.start()
+    usage = await asyncio.to_thread(mirror.store.usage)
+    mirror.store.set_crate_bytes(usage["crate"][0])  # exact again, whatever a crash left
+    mirror.record_usage(usage)
     yield
     await mirror.crates.close()
     await mirror.index.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import quote
 
+from cratemirror.eviction import evict_to
 from cratemirror.index import IndexService, VersionRecord, find_version
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateVersion, expand_dl_template
@@ -30,6 +31,7 @@ log = logging.getLogger("cratemirror.crates")
 
 CHUNK = 256 * 1024
 MEMO_LIMIT = 65536
+TOUCH_INTERVAL = 3600.0
 
 
 class NotFound(Exception):
@@ -98,9 +100,18 @@ class Fill:
 
 class CrateService:
     def __init__(
-        self, store: Store, index: IndexService, upstream: Upstream, metrics: Metrics, offline: bool
+        self,
+        store: Store,
+        index: IndexService,
+        upstream: Upstream,
+        metrics: Metrics,
+        *,
+        offline: bool,
+        max_size: int,
     ) -> None:
         self.store = store
+        self.max_size = max_size
+        self._evicting = False
         self.index = index
         self.upstream = upstream
         self.metrics = metrics
@@ -130,8 +141,12 @@ class CrateService:
             if len(self._sha_memo) >= MEMO_LIMIT:
                 self._sha_memo.clear()
             self._sha_memo[key] = sha
-        size = os.fstat(handle.fileno()).st_size
-        return CachedCrate(handle, size, sha)
+        stat = os.fstat(handle.fileno())
+        if time.time() - stat.st_mtime > TOUCH_INTERVAL:
+            # Recency for LRU eviction; at most hourly, so a hot crate costs no metadata write per hit.
+            with contextlib.suppress(OSError):
+                os.utime(handle.fileno())
+        return CachedCrate(handle, stat.st_size, sha)
 
     async def resolve(self, request: CrateVersion) -> VersionRecord:
         """The index record for a requested version; NotFound if the registry has no such version.
@@ -220,9 +235,27 @@ class CrateService:
             except (OSError, sqlite3.Error) as exc:
                 self._store_failed(f"could not store {fill.name} {fill.version}: {exc}")
             fill.succeed(size)
+            if self.store.crate_bytes() > self.max_size and not self._evicting:
+                asyncio.get_running_loop().create_task(self._evict())
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()  # still there only if something failed
+
+    async def _evict(self) -> None:
+        self._evicting = True
+        try:
+            async with self.store.lock("evict"):  # one worker process at a time
+                report = await asyncio.to_thread(evict_to, self.store, self.max_size)
+            self._sha_memo.clear()
+            if report.removed:
+                log.info(
+                    "evicted %d crates (%d bytes) to stay under cache.max_size (%d bytes)",
+                    len(report.removed), report.removed_bytes, self.max_size,
+                )  # fmt: skip
+        except (OSError, sqlite3.Error) as exc:
+            log.error("eviction failed: %s", exc)
+        finally:
+            self._evicting = False
 
     def _store_failed(self, reason: str) -> None:
         if self.last_store_error != reason:

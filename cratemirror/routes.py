@@ -207,5 +207,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[MIRROR].metrics.render()
+    mirror = request.app[MIRROR]
+    await mirror.refresh_usage()
+    body = mirror.metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -26,6 +26,7 @@ from typing import Any
 import diskcache
 
 # Waiting on another process's flock blocks a thread; these threads do nothing else.
+CRATE_BYTES_KEY = "stats:crate_bytes"
 _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
 
 
@@ -101,7 +102,17 @@ class Store:
         self.meta.set(f"crate:{meta.name}/{meta.version}", meta)
         os.replace(temp, final)
         _fsync_dir(final.parent)
+        self.meta.incr(CRATE_BYTES_KEY, meta.size, default=0)
         return final
+
+    # Running total of crate bytes, shared by all workers (diskcache's incr is atomic across processes);
+    # recomputed exactly at start-up and after every eviction.
+    def crate_bytes(self) -> int:
+        value: Any = self.meta.get(CRATE_BYTES_KEY, 0)
+        return int(value)
+
+    def set_crate_bytes(self, total: int) -> None:
+        self.meta.set(CRATE_BYTES_KEY, total)
 
     def remove_crate(self, name: str, version: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -151,6 +162,16 @@ class Store:
 
     def iter_crate_files(self) -> Iterator[Path]:
         yield from self.crates_dir.glob("*/*.crate")
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """(bytes, entries) by kind, counted from disk (slow on a big cache: call it off the loop)."""
+        crate_bytes = crate_count = 0
+        for path in self.iter_crate_files():
+            with contextlib.suppress(FileNotFoundError):
+                crate_bytes += path.stat().st_size
+                crate_count += 1
+        index_count = sum(1 for key in self.meta.iterkeys() if str(key).startswith("index:"))
+        return {"crate": (crate_bytes, crate_count), "index": (int(self.meta.volume()), index_count)}
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,60 @@
+"""Shared fixtures: a fake upstream registry on loopback and a mirror in front of it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from cratemirror.app import create_app
+from cratemirror.config import CacheConfig, Config, ServerConfig, UpstreamConfig
+from tests.fake_upstream import FakeRegistry
+
+MirrorFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def registry() -> AsyncIterator[FakeRegistry]:
+    async with FakeRegistry() as fake:
+        yield fake
+
+
+def make_config(index_url: str, cache_dir: Path, **changes: Any) -> Config:
+    """A test config: short timeouts and quick retries so fault tests finish fast."""
+    config = Config(
+        server=ServerConfig(host="127.0.0.1", port=8080, workers=1),
+        upstream=UpstreamConfig(index_url=index_url, timeout=2.0, retries=1),
+        cache=CacheConfig(dir=cache_dir),
+    )
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            config = dataclasses.replace(
+                config, **{section: dataclasses.replace(getattr(config, section), **{key: value})}
+            )
+        else:
+            config = dataclasses.replace(config, **{section: value})
+    return config
+
+
+@pytest.fixture
+def mirror_factory(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]], tmp_path: Path, registry: FakeRegistry
+) -> MirrorFactory:
+    """Start a mirror app against the fake registry. Keyword arguments change config keys:
+    `cache__index_ttl=0`, `upstream__retries=0`, `offline=True`, `cache_dir=...`."""
+
+    async def start(cache_dir: Path | None = None, **changes: Any) -> TestClient[Any, Any]:
+        config = make_config(registry.index_url, cache_dir or tmp_path / "cache", **changes)
+        return await aiohttp_client(create_app(config))
+
+    return start
+
+
+@pytest.fixture
+async def mirror(mirror_factory: MirrorFactory) -> TestClient[Any, Any]:
+    return await mirror_factory()
