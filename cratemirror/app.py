@@ -16,7 +16,7 @@ from cratemirror.context import MIRROR, Mirror
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
-from cratemirror.store import Store
+from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
 log = logging.getLogger("cratemirror")
@@ -26,11 +26,15 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     metrics = metrics or Metrics()
     store = Store(config.cache.dir)
     upstream = Upstream(config.upstream, metrics)
-    index = IndexService(store, upstream, metrics, config.cache, config.offline)
-    crates = CrateService(
-        store, index, upstream, metrics, offline=config.offline, max_size=config.cache.max_size
+    disk_trouble = DiskTrouble()
+    index = IndexService(
+        store, upstream, metrics, config.cache, offline=config.offline, disk_trouble=disk_trouble
     )
-    mirror = Mirror(config, metrics, store, upstream, index, crates)
+    crates = CrateService(
+        store, index, upstream, metrics,
+        offline=config.offline, max_size=config.cache.max_size, disk_trouble=disk_trouble,
+    )  # fmt: skip
+    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble)
 
     app = web.Application(middlewares=[_instrument], handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror

@@ -12,7 +12,7 @@ from cratemirror.config import Config
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
-from cratemirror.store import Store
+from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
 USAGE_MAX_AGE = 30.0
@@ -26,6 +26,7 @@ class Mirror:
     upstream: Upstream
     index: IndexService
     crates: CrateService
+    disk_trouble: DiskTrouble
     started_at: float = field(default_factory=time.time)
     usage_at: float = 0.0
 

@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import quote
 
+import aiohttp
+
 from cratemirror.eviction import evict_to
 from cratemirror.index import IndexService, VersionRecord, find_version
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateVersion, expand_dl_template
 from cratemirror.singleflight import SingleFlight
-from cratemirror.store import CrateMeta, Store
-from cratemirror.upstream import Upstream
+from cratemirror.spool import Spool
+from cratemirror.store import CrateMeta, DiskTrouble, Store
+from cratemirror.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("cratemirror.crates")
 
@@ -36,6 +39,14 @@ TOUCH_INTERVAL = 3600.0
 
 class NotFound(Exception):
     """Unknown crate or version: the client gets 404."""
+
+
+class BodyCutOff(Exception):
+    """The upstream body stopped before its end (a stall past the timeout, or a cut connection)."""
+
+    def __init__(self, reason: str, timeout: bool) -> None:
+        super().__init__(reason)
+        self.timeout = timeout
 
 
 class ChecksumMismatch(Exception):
@@ -61,14 +72,18 @@ class Fill:
         self.finished: asyncio.Future[None] = loop.create_future()  # verified and stored (or failed)
         self.content_length: int | None = None
         self.published = 0  # bytes clients may be sent: all but the newest chunk until verified
-        self.reader: BinaryIO | None = None
-        self.cached: CachedCrate | None = None  # set when another worker process filled it first
+        self.streamed = False  # a client has been sent bytes: a cut-off download can no longer be retried
+        self.spool: Spool | None = None
+        self.stored_elsewhere = False  # another worker process had stored it: serve the file
+        self._holders = 1  # the fill itself, plus every client reading the spool
         self._progress = asyncio.Event()
 
-    def begin(self, reader: BinaryIO, content_length: int | None) -> None:
-        self.reader = reader
+    def begin(self, spool: Spool, content_length: int | None) -> None:
+        self.spool = spool
         self.content_length = content_length
-        self.started.set_result(None)
+        self.published = 0
+        if not self.started.done():
+            self.started.set_result(None)
 
     def publish(self, position: int) -> None:
         self.published = position
@@ -88,10 +103,24 @@ class Fill:
                 future.exception()  # retrieved: a fill nobody waits for is not an "unhandled" error
         self._wake()
 
+    def read_at(self, position: int, size: int) -> bytes:
+        assert self.spool is not None
+        self.streamed = True
+        return self.spool.read_at(position, min(size, self.published - position))
+
     async def wait_beyond(self, position: int) -> None:
         while self.published <= position and not self.finished.done():
             event = self._progress
             await event.wait()
+
+    def hold(self) -> None:
+        self._holders += 1
+
+    def release(self) -> None:
+        """The last holder closes the spool (a client may still be reading after the fill ended)."""
+        self._holders -= 1
+        if self._holders == 0 and self.spool is not None:
+            self.spool.release()
 
     def _wake(self) -> None:
         self._progress.set()
@@ -108,6 +137,7 @@ class CrateService:
         *,
         offline: bool,
         max_size: int,
+        disk_trouble: DiskTrouble,
     ) -> None:
         self.store = store
         self.max_size = max_size
@@ -119,7 +149,7 @@ class CrateService:
         self._fills: SingleFlight[None] = SingleFlight()
         self._active: dict[str, Fill] = {}
         self._sha_memo: dict[str, str] = {}  # "name/version" -> sha256, saves a metadata read per hit
-        self.last_store_error: str | None = None
+        self.disk_trouble = disk_trouble
 
     async def close(self) -> None:
         await self._fills.cancel_all()
@@ -188,58 +218,77 @@ class CrateService:
         return fill, False
 
     async def _run_fill(self, fill: Fill) -> None:
-        async with self.store.lock(f"crate:{fill.name}/{fill.version}"):
-            cached = self.open_cached(fill.name, fill.version)
-            if cached is not None:  # another worker process stored it while we waited
-                fill.cached = cached
-                fill.succeed(cached.size)
-                return
-            template = await self.index.dl_template()
-            # static.crates.io expects '+' (build metadata) percent-encoded; names keep their case.
-            url = expand_dl_template(template, fill.name, quote(fill.version, safe=""), fill.cksum)
-            await self._download(fill, url)
-
-    async def _download(self, fill: Fill, url: str) -> None:
-        temp = self.store.new_temp_file()
         try:
-            with open(temp, "wb") as out:
-                fill_reader = open(temp, "rb", buffering=0)  # noqa: SIM115 - closed by the last client
-                async with self.upstream.open_crate(url) as response:
-                    length = response.content_length if "Content-Encoding" not in response.headers else None
-                    fill.begin(fill_reader, length)
-                    hasher = hashlib.sha256()
-                    size = 0
-                    async for chunk in response.content.iter_chunked(CHUNK):
-                        out.write(chunk)
-                        out.flush()
-                        hasher.update(chunk)
-                        fill.publish(size)  # everything before this chunk
-                        size += len(chunk)
-                    self.metrics.upstream_bytes.labels("crate").inc(size)
-                digest = hasher.hexdigest()
-                if digest != fill.cksum:
-                    self.metrics.checksum_failures.inc()
-                    log.error(
-                        "checksum mismatch for %s %s from %s: index cksum %s, upstream bytes hash to %s "
-                        "(%d bytes); nothing stored",
-                        fill.name, fill.version, url, fill.cksum, digest, size,
-                    )  # fmt: skip
-                    raise ChecksumMismatch(
-                        f"checksum mismatch for {fill.name} {fill.version}: upstream sent bytes that do "
-                        f"not match the index cksum"
-                    )
-                await asyncio.to_thread(os.fsync, out.fileno())
-            meta = CrateMeta(fill.name, fill.version, digest, size, time.time())
+            async with self.store.lock(f"crate:{fill.name}/{fill.version}"):
+                cached = self.open_cached(fill.name, fill.version)
+                if cached is not None:  # another worker process stored it while we waited
+                    cached.file.close()
+                    fill.stored_elsewhere = True
+                    fill.succeed(cached.size)
+                    return
+                template = await self.index.dl_template()
+                # static.crates.io expects '+' (build metadata) percent-encoded; names keep their case.
+                url = expand_dl_template(template, fill.name, quote(fill.version, safe=""), fill.cksum)
+                spool = Spool(self.store.new_temp_file())
+                if spool.disk_error is not None:
+                    self._store_failed(f"cannot write to the cache: {spool.disk_error}")
+                attempts = self.upstream.config.retries + 1
+                for number in range(attempts):
+                    try:
+                        await self._download(fill, url, spool)
+                        break
+                    except BodyCutOff as exc:
+                        # Nobody has been sent a byte yet: start over rather than fail the clients.
+                        if fill.streamed or number + 1 >= attempts:
+                            raise UpstreamError(str(exc), status=504 if exc.timeout else 502) from exc
+                        log.warning("retrying %s %s: %s", fill.name, fill.version, exc)
+                        spool.reset()
+                await self._commit(fill, spool)
+        finally:
+            fill.release()
+
+    async def _download(self, fill: Fill, url: str, spool: Spool) -> None:
+        async with self.upstream.open_crate(url) as response:
+            encoded = "Content-Encoding" in response.headers
+            fill.begin(spool, None if encoded else response.content_length)
+            hasher = hashlib.sha256()
             try:
-                await asyncio.to_thread(self.store.commit_crate, temp, meta)
+                async for chunk in response.content.iter_chunked(CHUNK):
+                    spool.write(chunk)
+                    hasher.update(chunk)
+                    fill.publish(spool.size - len(chunk))  # everything before this chunk
+            except TimeoutError as exc:
+                raise BodyCutOff(f"upstream stalled mid-body for {fill.name} {fill.version}", True) from exc
+            except aiohttp.ClientError as exc:
+                raise BodyCutOff(f"upstream cut off {fill.name} {fill.version}: {exc}", False) from exc
+        self.metrics.upstream_bytes.labels("crate").inc(spool.size)
+        digest = hasher.hexdigest()
+        if digest != fill.cksum:
+            self.metrics.checksum_failures.inc()
+            log.error(
+                "checksum mismatch for %s %s from %s: index cksum %s, upstream bytes hash to %s "
+                "(%d bytes); nothing stored",
+                fill.name, fill.version, url, fill.cksum, digest, spool.size,
+            )  # fmt: skip
+            raise ChecksumMismatch(
+                f"checksum mismatch for {fill.name} {fill.version}: the upstream bytes do not match "
+                f"the index cksum"
+            )
+
+    async def _commit(self, fill: Fill, spool: Spool) -> None:
+        """fsync, then rename into place; a disk that fails here costs the cache, not the answer."""
+        size = spool.size
+        if spool.on_disk:
+            meta = CrateMeta(fill.name, fill.version, fill.cksum, size, time.time())
+            try:
+                await asyncio.to_thread(spool.fsync)
+                spool.close()
+                await asyncio.to_thread(self.store.commit_crate, spool.temp, meta)
             except (OSError, sqlite3.Error) as exc:
                 self._store_failed(f"could not store {fill.name} {fill.version}: {exc}")
-            fill.succeed(size)
-            if self.store.crate_bytes() > self.max_size and not self._evicting:
-                asyncio.get_running_loop().create_task(self._evict())
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()  # still there only if something failed
+        fill.succeed(size)
+        if self.store.crate_bytes() > self.max_size and not self._evicting:
+            asyncio.get_running_loop().create_task(self._evict())
 
     async def _evict(self) -> None:
         self._evicting = True
@@ -258,6 +307,4 @@ class CrateService:
             self._evicting = False
 
     def _store_failed(self, reason: str) -> None:
-        if self.last_store_error != reason:
-            log.error("%s", reason)
-        self.last_store_error = reason
+        self.disk_trouble.report(reason)

@@ -16,13 +16,14 @@ from cratemirror.config import CacheConfig
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName
 from cratemirror.singleflight import SingleFlight
-from cratemirror.store import IndexEntry, Store
+from cratemirror.store import DiskTrouble, IndexEntry, Store
 from cratemirror.upstream import Upstream, UpstreamError, UpstreamNotFound
 
 log = logging.getLogger("cratemirror.index")
 
 UPSTREAM_CONFIG_KEY = "upstream-config"
-DEFAULT_DL = "https://static.crates.io/crates"
+# A remembered 404 outlives its TTL a little so it can still answer while upstream is failing.
+NEGATIVE_GRACE = 3600.0
 
 
 class OfflineMiss(Exception):
@@ -42,7 +43,14 @@ def body_etag(body: bytes) -> str:
 
 class IndexService:
     def __init__(
-        self, store: Store, upstream: Upstream, metrics: Metrics, cache: CacheConfig, offline: bool
+        self,
+        store: Store,
+        upstream: Upstream,
+        metrics: Metrics,
+        cache: CacheConfig,
+        *,
+        offline: bool,
+        disk_trouble: DiskTrouble,
     ) -> None:
         self.store = store
         self.upstream = upstream
@@ -53,7 +61,7 @@ class IndexService:
         self._dl_template: str | None = None
         self._dl_checked_at = 0.0
         self._config_flight: SingleFlight[str] = SingleFlight()
-        self.last_store_error: str | None = None
+        self.disk_trouble = disk_trouble
 
     async def close(self) -> None:
         await self._flights.cancel_all()
@@ -135,24 +143,22 @@ class IndexService:
                 return IndexResult(fresh, "MISS", "miss")
             # 404 (or a 304 we did not ask for): remember "not found" for negative_ttl.
             missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)
-            await self._put(crate.lower, missing)
+            await self._put(crate.lower, missing, expire=self.cache.negative_ttl + NEGATIVE_GRACE)
             return IndexResult(missing, "MISS", "miss")
 
     def _within_stale_window(self, entry: IndexEntry) -> bool:
         age = time.time() - entry.checked_at
         return age < self.cache.index_ttl + self.cache.stale_if_error
 
-    async def _put(self, lower: str, entry: IndexEntry) -> None:
+    async def _put(self, lower: str, entry: IndexEntry, expire: float | None = None) -> None:
         """Store an entry; a full or read-only disk costs the cache, never the answer."""
         try:
-            await asyncio.to_thread(self.store.put_index, lower, entry)
+            await asyncio.to_thread(self.store.put_index, lower, entry, expire)
         except (OSError, sqlite3.Error) as exc:
             self._store_failed(f"could not store index file for {lower}: {exc}")
 
     def _store_failed(self, reason: str) -> None:
-        if self.last_store_error != reason:
-            log.error("%s", reason)
-        self.last_store_error = reason
+        self.disk_trouble.report(reason)
 
     # --- the upstream's config.json ------------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 
 from aiohttp import web
@@ -130,19 +129,32 @@ async def download(request: web.Request) -> web.StreamResponse:
     fill, joined = mirror.crates.fill(record, wanted.version)
     if joined:
         mirror.metrics.coalesced.labels("crate").inc()
+    fill.hold()  # keeps the spool readable until this client is done, even after the fill ends
+    try:
+        return await _answer_from_fill(request, fill, record.name, wanted.version, headers)
+    finally:
+        fill.release()
+
+
+async def _answer_from_fill(
+    request: web.Request, fill: Fill, name: str, version: str, headers: dict[str, str]
+) -> web.StreamResponse:
     try:
         await fill.started
         if fill.content_length is None or fill.content_length <= VERIFY_BEFORE_SENDING:
             await fill.finished
     except UpstreamNotFound:
-        return error(404, f"upstream has no tarball for {record.name} {wanted.version}", "MISS")
+        return error(404, f"upstream has no tarball for {name} {version}", "MISS")
     except UpstreamError as exc:
-        return error(exc.status, f"upstream error for {record.name} {wanted.version}: {exc}", "MISS")
+        return error(exc.status, f"upstream error for {name} {version}: {exc}", "MISS")
     except Exception as exc:  # checksum mismatch, disk trouble: one line, never a traceback
         return error(502, str(exc), "MISS")
     request[RESULT] = "miss"
-    if fill.cached is not None:  # another worker process had just stored it
-        return await _send_cached(request, fill.cached, x_cache="MISS")
+    if fill.stored_elsewhere:  # another worker process had just stored it
+        cached = request.app[MIRROR].crates.open_cached(name, version)
+        if cached is None:
+            return error(502, f"{name} {version} vanished from the cache", "MISS")
+        return await _send_cached(request, cached, x_cache="MISS")
     return await _stream_fill(request, fill, headers)
 
 
@@ -157,8 +169,6 @@ async def _send_cached(request: web.Request, cached: CachedCrate, x_cache: str =
 
 async def _stream_fill(request: web.Request, fill: Fill, headers: dict[str, str]) -> web.StreamResponse:
     """Send the fill's temp file as it grows; the final chunk is released only after verification."""
-    reader = fill.reader
-    assert reader is not None
     response = web.StreamResponse(headers=headers)
     if fill.content_length is not None:
         response.content_length = fill.content_length
@@ -167,7 +177,7 @@ async def _stream_fill(request: web.Request, fill: Fill, headers: dict[str, str]
         await response.prepare(request)
         while True:
             if sent < fill.published:
-                chunk = os.pread(reader.fileno(), min(fill.published - sent, 256 * 1024), sent)
+                chunk = fill.read_at(sent, 256 * 1024)
                 await response.write(chunk)
                 sent += len(chunk)
                 continue
@@ -199,7 +209,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    problem = request.app[MIRROR].store.writable_problem()
+    mirror = request.app[MIRROR]
+    problem = mirror.store.writable_problem() or mirror.disk_trouble.recent()
     if problem:
         return error(503, problem)
     return web.Response(text="ready\n")

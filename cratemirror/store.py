@@ -16,7 +16,9 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from typing import Any
 import diskcache
 
 # Waiting on another process's flock blocks a thread; these threads do nothing else.
+log = logging.getLogger("cratemirror.store")
+
 CRATE_BYTES_KEY = "stats:crate_bytes"
 _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
 
@@ -72,8 +76,10 @@ class Store:
         value: Any = self.meta.get(f"index:{lower_name}")
         return value if isinstance(value, IndexEntry) else None
 
-    def put_index(self, lower_name: str, entry: IndexEntry) -> None:
-        self.meta.set(f"index:{lower_name}", entry)
+    def put_index(self, lower_name: str, entry: IndexEntry, expire: float | None = None) -> None:
+        """`expire`: seconds after which the entry may be culled (remembered 404s, so junk names
+        cannot grow the metadata without bound)."""
+        self.meta.set(f"index:{lower_name}", entry, expire=expire)
 
     def get_json(self, key: str) -> Any:
         return self.meta.get(f"json:{key}")
@@ -172,6 +178,32 @@ class Store:
                 crate_count += 1
         index_count = sum(1 for key in self.meta.iterkeys() if str(key).startswith("index:"))
         return {"crate": (crate_bytes, crate_count), "index": (int(self.meta.volume()), index_count)}
+
+
+class DiskTrouble:
+    """Remembers the last failed cache write: logged at most once a minute, shown by /readyz."""
+
+    def __init__(self, log_interval: float = 60.0) -> None:
+        self.log_interval = log_interval
+        self.last_error: str | None = None
+        self.last_at = 0.0
+        self._logged_at = -log_interval
+
+    def report(self, reason: str) -> None:
+        now = time.monotonic()
+        self.last_error, self.last_at = reason, now
+        if now - self._logged_at >= self.log_interval:
+            self._logged_at = now
+            log.error(
+                "%s (serving from upstream without storing; repeats are not logged for %ds)",
+                reason,
+                self.log_interval,
+            )
+
+    def recent(self, within: float = 60.0) -> str | None:
+        if self.last_error is not None and time.monotonic() - self.last_at < within:
+            return self.last_error
+        return None
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -26,6 +26,8 @@ T = TypeVar("T")
 
 MAX_BACKOFF = 10.0
 FAILURES_BEFORE_DOWN = 3
+DOWN_INTERVAL_BASE = 1.0  # seconds of failing fast after the upstream is marked down; doubles
+DOWN_INTERVAL_CAP = 60.0
 
 
 class UpstreamError(Exception):
@@ -61,8 +63,7 @@ class Upstream:
         self.metrics = metrics
         self.index_url = URL(config.index_url)
         self.user_agent = config.user_agent or f"cratemirror/{__version__} (+{PROJECT_URL})"
-        self.consecutive_failures = 0
-        self.last_error: str | None = None
+        self.health = Health(metrics)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -93,7 +94,11 @@ class Upstream:
 
     @property
     def is_up(self) -> bool:
-        return self.consecutive_failures < FAILURES_BEFORE_DOWN
+        return self.health.is_up
+
+    @property
+    def last_error(self) -> str | None:
+        return self.health.last_error
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -197,17 +202,21 @@ class Upstream:
         raise UpstreamError(reason)
 
     async def _with_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        self.health.check()
         attempts = self.config.retries + 1
         for number in range(attempts):
             try:
                 result = await attempt()
+            except (UpstreamNotFound, UpstreamError):
+                self.health.success()  # it answered, if not what we hoped
+                raise
             except _Retryable as exc:
-                self._record_failure(str(exc))
+                self.health.failure(str(exc))
                 if number + 1 >= attempts:
                     raise UpstreamError(str(exc), status=504 if exc.timeout else 502) from exc
                 await asyncio.sleep(self._backoff(number, exc.retry_after))
                 continue
-            self._record_success()
+            self.health.success()
             return result
         raise AssertionError("unreachable")
 
@@ -218,18 +227,50 @@ class Upstream:
         base = min(0.1 * 2.0**number, MAX_BACKOFF)
         return base / 2 + random.uniform(0, base / 2)  # jitter: runners that failed together spread out
 
-    def _record_failure(self, reason: str) -> None:
+
+class Health:
+    """Marks the upstream down after consecutive failures. While down, requests fail at once (callers
+    serve stale copies) until a growing interval has passed; then one request probes it again."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+        self._probe_at: float | None = None  # monotonic time of the next probe while down
+
+    @property
+    def is_up(self) -> bool:
+        return self.consecutive_failures < FAILURES_BEFORE_DOWN
+
+    def check(self) -> None:
+        if self._probe_at is None:
+            return
+        now = time.monotonic()
+        if now < self._probe_at:
+            raise UpstreamError(
+                f"upstream is down after {self.consecutive_failures} failures in a row "
+                f"(last: {self.last_error}); next try in {self._probe_at - now:.0f}s"
+            )
+        self._probe_at = now + self._interval()  # this request probes; the others keep failing fast
+
+    def failure(self, reason: str) -> None:
         self.consecutive_failures += 1
         self.last_error = reason
         log.warning("upstream failure (%d in a row): %s", self.consecutive_failures, reason)
         if not self.is_up:
             self.metrics.upstream_up.set(0)
+            self._probe_at = time.monotonic() + self._interval()
 
-    def _record_success(self) -> None:
+    def success(self) -> None:
         if not self.is_up:
             log.info("upstream is answering again")
         self.consecutive_failures = 0
+        self._probe_at = None
         self.metrics.upstream_up.set(1)
+
+    def _interval(self) -> float:
+        extra = max(0, self.consecutive_failures - FAILURES_BEFORE_DOWN)
+        return float(min(DOWN_INTERVAL_CAP, DOWN_INTERVAL_BASE * 2.0 ** min(extra, 16)))
 
 
 def _parse_retry_after(value: str | None) -> float | None:
