@@ -30,6 +30,7 @@ import diskcache
 # Waiting on another process's flock blocks a thread; these threads do nothing else.
 log = logging.getLogger("cratemirror.store")
 
+LOCK_STRIPES = 4096
 CRATE_BYTES_KEY = "stats:crate_bytes"
 _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
 
@@ -142,7 +143,10 @@ class Store:
     @contextlib.asynccontextmanager
     async def lock(self, key: str) -> AsyncIterator[None]:
         """An exclusive flock on `key`, shared by every worker process using this cache dir."""
-        path = self.locks_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lock"
+        # A fixed set of lock files (keys hash onto them) so the directory never grows; two keys that
+        # share a stripe only wait for each other, and no code path holds two locks at once.
+        stripe = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % LOCK_STRIPES
+        path = self.locks_dir / f"{stripe:04x}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
