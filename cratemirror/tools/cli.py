@@ -1,10 +1,125 @@
-"""Registers the operator commands on the main parser."""
+"""Registers the operator commands on the main parser: warm, verify, prune, export, import.
+
+Each command's module is imported only when it runs, so `cratemirror serve` and `client-config` do not
+pay for them.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+CONFIG_HELP = "config file (default: $CRATEMIRROR_CONFIG, ./mirror.yaml)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from cratemirror.tools.warm import run_warm
+
+    return run_warm(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from cratemirror.tools.verify import run_verify
+
+    return run_verify(args)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from cratemirror.tools.prune import run_prune
+
+    return run_prune(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cratemirror.tools.export import run_export
+
+    return run_export(args)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from cratemirror.tools.importer import run_import
+
+    return run_import(args)
+
 
 def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
-    """Filled in by the operator-tools work; the serving path does not depend on it."""
+    warm = commands.add_parser(
+        "warm",
+        help="prefetch every crate a Cargo.lock needs",
+        description="Prefetch the crates.io crates (and index files) of one or more Cargo.lock files: "
+        "straight into the configured cache dir, or through a running mirror with --mirror.",
+    )
+    warm.add_argument("lockfiles", nargs="+", metavar="LOCKFILE", help="a Cargo.lock (format 1 to 4)")
+    where = warm.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="PATH", help=f"fill this config's cache dir; {CONFIG_HELP}")
+    where.add_argument(
+        "--mirror", metavar="URL", help="go through a running mirror, e.g. http://127.0.0.1:8080"
+    )
+    warm.add_argument(
+        "--jobs", type=_positive_int, default=8, metavar="N", help="crates fetched at once (default 8)"
+    )
+    warm.set_defaults(run=_warm)
+
+    verify = commands.add_parser(
+        "verify",
+        help="re-hash every cached crate",
+        description="Re-hash every cached crate against the sha256 recorded when it was stored; report "
+        "corrupt files, files without a recorded checksum and checksums without a file. Safe while the "
+        "server runs.",
+    )
+    verify.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    verify.add_argument(
+        "--fix", action="store_true", help="remove what is bad (it is fetched again on the next request)"
+    )
+    verify.set_defaults(run=_verify)
+
+    prune = commands.add_parser(
+        "prune",
+        help="evict least-recently-used crates down to a size",
+        description="Evict least-recently-used crates until the cache is at most --max-size.",
+    )
+    prune.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    prune.add_argument("--max-size", metavar="SIZE", help="e.g. 10GiB (default: cache.max_size)")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    prune.set_defaults(run=_prune)
+
+    export = commands.add_parser(
+        "export",
+        help="write the working set (crates + index files) to one tar",
+        description="Write cached crates, their index files and a manifest to one tar file, for "
+        "`cratemirror import` on another (possibly offline) mirror.",
+    )
+    export.add_argument("bundle", metavar="BUNDLE", help="the tar file to write")
+    export.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    which = export.add_mutually_exclusive_group()
+    which.add_argument(
+        "--since", metavar="DURATION", help="only crates fetched or served within it, e.g. 30d"
+    )
+    which.add_argument(
+        "--lockfile",
+        action="extend",
+        nargs="+",
+        metavar="LOCKFILE",
+        help="only the crates of these Cargo.lock files (give BUNDLE first; repeatable)",
+    )
+    export.set_defaults(run=_export)
+
+    importer = commands.add_parser(
+        "import",
+        help="verify a bundle's checksums, then load it into the cache",
+        description="Verify every crate of a bundle against its manifest and its index line, then load "
+        "what matched into the cache dir. Anything that does not match is refused (exit 1).",
+    )
+    importer.add_argument("bundle", metavar="BUNDLE", help="a tar file written by `cratemirror export`")
+    importer.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    importer.set_defaults(run=_import)

@@ -1,0 +1,136 @@
+"""What the operator commands share: config loading, opening the cache, progress output, sizes."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import IO, TextIO
+
+from cratemirror.config import Config, ConfigError, find_config_path, load_config
+from cratemirror.logs import setup_logging
+from cratemirror.store import CrateMeta, Store
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+CRATE_KEY_PREFIX = "crate:"
+CHUNK = 1024 * 1024
+
+
+def tool_config(args: argparse.Namespace, overrides: dict[str, object] | None = None) -> Config:
+    """The same lookup as `serve`: --config, $CRATEMIRROR_CONFIG, ./mirror.yaml, defaults; env overrides.
+    A bad file or value raises ConfigError, which the main entry point turns into exit 2."""
+    path = find_config_path(getattr(args, "config", None), os.environ, Path.cwd())
+    config = load_config(path, os.environ, overrides or {})
+    setup_logging(config.logging)
+    return config
+
+
+def open_existing_store(config: Config) -> Store:
+    """Open the cache dir for verify/prune/export: a missing one is a typo, not an empty cache."""
+    if not (config.cache.dir / "meta").is_dir():
+        raise ConfigError(
+            f"{config.source}: cache.dir: expected an existing cache directory, got {str(config.cache.dir)!r}"
+        )
+    return Store(config.cache.dir)
+
+
+def cached_crate_metas(store: Store) -> list[CrateMeta]:
+    """Every crate the store has a checksum for (file present or not)."""
+    # Store has no listing method for crate metadata; its keys are "crate:<name>/<version>".
+    metas: list[CrateMeta] = []
+    for key in list(store.meta.iterkeys()):
+        if not str(key).startswith(CRATE_KEY_PREFIX):
+            continue
+        name, _, version = str(key)[len(CRATE_KEY_PREFIX) :].partition("/")
+        meta = store.get_crate_meta(name, version)
+        if meta is not None:
+            metas.append(meta)
+    return metas
+
+
+def sha256_stream(handle: IO[bytes], out: IO[bytes] | None = None) -> tuple[str, int]:
+    """sha256 and size of everything readable from `handle`, copying it to `out` on the way."""
+    hasher = hashlib.sha256()
+    size = 0
+    while chunk := handle.read(CHUNK):
+        hasher.update(chunk)
+        size += len(chunk)
+        if out is not None:
+            out.write(chunk)
+    return hasher.hexdigest(), size
+
+
+def format_size(size: float) -> str:
+    """1536 -> '1.5 KiB': binary units, as in cache.max_size."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """A progress bar redrawn in place on a terminal; plain lines (for logs and CI) otherwise."""
+
+    def __init__(self, verb: str, total: int, stream: TextIO | None = None, every: int = 0) -> None:
+        self.verb = verb
+        self.total = total
+        self.done = 0
+        self.stream: TextIO = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = every  # off a terminal: a "checked N/M" line every this many quiet steps (0: never)
+        self._drawn = False
+
+    def step(self, label: str, line: str | None = None) -> None:
+        """One item done. `line` is worth a line of its own off a terminal; `label` names the item."""
+        self.done += 1
+        if self.tty:
+            self._draw(label)
+        elif line is not None:
+            self._print(f"{self.verb}: [{self.done}/{self.total}] {line}")
+        elif self.every and self.done % self.every == 0:
+            self._print(f"{self.verb}: {self.done}/{self.total}")
+
+    def note(self, line: str) -> None:
+        """Something that must stay visible (a failure): printed as a line even on a terminal."""
+        if self.tty:
+            self._clear()
+        self._print(f"{self.verb}: {line}")
+
+    def finish(self) -> None:
+        if self.tty:
+            self._clear()
+
+    def _draw(self, label: str) -> None:
+        width = shutil.get_terminal_size((80, 24)).columns
+        counter = f" {self.done}/{self.total} "
+        bar_width = max(10, min(40, width // 3))
+        filled = bar_width * self.done // max(self.total, 1)
+        text = f"{self.verb} [{'#' * filled}{'.' * (bar_width - filled)}]{counter}{label}"
+        self.stream.write("\r" + text[: width - 1] + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def error(message: str) -> int:
+    """A one-line runtime failure on stderr; exit 1."""
+    print(f"cratemirror: {message}", file=sys.stderr)
+    return EXIT_FAILURE

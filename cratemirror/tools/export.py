@@ -1,0 +1,235 @@
+"""`cratemirror export BUNDLE [--since DURATION | --lockfile LOCKFILE ...]`: the working set in one tar.
+
+Every crate is re-hashed on the way out and checked against its cached index line, so a bundle never
+carries bytes the cache itself would not serve. Safe while the server runs (read-only on the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cratemirror import __version__
+from cratemirror.config import ConfigError, parse_duration
+from cratemirror.index import UPSTREAM_CONFIG_KEY, find_version
+from cratemirror.store import CrateMeta, IndexEntry, Store
+from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document
+from cratemirror.tools.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    Progress,
+    cached_crate_metas,
+    error,
+    format_size,
+    open_existing_store,
+    plural,
+    sha256_stream,
+    tool_config,
+)
+from cratemirror.tools.lockfile import accepted_sources, read_lockfiles
+
+
+@dataclass
+class Selection:
+    metas: list[CrateMeta] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # wanted but not cached
+
+
+@dataclass
+class ExportResult:
+    crates: list[dict[str, Any]] = field(default_factory=list)
+    index_files: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    crate_bytes: int = 0
+
+
+def last_activity(store: Store, meta: CrateMeta) -> float:
+    """When a crate was last fetched or served (serving refreshes the file's mtime, at most hourly)."""
+    try:
+        return max(meta.fetched_at, store.crate_path(meta.name, meta.version).stat().st_mtime)
+    except FileNotFoundError:
+        return meta.fetched_at
+
+
+def select(
+    store: Store, metas: list[CrateMeta], since: float | None, lockfiles: Sequence[str] | None, upstream: str
+) -> Selection:
+    if since is not None:
+        cutoff = time.time() - since
+        return Selection([meta for meta in metas if last_activity(store, meta) >= cutoff])
+    if not lockfiles:
+        return Selection(metas)
+    by_key = {(meta.name.lower(), meta.version): meta for meta in metas}
+    selection = Selection()
+    locked = read_lockfiles(lockfiles, accepted_sources([upstream]))
+    selection.problems.extend(locked.conflicts)
+    for crate in locked.crates:
+        meta = by_key.get((crate.name.lower(), crate.version))
+        if meta is None:
+            selection.problems.append(f"MISSING {crate.name} {crate.version}: not in the cache")
+        elif crate.checksum is not None and crate.checksum != meta.sha256:
+            selection.problems.append(
+                f"MISMATCH {crate.name} {crate.version}: the lockfile's checksum {crate.checksum} "
+                f"differs from the cached crate's {meta.sha256}"
+            )
+        else:
+            selection.metas.append(meta)
+    return selection
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, body: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(body)
+    info.mtime = int(mtime)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(body))
+
+
+def _add_crate(
+    tar: tarfile.TarFile, store: Store, meta: CrateMeta, index: IndexEntry | None, result: ExportResult
+) -> None:
+    label = f"{meta.name} {meta.version}"
+    record = find_version(index.body, meta.version) if index is not None else None
+    if record is None:
+        result.problems.append(f"SKIPPED {label}: its index file is not cached (or lacks this version)")
+        return
+    if record.cksum != meta.sha256:
+        result.problems.append(f"SKIPPED {label}: the cached index cksum differs from the stored checksum")
+        return
+    try:
+        # Opened once: an eviction meanwhile cannot change what this descriptor reads.
+        with open(store.crate_path(meta.name, meta.version), "rb") as handle:
+            digest, size = sha256_stream(handle)
+            if digest != meta.sha256:
+                result.problems.append(
+                    f"SKIPPED {label}: the file is corrupt (run `cratemirror verify --fix`)"
+                )
+                return
+            handle.seek(0)
+            info = tarfile.TarInfo(crate_member(meta.name, meta.version))
+            info.size = size
+            info.mtime = int(os.fstat(handle.fileno()).st_mtime)
+            info.mode = 0o644
+            tar.addfile(info, handle)
+    except FileNotFoundError:
+        result.problems.append(f"SKIPPED {label}: the file is not in the cache (evicted?)")
+        return
+    result.crates.append(
+        {
+            "name": meta.name,
+            "version": meta.version,
+            "sha256": digest,
+            "size": size,
+            "fetched_at": meta.fetched_at,
+        }
+    )
+    result.crate_bytes += size
+
+
+def _index_record(name: str, entry: IndexEntry) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sha256": hashlib.sha256(entry.body).hexdigest(),
+        "size": len(entry.body),
+        "last_modified": entry.last_modified,
+        "checked_at": entry.checked_at,
+        "upstream_etag": entry.upstream_etag,
+        "upstream_last_modified": entry.upstream_last_modified,
+    }
+
+
+def _cached_index(store: Store, lower: str) -> IndexEntry | None:
+    entry = store.get_index(lower)
+    return entry if entry is not None and entry.status == 200 else None
+
+
+def _write_members(tar: tarfile.TarFile, store: Store, metas: list[CrateMeta]) -> ExportResult:
+    """Crates, then the index files of the crates that made it, then the manifest (it lists both)."""
+    result = ExportResult()
+    indexes: dict[str, IndexEntry | None] = {}
+    included: dict[str, str] = {}  # lowercased name -> name, for crates that went in
+    progress = Progress("export", len(metas))
+    for meta in sorted(metas, key=lambda item: (item.name.lower(), item.version)):
+        lower = meta.name.lower()
+        if lower not in indexes:
+            indexes[lower] = _cached_index(store, lower)
+        before = len(result.problems)
+        _add_crate(tar, store, meta, indexes[lower], result)
+        for problem in result.problems[before:]:
+            progress.note(problem)
+        if len(result.problems) == before:
+            included[lower] = meta.name
+        progress.step(f"{meta.name} {meta.version}")
+    progress.finish()
+    for lower, name in included.items():
+        entry = indexes[lower]
+        assert entry is not None  # a crate goes in only with its index line
+        _add_bytes(tar, index_member(name), entry.body, time.time())
+        result.index_files.append(_index_record(name, entry))
+    config = store.get_json(UPSTREAM_CONFIG_KEY)
+    manifest = manifest_document(
+        datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        f"cratemirror {__version__}",
+        config if isinstance(config, dict) else None,
+        result.crates,
+        result.index_files,
+    )
+    _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=1).encode(), time.time())
+    return result
+
+
+def write_bundle(store: Store, metas: list[CrateMeta], target: Path) -> ExportResult:
+    """Write the tar next to `target`, then rename it into place: no half-written bundle is left."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        with open(partial, "wb") as out:
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                result = _write_members(tar, store, metas)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    return result
+
+
+def run_export(args: argparse.Namespace) -> int:
+    since: float | None = None
+    if args.since is not None:
+        try:
+            since = parse_duration(args.since)
+        except ValueError:
+            raise ConfigError(f"--since: expected a duration like 30d, got {args.since!r}") from None
+    config = tool_config(args)
+    store = open_existing_store(config)
+    target = Path(args.bundle)
+    try:
+        selection = select(store, cached_crate_metas(store), since, args.lockfile, config.upstream.index_url)
+        for problem in selection.problems:
+            print(f"export: {problem}", file=sys.stderr)
+        try:
+            result = write_bundle(store, selection.metas, target)
+        except OSError as exc:
+            return error(f"cannot write bundle {target}: {exc.strerror or exc}")
+    finally:
+        store.close()
+    problems = len(selection.problems) + len(result.problems)
+    print(
+        f"export: {plural(len(result.crates), 'crate')} ({format_size(result.crate_bytes)}) and "
+        f"{plural(len(result.index_files), 'index file')} -> {target}"
+        + (f"; {plural(problems, 'crate')} left out (see above)" if problems else "")
+    )
+    return EXIT_FAILURE if problems else EXIT_OK

@@ -1,0 +1,50 @@
+"""`cratemirror prune [--max-size SIZE] [--dry-run]`: evict least-recently-used crates down to a size.
+
+The same eviction the server runs past cache.max_size (cratemirror.eviction), under the same lock, so a
+prune and a server eviction never race each other. Index files are small and stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from cratemirror.eviction import EvictionReport, evict_to
+from cratemirror.store import Store
+from cratemirror.tools.common import EXIT_OK, format_size, open_existing_store, plural, tool_config
+
+
+async def _evict_locked(store: Store, max_size: int, dry_run: bool) -> EvictionReport:
+    async with store.lock("evict"):  # the lock the server's eviction takes
+        return await asyncio.to_thread(evict_to, store, max_size, dry_run=dry_run)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    # --max-size goes through the config loader: parse_size, and the usual one-line error (exit 2).
+    config = tool_config(args, {"cache.max_size": args.max_size})
+    max_size = config.cache.max_size
+    store = open_existing_store(config)
+    try:
+        report = asyncio.run(_evict_locked(store, max_size, args.dry_run))
+    finally:
+        store.close()
+    verb = "would remove" if args.dry_run else "removed"
+    removed = f"{plural(len(report.removed), 'crate')} ({format_size(report.removed_bytes)})"
+    for item in report.removed:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(item.last_used))
+        print(f"prune: {verb} {item.name} {item.version} ({format_size(item.size)}, last used {used})")
+    sizes = (
+        f"{format_size(report.total_before)} -> {format_size(report.total_after)} "
+        f"(max {format_size(max_size)})"
+    )
+    if not report.removed:
+        print(
+            f"prune: nothing to remove: {format_size(report.total_before)} "
+            f"is within max {format_size(max_size)}"
+        )
+    elif args.dry_run:
+        print(f"prune: dry run: would remove {removed}: {sizes}; nothing was removed")
+    else:
+        print(f"prune: removed {removed}: {sizes}")
+    return EXIT_OK

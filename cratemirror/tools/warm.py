@@ -1,0 +1,240 @@
+"""`cratemirror warm`: prefetch every crates.io crate a Cargo.lock needs, with its index file.
+
+Two ways in: `--mirror URL` asks a running mirror (which fetches and verifies as for any client);
+otherwise the cache dir from the config is filled directly, by the same services the server runs
+(IndexService, CrateService), so fetching, verification and storage are exactly the server's.
+Either way each crate is also checked against the checksum the lockfile recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import hashlib
+import sys
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Protocol
+
+import aiohttp
+
+from cratemirror import __version__
+from cratemirror.app import create_app
+from cratemirror.config import Config, ConfigError
+from cratemirror.context import MIRROR
+from cratemirror.index import find_version
+from cratemirror.names import CrateName, parse_crate_version
+from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, Progress, error, plural, tool_config
+from cratemirror.tools.lockfile import (
+    CRATES_IO_SOURCES,
+    LockedCrate,
+    LockedSet,
+    accepted_sources,
+    read_lockfiles,
+)
+
+FETCHED = "fetched"
+CACHED = "already cached"
+DEFAULT_JOBS = 8
+CHUNK = 256 * 1024
+
+
+class WarmFailure(Exception):
+    """One crate could not be warmed; str() is the one-line reason."""
+
+
+class Warmer(Protocol):
+    async def warm(self, crate: LockedCrate) -> str:
+        """FETCHED or CACHED, or raises."""
+
+
+def check_lockfile(crate: LockedCrate, cksum: str) -> None:
+    """The registry's index must agree with the lockfile, or cargo would refuse the bytes anyway."""
+    if crate.checksum is not None and crate.checksum != cksum:
+        raise WarmFailure(
+            f"the lockfile's checksum {crate.checksum} differs from the registry index cksum {cksum}"
+        )
+
+
+class DirectWarmer:
+    """Fills the cache dir itself with the server's own services, wired by create_app and started and
+    stopped by its lifecycle (upstream session, stale temp files, closing), as `serve` does."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.app = create_app(config)
+        self.mirror = self.app[MIRROR]
+
+    async def __aenter__(self) -> DirectWarmer:
+        self.app.freeze()
+        await self.app.startup()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.app.shutdown()
+        await self.app.cleanup()
+
+    async def warm(self, crate: LockedCrate) -> str:
+        crates, store = self.mirror.crates, self.mirror.store
+        wanted = parse_crate_version(crate.name, crate.version)
+        record = await crates.resolve(wanted)  # caches the index file too: cargo will ask for it
+        check_lockfile(crate, record.cksum)
+        cached = crates.open_cached(record.name, wanted.version)
+        if cached is not None:
+            cached.file.close()
+            return CACHED
+        if self.config.offline:
+            raise WarmFailure("offline (config) and not cached")
+        fill, _ = crates.fill(record, wanted.version)
+        await fill.finished  # verified against the index cksum, fsynced and stored (or raised)
+        if store.get_crate_meta(record.name, wanted.version) is None:
+            raise WarmFailure("downloaded and verified, but it could not be stored (see the log above)")
+        return FETCHED
+
+
+class MirrorWarmer:
+    """Asks a running mirror, like cargo would: the index file, then the download."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base = base_url
+        self._index_files: dict[str, asyncio.Task[bytes]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> MirrorWarmer:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
+            headers={"User-Agent": f"cratemirror-warm/{__version__}"},
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    async def warm(self, crate: LockedCrate) -> str:
+        wanted = parse_crate_version(crate.name, crate.version)
+        record = find_version(await self._index_file(wanted.crate), wanted.version)
+        if record is None:
+            raise WarmFailure(f"the mirror's index file has no version {wanted.version}")
+        check_lockfile(crate, record.cksum)
+        url = f"{self.base}/api/v1/crates/{record.name}/{wanted.version}/download"
+        # HEAD first: a cached crate's ETag is its sha256, so nothing needs to be transferred.
+        async with self.session.head(url) as response:
+            if (
+                response.headers.get("X-Cache") == "HIT"
+                and response.headers.get("ETag") == f'"{record.cksum}"'
+            ):
+                return CACHED
+        async with self.session.get(url) as response:
+            if response.status != 200:
+                raise WarmFailure(f"the mirror answered {response.status}: {await _reason(response)}")
+            hasher = hashlib.sha256()
+            async for chunk in response.content.iter_chunked(CHUNK):
+                hasher.update(chunk)
+            if hasher.hexdigest() != record.cksum:
+                raise WarmFailure(
+                    f"the mirror sent bytes hashing to {hasher.hexdigest()}, not {record.cksum}"
+                )
+            return CACHED if response.headers.get("X-Cache") == "HIT" else FETCHED
+
+    def _index_file(self, crate: CrateName) -> asyncio.Task[bytes]:
+        """One request per index file, however many versions of the crate the lockfiles hold."""
+        task = self._index_files.get(crate.lower)
+        if task is None:
+            task = asyncio.ensure_future(self._get_index_file(crate))
+            self._index_files[crate.lower] = task
+        return task
+
+    async def _get_index_file(self, crate: CrateName) -> bytes:
+        async with self.session.get(f"{self.base}/index/{crate.index_path}") as response:
+            if response.status == 404:
+                raise WarmFailure(f"the mirror does not know crate {crate.name!r} (404)")
+            if response.status != 200:
+                raise WarmFailure(
+                    f"the mirror answered {response.status} for index/{crate.index_path}: "
+                    f"{await _reason(response)}"
+                )
+            return await response.read()
+
+
+async def _reason(response: aiohttp.ClientResponse) -> str:
+    text = (await response.text(errors="replace")).strip()
+    return text.splitlines()[0][:200] if text else response.reason or "no reason given"
+
+
+async def warm_all(warmer: Warmer, crates: Sequence[LockedCrate], jobs: int) -> collections.Counter[str]:
+    """Warm every crate, at most `jobs` at a time; counts by outcome (FETCHED, CACHED, "failed")."""
+    semaphore = asyncio.BoundedSemaphore(jobs)
+    counts: collections.Counter[str] = collections.Counter()
+    progress = Progress("warm", len(crates))
+
+    async def one(crate: LockedCrate) -> None:
+        label = f"{crate.name} {crate.version}"
+        async with semaphore:
+            try:
+                outcome = await warmer.warm(crate)
+            except Exception as exc:  # one crate's failure is reported, the others go on
+                counts["failed"] += 1
+                progress.note(f"FAILED {label}: {str(exc) or type(exc).__name__}")
+                progress.step(label)
+                return
+        counts[outcome] += 1
+        progress.step(label, f"{outcome} {label}")
+
+    await asyncio.gather(*(one(crate) for crate in crates))
+    progress.finish()
+    return counts
+
+
+def summary(locked: LockedSet, counts: collections.Counter[str]) -> str:
+    failed = counts["failed"] + len(locked.conflicts)
+    return (
+        f"warm: {plural(len(locked.crates), 'crate')}: {counts[FETCHED]} fetched, "
+        f"{counts[CACHED]} already cached, {failed} failed; {locked.skipped_text()}"
+    )
+
+
+def mirror_base(text: str) -> str:
+    """The mirror's base URL (what `client-config --url` takes); a pasted .../index/ is forgiven."""
+    if not text.startswith(("http://", "https://")):
+        raise ConfigError(f"--mirror: expected an http(s) URL like http://127.0.0.1:8080, got {text!r}")
+    base = text.removeprefix("sparse+").rstrip("/")
+    return base.removesuffix("/index")
+
+
+async def _run(warmer: DirectWarmer | MirrorWarmer, locked: LockedSet, jobs: int) -> collections.Counter[str]:
+    async with warmer:
+        return await warm_all(warmer, locked.crates, jobs)
+
+
+def run_warm(args: argparse.Namespace) -> int:
+    warmer: DirectWarmer | MirrorWarmer
+    if args.mirror is not None:
+        base = mirror_base(args.mirror)
+        locked = read_lockfiles(args.lockfiles, CRATES_IO_SOURCES)
+        warmer = MirrorWarmer(base)
+    else:
+        config = tool_config(args)
+        locked = read_lockfiles(args.lockfiles, accepted_sources([config.upstream.index_url]))
+        try:
+            warmer = DirectWarmer(config)
+        except OSError as exc:
+            return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
+    for conflict in locked.conflicts:
+        print(f"warm: FAILED {conflict}", file=sys.stderr)
+    try:
+        counts = asyncio.run(_run(warmer, locked, args.jobs))
+    except OSError as exc:  # the cache dir itself failed (permissions, a full disk at start-up)
+        return error(f"warm stopped: {exc.strerror or exc}")
+    print(summary(locked, counts))
+    return EXIT_FAILURE if counts["failed"] or locked.conflicts else EXIT_OK
