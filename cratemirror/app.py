@@ -12,10 +12,10 @@ from aiohttp.typedefs import Handler
 
 from cratemirror import routes, status_page
 from cratemirror.config import Config
-from cratemirror.context import MIRROR, Mirror
+from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
-from cratemirror.metrics import Metrics
+from cratemirror.metrics import TIMING, Metrics, start_request_timing
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
@@ -63,16 +63,26 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def _instrument(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts client requests by kind and cache result, and times them (the contract's metrics)."""
-    started = time.perf_counter()
+    """Counts client requests by kind and cache result, times them (the contract's metrics), and keeps
+    the request's upstream time for the access log and the status page's recent misses."""
+    timing = request[TIMING] = start_request_timing()
+    status = 500
     try:
-        return await handler(request)
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
     finally:
         kind = request.get(routes.KIND)
         if kind is not None:
-            metrics = request.app[MIRROR].metrics
-            metrics.request_duration.labels(kind).observe(time.perf_counter() - started)
-            metrics.cache_requests.labels(kind, request.get(routes.RESULT, "error")).inc()
-            sent = request.get(routes.BYTES, 0)
-            if sent:
-                metrics.bytes_served.labels(kind).inc(sent)
+            mirror = request.app[MIRROR]
+            elapsed = time.perf_counter() - timing.started
+            result = request.get(routes.RESULT, "error")
+            sent = 0 if request.method == "HEAD" else request.get(routes.BYTES, 0)
+            mirror.metrics.observe_request(kind, result, elapsed, sent)
+            if result == "miss":
+                mirror.recent_misses.append(
+                    RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)
+                )

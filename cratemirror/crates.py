@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -78,8 +79,7 @@ class Fill:
         self._holders = 1  # the fill itself, plus every client reading the spool
         self._progress = asyncio.Event()
 
-    def begin(self, spool: Spool, content_length: int | None) -> None:
-        self.spool = spool
+    def begin(self, content_length: int | None) -> None:
         self.content_length = content_length
         self.published = 0
         if not self.started.done():
@@ -148,6 +148,7 @@ class CrateService:
         self.offline = offline
         self._fills: SingleFlight[None] = SingleFlight()
         self._active: dict[str, Fill] = {}
+        self._missing_checked: dict[str, float] = {}  # crate -> when a missing version made us look
         self._sha_memo: dict[str, str] = {}  # "name/version" -> sha256, saves a metadata read per hit
         self.disk_trouble = disk_trouble
 
@@ -183,8 +184,10 @@ class CrateService:
         A cached index file that lacks the version is revalidated once: it may be newly published."""
         asked_at = time.time()
         result = await self.index.get(request.crate, count=False)
-        record = find_version(result.entry.body, request.version) if result.entry.status == 200 else None
-        if record is None and result.x_cache in ("HIT", "STALE") and not self.offline:
+        if result.entry.status != 200:
+            raise NotFound(f"crate {request.crate.name!r} not found")
+        record = find_version(result.entry.body, request.version)
+        if record is None and result.x_cache != "MISS" and self._may_recheck(request.crate.lower, asked_at):
             result = await self.index.get(request.crate, newer_than=asked_at, count=False)
             if result.entry.status == 200:
                 record = find_version(result.entry.body, request.version)
@@ -193,6 +196,17 @@ class CrateService:
                 raise NotFound(f"crate {request.crate.name!r} not found")
             raise NotFound(f"crate {request.crate.name!r} has no version {request.version!r}")
         return record
+
+    def _may_recheck(self, key: str, now: float) -> bool:
+        """A version missing from a cached index file may be newly published: look upstream again,
+        but at most once per negative_ttl per crate, so asking for versions that do not exist cannot
+        hammer upstream."""
+        if self.offline or now - self._missing_checked.get(key, -math.inf) < self.index.cache.negative_ttl:
+            return False
+        if len(self._missing_checked) >= MEMO_LIMIT:
+            self._missing_checked.clear()
+        self._missing_checked[key] = now
+        return True
 
     def fill(self, record: VersionRecord, version: str) -> tuple[Fill, bool]:
         """Start (or join) the download of a crate; returns the fill and whether it was joined."""
@@ -229,9 +243,7 @@ class CrateService:
                 template = await self.index.dl_template()
                 # static.crates.io expects '+' (build metadata) percent-encoded; names keep their case.
                 url = expand_dl_template(template, fill.name, quote(fill.version, safe=""), fill.cksum)
-                spool = Spool(self.store.new_temp_file())
-                if spool.disk_error is not None:
-                    self._store_failed(f"cannot write to the cache: {spool.disk_error}")
+                spool = fill.spool = Spool(self.store.new_temp_file())
                 attempts = self.upstream.config.retries + 1
                 for number in range(attempts):
                     try:
@@ -250,7 +262,7 @@ class CrateService:
     async def _download(self, fill: Fill, url: str, spool: Spool) -> None:
         async with self.upstream.open_crate(url) as response:
             encoded = "Content-Encoding" in response.headers
-            fill.begin(spool, None if encoded else response.content_length)
+            fill.begin(None if encoded else response.content_length)
             hasher = hashlib.sha256()
             try:
                 async for chunk in response.content.iter_chunked(CHUNK):
@@ -278,6 +290,8 @@ class CrateService:
     async def _commit(self, fill: Fill, spool: Spool) -> None:
         """fsync, then rename into place; a disk that fails here costs the cache, not the answer."""
         size = spool.size
+        if spool.disk_error is not None:
+            self._store_failed(f"cannot write {fill.name} {fill.version} to the cache: {spool.disk_error}")
         if spool.on_disk:
             meta = CrateMeta(fill.name, fill.version, fill.cksum, size, time.time())
             try:

@@ -8,11 +8,17 @@ import sys
 import time
 from typing import Any
 
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from cratemirror.config import LoggingConfig
+
+ACCESS_LOGGER = "cratemirror.access"
+# Our error bodies are one line; longer bodies are not error messages worth logging.
+MAX_ERROR_TEXT = 500
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,6 +28,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,  # several worker processes write to one stream
             "message": record.getMessage(),
         }
         fields = getattr(record, "fields", None)
@@ -37,29 +44,74 @@ def setup_logging(config: LoggingConfig) -> None:
     if config.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, path, status, bytes, duration, X-Cache."""
+    """One line per request: method, path, status, body bytes, duration, X-Cache, upstream time; for an
+    error answer also its one-line reason. 5xx answers are logged as warnings so they stand out."""
 
     def log(self, request: BaseRequest, response: StreamResponse, duration: float) -> None:
-        fields = {
-            "remote": request.remote,
-            "method": request.method,
-            "path": request.path_qs,
-            "status": response.status,
-            "bytes": response.body_length,
-            "duration_ms": round(duration * 1000, 3),
-            "cache": response.headers.get("X-Cache", "-"),
-            "user_agent": request.headers.get("User-Agent", "-"),
-        }
-        self.logger.info(
-            '%s "%s %s" %s %s %.1fms %s',
-            fields["remote"], fields["method"], fields["path"], fields["status"], fields["bytes"],
-            fields["duration_ms"], fields["cache"],
-            extra={"fields": fields},
-        )  # fmt: skip
+        fields = access_fields(request, response, duration)
+        text = '{remote} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms {cache}'.format(**fields)
+        if fields["upstream_ms"] is not None:
+            text += f" upstream={fields['upstream_ms']:.1f}ms"
+        text += f" {json.dumps(fields['user_agent'])}"
+        if "error" in fields:
+            text += f" error={json.dumps(fields['error'])}"
+        level = logging.WARNING if response.status >= 500 else logging.INFO
+        self.logger.log(level, "%s", text, extra={"fields": fields})
+
+
+def access_fields(request: BaseRequest, response: StreamResponse, duration: float) -> dict[str, Any]:
+    # Imported here: the supervisor process imports this module for setup_logging alone, and must not
+    # load prometheus_client before PROMETHEUS_MULTIPROC_DIR is set.
+    from cratemirror.metrics import TIMING, RequestTiming
+    from cratemirror.routes import BYTES
+
+    timing = request.get(TIMING)
+    upstream_ms = None
+    if isinstance(timing, RequestTiming):
+        duration = time.perf_counter() - timing.started  # the whole answer, sent
+        if timing.upstream_requests:
+            upstream_ms = round(timing.upstream_seconds * 1000, 3)
+    fields: dict[str, Any] = {
+        "remote": request.remote or "-",
+        # As sent (still percent-encoded): no decoded newline or quote can forge a log line.
+        "method": request.method,
+        "path": request.raw_path,
+        "status": response.status,
+        "bytes": body_bytes(request, response, request.get(BYTES)),
+        "duration_ms": round(duration * 1000, 3),
+        "cache": response.headers.get("X-Cache", "-"),
+        "upstream_ms": upstream_ms,
+        "user_agent": request.headers.get("User-Agent", "-"),
+    }
+    reason = error_text(response)
+    if reason is not None:
+        fields["error"] = reason
+    return fields
+
+
+def body_bytes(request: BaseRequest, response: StreamResponse, counted: object) -> int:
+    """Body bytes sent: what the handler counted, else the response's body. Not `response.body_length`:
+    that counts the header bytes too, and none of a body that went out through sendfile."""
+    if request.method == "HEAD" or response.status in (204, 304):
+        return 0
+    if isinstance(counted, int):
+        return counted
+    if isinstance(response, web.Response) and isinstance(response.body, bytes):
+        return len(response.body)
+    return response.content_length or 0
+
+
+def error_text(response: StreamResponse) -> str | None:
+    if response.status < 400 or not isinstance(response, web.Response):
+        return None
+    body = response.body
+    if not isinstance(body, bytes) or len(body) > MAX_ERROR_TEXT:
+        return None
+    return body.decode("utf-8", "replace").strip() or None

@@ -2,11 +2,18 @@
 
 With several worker processes, `cratemirror serve` sets PROMETHEUS_MULTIPROC_DIR before this module is
 imported; prometheus_client then keeps values in shared files and /metrics sums them over workers.
+Gauges are not summed: the cache gauges describe one shared disk and upstream_up one upstream, so the
+most recent value written by a live worker wins (`livemostrecent`; a dead worker's gauge file is removed
+by serve.py's mark_process_dead, while its counters stay in the sums so totals never go backwards).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,9 +25,10 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-# From sub-millisecond warm hits to multi-second upstream fetches.
+# From warm hits (a few hundred microseconds) to multi-second upstream fetches.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 
 # The *_created series double every counter and no dashboard uses them.
@@ -28,6 +36,64 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 KINDS = ("index", "crate", "config")
 RESULTS = ("hit", "miss", "revalidated", "stale", "negative", "error")
+
+# The request key under which the instrumentation middleware keeps the request's RequestTiming.
+TIMING = "cratemirror.timing"
+
+
+@dataclass
+class RequestTiming:
+    """When a client request started (perf_counter: uvloop's loop.time() only has milliseconds) and the
+    upstream time spent on its behalf (to response headers, over all attempts)."""
+
+    started: float
+    upstream_seconds: float = 0.0
+    upstream_requests: int = 0
+
+
+# Set per client request by the middleware. Fetch tasks a request starts copy its context, so their
+# upstream calls add to the request that started them (a request that joins a fetch adds nothing).
+_CURRENT_TIMING: ContextVar[RequestTiming | None] = ContextVar("request_timing", default=None)
+
+
+def start_request_timing() -> RequestTiming:
+    """Start timing the client request running in the current context."""
+    timing = RequestTiming(time.perf_counter())
+    _CURRENT_TIMING.set(timing)
+    return timing
+
+
+class _UpstreamHistogram(Histogram):
+    """The upstream latency histogram; each observation also counts toward the current request."""
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        super().observe(amount, exemplar)
+        timing = _CURRENT_TIMING.get()
+        if timing is not None:
+            timing.upstream_seconds += amount
+            timing.upstream_requests += 1
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every sample of one collection, summed over workers: what /metrics showed at that moment."""
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = field(default_factory=dict)
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+    def series(self, name: str) -> Iterator[tuple[dict[str, str], float]]:
+        for (sample, labels), value in self.samples.items():
+            if sample == name:
+                yield dict(labels), value
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum over every series of `name` whose labels include `labels`."""
+        wanted = set(labels.items())
+        return sum(
+            value for (sample, have), value in self.samples.items() if sample == name and wanted <= have
+        )
 
 
 class Metrics:
@@ -46,7 +112,7 @@ class Metrics:
             "cratemirror_upstream_requests_total", "Upstream requests by kind and HTTP status",
             ["kind", "status"], registry=r,
         )  # fmt: skip
-        self.upstream_duration = Histogram(
+        self.upstream_duration = _UpstreamHistogram(
             "cratemirror_upstream_request_duration_seconds", "Upstream request latency",
             ["kind"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
@@ -59,11 +125,11 @@ class Metrics:
         )  # fmt: skip
         self.cache_size = Gauge(
             "cratemirror_cache_size_bytes", "Bytes in the cache", ["kind"], registry=r,
-            multiprocess_mode="mostrecent",
+            multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.cache_entries = Gauge(
             "cratemirror_cache_entries", "Entries in the cache", ["kind"], registry=r,
-            multiprocess_mode="mostrecent",
+            multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.bytes_served = Counter(
             "cratemirror_bytes_served_total", "Body bytes sent to clients", ["kind"], registry=r
@@ -73,7 +139,7 @@ class Metrics:
         )
         self.upstream_up = Gauge(
             "cratemirror_upstream_up", "1 while the upstream answers, 0 after consecutive failures",
-            registry=r, multiprocess_mode="mostrecent",
+            registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.upstream_up.set(1)
         # Pre-create label sets so dashboards see every series (at 0) from the first scrape.
@@ -89,11 +155,32 @@ class Metrics:
             self.upstream_bytes.labels(kind)
             self.upstream_duration.labels(kind)
 
+    def observe_request(self, kind: str, result: str, seconds: float, body_bytes: int) -> None:
+        """One finished client request of the index, download or config routes."""
+        self.request_duration.labels(kind).observe(seconds)
+        self.cache_requests.labels(kind, result).inc()
+        if body_bytes:
+            self.bytes_served.labels(kind).inc(body_bytes)
+
+    def _aggregated(self) -> CollectorRegistry:
+        """This process's registry, or in multiprocess mode one that sums the files of all workers."""
+        multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not multiproc_dir:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+        return registry
+
     def render(self) -> bytes:
         """The text exposition: summed over all workers in multiprocess mode."""
-        multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if multiproc_dir:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
-            return bytes(generate_latest(registry))
-        return bytes(generate_latest(self.registry))
+        return bytes(generate_latest(self._aggregated()))
+
+    def snapshot(self) -> Snapshot:
+        """The same figures as render(), as numbers (for the status page)."""
+        return Snapshot(dict(_samples(self._aggregated())))
+
+
+def _samples(registry: CollectorRegistry) -> Iterator[tuple[tuple[str, frozenset[tuple[str, str]]], float]]:
+    for family in registry.collect():
+        for sample in family.samples:
+            yield (sample.name, frozenset(sample.labels.items())), sample.value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -140,9 +141,10 @@ async def _answer_from_fill(
     request: web.Request, fill: Fill, name: str, version: str, headers: dict[str, str]
 ) -> web.StreamResponse:
     try:
-        await fill.started
+        # Shielded: these futures are shared, and a client that leaves must not cancel them for all.
+        await asyncio.shield(fill.started)
         if fill.content_length is None or fill.content_length <= VERIFY_BEFORE_SENDING:
-            await fill.finished
+            await asyncio.shield(fill.finished)
     except UpstreamNotFound:
         return error(404, f"upstream has no tarball for {name} {version}", "MISS")
     except UpstreamError as exc:

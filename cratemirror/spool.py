@@ -73,8 +73,11 @@ class Spool:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        with contextlib.suppress(FileNotFoundError):
-            self.temp.unlink()  # still there only if it was not committed
+        if self.on_disk:
+            # Still there only if it was not committed. On a read-only disk even a missing file's
+            # unlink fails (EROFS, not ENOENT): nothing to clean up then.
+            with contextlib.suppress(OSError):
+                self.temp.unlink()
 
     def _to_memory(self, exc: OSError) -> None:
         self.disk_error = exc

@@ -147,7 +147,13 @@ class Store:
         # share a stripe only wait for each other, and no code path holds two locks at once.
         stripe = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % LOCK_STRIPES
         path = self.locks_dir / f"{stripe:04x}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
+        except OSError as exc:
+            # A read-only or full cache dir: coalesce within this process only, keep answering.
+            log.warning("no cross-process lock for %s: %s", key, exc)
+            yield
+            return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
