@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 
@@ -51,9 +52,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.info("removed %d partial downloads left by an earlier run", removed)
     if not mirror.config.offline:
         await mirror.upstream.start()
-    usage = await asyncio.to_thread(mirror.store.usage)
-    mirror.store.set_crate_bytes(usage["crate"][0])  # exact again, whatever a crash left
-    mirror.record_usage(usage)
+    try:
+        usage = await asyncio.to_thread(mirror.store.usage)
+        mirror.store.set_crate_bytes(usage["crate"][0])  # exact again, whatever a crash left
+        mirror.record_usage(usage)
+    except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
+        mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
     yield
     await mirror.crates.close()
     await mirror.index.close()

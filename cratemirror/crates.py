@@ -17,6 +17,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
 
@@ -179,6 +180,22 @@ class CrateService:
                 os.utime(handle.fileno())
         return CachedCrate(handle, stat.st_size, sha)
 
+    async def adopt_unrecorded(self, record: VersionRecord, version: str) -> CachedCrate | None:
+        """A stored file whose metadata is gone (a crash between the two writes, or metadata lost to
+        a full disk) is served again if it hashes to the index cksum; a file that does not is removed."""
+        path = self.store.crate_path(record.name, version)
+        if not path.exists() or self.store.get_crate_meta(record.name, version) is not None:
+            return None
+        digest, size = await asyncio.to_thread(_sha256_of, path)
+        if digest != record.cksum:
+            log.warning("removing %s: it does not match the index cksum", path)
+            await asyncio.to_thread(self.store.remove_crate, record.name, version)
+            return None
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self.store.record_crate(CrateMeta(record.name, version, digest, size, time.time()))
+        self._sha_memo[f"{record.name}/{version}"] = digest
+        return self.open_cached(record.name, version)
+
     async def resolve(self, request: CrateVersion) -> VersionRecord:
         """The index record for a requested version; NotFound if the registry has no such version.
         A cached index file that lacks the version is revalidated once: it may be newly published."""
@@ -322,3 +339,13 @@ class CrateService:
 
     def _store_failed(self, reason: str) -> None:
         self.disk_trouble.report(reason)
+
+
+def _sha256_of(path: Path) -> tuple[str, int]:
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return hasher.hexdigest(), size

@@ -116,11 +116,12 @@ async def download(request: web.Request) -> web.StreamResponse:
         return error(503, str(exc), "MISS")
     except UpstreamError as exc:
         return error(exc.status, f"upstream error for the index of {wanted.crate.name}: {exc}", "MISS")
-    if record.name != wanted.crate.name:  # asked with another case: serve the canonical file
-        cached = mirror.crates.open_cached(record.name, wanted.version)
-        if cached is not None:
-            request[RESULT] = "hit"
-            return await _send_cached(request, cached)
+    cached = mirror.crates.open_cached(record.name, wanted.version)  # asked with another case?
+    if cached is None:
+        cached = await mirror.crates.adopt_unrecorded(record, wanted.version)
+    if cached is not None:
+        request[RESULT] = "hit"
+        return await _send_cached(request, cached)
     if mirror.config.offline:
         return error(503, f"offline and {record.name} {wanted.version} is not cached", "MISS")
     headers = {**CRATE_HEADERS, "ETag": f'"{record.cksum}"', "X-Cache": "MISS"}

@@ -18,6 +18,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import sqlite3
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -65,8 +67,16 @@ class Store:
         self.locks_dir = root / "locks"
         for directory in (root, self.crates_dir, self.tmp_dir, self.locks_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        # Small SQLite database; large index bodies spill to files inside it.
-        self.meta = diskcache.Cache(str(root / "meta"), size_limit=2**40, eviction_policy="none")
+        self.degraded: str | None = None
+        try:
+            # Small SQLite database; large index bodies spill to files inside it.
+            self.meta = _open_meta(root / "meta")
+        except (sqlite3.Error, OSError) as exc:
+            # A full or broken disk must not keep the mirror from starting: serve from upstream with
+            # throwaway metadata, and say so on /readyz until it is fixed and restarted.
+            self.degraded = f"cache metadata in {root / 'meta'} is unusable ({exc}); nothing is stored"
+            log.error("%s", self.degraded)
+            self.meta = _open_meta(Path(tempfile.mkdtemp(prefix="cratemirror-meta-")))
 
     def close(self) -> None:
         self.meta.close()
@@ -98,6 +108,9 @@ class Store:
         value: Any = self.meta.get(f"crate:{name}/{version}")
         return value if isinstance(value, CrateMeta) else None
 
+    def record_crate(self, meta: CrateMeta) -> None:
+        self.meta.set(f"crate:{meta.name}/{meta.version}", meta)
+
     def new_temp_file(self) -> Path:
         return self.tmp_dir / f"{os.getpid()}-{os.urandom(8).hex()}.part"
 
@@ -106,7 +119,7 @@ class Store:
         metadata without a file (a plain miss), never a file without its checksum."""
         final = self.crate_path(meta.name, meta.version)
         final.parent.mkdir(parents=True, exist_ok=True)
-        self.meta.set(f"crate:{meta.name}/{meta.version}", meta)
+        self.record_crate(meta)
         os.replace(temp, final)
         _fsync_dir(final.parent)
         self.meta.incr(CRATE_BYTES_KEY, meta.size, default=0)
@@ -167,6 +180,8 @@ class Store:
 
     def writable_problem(self) -> str | None:
         """None when the cache dir accepts writes, else a one-line reason (for /readyz)."""
+        if self.degraded:
+            return self.degraded
         probe = self.tmp_dir / f"{os.getpid()}-readyz.probe"
         try:
             with open(probe, "wb") as handle:
@@ -214,6 +229,10 @@ class DiskTrouble:
         if self.last_error is not None and time.monotonic() - self.last_at < within:
             return self.last_error
         return None
+
+
+def _open_meta(directory: Path) -> diskcache.Cache:
+    return diskcache.Cache(str(directory), size_limit=2**40, eviction_policy="none")
 
 
 def _fsync_dir(directory: Path) -> None:
