@@ -14,7 +14,7 @@ from cratemirror.index import UPSTREAM_CONFIG_KEY
 from cratemirror.store import Store
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
-from tests.test_tools_support import (
+from tests.tools_support import (
     CRATES_IO,
     cargo_fetch_through,
     crate_file,

@@ -9,7 +9,7 @@ from pathlib import Path
 from cratemirror.store import Store
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
-from tests.test_tools_support import crate_file, run_cli, write_config
+from tests.tools_support import crate_file, run_cli, write_config
 
 
 async def test_prune_keeps_the_most_recently_used(

@@ -8,7 +8,7 @@ from pathlib import Path
 from cratemirror.store import Store
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
-from tests.test_tools_support import crate_file, run_cli, write_config
+from tests.tools_support import crate_file, run_cli, write_config
 
 NO_MISSING = "0 missing (checksum recorded, no file)"
 

@@ -14,7 +14,7 @@ from cratemirror.tools.common import Progress
 from cratemirror.tools.lockfile import parse_lockfile
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, index_path
-from tests.test_tools_support import (
+from tests.tools_support import (
     CRATES_IO,
     cargo_fetch_through,
     crate_file,
