@@ -53,9 +53,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if not mirror.config.offline:
         await mirror.upstream.start()
     try:
-        usage = await asyncio.to_thread(mirror.store.usage)
-        mirror.store.set_crate_bytes(usage["crate"][0])  # exact again, whatever a crash left
-        mirror.record_usage(usage)
+        crate_bytes = await asyncio.to_thread(mirror.store.measure_crate_bytes)
+        mirror.store.set_crate_bytes(crate_bytes)  # exact again, whatever a crash left
+        mirror.record_usage(mirror.store.usage())
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
         mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
     yield

@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
@@ -55,27 +54,7 @@ class Mirror:
 
         Every worker sees the same disk, so whichever worker answers the scrape writes the newest value
         (the gauges are `livemostrecent`). A few indexed SQLite reads, never a walk over the files."""
-        self.record_usage(await asyncio.to_thread(self._current_usage))
-
-    def _current_usage(self) -> dict[str, tuple[int, int]]:
-        meta = self.store.meta
-        return {
-            "crate": (self.store.crate_bytes(), _count_keys(meta, "crate:")),
-            "index": (int(meta.volume()), _count_keys(meta, "index:")),
-        }
-
-
-def _count_keys(cache: Any, prefix: str) -> int:
-    """Keys of a diskcache.Cache starting with `prefix` (an ASCII prefix ending in ':').
-
-    diskcache has no prefix count and iterating its keys takes seconds on a big cache; this is a range
-    scan of its (key, raw) index, a few milliseconds for 100k keys. Belongs in Store (see store.py)."""
-    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    rows = cache._sql(
-        "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ? AND (expire_time IS NULL OR expire_time > ?)",
-        (prefix, upper, time.time()),
-    ).fetchall()
-    return int(rows[0][0])
+        self.record_usage(await asyncio.to_thread(self.store.usage))
 
 
 MIRROR = web.AppKey("mirror", Mirror)

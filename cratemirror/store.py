@@ -33,6 +33,8 @@ import diskcache
 log = logging.getLogger("cratemirror.store")
 
 LOCK_STRIPES = 4096
+INDEX_PREFIX = "index:"
+CRATE_PREFIX = "crate:"
 CRATE_BYTES_KEY = "stats:crate_bytes"
 _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
 
@@ -84,13 +86,13 @@ class Store:
     # --- index files -------------------------------------------------------------------------
 
     def get_index(self, lower_name: str) -> IndexEntry | None:
-        value: Any = self.meta.get(f"index:{lower_name}")
+        value: Any = self.meta.get(f"{INDEX_PREFIX}{lower_name}")
         return value if isinstance(value, IndexEntry) else None
 
     def put_index(self, lower_name: str, entry: IndexEntry, expire: float | None = None) -> None:
         """`expire`: seconds after which the entry may be culled (remembered 404s, so junk names
         cannot grow the metadata without bound)."""
-        self.meta.set(f"index:{lower_name}", entry, expire=expire)
+        self.meta.set(f"{INDEX_PREFIX}{lower_name}", entry, expire=expire)
 
     def get_json(self, key: str) -> Any:
         return self.meta.get(f"json:{key}")
@@ -105,11 +107,11 @@ class Store:
         return self.crates_dir / name / f"{name}-{version}.crate"
 
     def get_crate_meta(self, name: str, version: str) -> CrateMeta | None:
-        value: Any = self.meta.get(f"crate:{name}/{version}")
+        value: Any = self.meta.get(f"{CRATE_PREFIX}{name}/{version}")
         return value if isinstance(value, CrateMeta) else None
 
     def record_crate(self, meta: CrateMeta) -> None:
-        self.meta.set(f"crate:{meta.name}/{meta.version}", meta)
+        self.meta.set(f"{CRATE_PREFIX}{meta.name}/{meta.version}", meta)
 
     def new_temp_file(self) -> Path:
         return self.tmp_dir / f"{os.getpid()}-{os.urandom(8).hex()}.part"
@@ -135,9 +137,12 @@ class Store:
         self.meta.set(CRATE_BYTES_KEY, total)
 
     def remove_crate(self, name: str, version: str) -> None:
+        path = self.crate_path(name, version)
         with contextlib.suppress(FileNotFoundError):
-            self.crate_path(name, version).unlink()
-        self.meta.delete(f"crate:{name}/{version}")
+            size = path.stat().st_size
+            path.unlink()
+            self.meta.incr(CRATE_BYTES_KEY, -size, default=0)
+        self.meta.delete(f"{CRATE_PREFIX}{name}/{version}")
 
     def clean_stale_temp_files(self) -> int:
         """Remove fills left by processes that no longer run (a crash or kill -9 mid-download)."""
@@ -194,15 +199,46 @@ class Store:
     def iter_crate_files(self) -> Iterator[Path]:
         yield from self.crates_dir.glob("*/*.crate")
 
-    def usage(self) -> dict[str, tuple[int, int]]:
-        """(bytes, entries) by kind, counted from disk (slow on a big cache: call it off the loop)."""
-        crate_bytes = crate_count = 0
+    def measure_crate_bytes(self) -> int:
+        """The crate files' total size, walked on disk (slow on a big cache: start-up only, off the loop)."""
+        total = 0
         for path in self.iter_crate_files():
             with contextlib.suppress(FileNotFoundError):
-                crate_bytes += path.stat().st_size
-                crate_count += 1
-        index_count = sum(1 for key in self.meta.iterkeys() if str(key).startswith("index:"))
-        return {"crate": (crate_bytes, crate_count), "index": (int(self.meta.volume()), index_count)}
+                total += path.stat().st_size
+        return total
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """(bytes, entries) by kind from the shared running total and indexed key counts: a few SQLite
+        reads, never a walk over the files, so it can run on every scrape."""
+        return {
+            "crate": (self.crate_bytes(), self.count_keys(CRATE_PREFIX)),
+            "index": (int(self.meta.volume()), self.count_keys(INDEX_PREFIX)),
+        }
+
+    def count_keys(self, prefix: str) -> int:
+        """Live keys starting with `prefix` (ASCII, ending in ':'). diskcache has no prefix count and
+        iterating its keys takes seconds on a big cache; this is a range scan of its key index."""
+        rows = self.meta._sql(
+            "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ?"
+            " AND (expire_time IS NULL OR expire_time > ?)",
+            (prefix, _prefix_end(prefix), time.time()),
+        ).fetchall()
+        return int(rows[0][0])
+
+    def iter_crate_metas(self) -> Iterator[CrateMeta]:
+        """Every crate with a recorded checksum (its file present or not)."""
+        rows = self.meta._sql(
+            "SELECT key FROM Cache WHERE key >= ? AND key < ?", (CRATE_PREFIX, _prefix_end(CRATE_PREFIX))
+        ).fetchall()
+        for (key,) in rows:
+            name, _, version = str(key)[len(CRATE_PREFIX) :].partition("/")
+            meta = self.get_crate_meta(name, version)
+            if meta is not None:
+                yield meta
+
+
+def _prefix_end(prefix: str) -> str:
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 class DiskTrouble:

@@ -17,7 +17,6 @@ from cratemirror.store import CrateMeta, Store
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
-CRATE_KEY_PREFIX = "crate:"
 CHUNK = 1024 * 1024
 
 
@@ -41,16 +40,7 @@ def open_existing_store(config: Config) -> Store:
 
 def cached_crate_metas(store: Store) -> list[CrateMeta]:
     """Every crate the store has a checksum for (file present or not)."""
-    # Store has no listing method for crate metadata; its keys are "crate:<name>/<version>".
-    metas: list[CrateMeta] = []
-    for key in list(store.meta.iterkeys()):
-        if not str(key).startswith(CRATE_KEY_PREFIX):
-            continue
-        name, _, version = str(key)[len(CRATE_KEY_PREFIX) :].partition("/")
-        meta = store.get_crate_meta(name, version)
-        if meta is not None:
-            metas.append(meta)
-    return metas
+    return list(store.iter_crate_metas())
 
 
 def sha256_stream(handle: IO[bytes], out: IO[bytes] | None = None) -> tuple[str, int]:
