@@ -111,6 +111,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     try:
         record = await mirror.crates.resolve(wanted)
     except NotFound as exc:
+        request[RESULT] = "negative"  # answered "not found": the registry has no such crate or version
         return error(404, str(exc), "MISS")
     except OfflineMiss as exc:
         return error(503, str(exc), "MISS")
