@@ -796,3 +796,7 @@ async def run_cargo(
         return (proc.returncode if proc.returncode is not None and proc.returncode < 0 else -9), text
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace")
+
+
+# crates.io's real index files (shared/ lies beside the checkout, in CI too).
+REAL_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "crates-io-index"

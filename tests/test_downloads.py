@@ -14,10 +14,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import MirrorFactory
-from tests.fake_upstream import FakeRegistry
+from tests.fake_upstream import REAL_INDEX, FakeRegistry
 from tests.mirror_process import metric_value, raw_url
 
-REAL_INDEX = Path("/work/shared/data/crates-io-index")
 MiB = 1024 * 1024
 LARGE = 6 * MiB  # above the size the mirror verifies before sending: it streams
 

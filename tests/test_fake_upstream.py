@@ -19,6 +19,7 @@ import pytest
 
 from tests.fake_upstream import (
     CHUNK_SIZE,
+    REAL_INDEX,
     Dep,
     FakeRegistry,
     index_path,
@@ -28,7 +29,6 @@ from tests.fake_upstream import (
     write_cargo_project,
 )
 
-REAL_INDEX = Path("/work/shared/data/crates-io-index")
 CRATES_IO_SOURCE = "registry+https://github.com/rust-lang/crates.io-index"
 
 

@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,9 +15,8 @@ from aiohttp.test_utils import TestClient
 
 from cratemirror.config import ServerConfig
 from tests.conftest import MirrorFactory
-from tests.fake_upstream import FakeRegistry, index_path
+from tests.fake_upstream import REAL_INDEX, FakeRegistry, index_path
 
-REAL_INDEX = Path("/work/shared/data/crates-io-index")
 # Large (syn ~500 KB), an uppercase name (Inflector), a dash (aho-corasick), features2-era lines (serde).
 REAL_FILES = ["3/s/syn", "in/fl/inflector", "ah/o-/aho-corasick", "se/rd/serde"]
 
