@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -37,9 +38,6 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 KINDS = ("index", "crate", "config")
 RESULTS = ("hit", "miss", "revalidated", "stale", "negative", "error")
 
-# The request key under which the instrumentation middleware keeps the request's RequestTiming.
-TIMING = "cratemirror.timing"
-
 
 @dataclass
 class RequestTiming:
@@ -50,6 +48,9 @@ class RequestTiming:
     upstream_seconds: float = 0.0
     upstream_requests: int = 0
 
+
+# The request key under which the instrumentation middleware keeps the request's RequestTiming.
+TIMING = web.RequestKey("cratemirror.timing", RequestTiming)
 
 # Set per client request by the middleware. Fetch tasks a request starts copy its context, so their
 # upstream calls add to the request that started them (a request that joins a fetch adds nothing).

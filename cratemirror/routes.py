@@ -17,9 +17,9 @@ from cratemirror.responses import error, not_modified, send_file
 from cratemirror.upstream import UpstreamError, UpstreamNotFound
 
 # Keys on the request that the instrumentation middleware reads.
-KIND = "cratemirror.kind"
-RESULT = "cratemirror.result"
-BYTES = "cratemirror.bytes"
+KIND = web.RequestKey("cratemirror.kind", str)
+RESULT = web.RequestKey("cratemirror.result", str)
+BYTES = web.RequestKey("cratemirror.bytes", int)
 
 CRATE_HEADERS = {
     "Content-Type": "application/gzip",
