@@ -4,6 +4,7 @@ negative cache, plus the upstream's config.json (where its tarballs live)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -118,22 +119,20 @@ class IndexService:
                     return IndexResult(held, "STALE", "stale")
                 raise
             checked_at = time.time()
-            if fetched.status == 304 and held is not None:
-                renewed = IndexEntry(
-                    200, held.body, held.etag, held.last_modified, checked_at,
-                    held.upstream_etag, held.upstream_last_modified,
-                )  # fmt: skip
+            if held is not None and (
+                fetched.status == 304 or (fetched.status == 200 and fetched.body == held.body)
+            ):
+                # Confirmed (or re-sent identical bytes when upstream ignored our validators): keep our
+                # ETag and date, remember the upstream's newest validators.
+                renewed = dataclasses.replace(
+                    held,
+                    checked_at=checked_at,
+                    upstream_etag=fetched.etag or held.upstream_etag,
+                    upstream_last_modified=fetched.last_modified or held.upstream_last_modified,
+                )
                 await self._put(crate.lower, renewed)
                 return IndexResult(renewed, "REVALIDATED", "revalidated")
             if fetched.status == 200:
-                if held is not None and held.body == fetched.body:
-                    # Upstream ignored our validators but nothing changed: keep our ETag and date.
-                    fresh = IndexEntry(
-                        200, held.body, held.etag, held.last_modified, checked_at,
-                        fetched.etag, fetched.last_modified,
-                    )  # fmt: skip
-                    await self._put(crate.lower, fresh)
-                    return IndexResult(fresh, "REVALIDATED", "revalidated")
                 fresh = IndexEntry(
                     200, fetched.body, body_etag(fetched.body),
                     fetched.last_modified or formatdate(checked_at, usegmt=True), checked_at,

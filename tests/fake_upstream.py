@@ -800,3 +800,29 @@ async def run_cargo(
 
 # crates.io's real index files (shared/ lies beside the checkout, in CI too).
 REAL_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "crates-io-index"
+
+
+# What cargo resolves `a = "1"`, `Inflect = "0.1"` to in publish_small_tree's registry.
+SMALL_TREE_DEPS = {"a": "1", "Inflect": "0.1"}
+SMALL_TREE_RESOLVED = {"a": "1.1.0", "b": "0.2.1+build.5", "Inflect": "0.1.0", "z": "0.1.0", "opt": "0.3.0"}
+
+
+def publish_small_tree(registry: FakeRegistry) -> None:
+    """A small tree: a dependency chain, an uppercase name, +build metadata, an optional dependency
+    behind a default feature, a dev-dependency that does not exist, and a newer yanked version."""
+    registry.add_crate("z", "0.1.0")
+    registry.add_crate("opt", "0.3.0")
+    registry.add_crate("b", "0.2.0")
+    registry.add_crate("b", "0.2.1+build.5")
+    registry.add_crate(
+        "Inflect", "0.1.0", deps=[Dep("z", "^0.1")], lib_rs="pub fn f() -> &'static str { z::hello() }\n"
+    )
+    registry.add_crate("a", "1.0.0", deps=[Dep("b", "^0.2")])
+    registry.add_crate(
+        "a",
+        "1.1.0",
+        deps=[Dep("b", "^0.2"), Dep("opt", "^0.3", optional=True), Dep("nonexistent-dev", "^9", kind="dev")],
+        features={"default": ["extra"], "extra": ["dep:opt"]},
+        lib_rs="pub fn f() -> (&'static str, &'static str) { (b::hello(), opt::hello()) }\n",
+    )
+    registry.add_crate("a", "1.2.0", deps=[Dep("b", "^0.2")], yanked=True)

@@ -14,32 +14,19 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import MirrorFactory
-from tests.fake_upstream import Dep, FakeRegistry, run_cargo, write_cargo_home, write_cargo_project
+from tests.fake_upstream import (
+    SMALL_TREE_DEPS,
+    SMALL_TREE_RESOLVED,
+    FakeRegistry,
+    publish_small_tree,
+    run_cargo,
+    write_cargo_home,
+    write_cargo_project,
+)
 from tests.mirror_process import MirrorProcess
 
 CRATES_IO_SOURCE = "registry+https://github.com/rust-lang/crates.io-index"
-EXPECTED = {"a": "1.1.0", "b": "0.2.1+build.5", "Inflect": "0.1.0", "z": "0.1.0", "opt": "0.3.0"}
-
-
-def publish(registry: FakeRegistry) -> None:
-    """A small tree: a dependency chain, an uppercase name, +build metadata, an optional dependency
-    behind a default feature, a dev-dependency that does not exist, and a newer yanked version."""
-    registry.add_crate("z", "0.1.0")
-    registry.add_crate("opt", "0.3.0")
-    registry.add_crate("b", "0.2.0")
-    registry.add_crate("b", "0.2.1+build.5")
-    registry.add_crate(
-        "Inflect", "0.1.0", deps=[Dep("z", "^0.1")], lib_rs="pub fn f() -> &'static str { z::hello() }\n"
-    )
-    registry.add_crate("a", "1.0.0", deps=[Dep("b", "^0.2")])
-    registry.add_crate(
-        "a",
-        "1.1.0",
-        deps=[Dep("b", "^0.2"), Dep("opt", "^0.3", optional=True), Dep("nonexistent-dev", "^9", kind="dev")],
-        features={"default": ["extra"], "extra": ["dep:opt"]},
-        lib_rs="pub fn f() -> (&'static str, &'static str) { (b::hello(), opt::hello()) }\n",
-    )
-    registry.add_crate("a", "1.2.0", deps=[Dep("b", "^0.2")], yanked=True)
+EXPECTED = SMALL_TREE_RESOLVED
 
 
 async def cargo(args: list[str], project: Path, home: Path) -> None:
@@ -82,11 +69,11 @@ async def test_cargo_through_the_mirror(
     assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
     if dl_template is not None:
         registry.dl_template = dl_template
-    publish(registry)
+    publish_small_tree(registry)
     mirror: TestClient[Any, Any] = await mirror_factory()
     mirror_base = str(mirror.make_url("")).rstrip("/")
     project = tmp_path / "app"
-    write_cargo_project(project, {"a": "1", "Inflect": "0.1"})
+    write_cargo_project(project, SMALL_TREE_DEPS)
 
     # Cold: everything comes through the mirror from the upstream.
     cold_home = tmp_path / "home-cold"
@@ -134,9 +121,9 @@ async def test_cargo_through_the_mirror(
 async def test_cargo_through_the_served_process(registry: FakeRegistry, tmp_path: Path) -> None:
     """The same through `cratemirror serve --workers 2` (uvloop, SO_REUSEPORT, cross-process locks)."""
     assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
-    publish(registry)
+    publish_small_tree(registry)
     project = tmp_path / "app"
-    write_cargo_project(project, {"a": "1", "Inflect": "0.1"})
+    write_cargo_project(project, SMALL_TREE_DEPS)
     async with MirrorProcess(registry.index_url, tmp_path / "cache", tmp_path, workers=2) as mirror:
         cold_home = tmp_path / "home-cold"
         write_cargo_home(cold_home, f"{mirror.url}/index/")

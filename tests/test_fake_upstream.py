@@ -20,10 +20,13 @@ import pytest
 from tests.fake_upstream import (
     CHUNK_SIZE,
     REAL_INDEX,
+    SMALL_TREE_DEPS,
+    SMALL_TREE_RESOLVED,
     Dep,
     FakeRegistry,
     index_path,
     make_crate_tarball,
+    publish_small_tree,
     run_cargo,
     write_cargo_home,
     write_cargo_project,
@@ -563,28 +566,13 @@ async def test_counts_and_request_log(fake: FakeRegistry, session: aiohttp.Clien
 )
 async def test_real_cargo_end_to_end(tmp_path: Path, dl_template: str | None) -> None:
     reg = FakeRegistry(dl_template)
-    reg.add_crate("z", "0.1.0")
-    reg.add_crate("opt", "0.3.0")
-    reg.add_crate("b", "0.2.0")
-    reg.add_crate("b", "0.2.1+build.5")
-    reg.add_crate(
-        "Inflect", "0.1.0", deps=[Dep("z", "^0.1")], lib_rs="pub fn f() -> &'static str { z::hello() }\n"
-    )
-    reg.add_crate("a", "1.0.0", deps=[Dep("b", "^0.2")])
-    reg.add_crate(
-        "a",
-        "1.1.0",
-        deps=[Dep("b", "^0.2"), Dep("opt", "^0.3", optional=True), Dep("nonexistent-dev", "^9", kind="dev")],
-        features={"default": ["extra"], "extra": ["dep:opt"]},
-        lib_rs="pub fn f() -> (&'static str, &'static str) { (b::hello(), opt::hello()) }\n",
-    )
-    reg.add_crate("a", "1.2.0", deps=[Dep("b", "^0.2")], yanked=True)
-    expected = {"a": "1.1.0", "b": "0.2.1+build.5", "Inflect": "0.1.0", "z": "0.1.0", "opt": "0.3.0"}
+    publish_small_tree(reg)
+    expected = SMALL_TREE_RESOLVED
 
     home, project = tmp_path / "cargo-home", tmp_path / "app"
     async with reg:
         write_cargo_home(home, reg.index_url, source_name="fake")
-        write_cargo_project(project, {"a": "1", "Inflect": "0.1"})
+        write_cargo_project(project, SMALL_TREE_DEPS)
         for args in (["generate-lockfile"], ["fetch"], ["build", "--offline"]):
             code, output = await run_cargo(args, project, home)
             assert code == 0, f"cargo {' '.join(args)} failed:\n{output}"
