@@ -10,6 +10,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -23,6 +24,7 @@ from cratemirror.upstream import Upstream, UpstreamError, UpstreamNotFound
 log = logging.getLogger("cratemirror.index")
 
 UPSTREAM_CONFIG_KEY = "upstream-config"
+HOT_BYTES = 64 * 1024 * 1024  # per worker: the index files of a typical CI working set fit many times
 # A remembered 404 outlives its TTL a little so it can still answer while upstream is failing.
 NEGATIVE_GRACE = 3600.0
 
@@ -36,6 +38,33 @@ class IndexResult:
     entry: IndexEntry  # status 200 (a file) or 404 (not found upstream)
     x_cache: str  # HIT | MISS | REVALIDATED | STALE
     result: str  # the metric label: hit | miss | revalidated | stale | negative
+
+
+class HotEntries:
+    """Recently used index entries in memory, least-recently-used out beyond a byte budget."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, IndexEntry] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: str) -> IndexEntry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: IndexEntry) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old.body)
+        if len(entry.body) > self.max_bytes:
+            return
+        self._entries[key] = entry
+        self._bytes += len(entry.body)
+        while self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= len(evicted.body)
 
 
 def body_etag(body: bytes) -> str:
@@ -59,6 +88,7 @@ class IndexService:
         self.cache = cache
         self.offline = offline
         self._flights: SingleFlight[IndexResult] = SingleFlight()
+        self._hot = HotEntries(HOT_BYTES)
         self._dl_template: str | None = None
         self._dl_checked_at = 0.0
         self._config_flight: SingleFlight[str] = SingleFlight()
@@ -76,7 +106,7 @@ class IndexService:
         """The index file for `crate`. `newer_than`: a wall-clock time the copy must have been checked
         after (a download asking for a version the cached copy lacks). `count`: whether coalescing
         counts in metrics (False for the lookup a download does internally)."""
-        entry = self.store.get_index(crate.lower)
+        entry = self._lookup(crate.lower)
         if entry is not None and (self.offline or self._is_fresh(entry, newer_than)):
             return self._cached_result(entry)
         if self.offline:
@@ -86,6 +116,17 @@ class IndexService:
         if joined and count:
             self.metrics.coalesced.labels("index").inc()
         return result
+
+    def _lookup(self, lower: str) -> IndexEntry | None:
+        """The hot copy while it is fresh (no SQLite read, no unpickling on a warm hit), else the
+        store's, which another worker process may have refreshed meanwhile."""
+        entry = self._hot.get(lower)
+        if entry is not None and self._is_fresh(entry, None):
+            return entry
+        entry = self.store.get_index(lower)
+        if entry is not None:
+            self._hot.put(lower, entry)
+        return entry
 
     def _is_fresh(self, entry: IndexEntry, newer_than: float | None) -> bool:
         if newer_than is not None:
@@ -151,6 +192,7 @@ class IndexService:
 
     async def _put(self, lower: str, entry: IndexEntry, expire: float | None = None) -> None:
         """Store an entry; a full or read-only disk costs the cache, never the answer."""
+        self._hot.put(lower, entry)
         try:
             await asyncio.to_thread(self.store.put_index, lower, entry, expire)
         except (OSError, sqlite3.Error) as exc:

@@ -195,6 +195,8 @@ class MirrorProcess:
         return ""
 
     async def start(self) -> None:
+        # A second start would orphan the first process (it is only ever stopped through self.proc).
+        assert self.proc is None or self.proc.returncode is not None, "MirrorProcess is already running"
         self.port = free_port()
         args = [
             "-m", "cratemirror", "serve",

@@ -27,12 +27,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-async def start_mirror(registry: FakeRegistry, tmp_path: Path, run: int) -> MirrorProcess:
+def new_mirror(registry: FakeRegistry, tmp_path: Path, run: int) -> MirrorProcess:
     workdir = tmp_path / f"run{run}"  # own log per run
     workdir.mkdir()
-    mirror = MirrorProcess(registry.index_url, tmp_path / "cache", workdir, workers=1)
-    await mirror.start()
-    return mirror
+    return MirrorProcess(registry.index_url, tmp_path / "cache", workdir, workers=1)
 
 
 async def kill_9(mirror: MirrorProcess) -> None:
@@ -55,7 +53,8 @@ async def test_kill_9_mid_download_leaves_a_temp_file_that_the_next_start_remove
     big = registry.add_crate("big", "1.0.0", pad_to=4 * 1024 * 1024)
     tmp_dir = tmp_path / "cache" / "tmp"
 
-    first = await start_mirror(registry, tmp_path, 1)
+    first = new_mirror(registry, tmp_path, 1)
+    await first.start()
     assert first.proc is not None
     pid = first.proc.pid  # with one worker, the process that writes the temp files
     try:
@@ -78,7 +77,7 @@ async def test_kill_9_mid_download_leaves_a_temp_file_that_the_next_start_remove
 
     registry.stall_after_bytes = None
     registry.reset_counts()
-    async with await start_mirror(registry, tmp_path, 2) as second:
+    async with new_mirror(registry, tmp_path, 2) as second:
         assert not leftovers[0].exists()  # removed at start: its process is dead
         assert await fetch(session, second, "big") == (big.data, "MISS")
         assert registry.count("/crates/big/") == 1
@@ -93,7 +92,8 @@ async def test_kill_9_right_after_a_crate_completed_keeps_it(
     small = registry.add_crate("small", "1.0.0")
     large = registry.add_crate("large", "1.0.0", pad_to=5 * 1024 * 1024)  # streamed while it arrives
 
-    first = await start_mirror(registry, tmp_path, 1)
+    first = new_mirror(registry, tmp_path, 1)
+    await first.start()
     try:
         assert await fetch(session, first, "small") == (small.data, "MISS")
         assert await fetch(session, first, "large") == (large.data, "MISS")
@@ -102,7 +102,7 @@ async def test_kill_9_right_after_a_crate_completed_keeps_it(
         await first.stop()
 
     registry.reset_counts()
-    async with await start_mirror(registry, tmp_path, 2) as second:
+    async with new_mirror(registry, tmp_path, 2) as second:
         assert await fetch(session, second, "small") == (small.data, "HIT")
         assert await fetch(session, second, "large") == (large.data, "HIT")
     assert sum(registry.requests.values()) == 0
