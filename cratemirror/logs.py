@@ -40,6 +40,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(config: LoggingConfig) -> None:
+    # No record needs the caller's file and line, thread or process name: skipping them makes every
+    # record (an access line per request) noticeably cheaper.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if config.format == "json":
         handler.setFormatter(JsonFormatter())

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -100,6 +101,7 @@ class Snapshot:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._request_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         r = self.registry
         self.cache_requests = Counter(
             "cratemirror_cache_requests_total", "Client requests by kind and cache result",
@@ -158,10 +160,18 @@ class Metrics:
 
     def observe_request(self, kind: str, result: str, seconds: float, body_bytes: int) -> None:
         """One finished client request of the index, download or config routes."""
-        self.request_duration.labels(kind).observe(seconds)
-        self.cache_requests.labels(kind, result).inc()
+        children = self._request_children.get((kind, result))
+        if children is None:  # labels() costs a lock and a tuple per call: resolve each pair once
+            children = self._request_children[(kind, result)] = (
+                self.request_duration.labels(kind),
+                self.cache_requests.labels(kind, result),
+                self.bytes_served.labels(kind),
+            )
+        duration, requests, served = children
+        duration.observe(seconds)
+        requests.inc()
         if body_bytes:
-            self.bytes_served.labels(kind).inc(body_bytes)
+            served.inc(body_bytes)
 
     def _aggregated(self) -> CollectorRegistry:
         """This process's registry, or in multiprocess mode one that sums the files of all workers."""
