@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -39,7 +43,88 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, separators=(",", ":"))
 
 
+class AccessSink:
+    """Writes access lines straight to a file descriptor, formatted exactly as the logging handlers
+    would, without a LogRecord per request (that machinery cost a third of a warm hit's time).
+    Lines are batched and written at least every FLUSH_SECONDS, in writes of at most PIPE_BUF bytes
+    that end on a line boundary, so lines of several worker processes sharing one pipe never mix."""
+
+    FLUSH_SECONDS = 0.1
+    MAX_WRITE = 4096  # PIPE_BUF on Linux: a write this small to a pipe is atomic
+
+    def __init__(self, fd: int, json_format: bool) -> None:
+        self.fd = fd
+        self.json_format = json_format
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._second_text = ""
+
+    def write(self, level: int, logger: str, message: str, fields: dict[str, Any]) -> None:
+        line = self._render(time.time(), logging.getLevelName(level), logger, message, fields)
+        encoded = line.encode("utf-8", "replace") + b"\n"
+        self._pending.append(encoded)
+        self._pending_bytes += len(encoded)
+        if self._pending_bytes >= self.MAX_WRITE or level >= logging.WARNING:
+            self.flush()
+        elif self._flush_handle is None:
+            try:
+                self._flush_handle = asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
+            except RuntimeError:  # no event loop: write at once
+                self.flush()
+
+    def _render(self, now: float, level: str, logger: str, message: str, fields: dict[str, Any]) -> str:
+        millis = f"{int(now * 1000) % 1000:03d}"
+        if self.json_format:  # as JsonFormatter writes a record
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            document = {
+                "time": f"{stamp}.{millis}Z", "level": level.lower(), "logger": logger,
+                "pid": os.getpid(), "message": message, **fields,
+            }  # fmt: skip
+            return json.dumps(document, separators=(",", ":"))
+        if int(now) != self._second:  # as TEXT_FORMAT writes a record; strftime once a second
+            self._second = int(now)
+            self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        return f"{self._second_text},{millis} {level} {logger}[{os.getpid()}]: {message}"
+
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        chunk: list[bytes] = []
+        size = 0
+        for line in self._pending:
+            if chunk and size + len(line) > self.MAX_WRITE:
+                self._write(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._write(b"".join(chunk))
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        with contextlib.suppress(OSError):  # a closed stderr must not break serving
+            while view:
+                view = view[os.write(self.fd, view) :]
+
+
+# Set by setup_logging in server processes; None (tests, libraries) means plain logging records.
+_access_sink: AccessSink | None = None
+
+
+def flush_access_log() -> None:
+    if _access_sink is not None:
+        _access_sink.flush()
+
+
 def setup_logging(config: LoggingConfig) -> None:
+    global _access_sink
+    _access_sink = AccessSink(sys.stderr.fileno(), config.format == "json")
+    atexit.register(flush_access_log)
     # No record needs the caller's file and line, thread or process name: skipping them makes every
     # record (an access line per request) noticeably cheaper.
     logging._srcfile = None
@@ -60,6 +145,8 @@ class AccessLogger(AbstractAccessLogger):
     error answer also its one-line reason. 5xx answers are logged as warnings so they stand out."""
 
     def log(self, request: BaseRequest, response: StreamResponse, duration: float) -> None:
+        if not self.logger.isEnabledFor(logging.WARNING if response.status >= 500 else logging.INFO):
+            return
         fields = access_fields(request, response, duration)
         text = '{remote} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms {cache}'.format(**fields)
         if fields["upstream_ms"] is not None:
@@ -68,7 +155,10 @@ class AccessLogger(AbstractAccessLogger):
         if "error" in fields:
             text += f" error={json.dumps(fields['error'])}"
         level = logging.WARNING if response.status >= 500 else logging.INFO
-        self.logger.log(level, "%s", text, extra={"fields": fields})
+        if _access_sink is not None:
+            _access_sink.write(level, self.logger.name, text, fields)
+        else:
+            self.logger.log(level, "%s", text, extra={"fields": fields})
 
 
 def access_fields(request: BaseRequest, response: StreamResponse, duration: float) -> dict[str, Any]:

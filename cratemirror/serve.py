@@ -72,7 +72,7 @@ def run_worker(config: Config) -> None:
     from aiohttp import web
 
     from cratemirror.app import create_app
-    from cratemirror.logs import AccessLogger
+    from cratemirror.logs import AccessLogger, flush_access_log
 
     setup_logging(config.logging)
     loop_factory = None
@@ -86,17 +86,20 @@ def run_worker(config: Config) -> None:
 
     runner_loop = loop_factory() if loop_factory else asyncio.new_event_loop()
     asyncio.set_event_loop(runner_loop)
-    web.run_app(
-        create_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        reuse_port=config.server.workers > 1,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("cratemirror.access"),
-        print=None,
-        loop=runner_loop,
-        shutdown_timeout=10,
-    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.server.host,
+            port=config.server.port,
+            reuse_port=config.server.workers > 1,
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("cratemirror.access"),
+            print=None,
+            loop=runner_loop,
+            shutdown_timeout=10,
+        )
+    finally:
+        flush_access_log()  # worker processes end with os._exit: atexit handlers do not run
 
 
 def _supervise(config: Config) -> int:
