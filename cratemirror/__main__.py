@@ -23,13 +23,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client_config(args: argparse.Namespace) -> int:
-    from cratemirror.clientconfig import cargo_config_snippet, cargo_env_snippet
+    from cratemirror.clientconfig import cargo_ci_snippet, cargo_config_snippet
 
     base = args.url or "http://127.0.0.1:8080"
     print("# .cargo/config.toml (or $CARGO_HOME/config.toml)")
     print(cargo_config_snippet(base))
-    print("# or, for CI, the same as environment variables:")
-    print(cargo_env_snippet(base), end="")
+    print("# CI: cargo takes no environment variable for this; write the file, or pass flags:")
+    print(cargo_ci_snippet(base), end="")
     return EXIT_OK
 
 

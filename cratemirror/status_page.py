@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from cratemirror import __version__
-from cratemirror.clientconfig import cargo_config_snippet, cargo_env_snippet
+from cratemirror.clientconfig import cargo_ci_snippet, cargo_config_snippet
 from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import KINDS, RESULTS, Snapshot
 from cratemirror.routes import base_url
@@ -48,7 +48,7 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         version=_esc(__version__),
         upstream_url=_esc(mirror.config.upstream.index_url),
         config_snippet=_esc(cargo_config_snippet(base).rstrip("\n")),
-        env_snippet=_esc(cargo_env_snippet(base).rstrip("\n")),
+        env_snippet=_esc(cargo_ci_snippet(base).rstrip("\n")),
         **_health(mirror, snap),
         **_summary(snap),
         **_results_table(snap),

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from cratemirror.clientconfig import cargo_config_snippet, cargo_env_snippet
+from cratemirror.clientconfig import cargo_ci_snippet, cargo_config_snippet
 from cratemirror.config import ServerConfig
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, index_path
@@ -118,7 +118,7 @@ async def test_status_page_in_chromium(
     assert page.root.get("data-js") == "ready"  # the inline script ran without an error
     assert page.texts["cargo-config"].strip() == cargo_config_snippet(base).strip()
     assert f'registry = "sparse+{base}/index/"' in page.texts["cargo-config"]
-    assert page.texts["cargo-env"].strip() == cargo_env_snippet(base).strip()
+    assert page.texts["cargo-env"].strip() == cargo_ci_snippet(base).strip()
 
     # Every figure is the number /metrics shows.
     for kind in ("index", "crate", "config"):
