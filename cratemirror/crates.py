@@ -98,6 +98,8 @@ class Fill:
         self._wake()
 
     def fail(self, error: BaseException) -> None:
+        if isinstance(error, asyncio.CancelledError):  # shutting down: waiters get an answer, not a cancel
+            error = UpstreamError("the mirror is shutting down", status=503)
         for future in (self.started, self.finished):
             if not future.done():
                 future.set_exception(error)

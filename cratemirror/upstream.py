@@ -134,7 +134,10 @@ class Upstream:
                 if response.status == 404:
                     raise UpstreamNotFound(str(url))
                 self._raise_for_status(response)
-                return await response.json(content_type=None)
+                try:
+                    return await response.json(content_type=None)
+                except ValueError as exc:
+                    raise UpstreamError(f"{url}: not JSON: {exc}") from exc
 
         return await self._with_retries(attempt)
 
