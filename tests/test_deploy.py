@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -817,3 +818,31 @@ def test_readme_has_the_cargo_snippet() -> None:
     assert "[source.crates-io]" in text
     assert 'replace-with = "mirror"' in text
     assert re.search(r'registry = "sparse\+http://[^"]+:8080/index/"', text)
+
+
+def test_dockerfile_build_context_is_enough_to_install(tmp_path: Path) -> None:
+    """No Docker engine here: lay out exactly what the build stage COPYs and build the wheel from it,
+    so a file the package needs but the Dockerfile forgets fails here, not in someone's image build."""
+    context = tmp_path / "src"
+    context.mkdir()
+    copies = re.findall(r"^COPY (?!--from)(.+)$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
+    assert copies, "the build stage copies nothing"
+    for line in copies:
+        *sources, destination = shlex.split(line)
+        for source in sources:
+            into = context / destination
+            if destination.endswith("/"):
+                into.mkdir(parents=True, exist_ok=True)
+                into = into / Path(source).name
+            if (REPO / source).is_dir():
+                shutil.copytree(REPO / source, into, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(REPO / source, into)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), "."],
+        cwd=context, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("cratemirror-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"cratemirror/__main__.py", "cratemirror/web/status.html"} <= names, sorted(names)
