@@ -20,9 +20,6 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._inflight: dict[str, asyncio.Task[T]] = {}
 
-    def __len__(self) -> int:
-        return len(self._inflight)
-
     async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """Run `work` once per key at a time; returns (result, joined) where joined means another
         caller's task was already running. The task survives its callers being cancelled, so a fill
