@@ -57,9 +57,9 @@ def serve(args: argparse.Namespace) -> int:
         log.error("%s", problem)
         return 1
     log.info(
-        "cratemirror serving on http://%s:%d with %d worker(s); upstream %s; cache %s%s",
+        "cratemirror serving on http://%s:%d with %d worker(s); upstream %s; cache %s%s; config: %s",
         config.server.host, config.server.port, config.server.workers, config.upstream.index_url,
-        config.cache.dir, " (offline)" if config.offline else "",
+        config.cache.dir, " (offline)" if config.offline else "", config.source,
     )  # fmt: skip
     if config.server.workers == 1:
         run_worker(config)
