@@ -37,6 +37,7 @@ log = logging.getLogger("cratemirror.crates")
 CHUNK = 256 * 1024
 MEMO_LIMIT = 65536
 TOUCH_INTERVAL = 3600.0
+EVICTION_SHUTDOWN_WAIT = 30.0
 
 
 class NotFound(Exception):
@@ -144,7 +145,7 @@ class CrateService:
     ) -> None:
         self.store = store
         self.max_size = max_size
-        self._evicting = False
+        self._eviction: asyncio.Task[None] | None = None  # at most one per process
         self.index = index
         self.upstream = upstream
         self.metrics = metrics
@@ -157,6 +158,9 @@ class CrateService:
 
     async def close(self) -> None:
         await self._fills.cancel_all()
+        if self._eviction is not None:
+            # Its thread cannot be cancelled: give it a bounded time to finish (warm exits right after).
+            await asyncio.wait({self._eviction}, timeout=EVICTION_SHUTDOWN_WAIT)
 
     def open_cached(self, name: str, version: str) -> CachedCrate | None:
         path = self.store.crate_path(name, version)
@@ -320,11 +324,10 @@ class CrateService:
             except (OSError, sqlite3.Error) as exc:
                 self._store_failed(f"could not store {fill.name} {fill.version}: {exc}")
         fill.succeed(size)
-        if self.store.crate_bytes() > self.max_size and not self._evicting:
-            asyncio.get_running_loop().create_task(self._evict())
+        if self.store.crate_bytes() > self.max_size and (self._eviction is None or self._eviction.done()):
+            self._eviction = asyncio.get_running_loop().create_task(self._evict())
 
     async def _evict(self) -> None:
-        self._evicting = True
         try:
             async with self.store.lock("evict"):  # one worker process at a time
                 report = await asyncio.to_thread(evict_to, self.store, self.max_size)
@@ -336,8 +339,6 @@ class CrateService:
                 )  # fmt: skip
         except (OSError, sqlite3.Error) as exc:
             log.error("eviction failed: %s", exc)
-        finally:
-            self._evicting = False
 
     def _store_failed(self, reason: str) -> None:
         self.disk_trouble.report(reason)
