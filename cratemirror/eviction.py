@@ -59,6 +59,4 @@ def evict_to(store: Store, max_size: int, *, dry_run: bool = False) -> EvictionR
             store.remove_crate(item.name, item.version)
         report.removed.append(item)
         report.total_after -= item.size
-    if not dry_run:
-        store.set_crate_bytes(report.total_after)
     return report

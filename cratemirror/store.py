@@ -128,7 +128,7 @@ class Store:
         return final
 
     # Running total of crate bytes, shared by all workers (diskcache's incr is atomic across processes);
-    # recomputed exactly at start-up and after every eviction.
+    # kept by commit_crate and remove_crate, recomputed exactly at start-up.
     def crate_bytes(self) -> int:
         value: Any = self.meta.get(CRATE_BYTES_KEY, 0)
         return int(value)
