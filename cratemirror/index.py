@@ -4,15 +4,19 @@ negative cache, plus the upstream's config.json (where its tarballs live)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
 import sqlite3
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import formatdate
+from typing import TypeVar
+
+from cachetools import LRUCache
 
 from cratemirror.config import CacheConfig
 from cratemirror.metrics import Metrics
@@ -23,8 +27,13 @@ from cratemirror.upstream import Upstream, UpstreamError, UpstreamNotFound
 
 log = logging.getLogger("cratemirror.index")
 
+V = TypeVar("V")
+
 UPSTREAM_CONFIG_KEY = "upstream-config"
 HOT_BYTES = 64 * 1024 * 1024  # per worker: the index files of a typical CI working set fit many times
+GZIP_BYTES = 16 * 1024 * 1024
+GZIP_MIN = 1024  # smaller bodies gain too little to be worth a Content-Encoding
+GZIP_IN_THREAD = 64 * 1024  # compressing a larger body would hold up the event loop for milliseconds
 # A remembered 404 outlives its TTL a little so it can still answer while upstream is failing.
 NEGATIVE_GRACE = 3600.0
 
@@ -40,31 +49,13 @@ class IndexResult:
     result: str  # the metric label: hit | miss | revalidated | stale | negative
 
 
-class HotEntries:
-    """Recently used index entries in memory, least-recently-used out beyond a byte budget."""
+def _remember(cache: LRUCache[str, V], key: str, value: V) -> None:
+    with contextlib.suppress(ValueError):  # larger than the whole budget: just not kept
+        cache[key] = value
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, IndexEntry] = OrderedDict()
-        self._bytes = 0
 
-    def get(self, key: str) -> IndexEntry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: IndexEntry) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= len(old.body)
-        if len(entry.body) > self.max_bytes:
-            return
-        self._entries[key] = entry
-        self._bytes += len(entry.body)
-        while self._bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= len(evicted.body)
+def _entry_size(entry: IndexEntry) -> int:
+    return len(entry.body) + 256  # body plus a rough allowance for the rest
 
 
 def body_etag(body: bytes) -> str:
@@ -88,7 +79,10 @@ class IndexService:
         self.cache = cache
         self.offline = offline
         self._flights: SingleFlight[IndexResult] = SingleFlight()
-        self._hot = HotEntries(HOT_BYTES)
+        # Recently used entries in memory, least-recently-used out beyond a byte budget.
+        self._hot: LRUCache[str, IndexEntry] = LRUCache(HOT_BYTES, getsizeof=_entry_size)
+        # Gzipped bodies by ETag, made on the first request that accepts gzip (cargo's curl does).
+        self._gzipped: LRUCache[str, bytes] = LRUCache(GZIP_BYTES, getsizeof=len)
         self._dl_template: str | None = None
         self._dl_checked_at = 0.0
         self._config_flight: SingleFlight[str] = SingleFlight()
@@ -125,8 +119,20 @@ class IndexService:
             return entry
         entry = self.store.get_index(lower)
         if entry is not None:
-            self._hot.put(lower, entry)
+            _remember(self._hot, lower, entry)
         return entry
+
+    async def gzipped(self, entry: IndexEntry) -> bytes:
+        """The entry's body gzipped, deterministically (every worker sends the same bytes), made once
+        per version of the file and worker."""
+        compressed = self._gzipped.get(entry.etag)
+        if compressed is None:
+            if len(entry.body) >= GZIP_IN_THREAD:
+                compressed = await asyncio.to_thread(gzip.compress, entry.body, 6, mtime=0)
+            else:
+                compressed = gzip.compress(entry.body, 6, mtime=0)
+            _remember(self._gzipped, entry.etag, compressed)
+        return compressed
 
     def _is_fresh(self, entry: IndexEntry, newer_than: float | None) -> bool:
         if newer_than is not None:
@@ -192,7 +198,7 @@ class IndexService:
 
     async def _put(self, lower: str, entry: IndexEntry, expire: float | None = None) -> None:
         """Store an entry; a full or read-only disk costs the cache, never the answer."""
-        self._hot.put(lower, entry)
+        _remember(self._hot, lower, entry)
         try:
             await asyncio.to_thread(self.store.put_index, lower, entry, expire)
         except (OSError, sqlite3.Error) as exc:

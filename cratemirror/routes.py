@@ -11,7 +11,7 @@ from aiohttp import web
 
 from cratemirror.context import MIRROR
 from cratemirror.crates import CachedCrate, Fill, NotFound
-from cratemirror.index import IndexResult, OfflineMiss
+from cratemirror.index import GZIP_MIN, OfflineMiss
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path
 from cratemirror.responses import error, not_modified, send_file
 from cratemirror.upstream import UpstreamError, UpstreamNotFound
@@ -77,10 +77,6 @@ async def index_file(request: web.Request) -> web.Response:
     except UpstreamError as exc:
         return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}", "MISS")
     request[RESULT] = result.result
-    return _index_response(request, result)
-
-
-def _index_response(request: web.Request, result: IndexResult) -> web.Response:
     entry = result.entry
     if entry.status != 200:
         return error(404, "crate not found", result.x_cache)
@@ -88,12 +84,20 @@ def _index_response(request: web.Request, result: IndexResult) -> web.Response:
         "Content-Type": "text/plain",
         "ETag": entry.etag,
         "Last-Modified": entry.last_modified,
+        "Vary": "Accept-Encoding",
         "X-Cache": result.x_cache,
     }
+    send_gzip = len(entry.body) >= GZIP_MIN and "gzip" in request.headers.get("Accept-Encoding", "")
+    if send_gzip:
+        headers["ETag"] = f"W/{entry.etag}"  # the same bytes once decoded, but another representation
     if not_modified(request, entry.etag, entry.last_modified):
         return web.Response(status=304, headers=headers)
-    request[BYTES] = len(entry.body)
-    return web.Response(body=entry.body, headers=headers)
+    body = entry.body
+    if send_gzip:
+        body = await mirror.index.gzipped(entry)
+        headers["Content-Encoding"] = "gzip"
+    request[BYTES] = len(body)
+    return web.Response(body=body, headers=headers)
 
 
 @routes.get("/api/v1/crates/{name}/{version}/download")

@@ -39,7 +39,8 @@ async def raw_session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def get_raw(session: aiohttp.ClientSession, mirror: TestClient[Any, Any], path: str) -> bytes:
-    async with session.get(mirror.make_url(path)) as response:
+    """The identity representation, as it went over the wire (gzip is tested on its own below)."""
+    async with session.get(mirror.make_url(path), headers={"Accept-Encoding": "identity"}) as response:
         assert response.status == 200, (path, response.status, await response.text())
         assert "Content-Encoding" not in response.headers
         return await response.read()
@@ -314,3 +315,47 @@ async def test_crate_removed_upstream_turns_404_after_revalidation(
     assert await back.read() == registry.index_file("serde")
     assert registry.count("/index/se/rd/serde") == 3
     assert registry.requests.total() == 3
+
+
+# ---- gzip for clients that accept it (cargo's curl does) ----------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["3/s/syn", "in/fl/inflector"])
+async def test_gzip_when_accepted_decodes_to_the_upstream_bytes(
+    registry: FakeRegistry, mirror: TestClient[Any, Any], raw_session: aiohttp.ClientSession, path: str
+) -> None:
+    real = (REAL_INDEX / path).read_bytes()
+    registry.add_raw_index_file(path, real)
+    url = mirror.make_url(f"/index/{path}")
+    async with raw_session.get(url, headers={"Accept-Encoding": "gzip"}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert response.headers["Vary"] == "Accept-Encoding"
+        weak = response.headers["ETag"]
+        wire = await response.read()
+    assert gzip.decompress(wire) == real
+    assert len(wire) < len(real) // 3
+    async with raw_session.get(url, headers={"Accept-Encoding": "identity"}) as response:
+        assert "Content-Encoding" not in response.headers
+        assert await response.read() == real
+        strong = response.headers["ETag"]
+    assert weak == f"W/{strong}"
+    # Either validator names the same file: a copy fetched either way revalidates to 304.
+    for etag in (weak, strong):
+        async with raw_session.get(url, headers={"Accept-Encoding": "gzip", "If-None-Match": etag}) as again:
+            assert again.status == 304
+    # Every worker compresses the same way: the gzipped bytes are the same on a second request.
+    async with raw_session.get(url, headers={"Accept-Encoding": "gzip"}) as response:
+        assert await response.read() == wire
+    assert registry.count(f"/index/{path}") == 1
+
+
+async def test_small_files_are_not_compressed(
+    registry: FakeRegistry, mirror: TestClient[Any, Any], raw_session: aiohttp.ClientSession
+) -> None:
+    registry.add_crate("tiny", "1.0.0")
+    async with raw_session.get(
+        mirror.make_url(f"/index/{index_path('tiny')}"), headers={"Accept-Encoding": "gzip"}
+    ) as response:
+        assert "Content-Encoding" not in response.headers
+        assert await response.read() == registry.index_file("tiny")
