@@ -17,11 +17,11 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
 
 import aiohttp
+from cachetools import LRUCache
 
 from cratemirror.eviction import evict_to
 from cratemirror.index import IndexService, VersionRecord, find_version
@@ -29,7 +29,7 @@ from cratemirror.metrics import Metrics
 from cratemirror.names import CrateVersion, expand_dl_template
 from cratemirror.singleflight import SingleFlight
 from cratemirror.spool import Spool
-from cratemirror.store import CrateMeta, DiskTrouble, Store
+from cratemirror.store import CrateMeta, DiskTrouble, Store, sha256_stream
 from cratemirror.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("cratemirror.crates")
@@ -152,8 +152,10 @@ class CrateService:
         self.offline = offline
         self._fills: SingleFlight[None] = SingleFlight()
         self._active: dict[str, Fill] = {}
-        self._missing_checked: dict[str, float] = {}  # crate -> when a missing version made us look
-        self._sha_memo: dict[str, str] = {}  # "name/version" -> sha256, saves a metadata read per hit
+        # crate -> when a missing version made us look upstream
+        self._missing_checked: LRUCache[str, float] = LRUCache(MEMO_LIMIT)
+        # "name/version" -> sha256: saves a metadata read per hit
+        self._sha_memo: LRUCache[str, str] = LRUCache(MEMO_LIMIT)
         self.disk_trouble = disk_trouble
 
     async def close(self) -> None:
@@ -175,10 +177,7 @@ class CrateService:
             if meta is None:
                 handle.close()  # no recorded checksum (crash between writes): treat as a miss
                 return None
-            sha = meta.sha256
-            if len(self._sha_memo) >= MEMO_LIMIT:
-                self._sha_memo.clear()
-            self._sha_memo[key] = sha
+            sha = self._sha_memo[key] = meta.sha256
         stat = os.fstat(handle.fileno())
         if time.time() - stat.st_mtime > TOUCH_INTERVAL:
             # Recency for LRU eviction; at most hourly, so a hot crate costs no metadata write per hit.
@@ -192,7 +191,8 @@ class CrateService:
         path = self.store.crate_path(record.name, version)
         if not path.exists() or self.store.get_crate_meta(record.name, version) is not None:
             return None
-        digest, size = await asyncio.to_thread(_sha256_of, path)
+        with open(path, "rb") as handle:
+            digest, size = await asyncio.to_thread(sha256_stream, handle)
         if digest != record.cksum:
             log.warning("removing %s: it does not match the index cksum", path)
             await asyncio.to_thread(self.store.remove_crate, record.name, version)
@@ -226,8 +226,6 @@ class CrateService:
         hammer upstream."""
         if self.offline or now - self._missing_checked.get(key, -math.inf) < self.index.cache.negative_ttl:
             return False
-        if len(self._missing_checked) >= MEMO_LIMIT:
-            self._missing_checked.clear()
         self._missing_checked[key] = now
         return True
 
@@ -342,13 +340,3 @@ class CrateService:
 
     def _store_failed(self, reason: str) -> None:
         self.disk_trouble.report(reason)
-
-
-def _sha256_of(path: Path) -> tuple[str, int]:
-    hasher = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            hasher.update(chunk)
-            size += len(chunk)
-    return hasher.hexdigest(), size

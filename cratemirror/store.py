@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import diskcache
 
@@ -33,6 +33,7 @@ import diskcache
 log = logging.getLogger("cratemirror.store")
 
 LOCK_STRIPES = 4096
+HASH_CHUNK = 1024 * 1024
 INDEX_PREFIX = "index:"
 CRATE_PREFIX = "crate:"
 CRATE_BYTES_KEY = "stats:crate_bytes"
@@ -239,6 +240,18 @@ class Store:
 
 def _prefix_end(prefix: str) -> str:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def sha256_stream(handle: IO[bytes], out: IO[bytes] | None = None) -> tuple[str, int]:
+    """sha256 and size of everything readable from `handle`, copying it to `out` on the way."""
+    hasher = hashlib.sha256()
+    size = 0
+    while chunk := handle.read(HASH_CHUNK):
+        hasher.update(chunk)
+        size += len(chunk)
+        if out is not None:
+            out.write(chunk)
+    return hasher.hexdigest(), size
 
 
 class DiskTrouble:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import IO, TextIO
+from typing import TextIO
 
 from cratemirror.config import Config, ConfigError, find_config_path, load_config
 from cratemirror.logs import setup_logging
@@ -41,18 +40,6 @@ def open_existing_store(config: Config) -> Store:
 def cached_crate_metas(store: Store) -> list[CrateMeta]:
     """Every crate the store has a checksum for (file present or not)."""
     return list(store.iter_crate_metas())
-
-
-def sha256_stream(handle: IO[bytes], out: IO[bytes] | None = None) -> tuple[str, int]:
-    """sha256 and size of everything readable from `handle`, copying it to `out` on the way."""
-    hasher = hashlib.sha256()
-    size = 0
-    while chunk := handle.read(CHUNK):
-        hasher.update(chunk)
-        size += len(chunk)
-        if out is not None:
-            out.write(chunk)
-    return hasher.hexdigest(), size
 
 
 def format_size(size: float) -> str:

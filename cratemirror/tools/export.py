@@ -24,7 +24,7 @@ from typing import Any
 from cratemirror import __version__
 from cratemirror.config import ConfigError, parse_duration
 from cratemirror.index import UPSTREAM_CONFIG_KEY, find_version
-from cratemirror.store import CrateMeta, IndexEntry, Store
+from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document
 from cratemirror.tools.common import (
     EXIT_FAILURE,
@@ -35,7 +35,6 @@ from cratemirror.tools.common import (
     format_size,
     open_existing_store,
     plural,
-    sha256_stream,
     tool_config,
 )
 from cratemirror.tools.lockfile import accepted_sources, read_lockfiles

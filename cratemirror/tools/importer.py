@@ -25,7 +25,7 @@ from typing import Any
 from cratemirror.config import ConfigError
 from cratemirror.index import UPSTREAM_CONFIG_KEY, body_etag, find_version
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
-from cratemirror.store import CrateMeta, IndexEntry, Store
+from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import FORMAT, FORMAT_VERSION, MANIFEST, crate_member, index_member
 from cratemirror.tools.common import (
     EXIT_FAILURE,
@@ -34,7 +34,6 @@ from cratemirror.tools.common import (
     error,
     format_size,
     plural,
-    sha256_stream,
     tool_config,
 )
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cratemirror.eviction import scan_crates
-from cratemirror.store import CrateMeta, Store
+from cratemirror.store import CrateMeta, Store, sha256_stream
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -20,7 +20,6 @@ from cratemirror.tools.common import (
     cached_crate_metas,
     open_existing_store,
     plural,
-    sha256_stream,
     tool_config,
 )
 
