@@ -23,6 +23,7 @@ from types import FrameType
 
 from cratemirror.config import Config, ConfigError, find_config_path, load_config
 from cratemirror.logs import setup_logging
+from cratemirror.redact import redact
 
 log = logging.getLogger("cratemirror")
 
@@ -58,7 +59,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     log.info(
         "cratemirror serving on http://%s:%d with %d worker(s); upstream %s; cache %s%s; config: %s",
-        config.server.host, config.server.port, config.server.workers, config.upstream.index_url,
+        config.server.host, config.server.port, config.server.workers, redact(config.upstream.index_url),
         config.cache.dir, " (offline)" if config.offline else "", config.source,
     )  # fmt: skip
     if config.server.workers == 1:
