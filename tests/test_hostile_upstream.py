@@ -72,7 +72,7 @@ async def test_index_line_names_cannot_write_or_delete_outside_the_cache(
         for version in ("1.0.0", "2.0.0", "3.0.0"):
             status, body = await get(mirror, f"/api/v1/crates/foo/{version}/download")
             assert status == 502, (version, body)
-            assert b"names another crate" in body and b"\n" == body[-1:]
+            assert b"names another crate" in body and body[-1:] == b"\n"
         await still_serves(mirror)
 
     assert files_under(outside) == before
@@ -118,7 +118,9 @@ async def test_an_unusable_line_is_a_502_never_a_500(
         await still_serves(mirror)
 
 
-async def test_bodies_over_the_caps_are_refused_and_not_stored(hostile: HostileUpstream, tmp_path: Path) -> None:
+async def test_bodies_over_the_caps_are_refused_and_not_stored(
+    hostile: HostileUpstream, tmp_path: Path
+) -> None:
     hostile.serve_endless("/index/bi/gi/bigindex")
     big = os.urandom(3 * 1024 * 1024)
     hostile.serve_bytes("/index/bi/gc/bigcrate", index_line("bigcrate", "1.0.0", sha256(big)) + b"\n")
@@ -156,7 +158,9 @@ async def test_index_redirects_stay_on_the_index_host(hostile: HostileUpstream, 
         hostile.serve_bytes("/index/3/r/red", b"", status=302, headers={"Location": f"{mirror.url}/metrics"})
         hostile.serve_bytes("/index/3/m/mov", b"", status=301, headers={"Location": "/index/go/od/good"})
         hostile.serve_bytes("/index/3/f/fil", index_line("fil", "1.0.0", sha256(GOOD)) + b"\n")
-        hostile.serve_bytes("/dl/fil/1.0.0/download", b"", status=302, headers={"Location": "file:///etc/passwd"})
+        hostile.serve_bytes(
+            "/dl/fil/1.0.0/download", b"", status=302, headers={"Location": "file:///etc/passwd"}
+        )
         for _ in range(2):
             status, body = await get(mirror, "/index/3/r/red")
             assert status == 502 and b"another host" in body, body
