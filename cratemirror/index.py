@@ -111,6 +111,10 @@ class IndexService:
             self.metrics.coalesced.labels("index").inc()
         return result
 
+    def is_cached(self, crate: CrateName) -> bool:
+        """Whether any copy (fresh or not, found or remembered as missing) is held."""
+        return crate.lower in self._hot or self.store.get_index(crate.lower) is not None
+
     def _lookup(self, lower: str) -> IndexEntry | None:
         """The hot copy while it is fresh (no SQLite read, no unpickling on a warm hit), else the
         store's, which another worker process may have refreshed meanwhile."""
