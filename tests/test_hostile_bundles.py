@@ -46,7 +46,8 @@ async def test_forged_manifest_fields_cannot_pin_or_break_an_index_file(
     assert (await run_cli("export", str(bundle), "--config", str(config), cwd=tmp_path)).code == 0
 
     manifest = json.loads(read_member(bundle, "manifest.json"))
-    member = next(name for name in tarfile.open(bundle).getnames() if name.startswith("index/"))
+    with tarfile.open(bundle) as tar:
+        member = next(name for name in tar.getnames() if name.startswith("index/"))
     forged = registry.index_file("pinned").replace(b'"yanked":false', b'"yanked":true')
     assert forged != registry.index_file("pinned")
     for entry in manifest["index_files"]:
