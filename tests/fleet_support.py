@@ -1,0 +1,290 @@
+"""Helpers for the fleet tests (tests/test_fleet_*.py); holds no tests itself.
+
+A throwaway certificate authority and server certificate (the `openssl` CLI), the real HAProxy running
+deploy/haproxy/haproxy.cfg with the replicas' loopback addresses rendered in, and a real redis-server.
+Every process runs in its own session on 127.0.0.1 and is stopped by the test that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from tests.mirror_process import clean_env, free_port, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+
+def require(tool: str, package: str) -> str:
+    """The tool's path; a missing tool fails the test (never a skip): .ci/run installs it."""
+    path = shutil.which(tool)
+    assert path is not None, f"{tool} is required (Debian package {package}; .ci/run installs it)"
+    return path
+
+
+# ---- TLS --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrontTLS:
+    ca_cert: Path  # what cargo trusts (CARGO_HTTP_CAINFO)
+    server_pem: Path  # certificate followed by its key, as HAProxy's `crt` wants it
+
+
+def make_tls(directory: Path) -> FrontTLS:
+    """A CA made for this test and a certificate for 127.0.0.1 signed by it."""
+    openssl = require("openssl", "openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=cratemirror test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (directory / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"
+    )
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+    combined = directory / "haproxy.pem"
+    combined.write_bytes((directory / "server.pem").read_bytes() + (directory / "server.key").read_bytes())
+    return FrontTLS(directory / "ca.pem", combined)
+
+
+# ---- HAProxy ------------------------------------------------------------------------------------------
+
+
+def render_haproxy_cfg(servers: Sequence[tuple[str, int]], stats_socket: Path) -> str:
+    """deploy/haproxy/haproxy.cfg with fixed loopback servers in place of the DNS server-template, and
+    a stats socket the test reads. Everything else is the shipped file, unchanged."""
+    lines = HAPROXY_CFG.read_text().splitlines()
+    template = [i for i, line in enumerate(lines) if line.strip().startswith("server-template ")]
+    assert len(template) == 1, "deploy/haproxy/haproxy.cfg must have one server-template line"
+    servers_lines = [f"    server mirror{n} {host}:{port}" for n, (host, port) in enumerate(servers, 1)]
+    lines[template[0] : template[0] + 1] = servers_lines
+    glob = lines.index("global")
+    lines.insert(glob + 1, f"    stats socket {stats_socket} mode 600 level admin")
+    return "\n".join(lines) + "\n"
+
+
+class HAProxy:
+    """The real haproxy in the foreground (-db) with the shipped config, on a free loopback port."""
+
+    def __init__(self, workdir: Path, tls: FrontTLS, servers: Sequence[tuple[str, int]]) -> None:
+        self.workdir = workdir
+        self.tls = tls
+        self.servers = list(servers)
+        self.port = 0
+        self.socket = workdir / "haproxy.sock"
+        self.cfg = workdir / "haproxy.cfg"
+        self.log_path = workdir / "haproxy.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    async def start(self) -> None:
+        haproxy = require("haproxy", "haproxy")
+        self.port = free_port()
+        self.cfg.write_text(render_haproxy_cfg(self.servers, self.socket))
+        env = clean_env(
+            CRATEMIRROR_FRONT_BIND=f"127.0.0.1:{self.port}",
+            CRATEMIRROR_FRONT_PEM=str(self.tls.server_pem),
+            CRATEMIRROR_REPLICAS="unused:1",
+        )
+        with open(self.log_path, "wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                haproxy, "-db", "-f", str(self.cfg),
+                cwd=str(self.workdir), env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            await self.wait_servers_up(len(self.servers))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_servers_up(self, count: int) -> None:
+        async def up() -> bool:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                raise AssertionError(f"haproxy exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                stats = await self.server_stats()
+            except OSError:
+                return False
+            return sum(row["status"] == "UP" for row in stats.values()) >= count
+
+        await wait_until(up, f"{count} replicas UP in haproxy", START_TIMEOUT, 0.05)
+
+    async def command(self, line: str) -> str:
+        reader, writer = await asyncio.open_unix_connection(str(self.socket))
+        try:
+            writer.write(line.encode() + b"\n")
+            await writer.drain()
+            return (await asyncio.wait_for(reader.read(), 5.0)).decode()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def server_stats(self) -> dict[str, dict[str, str]]:
+        """`show stat` rows of the backend's servers by server name (status, stot, wretr, wredis, ...)."""
+        text = (await self.command("show stat")).lstrip("# ")
+        rows = csv.DictReader(io.StringIO(text))
+        return {
+            row["svname"]: row
+            for row in rows
+            if row.get("pxname") == "mirrors" and row.get("svname") not in ("FRONTEND", "BACKEND")
+        }
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    async def __aenter__(self) -> HAProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+# ---- Redis ----------------------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, no persistence, in its own session."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = 0
+        self.log_path = workdir / "redis.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self, port: int | None = None) -> None:
+        redis_server = require("redis-server", "redis-server")
+        self.port = port or self.port or free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir),
+                cwd=str(self.workdir), env=clean_env(), stdin=asyncio.subprocess.DEVNULL,
+                stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+        async def answers() -> bool:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                raise AssertionError(f"redis-server exited with {self.proc.returncode}")
+            return await self.ping()
+
+        try:
+            await wait_until(answers, "redis-server to answer PING", START_TIMEOUT, 0.02)
+        except BaseException:
+            await self.kill()
+            raise
+
+    async def ping(self) -> bool:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return False
+        try:
+            writer.write(b"PING\r\n")
+            await writer.drain()
+            return (await asyncio.wait_for(reader.readline(), 2.0)) == b"+PONG\r\n"
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def kill(self) -> None:
+        """SIGKILL (what a crashed Redis looks like to the replicas)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+    async def __aenter__(self) -> RedisServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.kill()
+
+
+# ---- processes ----------------------------------------------------------------------------------------
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def connected_to(pgid: int, port: int) -> bool:
+    """Whether a process of group `pgid` has an established TCP connection to 127.0.0.1:`port`."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    for pid in _group_pids(pgid):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        return True
+    return False
