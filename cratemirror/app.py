@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler
 from cratemirror import routes, status_page
 from cratemirror.config import Config
 from cratemirror.context import MIRROR, Mirror, RecentMiss
+from cratemirror.coordination import make_coordination
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import TIMING, Metrics, start_request_timing
@@ -28,14 +29,17 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     store = Store(config.cache.dir)
     upstream = Upstream(config.upstream, metrics)
     disk_trouble = DiskTrouble()
+    coordination = make_coordination(config.coordination.redis_url, store, metrics)
     index = IndexService(
-        store, upstream, metrics, config.cache, offline=config.offline, disk_trouble=disk_trouble
-    )
+        store, upstream, metrics, config.cache,
+        offline=config.offline, disk_trouble=disk_trouble, coordination=coordination,
+    )  # fmt: skip
     crates = CrateService(
         store, index, upstream, metrics,
         offline=config.offline, max_size=config.cache.max_size, disk_trouble=disk_trouble,
+        coordination=coordination,
     )  # fmt: skip
-    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble)
+    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble, coordination)
 
     app = web.Application(middlewares=[_instrument], handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
@@ -62,6 +66,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await mirror.crates.close()
     await mirror.index.close()
     await mirror.upstream.close()
+    await mirror.coordination.close()
     mirror.store.close()
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from cratemirror.config import Config
+from cratemirror.coordination import Coordination
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
@@ -41,6 +42,7 @@ class Mirror:
     index: IndexService
     crates: CrateService
     disk_trouble: DiskTrouble
+    coordination: Coordination
     started_at: float = field(default_factory=time.time)
     unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.

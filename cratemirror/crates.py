@@ -23,6 +23,7 @@ from urllib.parse import quote
 import aiohttp
 from cachetools import LRUCache
 
+from cratemirror.coordination import Coordination, LocalCoordination
 from cratemirror.eviction import evict_to
 from cratemirror.index import IndexService, VersionRecord, find_version_async
 from cratemirror.metrics import Metrics
@@ -142,8 +143,10 @@ class CrateService:
         offline: bool,
         max_size: int,
         disk_trouble: DiskTrouble,
+        coordination: Coordination | None = None,
     ) -> None:
         self.store = store
+        self.coordination = coordination or LocalCoordination(store)
         self.max_size = max_size
         self._eviction: asyncio.Task[None] | None = None  # at most one per process
         self.index = index
@@ -254,7 +257,7 @@ class CrateService:
 
     async def _run_fill(self, fill: Fill) -> None:
         try:
-            async with self.store.lock(f"crate:{fill.name}/{fill.version}"):
+            async with self.coordination.lock(f"crate:{fill.name}/{fill.version}"):
                 cached = self.open_cached(fill.name, fill.version)
                 if cached is not None:  # another worker process stored it while we waited
                     cached.file.close()

@@ -19,6 +19,7 @@ from typing import TypeVar
 from cachetools import LRUCache
 
 from cratemirror.config import CacheConfig
+from cratemirror.coordination import Coordination, LocalCoordination
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum
 from cratemirror.singleflight import SingleFlight
@@ -72,8 +73,10 @@ class IndexService:
         *,
         offline: bool,
         disk_trouble: DiskTrouble,
+        coordination: Coordination | None = None,
     ) -> None:
         self.store = store
+        self.coordination = coordination or LocalCoordination(store)
         self.upstream = upstream
         self.metrics = metrics
         self.cache = cache
@@ -152,11 +155,17 @@ class IndexService:
         return IndexResult(entry, "STALE", "stale")  # offline: served however old
 
     async def _refresh(self, crate: CrateName, newer_than: float | None) -> IndexResult:
-        async with self.store.lock(f"index:{crate.lower}"):
+        async with self.coordination.lock(f"index:{crate.lower}"):
             # Another worker process may have refreshed it while we waited for the lock.
             entry = self.store.get_index(crate.lower)
             if entry is not None and self._is_fresh(entry, newer_than):
                 return self._cached_result(entry)
+            missing_since = await self.coordination.missing_since(f"index:{crate.lower}")
+            if missing_since is not None and (newer_than is None or missing_since >= newer_than):
+                # Another replica asked upstream a moment ago: "not found" holds here too.
+                known = IndexEntry(404, b"", "", formatdate(missing_since, usegmt=True), missing_since)
+                await self._put(crate.lower, known, expire=self.cache.negative_ttl + NEGATIVE_GRACE)
+                return IndexResult(known, "HIT", "negative")
             held = entry if entry is not None and entry.status == 200 else None
             try:
                 fetched = await self.upstream.fetch_index(
@@ -197,6 +206,9 @@ class IndexService:
             # 404 (or a 304 we did not ask for): remember "not found" for negative_ttl.
             missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)
             await self._put(crate.lower, missing, expire=self.cache.negative_ttl + NEGATIVE_GRACE)
+            await self.coordination.remember_missing(
+                f"index:{crate.lower}", checked_at, self.cache.negative_ttl
+            )
             return IndexResult(missing, "MISS", "miss")
 
     def _within_stale_window(self, entry: IndexEntry) -> bool:

@@ -145,6 +145,12 @@ class Metrics:
             registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.upstream_up.set(1)
+        self.coordination_up = Gauge(
+            "cratemirror_coordination_up",
+            "1 while fills are coordinated as configured (Redis reachable), 0 while coalescing per replica",
+            registry=r, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self.coordination_up.set(1)
         # Pre-create label sets so dashboards see every series (at 0) from the first scrape.
         for kind in KINDS:
             for result in RESULTS:

@@ -243,7 +243,9 @@ async def readyz(request: web.Request) -> web.Response:
     problem = mirror.store.writable_problem() or mirror.disk_trouble.recent()
     if problem:
         return error(503, problem)
-    return web.Response(text="ready\n")
+    # A fleet without Redis still serves (each replica coalesces its own fills): ready, but say so.
+    degraded = await mirror.coordination.problem()
+    return web.Response(text=f"ready ({degraded})\n" if degraded else "ready\n")
 
 
 @routes.get("/metrics")

@@ -1,0 +1,29 @@
+"""Coordination within one host: the cache dir's flocks, nothing shared beyond it."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cratemirror.store import Store
+
+
+class LocalCoordination:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def lock(self, key: str) -> AbstractAsyncContextManager[None]:
+        return self.store.lock(key)
+
+    async def missing_since(self, key: str) -> float | None:
+        return None  # the store's own negative entries are all there is
+
+    async def remember_missing(self, key: str, checked_at: float, ttl: float) -> None:
+        return None
+
+    async def problem(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        return None
