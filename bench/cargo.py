@@ -11,11 +11,17 @@ from tests.fake_upstream import run_cargo, write_cargo_home, write_cargo_project
 CARGO_TIMEOUT = 300.0
 
 
-async def cargo_fetch(index_url: str, workdir: Path, deps: Mapping[str, str], expect_packages: int) -> float:
-    """Seconds `cargo fetch` took (resolution + every index file + every crate); fails loudly."""
+async def cargo_fetch(
+    index_url: str, workdir: Path, deps: Mapping[str, str], expect_packages: int, cainfo: Path | None = None
+) -> float:
+    """Seconds `cargo fetch` took (resolution + every index file + every crate); fails loudly.
+    `cainfo`: the CA that signed an https front's certificate."""
     home = workdir / "cargo-home"
     project = workdir / "project"
     write_cargo_home(home, index_url)
+    if cainfo is not None:
+        with (home / "config.toml").open("a") as config:
+            config.write(f'\n[http]\ncainfo = "{cainfo}"\n')
     write_cargo_project(project, deps)
     started = time.perf_counter()
     code, output = await run_cargo(["fetch"], project, home, timeout=CARGO_TIMEOUT)

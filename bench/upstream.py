@@ -40,8 +40,14 @@ def control_app(registry: FakeRegistry) -> web.Application:
         registry.request_log.clear()  # only the counters are wanted; keep memory flat
         return web.json_response({"requests": sum(registry.requests.values())})
 
+    async def set_dl(request: web.Request) -> web.Response:
+        # Where config.json sends downloads: "{base}/crates" (itself) or a TLS front's URL.
+        registry.dl_template = request.query["template"]
+        return web.json_response({"dl": registry.dl_url()})
+
     app = web.Application()
     app.router.add_post("/delay", set_delay)
+    app.router.add_post("/dl", set_dl)
     app.router.add_get("/stats", stats)
     return app
 

@@ -84,12 +84,31 @@ def render_haproxy_cfg(servers: Sequence[tuple[str, int]], stats_socket: Path) -
     return "\n".join(lines) + "\n"
 
 
-class HAProxy:
-    """The real haproxy in the foreground (-db) with the shipped config, on a free loopback port."""
+def plain_tls_front_cfg(server: tuple[str, int], stats_socket: Path) -> str:
+    """A bare TLS + h2 front for one server (no /readyz: e.g. the fake upstream, as crates.io serves)."""
+    host, port = server
+    return (
+        f"global\n    stats socket {stats_socket} mode 600 level admin\n"
+        "    log stdout format raw local0 info\n"
+        "defaults\n    mode http\n    log global\n    option httplog\n    timeout connect 2s\n"
+        "    timeout client 60s\n    timeout server 60s\n"
+        'frontend front\n    bind "${CRATEMIRROR_FRONT_BIND}" ssl crt "${CRATEMIRROR_FRONT_PEM}"'
+        " alpn h2,http/1.1\n"
+        "    default_backend mirrors\n"
+        f"backend mirrors\n    server only {host}:{port} check\n"
+    )
 
-    def __init__(self, workdir: Path, tls: FrontTLS, servers: Sequence[tuple[str, int]]) -> None:
+
+class HAProxy:
+    """The real haproxy in the foreground (-db) with the shipped config, on a free loopback port
+    (`bare=True`: plain_tls_front_cfg for the first server instead)."""
+
+    def __init__(
+        self, workdir: Path, tls: FrontTLS, servers: Sequence[tuple[str, int]], *, bare: bool = False
+    ) -> None:
         self.workdir = workdir
         self.tls = tls
+        self.bare = bare
         self.servers = list(servers)
         self.port = 0
         self.socket = workdir / "haproxy.sock"
@@ -109,7 +128,10 @@ class HAProxy:
     async def start(self) -> None:
         haproxy = require("haproxy", "haproxy")
         self.port = free_port()
-        self.cfg.write_text(render_haproxy_cfg(self.servers, self.socket))
+        if self.bare:
+            self.cfg.write_text(plain_tls_front_cfg(self.servers[0], self.socket))
+        else:
+            self.cfg.write_text(render_haproxy_cfg(self.servers, self.socket))
         env = clean_env(
             CRATEMIRROR_FRONT_BIND=f"127.0.0.1:{self.port}",
             CRATEMIRROR_FRONT_PEM=str(self.tls.server_pem),
