@@ -15,10 +15,12 @@ import os
 import shutil
 import signal
 import subprocess
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from tests.mirror_process import clean_env, free_port, wait_until
 
@@ -310,3 +312,52 @@ def connected_to(pgid: int, port: int) -> bool:
                     if link.startswith("socket:[") and link[8:-1] in inodes:
                         return True
     return False
+
+
+# ---- S3 (moto's real S3 server) ---------------------------------------------------------------------
+
+
+class MotoS3:
+    """moto's S3 server (ThreadedMotoServer: a real HTTP server speaking the S3 API) on loopback, with
+    one bucket. The S3 code under test talks to it as it would to MinIO or AWS."""
+
+    ACCESS_KEY = "test-access-key"
+    SECRET_KEY = "test-secret-key"
+
+    def __init__(self) -> None:
+        # moto keeps its state per process, across servers: a bucket of its own per test.
+        self.bucket = f"crates-{uuid.uuid4().hex[:12]}"
+        self.port = 0
+        self._server: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        import boto3  # moto's own dependency: only to create the bucket
+
+        client = boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
+        )  # fmt: skip
+        client.create_bucket(Bucket=self.bucket)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+
+    def yaml(self, serve: str = "proxy") -> str:
+        """The storage section of a mirror.yaml for this server."""
+        return (
+            "storage:\n  backend: s3\n  s3:\n"
+            f"    bucket: {self.bucket}\n    endpoint_url: {self.endpoint}\n    region: us-east-1\n"
+            f"    access_key_id: {self.ACCESS_KEY}\n    secret_access_key: {self.SECRET_KEY}\n"
+            f"    serve: {serve}\n"
+        )

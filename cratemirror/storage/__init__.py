@@ -1,0 +1,99 @@
+"""Storage shared by the replicas of a fleet, behind one narrow, domain-shaped seam.
+
+Every replica keeps its own cache dir (cache.dir: temp files and a hot copy bounded by
+cache.max_size, evicted as before). `SharedStorage` is what the replicas have in common:
+
+- `LocalShared` (storage.backend: local): nothing beyond the cache dir; every call is a no-op.
+- `S3Shared` (storage.backend: s3): crates and index files in an S3-compatible bucket, so what one
+  replica stored every other one serves without asking upstream.
+
+Keys are the validated value objects of names.py (CrateVersion, CrateName): no backend ever sees raw
+request or upstream text. Crates go up only as verified temp files, come down only if they hash to
+the checksum the index gives.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from cratemirror.names import CrateName, CrateVersion
+
+if TYPE_CHECKING:
+    from cratemirror.config import StorageConfig
+    from cratemirror.store import IndexEntry
+
+__all__ = ["LocalShared", "SharedStorage", "make_shared_storage"]
+
+
+class SharedStorage(Protocol):
+    @property
+    def redirects(self) -> bool:
+        """Whether downloads are answered with a redirect to the store (storage.s3.serve: redirect)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def put_crate(self, key: CrateVersion, verified: Path, sha256: str) -> None:
+        """Store a crate file whose bytes hash to `sha256` (checked by the caller)."""
+        ...
+
+    async def fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
+        """Copy the stored crate into `into` if it is there and hashes to `sha256`: its size, else None."""
+        ...
+
+    async def crate_url(self, key: CrateVersion, sha256: str) -> str | None:
+        """A short-lived URL the client can download the stored crate from, or None if not stored."""
+        ...
+
+    async def get_index(self, crate: CrateName) -> IndexEntry | None: ...
+
+    async def put_index(self, crate: CrateName, entry: IndexEntry) -> None: ...
+
+    async def usage(self) -> tuple[int, int]:
+        """(bytes, crate files) stored."""
+        ...
+
+
+class LocalShared:
+    """storage.backend: local: nothing is shared beyond the cache dir."""
+
+    redirects = False
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def put_crate(self, key: CrateVersion, verified: Path, sha256: str) -> None:
+        return None
+
+    async def fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
+        return None
+
+    async def crate_url(self, key: CrateVersion, sha256: str) -> str | None:
+        return None
+
+    async def get_index(self, crate: CrateName) -> IndexEntry | None:
+        return None
+
+    async def put_index(self, crate: CrateName, entry: IndexEntry) -> None:
+        return None
+
+    async def usage(self) -> tuple[int, int]:
+        return 0, 0
+
+
+def make_shared_storage(config: StorageConfig, max_index_size: int) -> SharedStorage:
+    if config.backend == "local":
+        return LocalShared()
+    # The config refuses backend s3 when the `fleet` extra is missing; this is for direct callers.
+    if importlib.util.find_spec("aiobotocore") is None:
+        raise RuntimeError("storage.backend s3 needs the extra cratemirror[fleet]")
+    from cratemirror.storage.s3 import S3Shared
+
+    return S3Shared(config.s3, max_index_size)

@@ -1,0 +1,210 @@
+"""S3Shared: crates and index files in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, R2), through
+aiobotocore. Tested against moto's S3 server; meant for MinIO/AWS/Ceph.
+
+Layout under storage.s3.prefix:
+  crates/<name>/<version, percent-encoded>.crate   body = the .crate; metadata sha256
+  index/<lowercase name>                           body = the index file; metadata = its validators
+
+Uploads are of verified temp files only, with their SHA-256 sent as the object checksum (the store
+refuses bytes that do not match) and If-None-Match: * (a second writer of the same crate is refused:
+the first copy stays). Downloads are hashed and dropped unless they match the index checksum: the
+bucket is storage, not a trusted source.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import math
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
+from cachetools import LRUCache
+
+from cratemirror.config import S3Config
+from cratemirror.names import CrateName, CrateVersion
+from cratemirror.store import IndexEntry
+
+log = logging.getLogger("cratemirror.storage")
+
+CHUNK = 256 * 1024
+PRESIGN_SECONDS = 300  # a redirect's URL is good for this long: enough to start the download
+KNOWN_LIMIT = 100_000  # crates known to be in the bucket (they never change once stored)
+MAX_LIST_PAGES = 100_000  # usage(): 1000 keys a page
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_ALREADY = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _ascii(value: str | None) -> str | None:
+    """Object metadata travels in HTTP headers: ASCII only (an odd upstream validator is dropped)."""
+    return value if value is not None and value.isascii() and value.isprintable() else None
+
+
+class S3Shared:
+    def __init__(self, config: S3Config, max_index_size: int) -> None:
+        self.config = config
+        self.bucket = config.bucket or ""
+        self.prefix = config.prefix
+        self.max_index_size = max_index_size
+        self.redirects = config.serve == "redirect"
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._known: LRUCache[str, bool] = LRUCache(KNOWN_LIMIT)
+
+    async def start(self) -> None:
+        endpoint = str(self.config.endpoint_url) if self.config.endpoint_url is not None else None
+        settings = AioConfig(
+            signature_version="s3v4",
+            connect_timeout=5,
+            read_timeout=30,
+            retries={"max_attempts": 3, "mode": "standard"},
+            # MinIO, Ceph and moto serve buckets under the path; AWS picks its own style.
+            s3={"addressing_style": "path"} if endpoint else {},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = get_session()
+        self._client = await self._stack.enter_async_context(
+            session.create_client(
+                "s3",
+                region_name=self.config.region or "us-east-1",
+                endpoint_url=endpoint,
+                aws_access_key_id=self.config.access_key_id,
+                aws_secret_access_key=self.config.secret_key(),
+                config=settings,
+            )
+        )
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    # ---- keys (from validated values only) --------------------------------------------------------
+
+    def _crate_key(self, key: CrateVersion) -> str:
+        return f"{self.prefix}crates/{key.crate.name}/{quote(key.version, safe='')}.crate"
+
+    def _index_key(self, crate: CrateName) -> str:
+        return f"{self.prefix}index/{crate.lower}"
+
+    # ---- crates -----------------------------------------------------------------------------------
+
+    async def put_crate(self, key: CrateVersion, verified: Path, sha256: str) -> None:
+        name = self._crate_key(key)
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        with open(verified, "rb") as body:
+            try:
+                await self._client.put_object(
+                    Bucket=self.bucket, Key=name, Body=body, ChecksumSHA256=checksum,
+                    ContentType="application/gzip", Metadata={"sha256": sha256}, IfNoneMatch="*",
+                )  # fmt: skip
+            except ClientError as exc:
+                if _code(exc) not in _ALREADY:
+                    raise
+        self._known[name] = True
+
+    async def fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
+        name = self._crate_key(key)
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        hasher = hashlib.sha256()
+        size = 0
+        async with response["Body"] as stream:
+            with open(into, "wb") as out:
+                while chunk := await stream.read(CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        log.error("%s in the bucket is larger than %d bytes: ignored", name, limit)
+                        return None
+                    hasher.update(chunk)
+                    out.write(chunk)
+        if hasher.hexdigest() != sha256:
+            log.error("%s in the bucket does not hash to the index cksum %s: ignored", name, sha256)
+            return None
+        self._known[name] = True
+        return size
+
+    async def crate_url(self, key: CrateVersion, sha256: str) -> str | None:
+        name = self._crate_key(key)
+        if name not in self._known:
+            try:
+                head = await self._client.head_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if _code(exc) in _MISSING:
+                    return None
+                raise
+            if head.get("Metadata", {}).get("sha256") != sha256:
+                return None  # not the bytes the index names: let the fill replace nothing, serve upstream's
+            self._known[name] = True
+        url = await self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=PRESIGN_SECONDS
+        )
+        return str(url)
+
+    # ---- index files ------------------------------------------------------------------------------
+
+    async def get_index(self, crate: CrateName) -> IndexEntry | None:
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=self._index_key(crate))
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        meta = response.get("Metadata", {})
+        length = int(response.get("ContentLength", 0))
+        if length > self.max_index_size:
+            response["Body"].close()
+            return None
+        async with response["Body"] as stream:
+            body = await stream.read()
+        try:
+            checked_at = float(meta["checked-at"])
+        except (KeyError, ValueError):
+            return None
+        if not math.isfinite(checked_at) or len(body) > self.max_index_size or not meta.get("etag"):
+            return None
+        return IndexEntry(
+            200, body, meta["etag"], meta.get("last-modified", ""), checked_at,
+            meta.get("upstream-etag") or None, meta.get("upstream-last-modified") or None,
+        )  # fmt: skip
+
+    async def put_index(self, crate: CrateName, entry: IndexEntry) -> None:
+        if entry.status != 200:
+            return  # "not found" is shared through coordination, with its own expiry
+        meta = {
+            "etag": entry.etag,
+            "last-modified": entry.last_modified,
+            "checked-at": repr(entry.checked_at),
+            "upstream-etag": _ascii(entry.upstream_etag) or "",
+            "upstream-last-modified": _ascii(entry.upstream_last_modified) or "",
+        }
+        await self._client.put_object(
+            Bucket=self.bucket, Key=self._index_key(crate), Body=entry.body, Metadata=meta
+        )
+
+    async def usage(self) -> tuple[int, int]:
+        total = count = 0
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}crates/")
+        number = 0
+        async for page in pages:
+            for item in page.get("Contents", []):
+                total += int(item.get("Size", 0))
+                count += 1
+            number += 1
+            if number >= MAX_LIST_PAGES:
+                break
+        return total, count
