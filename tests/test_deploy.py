@@ -648,7 +648,7 @@ def test_dockerfile_essentials() -> None:
     assert [args for word, args in final if word == "CMD"] == ['["serve"]']
     installs = [args for args in _dockerfile("RUN") if "pip install" in args]
     assert any('--no-cache-dir ".[${EXTRAS}]"' in args for args in installs), installs
-    assert 'ARG EXTRAS=fast' in DOCKERFILE.read_text()
+    assert "ARG EXTRAS=fast" in DOCKERFILE.read_text()
 
 
 def test_dockerfile_healthcheck_uses_python() -> None:
