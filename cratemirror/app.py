@@ -18,6 +18,7 @@ from cratemirror.coordination import make_coordination
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import TIMING, Metrics, start_request_timing
+from cratemirror.storage import make_shared_storage
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
@@ -30,16 +31,17 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     upstream = Upstream(config.upstream, metrics)
     disk_trouble = DiskTrouble()
     coordination = make_coordination(config.coordination.redis_url, store, metrics)
+    shared = make_shared_storage(config.storage, config.upstream.max_index_size)
     index = IndexService(
         store, upstream, metrics, config.cache,
-        offline=config.offline, disk_trouble=disk_trouble, coordination=coordination,
+        offline=config.offline, disk_trouble=disk_trouble, coordination=coordination, shared=shared,
     )  # fmt: skip
     crates = CrateService(
         store, index, upstream, metrics,
         offline=config.offline, max_size=config.cache.max_size, disk_trouble=disk_trouble,
-        coordination=coordination,
+        coordination=coordination, shared=shared,
     )  # fmt: skip
-    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble, coordination)
+    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble, coordination, shared)
 
     app = web.Application(middlewares=[_instrument], handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
@@ -56,6 +58,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.info("removed %d partial downloads left by an earlier run", removed)
     if not mirror.config.offline:
         await mirror.upstream.start()
+    await mirror.shared.start()
     try:
         crate_bytes = await asyncio.to_thread(mirror.store.measure_crate_bytes)
         mirror.store.set_crate_bytes(crate_bytes)  # exact again, whatever a crash left
@@ -67,6 +70,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await mirror.index.close()
     await mirror.upstream.close()
     await mirror.coordination.close()
+    await mirror.shared.close()
     mirror.store.close()
 
 

@@ -15,6 +15,7 @@ from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
 from cratemirror.ratelimit import UnknownNameBudget
+from cratemirror.storage import SharedStorage
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
@@ -43,6 +44,7 @@ class Mirror:
     crates: CrateService
     disk_trouble: DiskTrouble
     coordination: Coordination
+    shared: SharedStorage
     started_at: float = field(default_factory=time.time)
     unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.

@@ -27,9 +27,10 @@ from cratemirror.coordination import Coordination, LocalCoordination
 from cratemirror.eviction import evict_to
 from cratemirror.index import IndexService, VersionRecord, find_version_async
 from cratemirror.metrics import Metrics
-from cratemirror.names import CrateVersion, expand_dl_template
+from cratemirror.names import CrateName, CrateVersion, expand_dl_template
 from cratemirror.singleflight import SingleFlight
 from cratemirror.spool import MemorySpoolFull, Spool
+from cratemirror.storage import LocalShared, SharedStorage
 from cratemirror.store import CrateMeta, DiskTrouble, Store, sha256_stream
 from cratemirror.upstream import TooLarge, Upstream, UpstreamError
 
@@ -79,6 +80,7 @@ class Fill:
         self.streamed = False  # a client has been sent bytes: a cut-off download can no longer be retried
         self.spool: Spool | None = None
         self.stored_elsewhere = False  # another worker process had stored it: serve the file
+        self.from_shared = False  # ... or another replica had, in the shared storage (a hit for us)
         self._holders = 1  # the fill itself, plus every client reading the spool
         self._progress = asyncio.Event()
 
@@ -144,9 +146,11 @@ class CrateService:
         max_size: int,
         disk_trouble: DiskTrouble,
         coordination: Coordination | None = None,
+        shared: SharedStorage | None = None,
     ) -> None:
         self.store = store
         self.coordination = coordination or LocalCoordination(store)
+        self.shared = shared or LocalShared()
         self.max_size = max_size
         self._eviction: asyncio.Task[None] | None = None  # at most one per process
         self.index = index
@@ -264,6 +268,8 @@ class CrateService:
                     fill.stored_elsewhere = True
                     fill.succeed(cached.size)
                     return
+                if await self._from_shared(fill):  # another replica stored it while we waited
+                    return
                 template = await self.index.dl_template()
                 # static.crates.io expects '+' (build metadata) percent-encoded; names keep their case.
                 url = expand_dl_template(template, fill.name, quote(fill.version, safe=""), fill.cksum)
@@ -280,8 +286,47 @@ class CrateService:
                         log.warning("retrying %s %s: %s", fill.name, fill.version, exc)
                         spool.reset()
                 await self._commit(fill, spool)
+                await self._share(fill)  # before the lock goes: the replicas waiting on it look there
         finally:
             fill.release()
+
+    async def shared_url(self, record: VersionRecord, version: str) -> str | None:
+        """A short-lived URL of the crate in the shared storage, or None (not there, or unreachable)."""
+        try:
+            return await self.shared.crate_url(CrateVersion(CrateName(record.name), version), record.cksum)
+        except Exception as exc:
+            log.warning("shared storage: no URL for %s %s: %s", record.name, version, exc)
+            return None
+
+    async def _from_shared(self, fill: Fill) -> bool:
+        """Copy the crate from the shared storage into this cache dir if it is there and verifies."""
+        temp = self.store.new_temp_file()
+        key = CrateVersion(CrateName(fill.name), fill.version)
+        try:
+            size = await self.shared.fetch_crate(key, fill.cksum, temp, self.upstream.config.max_crate_size)
+            if size is not None:
+                meta = CrateMeta(fill.name, fill.version, fill.cksum, size, time.time())
+                await asyncio.to_thread(self.store.commit_crate, temp, meta)
+        except Exception as exc:  # the bucket or the disk failing: fetch upstream like a lone replica
+            log.warning("shared storage: could not fetch %s %s: %s", fill.name, fill.version, exc)
+            size = None
+        if size is None:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+            return False
+        fill.stored_elsewhere = fill.from_shared = True
+        fill.succeed(size)
+        return True
+
+    async def _share(self, fill: Fill) -> None:
+        """Upload what was just stored, verified, for the other replicas; failing costs only sharing."""
+        if isinstance(self.shared, LocalShared):
+            return
+        key = CrateVersion(CrateName(fill.name), fill.version)
+        try:
+            await self.shared.put_crate(key, self.store.crate_path(fill.name, fill.version), fill.cksum)
+        except Exception as exc:
+            log.warning("shared storage: could not store %s %s: %s", fill.name, fill.version, exc)
 
     async def _download(self, fill: Fill, url: str, spool: Spool) -> None:
         async with self.upstream.open_crate(url) as response:

@@ -23,6 +23,7 @@ from cratemirror.coordination import Coordination, LocalCoordination
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum
 from cratemirror.singleflight import SingleFlight
+from cratemirror.storage import LocalShared, SharedStorage
 from cratemirror.store import DiskTrouble, IndexEntry, Store
 from cratemirror.upstream import Upstream, UpstreamError, UpstreamNotFound
 
@@ -74,9 +75,11 @@ class IndexService:
         offline: bool,
         disk_trouble: DiskTrouble,
         coordination: Coordination | None = None,
+        shared: SharedStorage | None = None,
     ) -> None:
         self.store = store
         self.coordination = coordination or LocalCoordination(store)
+        self.shared = shared or LocalShared()
         self.upstream = upstream
         self.metrics = metrics
         self.cache = cache
@@ -160,6 +163,13 @@ class IndexService:
             entry = self.store.get_index(crate.lower)
             if entry is not None and self._is_fresh(entry, newer_than):
                 return self._cached_result(entry)
+            shared = await self._shared_entry(crate)
+            if shared is not None and (entry is None or shared.checked_at > entry.checked_at):
+                # Another replica checked it more recently: take its copy (and its validators).
+                await self._put(crate.lower, shared)
+                entry = shared
+                if self._is_fresh(entry, newer_than):
+                    return IndexResult(entry, "HIT", "hit")
             missing_since = await self.coordination.missing_since(f"index:{crate.lower}")
             if missing_since is not None and (newer_than is None or missing_since >= newer_than):
                 # Another replica asked upstream a moment ago: "not found" holds here too.
@@ -191,6 +201,7 @@ class IndexService:
                     upstream_last_modified=fetched.last_modified or held.upstream_last_modified,
                 )
                 await self._put(crate.lower, renewed)
+                await self._share(crate, renewed)
                 return IndexResult(renewed, "REVALIDATED", "revalidated")
             if fetched.status == 200:
                 # Hashing a file of many MiB would hold up every other request on this worker.
@@ -202,6 +213,7 @@ class IndexService:
                     fetched.etag, fetched.last_modified,
                 )  # fmt: skip
                 await self._put(crate.lower, fresh)
+                await self._share(crate, fresh)
                 return IndexResult(fresh, "MISS", "miss")
             # 404 (or a 304 we did not ask for): remember "not found" for negative_ttl.
             missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)
@@ -214,6 +226,19 @@ class IndexService:
     def _within_stale_window(self, entry: IndexEntry) -> bool:
         age = time.time() - entry.checked_at
         return age < self.cache.index_ttl + self.cache.stale_if_error
+
+    async def _shared_entry(self, crate: CrateName) -> IndexEntry | None:
+        try:
+            return await self.shared.get_index(crate)
+        except Exception as exc:  # the bucket failing: go on as a lone replica
+            log.warning("shared storage: could not read the index file of %s: %s", crate.name, exc)
+            return None
+
+    async def _share(self, crate: CrateName, entry: IndexEntry) -> None:
+        try:
+            await self.shared.put_index(crate, entry)
+        except Exception as exc:
+            log.warning("shared storage: could not store the index file of %s: %s", crate.name, exc)
 
     async def _put(self, lower: str, entry: IndexEntry, expire: float | None = None) -> None:
         """Store an entry; a full or read-only disk costs the cache, never the answer."""

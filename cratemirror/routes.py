@@ -130,10 +130,11 @@ async def download(request: web.Request) -> web.StreamResponse:
         wanted = parse_crate_version(request.match_info["name"], request.match_info["version"])
     except InvalidRequest as exc:
         return error(400, str(exc))
-    cached = mirror.crates.open_cached(wanted.crate.name, wanted.version)
-    if cached is not None:
-        request[RESULT] = "hit"
-        return await _send_cached(request, cached)
+    if not mirror.shared.redirects:
+        cached = mirror.crates.open_cached(wanted.crate.name, wanted.version)
+        if cached is not None:
+            request[RESULT] = "hit"
+            return await _send_cached(request, cached)
     try:
         record = await mirror.crates.resolve(wanted)
     except NotFound as exc:
@@ -143,6 +144,11 @@ async def download(request: web.Request) -> web.StreamResponse:
         return error(503, str(exc), "MISS")
     except UpstreamError as exc:
         return error(exc.status, f"upstream error for the index of {wanted.crate.name}: {exc}", "MISS")
+    if mirror.shared.redirects:  # storage.s3.serve: redirect: the bytes come from the store
+        location = await mirror.crates.shared_url(record, wanted.version)
+        if location is not None:
+            request[RESULT] = "hit"
+            return web.Response(status=302, headers={"Location": location, "X-Cache": "HIT"})
     cached = mirror.crates.open_cached(record.name, wanted.version)  # asked with another case?
     if cached is None:
         cached = await mirror.crates.adopt_unrecorded(record, wanted.version)
@@ -184,7 +190,8 @@ async def _answer_from_fill(
         cached = request.app[MIRROR].crates.open_cached(name, version)
         if cached is None:
             return error(502, f"{name} {version} vanished from the cache", "MISS")
-        return await _send_cached(request, cached, x_cache="MISS")
+        # From another replica's upload: no upstream request, a hit for the fleet.
+        return await _send_cached(request, cached, x_cache="HIT" if fill.from_shared else "MISS")
     return await _stream_fill(request, fill, headers)
 
 

@@ -353,6 +353,15 @@ class MotoS3:
         if server is not None:
             server.stop()
 
+    def keys(self) -> list[str]:
+        import boto3
+
+        client = boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
+        )  # fmt: skip
+        return [item["Key"] for item in client.list_objects_v2(Bucket=self.bucket).get("Contents", [])]
+
     def yaml(self, serve: str = "proxy") -> str:
         """The storage section of a mirror.yaml for this server."""
         return (

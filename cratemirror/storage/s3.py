@@ -17,6 +17,7 @@ import base64
 import hashlib
 import logging
 import math
+import os
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,8 @@ class S3Shared:
                         return None
                     hasher.update(chunk)
                     out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())  # the caller renames it into the cache: durable first
         if hasher.hexdigest() != sha256:
             log.error("%s in the bucket does not hash to the index cksum %s: ignored", name, sha256)
             return None

@@ -1,0 +1,140 @@
+"""Replicas sharing one cache in S3 (moto's real S3 server) and coordinated through a real redis-server:
+each replica has its own cache dir, so only the bucket and Redis connect them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fake_upstream import FakeRegistry
+from tests.fleet_support import MotoS3, RedisServer
+from tests.mirror_process import MirrorProcess, wait_until
+
+CLIENTS = 60
+
+
+@pytest.fixture
+def moto() -> Iterator[MotoS3]:
+    server = MotoS3()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    async with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@asynccontextmanager
+async def replicas(
+    registry: FakeRegistry, tmp_path: Path, config_text: str, count: int
+) -> AsyncIterator[list[MirrorProcess]]:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(config_text + "logging:\n  level: warning\n")
+    async with AsyncExitStack() as stack:
+        mirrors = []
+        for n in range(count):
+            workdir = tmp_path / f"replica{n}"
+            workdir.mkdir()
+            mirror = MirrorProcess(
+                registry.index_url,
+                workdir / "cache",
+                workdir,
+                workers=1,
+                extra_args=("--config", str(config)),
+            )
+            mirrors.append(await stack.enter_async_context(mirror))
+        yield mirrors
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, bytes]:
+    async with session.get(url) as response:
+        return response.status, response.headers.get("X-Cache", ""), await response.read()
+
+
+async def test_three_replicas_share_one_cache_in_s3(
+    registry: FakeRegistry, redis_server: RedisServer, moto: MotoS3, tmp_path: Path
+) -> None:
+    serde = registry.add_crate("serde", "1.0.0")
+    rand = registry.add_crate("rand", "0.8.5")
+    late = registry.add_crate("serde", "1.0.1")
+    text = moto.yaml() + f"coordination:\n  redis_url: {redis_server.url}\n"
+    async with (
+        replicas(registry, tmp_path, text, 3) as (a, b, c),
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        # 60 concurrent requests spread over the replicas for one uncached crate: one upstream download.
+        registry.gate = gate = asyncio.Event()
+        urls = itertools.cycle(f"{m.url}/api/v1/crates/serde/1.0.0/download" for m in (a, b, c))
+        tasks = [asyncio.create_task(get(session, next(urls))) for _ in range(CLIENTS)]
+        try:
+            await asyncio.wait_for(registry.hold_started.wait(), timeout=30)
+        finally:
+            gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+        assert [(status, body == serde.data) for status, _, body in results] == [(200, True)] * CLIENTS
+        assert registry.count("/crates/serde/1.0.0/download") == 1, dict(registry.requests)
+        assert registry.count("/index/se/rd/serde") == 1, dict(registry.requests)
+
+        # A crate stored through replica A is a HIT on B and C, with no upstream request at all.
+        assert await get(session, f"{a.url}/api/v1/crates/rand/0.8.5/download") == (200, "MISS", rand.data)
+        registry.reset_counts()
+        for mirror in (b, c):
+            assert await get(session, f"{mirror.url}/api/v1/crates/rand/0.8.5/download") == (
+                200,
+                "HIT",
+                rand.data,
+            )
+        assert registry.requests.total() == 0, dict(registry.requests)
+
+        # A replica killed with SIGKILL takes nothing with it: what it stored stays a hit elsewhere.
+        assert (await get(session, f"{a.url}/api/v1/crates/serde/1.0.1/download"))[2] == late.data
+
+        async def uploaded() -> bool:  # the client has its bytes before the upload ends
+            return "crates/serde/1.0.1.crate" in await asyncio.to_thread(moto.keys)
+
+        await wait_until(uploaded, "replica A to store serde 1.0.1 in the bucket", timeout=20, interval=0.05)
+        assert a.proc is not None
+        os.killpg(a.proc.pid, signal.SIGKILL)
+        await a.proc.wait()
+        registry.reset_counts()
+        assert await get(session, f"{c.url}/api/v1/crates/serde/1.0.1/download") == (200, "HIT", late.data)
+        assert registry.requests.total() == 0, dict(registry.requests)
+
+
+async def test_redirect_mode_sends_clients_to_the_store(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path
+) -> None:
+    cv = registry.add_crate("serde", "1.0.0")
+    async with (
+        replicas(registry, tmp_path, moto.yaml(serve="redirect"), 1) as (mirror,),
+        aiohttp.ClientSession() as session,
+    ):
+        url = f"{mirror.url}/api/v1/crates/serde/1.0.0/download"
+        assert await get(session, url) == (200, "MISS", cv.data)  # the first client gets the fill
+
+        async def uploaded() -> bool:
+            return "crates/serde/1.0.0.crate" in await asyncio.to_thread(moto.keys)
+
+        await wait_until(uploaded, "the crate in the bucket", timeout=20, interval=0.05)
+        async with session.get(url, allow_redirects=False) as response:
+            assert response.status == 302
+            location = response.headers["Location"]
+        assert location.startswith(moto.endpoint) and "X-Amz-Signature=" in location
+        async with session.get(location) as response:  # what cargo does: follow it
+            assert response.status == 200
+            assert hashlib.sha256(await response.read()).hexdigest() == cv.cksum
+        assert registry.count("/crates/serde/1.0.0/download") == 1
