@@ -156,7 +156,8 @@ class UpstreamConfig:
 class CacheConfig:
     dir: Path = Path("./cache")
     max_size: int = 20 * GiB
-    index_ttl: float = 300.0
+    index_ttl: float = 30.0
+    stale_while_revalidate: float = 300.0
     negative_ttl: float = 60.0
     stale_if_error: float = 7 * DAY
 
@@ -325,6 +326,7 @@ _KEYS: dict[str, _Key] = {
     "cache.dir": _Key(_path, "a directory path like ./cache"),
     "cache.max_size": _Key(_size, "a size like 20GiB"),
     "cache.index_ttl": _Key(_duration(), "a duration like 5m"),
+    "cache.stale_while_revalidate": _Key(_duration(), "a duration like 5m, or 0"),
     "cache.negative_ttl": _Key(_duration(), "a duration like 1m"),
     "cache.stale_if_error": _Key(_duration(forever=True), "a duration like 7d, forever, or 0"),
     "offline": _Key(_bool, "true or false"),
