@@ -49,8 +49,17 @@ def base_url(request: web.Request) -> str:
         proto = request.scheme
     host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
     if not _HOST_RE.fullmatch(host):
-        host = f"{request.url.host}:{request.url.port}" if request.url.port else str(request.url.host)
+        host = _local_address(request)  # request.url is built from the same bad Host header
     return f"{proto}://{host}"
+
+
+def _local_address(request: web.Request) -> str:
+    """The address the client connected to, from the socket itself."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        address, port = str(sockname[0]), int(sockname[1])
+        return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return "localhost"
 
 
 @routes.get("/index/config.json")
