@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="never contact upstream; serve only what is cached",
     )
+    serve.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="write this file once every worker accepts connections; removed at exit",
+    )
     serve.set_defaults(run=_serve)
 
     client_config = commands.add_parser(
