@@ -77,3 +77,7 @@ async def test_cargo_commands_table(
     (project / "Cargo.lock").unlink()
     code, output = await run_cargo(["generate-lockfile"], project, git_home)
     assert code != 0 and "network failure" in output, output
+
+    # add resolves the newest version through the mirror.
+    code, output = await run_cargo(["add", "z"], project, home)
+    assert code == 0 and "Adding z v0.1.0" in output, output

@@ -136,6 +136,18 @@ async def test_refresh_makes_a_new_version_lockable_at_once(registry: FakeRegist
         await cargo(["fetch", "--locked"], project, home)
         through_mirror = time.monotonic() - started
         assert registry.count(f"/crates/serde/{cv.vers}/download") == 1
+
+        # A teammate, straight to upstream, locks a version newer than the mirror's fresh copy.
+        registry.add_crate("serde", "1.0.3")
+        teammate = tmp_path / "home-teammate"
+        write_cargo_home(teammate, registry.index_url)
+        await cargo(["update"], project, teammate)
+        assert locked_version(project) == "1.0.3"
+        code, output = await run_cargo(["fetch", "--locked"], project, home)
+        assert code != 0, output
+        result = await run_cli("refresh", "serde", "--mirror", mirror.url, cwd=tmp_path)
+        assert result.code == 0, result.output
+        await cargo(["fetch", "--locked"], project, home)
         assert await mirror.stop() == 0, mirror.output()
     print(f"refresh then cargo: direct {direct:.2f}s, through the mirror {through_mirror:.2f}s")
     assert direct < 10 and through_mirror < 10
