@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -59,6 +60,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if not mirror.config.offline:
         await mirror.upstream.start()
     await mirror.shared.start()
+    health = asyncio.create_task(mirror.coordination.share_health(mirror.upstream.health))
     try:
         crate_bytes = await asyncio.to_thread(mirror.store.measure_crate_bytes)
         mirror.store.set_crate_bytes(crate_bytes)  # exact again, whatever a crash left
@@ -66,6 +68,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
         mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
     yield
+    health.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await health
     await mirror.crates.close()
     await mirror.index.close()
     await mirror.upstream.close()

@@ -291,6 +291,7 @@ class Health:
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self._probe_at: float | None = None  # monotonic time of the next probe while down
+        self.adopted = False  # down because another replica said so (coordination), not our own failures
 
     @property
     def is_up(self) -> bool:
@@ -307,7 +308,19 @@ class Health:
             )
         self._probe_at = now + self._interval()  # this request probes; the others keep failing fast
 
+    def adopt_down(self, reason: str) -> None:
+        """Another replica found the upstream down: fail fast here too, until our own probe answers."""
+        if not self.is_up:
+            return
+        log.warning("upstream marked down by another replica: %s", reason)
+        self.consecutive_failures = FAILURES_BEFORE_DOWN
+        self.last_error = f"{reason} (seen by another replica)"
+        self.adopted = True
+        self.metrics.upstream_up.set(0)
+        self._probe_at = time.monotonic() + self._interval()
+
     def failure(self, reason: str) -> None:
+        self.adopted = False
         self.consecutive_failures += 1
         self.last_error = reason
         log.warning("upstream failure (%d in a row): %s", self.consecutive_failures, reason)
@@ -320,6 +333,7 @@ class Health:
             log.info("upstream is answering again")
         self.consecutive_failures = 0
         self._probe_at = None
+        self.adopted = False
         self.metrics.upstream_up.set(1)
 
     def _interval(self) -> float:

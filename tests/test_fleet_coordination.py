@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from cratemirror.coordination import make_coordination
 from cratemirror.metrics import Metrics
 from cratemirror.store import Store
-from tests.fake_upstream import FakeRegistry
+from tests.fake_upstream import FakeRegistry, index_path
 from tests.fleet_support import RedisServer
 from tests.mirror_process import MirrorProcess, metric_value, wait_until
 
@@ -187,3 +187,32 @@ async def test_the_redis_lock_excludes_across_separate_stores(
             with contextlib.suppress(Exception):
                 await coordination.close()
     assert (entered, most) == (10, 1)
+
+
+async def test_a_replica_hears_that_the_upstream_is_down(
+    registry: FakeRegistry, redis_server: RedisServer, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    registry.add_crate("serde", "1.0.0")
+    async with replicas(registry, tmp_path, redis_server.url, count=2, shared_cache=False) as (a, b):
+
+        async def upstream_up(mirror: MirrorProcess) -> float:
+            async with session.get(f"{mirror.url}/metrics") as response:
+                return metric_value(await response.text(), "cratemirror_upstream_up")
+
+        registry.down = True
+        for name in ("serde", "rand", "tokio", "syn"):  # A alone finds the upstream failing
+            status, _ = await get(session, f"{a.url}/index/{index_path(name)}")
+            assert status >= 500
+        assert await upstream_up(a) == 0
+
+        async def b_heard() -> bool:
+            return await upstream_up(b) == 0
+
+        await wait_until(b_heard, "replica B to take A's word that the upstream is down", timeout=10)
+        registry.down = False
+
+        async def b_serves() -> bool:  # its own probe finds the upstream back
+            return (await get(session, f"{b.url}/index/se/rd/serde"))[0] == 200
+
+        await wait_until(b_serves, "replica B to find the upstream back", timeout=15, interval=0.2)
+        assert await upstream_up(b) == 1

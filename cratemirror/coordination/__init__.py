@@ -18,6 +18,7 @@ from cratemirror.coordination.local import LocalCoordination
 if TYPE_CHECKING:
     from cratemirror.metrics import Metrics
     from cratemirror.store import Store
+    from cratemirror.upstream import Health
 
 __all__ = ["Coordination", "LocalCoordination", "make_coordination"]
 
@@ -33,6 +34,10 @@ class Coordination(Protocol):
 
     async def remember_missing(self, key: str, checked_at: float, ttl: float) -> None:
         """Tell every replica that upstream did not have `key` at `checked_at`, for `ttl` seconds."""
+        ...
+
+    async def share_health(self, health: Health) -> None:
+        """Runs until cancelled: tells the other replicas when our upstream is down, and takes their word."""
         ...
 
     async def problem(self) -> str | None:

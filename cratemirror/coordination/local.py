@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cratemirror.store import Store
+    from cratemirror.upstream import Health
 
 
 class LocalCoordination:
@@ -21,6 +22,9 @@ class LocalCoordination:
 
     async def remember_missing(self, key: str, checked_at: float, ttl: float) -> None:
         return None
+
+    async def share_health(self, health: Health) -> None:
+        return None  # one replica: its own view is all there is
 
     async def problem(self) -> str | None:
         return None

@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from cratemirror.coordination.local import LocalCoordination
 from cratemirror.metrics import Metrics
+from cratemirror.upstream import Health
 
 log = logging.getLogger("cratemirror.coordination")
 
@@ -36,7 +37,9 @@ RENEW_EVERY = LOCK_TTL / 3
 RETRY_AFTER = 2.0  # seconds between attempts to reach a Redis that failed
 IO_TIMEOUT = 1.0  # per Redis call: a hung Redis must not hold up cargo
 WAIT_POLL_MAX = 0.1
-WAIT_LIMIT = 900.0  # a loser never waits longer than this for another replica's fill
+WAIT_LIMIT = 900.0
+HEALTH_EVERY = 1.0  # seconds between looks at the fleet's view of the upstream
+REASON_LIMIT = 200  # a loser never waits longer than this for another replica's fill
 
 # Extend / delete only while the lock still holds our fencing token.
 _RENEW = (
@@ -160,6 +163,26 @@ class RedisCoordination:
             await self._release(keys=[held.key], args=[held.token])
         except _FAILURES as exc:
             self._failed(exc)
+
+    # ---- shared upstream health ------------------------------------------------------------------
+
+    async def share_health(self, health: Health) -> None:
+        name = PREFIX + "upstream-down"
+        while True:
+            await asyncio.sleep(HEALTH_EVERY)
+            if not self._usable():
+                continue
+            try:
+                if not health.is_up and not health.adopted:
+                    # Refreshed while our own failures last; expires soon after we recover.
+                    reason = (health.last_error or "failing")[:REASON_LIMIT]
+                    await self.client.set(name, reason, px=int(HEALTH_EVERY * 3 * 1000))
+                elif health.is_up and (said := await self.client.get(name)) is not None:
+                    text = said.decode(errors="replace") if isinstance(said, bytes) else str(said)
+                    health.adopt_down("".join(ch for ch in text if ch.isprintable())[:REASON_LIMIT])
+                self._worked()
+            except _FAILURES as exc:
+                self._failed(exc)
 
     # ---- shared facts ---------------------------------------------------------------------------
 
