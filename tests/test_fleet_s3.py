@@ -15,9 +15,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.fake_upstream import FakeRegistry
+from tests.fake_upstream import (
+    SMALL_TREE_DEPS,
+    SMALL_TREE_RESOLVED,
+    FakeRegistry,
+    publish_small_tree,
+    run_cargo,
+    write_cargo_home,
+    write_cargo_project,
+)
 from tests.fleet_support import MotoS3, RedisServer
 from tests.mirror_process import MirrorProcess, wait_until
+from tests.test_e2e_cargo import assert_lockfile
 
 CLIENTS = 60
 
@@ -138,3 +147,35 @@ async def test_redirect_mode_sends_clients_to_the_store(
             assert response.status == 200
             assert hashlib.sha256(await response.read()).hexdigest() == cv.cksum
         assert registry.count("/crates/serde/1.0.0/download") == 1
+
+
+async def test_real_cargo_follows_the_redirects_to_the_store(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    publish_small_tree(registry)
+    project = tmp_path / "app"
+    write_cargo_project(project, SMALL_TREE_DEPS)
+    async with replicas(registry, tmp_path, moto.yaml(serve="redirect"), 1) as (mirror,):
+        cold = tmp_path / "home-cold"
+        write_cargo_home(cold, f"{mirror.url}/index/")
+        code, output = await run_cargo(["fetch"], project, cold)
+        assert code == 0, output
+
+        async def all_uploaded() -> bool:
+            keys = await asyncio.to_thread(moto.keys)
+            return sum(key.startswith("crates/") for key in keys) == len(SMALL_TREE_RESOLVED)
+
+        await wait_until(all_uploaded, "every crate in the bucket", timeout=20, interval=0.05)
+        registry.reset_counts()
+        caplog.clear()
+        (project / "Cargo.lock").unlink()
+        warm = tmp_path / "home-warm"
+        write_cargo_home(warm, f"{mirror.url}/index/")
+        code, output = await run_cargo(["fetch"], project, warm)
+        assert code == 0, output
+        assert_lockfile(project, registry)
+        assert registry.requests.total() == 0, dict(registry.requests)
+        # The bytes came from the store: moto's server logged cargo's GETs of the presigned URLs.
+        fetched = [r.getMessage() for r in caplog.records if f"GET /{moto.bucket}/crates/" in r.getMessage()]
+        assert len(fetched) == len(SMALL_TREE_RESOLVED), fetched
+        assert all("X-Amz-Signature" in line for line in fetched), fetched
