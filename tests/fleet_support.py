@@ -16,13 +16,14 @@ import shutil
 import signal
 import subprocess
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
-from tests.mirror_process import clean_env, free_port, wait_until
+from tests.mirror_process import MirrorProcess, clean_env, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -35,6 +36,25 @@ def require(tool: str, package: str) -> str:
     path = shutil.which(tool)
     assert path is not None, f"{tool} is required (Debian package {package}; .ci/run installs it)"
     return path
+
+
+class _Service:
+    """A server the test starts and stops: `async with` does both."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
 
 
 # ---- TLS --------------------------------------------------------------------------------------------
@@ -101,7 +121,7 @@ def plain_tls_front_cfg(server: tuple[str, int], stats_socket: Path) -> str:
     )
 
 
-class HAProxy:
+class HAProxy(_Service):
     """The real haproxy in the foreground (-db) with the shipped config, on a free loopback port
     (`bare=True`: plain_tls_front_cfg for the first server instead)."""
 
@@ -198,20 +218,11 @@ class HAProxy:
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
 
-    async def __aenter__(self) -> HAProxy:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
 
 # ---- Redis ----------------------------------------------------------------------------------------------
 
 
-class RedisServer:
+class RedisServer(_Service):
     """A real redis-server on a free loopback port, no persistence, in its own session."""
 
     def __init__(self, workdir: Path) -> None:
@@ -273,13 +284,7 @@ class RedisServer:
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
 
-    async def __aenter__(self) -> RedisServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def stop(self) -> None:
         await self.kill()
 
 
@@ -340,27 +345,32 @@ class MotoS3:
         self.port = free_port()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
-        import boto3  # moto's own dependency: only to create the bucket
-
-        client = boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
-            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
-        )  # fmt: skip
-        client.create_bucket(Bucket=self.bucket)
+        self.client().create_bucket(Bucket=self.bucket)
 
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.stop()
 
-    def keys(self) -> list[str]:
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def client(self) -> Any:
+        """A plain boto3 client (moto's own dependency), for the test's side of the bucket."""
         import boto3
 
-        client = boto3.client(
+        return boto3.client(
             "s3", endpoint_url=self.endpoint, region_name="us-east-1",
             aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
         )  # fmt: skip
-        return [item["Key"] for item in client.list_objects_v2(Bucket=self.bucket).get("Contents", [])]
+
+    def keys(self) -> list[str]:
+        listing = self.client().list_objects_v2(Bucket=self.bucket)
+        return [item["Key"] for item in listing.get("Contents", [])]
 
     def yaml(self, serve: str = "proxy") -> str:
         """The storage section of a mirror.yaml for this server."""
@@ -370,3 +380,33 @@ class MotoS3:
             f"    access_key_id: {self.ACCESS_KEY}\n    secret_access_key: {self.SECRET_KEY}\n"
             f"    serve: {serve}\n"
         )
+
+
+# ---- replicas -----------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def replicas(
+    index_url: str,
+    tmp_path: Path,
+    count: int,
+    *,
+    config_text: str = "",
+    workers: int = 1,
+    shared_cache: bool = False,
+) -> AsyncIterator[list[MirrorProcess]]:
+    """`count` mirror processes against the upstream at `index_url`, all reading one mirror.yaml
+    (`config_text` plus quiet logs), each with its own workdir and, unless `shared_cache`, cache dir."""
+    config = tmp_path / "mirror.yaml"
+    config.write_text(config_text + "logging:\n  level: warning\n")
+    async with AsyncExitStack() as stack:
+        mirrors = []
+        for n in range(count):
+            workdir = tmp_path / f"replica{n}"
+            workdir.mkdir()
+            cache = tmp_path / "cache" if shared_cache else workdir / "cache"
+            mirror = MirrorProcess(
+                index_url, cache, workdir, workers=workers, extra_args=("--config", str(config))
+            )
+            mirrors.append(await stack.enter_async_context(mirror))
+        yield mirrors

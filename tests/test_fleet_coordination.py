@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +18,7 @@ from cratemirror.coordination import make_coordination
 from cratemirror.metrics import Metrics
 from cratemirror.store import Store
 from tests.fake_upstream import FakeRegistry, index_path
-from tests.fleet_support import RedisServer
+from tests.fleet_support import RedisServer, replicas
 from tests.mirror_process import MirrorProcess, metric_value, wait_until
 
 CLIENTS = 60
@@ -36,8 +36,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-@asynccontextmanager
-async def replicas(
+def coordinated(
     registry: FakeRegistry,
     tmp_path: Path,
     redis_url: str,
@@ -45,24 +44,13 @@ async def replicas(
     *,
     shared_cache: bool,
     workers: int = 1,
-) -> AsyncIterator[list[MirrorProcess]]:
+) -> AbstractAsyncContextManager[list[MirrorProcess]]:
     """`count` replicas coordinated through `redis_url`. shared_cache: one cache dir for all (the
     storage every replica sees), else one each."""
-    config = tmp_path / "mirror.yaml"
-    config.write_text(
-        f"coordination:\n  redis_url: {redis_url}\ncache:\n  negative_ttl: 60s\nlogging:\n  level: warning\n"
+    text = f"coordination:\n  redis_url: {redis_url}\ncache:\n  negative_ttl: 60s\n"
+    return replicas(
+        registry.index_url, tmp_path, count, config_text=text, workers=workers, shared_cache=shared_cache
     )
-    async with AsyncExitStack() as stack:
-        mirrors = []
-        for n in range(count):
-            workdir = tmp_path / f"replica{n}"
-            workdir.mkdir()
-            cache = tmp_path / "cache" if shared_cache else workdir / "cache"
-            mirror = MirrorProcess(
-                registry.index_url, cache, workdir, workers=workers, extra_args=("--config", str(config))
-            )
-            mirrors.append(await stack.enter_async_context(mirror))
-        yield mirrors
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
@@ -86,7 +74,7 @@ async def test_sixty_requests_over_three_replicas_make_one_upstream_download(
     cv = registry.add_crate("serde", "1.0.0")
     registry.gate = gate = asyncio.Event()
     # Two worker processes each: the flock queues a replica's workers, Redis the replicas.
-    async with replicas(registry, tmp_path, redis_server.url, shared_cache=True, workers=2) as mirrors:
+    async with coordinated(registry, tmp_path, redis_server.url, shared_cache=True, workers=2) as mirrors:
         urls = itertools.cycle(f"{m.url}/api/v1/crates/serde/1.0.0/download" for m in mirrors)
         tasks = [asyncio.create_task(get(session, next(urls))) for _ in range(CLIENTS)]
         try:
@@ -107,7 +95,7 @@ async def test_sixty_requests_over_three_replicas_make_one_upstream_download(
 async def test_a_replica_knows_what_another_learnt_is_missing(
     registry: FakeRegistry, redis_server: RedisServer, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    async with replicas(registry, tmp_path, redis_server.url, count=2, shared_cache=False) as (a, b):
+    async with coordinated(registry, tmp_path, redis_server.url, count=2, shared_cache=False) as (a, b):
         assert (await get(session, f"{a.url}/index/3/n/nop"))[0] == 404
         assert registry.count("/index/3/n/nop") == 1
         # b has its own cache: only Redis can tell it that upstream has no such crate.
@@ -120,7 +108,7 @@ async def test_redis_killed_mid_run_costs_no_request_and_comes_back(
 ) -> None:
     versions = [registry.add_crate("serde", f"1.0.{n}") for n in range(4)]
     registry.gate = gate = asyncio.Event()
-    async with replicas(registry, tmp_path, redis_server.url, shared_cache=True) as mirrors:
+    async with coordinated(registry, tmp_path, redis_server.url, shared_cache=True) as mirrors:
         first = versions[0]
         tasks = [
             asyncio.create_task(get(session, f"{m.url}/api/v1/crates/serde/{first.vers}/download"))
@@ -193,7 +181,7 @@ async def test_a_replica_hears_that_the_upstream_is_down(
     registry: FakeRegistry, redis_server: RedisServer, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     registry.add_crate("serde", "1.0.0")
-    async with replicas(registry, tmp_path, redis_server.url, count=2, shared_cache=False) as (a, b):
+    async with coordinated(registry, tmp_path, redis_server.url, count=2, shared_cache=False) as (a, b):
 
         async def upstream_up(mirror: MirrorProcess) -> float:
             async with session.get(f"{mirror.url}/metrics") as response:

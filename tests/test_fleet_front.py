@@ -11,7 +11,7 @@ import os
 import signal
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,7 +27,7 @@ from tests.fake_upstream import (
     write_cargo_home,
     write_cargo_project,
 )
-from tests.fleet_support import FrontTLS, HAProxy, connected_to, make_tls
+from tests.fleet_support import FrontTLS, HAProxy, connected_to, make_tls, replicas
 from tests.mirror_process import MirrorProcess, wait_until
 from tests.test_e2e_cargo import assert_lockfile, tarball_fetches
 
@@ -44,22 +44,13 @@ class Fleet:
 
 
 @asynccontextmanager
-async def fleet(
-    registry: FakeRegistry, tmp_path: Path, replicas: int = 3, extra_args: tuple[str, ...] = ()
-) -> AsyncIterator[Fleet]:
-    """`replicas` mirror processes (one worker each, own cache dir) behind HAProxy with a test CA."""
+async def fleet(registry: FakeRegistry, tmp_path: Path, count: int = 3) -> AsyncIterator[Fleet]:
+    """`count` mirror processes (one worker each, own cache dir) behind HAProxy with a test CA."""
     tls = make_tls(tmp_path / "tls")
-    async with AsyncExitStack() as stack:
-        mirrors = []
-        for n in range(replicas):
-            workdir = tmp_path / f"replica{n}"
-            workdir.mkdir()
-            mirror = MirrorProcess(
-                registry.index_url, workdir / "cache", workdir, workers=1, extra_args=extra_args
-            )
-            mirrors.append(await stack.enter_async_context(mirror))
-        front = HAProxy(tmp_path, tls, [("127.0.0.1", m.port) for m in mirrors])
-        await stack.enter_async_context(front)
+    async with (
+        replicas(registry.index_url, tmp_path, count) as mirrors,
+        HAProxy(tmp_path, tls, [("127.0.0.1", m.port) for m in mirrors]) as front,
+    ):
         yield Fleet(front, mirrors, tls)
 
 

@@ -9,7 +9,6 @@ import itertools
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -24,8 +23,8 @@ from tests.fake_upstream import (
     write_cargo_home,
     write_cargo_project,
 )
-from tests.fleet_support import MotoS3, RedisServer
-from tests.mirror_process import MirrorProcess, wait_until
+from tests.fleet_support import MotoS3, RedisServer, replicas
+from tests.mirror_process import wait_until
 from tests.test_e2e_cargo import assert_lockfile
 
 CLIENTS = 60
@@ -33,40 +32,14 @@ CLIENTS = 60
 
 @pytest.fixture
 def moto() -> Iterator[MotoS3]:
-    server = MotoS3()
-    server.start()
-    try:
+    with MotoS3() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     async with RedisServer(tmp_path / "redis") as server:
         yield server
-
-
-@asynccontextmanager
-async def replicas(
-    registry: FakeRegistry, tmp_path: Path, config_text: str, count: int
-) -> AsyncIterator[list[MirrorProcess]]:
-    config = tmp_path / "mirror.yaml"
-    config.write_text(config_text + "logging:\n  level: warning\n")
-    async with AsyncExitStack() as stack:
-        mirrors = []
-        for n in range(count):
-            workdir = tmp_path / f"replica{n}"
-            workdir.mkdir()
-            mirror = MirrorProcess(
-                registry.index_url,
-                workdir / "cache",
-                workdir,
-                workers=1,
-                extra_args=("--config", str(config)),
-            )
-            mirrors.append(await stack.enter_async_context(mirror))
-        yield mirrors
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, bytes]:
@@ -82,7 +55,7 @@ async def test_three_replicas_share_one_cache_in_s3(
     late = registry.add_crate("serde", "1.0.1")
     text = moto.yaml() + f"coordination:\n  redis_url: {redis_server.url}\n"
     async with (
-        replicas(registry, tmp_path, text, 3) as (a, b, c),
+        replicas(registry.index_url, tmp_path, 3, config_text=text) as (a, b, c),
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
     ):
         # 60 concurrent requests spread over the replicas for one uncached crate: one upstream download.
@@ -129,7 +102,7 @@ async def test_redirect_mode_sends_clients_to_the_store(
 ) -> None:
     cv = registry.add_crate("serde", "1.0.0")
     async with (
-        replicas(registry, tmp_path, moto.yaml(serve="redirect"), 1) as (mirror,),
+        replicas(registry.index_url, tmp_path, 1, config_text=moto.yaml(serve="redirect")) as (mirror,),
         aiohttp.ClientSession() as session,
     ):
         url = f"{mirror.url}/api/v1/crates/serde/1.0.0/download"
@@ -155,7 +128,9 @@ async def test_real_cargo_follows_the_redirects_to_the_store(
     publish_small_tree(registry)
     project = tmp_path / "app"
     write_cargo_project(project, SMALL_TREE_DEPS)
-    async with replicas(registry, tmp_path, moto.yaml(serve="redirect"), 1) as (mirror,):
+    async with replicas(registry.index_url, tmp_path, 1, config_text=moto.yaml(serve="redirect")) as (
+        mirror,
+    ):
         cold = tmp_path / "home-cold"
         write_cargo_home(cold, f"{mirror.url}/index/")
         code, output = await run_cargo(["fetch"], project, cold)

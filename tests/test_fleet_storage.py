@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
-import boto3
 import pytest
 
 from cratemirror.config import StorageConfig
@@ -23,12 +22,8 @@ LIMIT = 1 << 20
 
 @pytest.fixture
 def moto() -> Iterator[MotoS3]:
-    server = MotoS3()
-    server.start()
-    try:
+    with MotoS3() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def storage_config(moto: MotoS3, serve: str = "proxy", prefix: str = "m/") -> StorageConfig:
@@ -79,10 +74,7 @@ async def test_a_stored_crate_comes_back_verified(shared: SharedStorage, tmp_pat
 async def test_a_tampered_object_is_not_served(shared: SharedStorage, moto: MotoS3, tmp_path: Path) -> None:
     path, sha = crate_file(tmp_path, b"good")
     await shared.put_crate(KEY, path, sha)
-    client = boto3.client(
-        "s3", endpoint_url=moto.endpoint, region_name="us-east-1",
-        aws_access_key_id=moto.ACCESS_KEY, aws_secret_access_key=moto.SECRET_KEY,
-    )  # fmt: skip
+    client = moto.client()
     (key,) = [o["Key"] for o in client.list_objects_v2(Bucket=moto.bucket)["Contents"]]
     client.put_object(Bucket=moto.bucket, Key=key, Body=b"evil", Metadata={"sha256": sha})
     assert await shared.fetch_crate(KEY, sha, tmp_path / "out", LIMIT) is None
