@@ -17,6 +17,7 @@ from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import TIMING, Metrics, start_request_timing
+from cratemirror.policy import create_policy
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
@@ -35,7 +36,8 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         store, index, upstream, metrics,
         offline=config.offline, max_size=config.cache.max_size, disk_trouble=disk_trouble,
     )  # fmt: skip
-    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble)
+    policy = create_policy(config, store, metrics)
+    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble, policy)
 
     app = web.Application(middlewares=[_instrument], handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
@@ -58,7 +60,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         mirror.record_usage(mirror.store.usage())
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
         mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
+    await mirror.policy.start()
     yield
+    await mirror.policy.close()
     await mirror.crates.close()
     await mirror.index.close()
     await mirror.upstream.close()

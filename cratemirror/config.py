@@ -25,6 +25,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "LoggingConfig",
+    "PolicyConfig",
     "ServerConfig",
     "UpstreamConfig",
     "find_config_path",
@@ -168,12 +169,25 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    mode: str = "off"
+    advisory_db: Path | None = None
+    advisories: str = "deny"
+    informational: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    licenses: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     offline: bool = False
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     source: str = DEFAULTS_SOURCE
 
 
@@ -300,6 +314,14 @@ def _duration(*, positive: bool = False, forever: bool = False) -> Callable[[obj
     return parse
 
 
+def _strings(value: object) -> tuple[str, ...]:
+    # The environment can only say "a,b,c".
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise ValueError(value)
+    return tuple(item.strip() for item in items if item.strip())
+
+
 @dataclass(frozen=True, slots=True)
 class _Key:
     parse: Callable[[object], object]
@@ -333,9 +355,17 @@ _KEYS: dict[str, _Key] = {
         "one of debug, info, warning, error, critical",
     ),
     "logging.format": _Key(_choice("text", "json"), "one of text, json"),
+    "policy.mode": _Key(_choice("off", "report", "enforce"), "one of off, report, enforce"),
+    "policy.advisory_db": _Key(_path, "a path to a RustSec advisory-db checkout, or null", nullable=True),
+    "policy.advisories": _Key(_choice("deny", "warn"), "one of deny, warn"),
+    "policy.informational": _Key(_strings, "a list of unmaintained, unsound, notice"),
+    "policy.ignore": _Key(_strings, "a list of advisory ids like RUSTSEC-2020-0071"),
+    "policy.licenses": _Key(_strings, "a list of SPDX licence ids like MIT"),
+    "policy.deny": _Key(_strings, "a list of crate names or name@<semver requirement>"),
+    "policy.allow": _Key(_strings, "a list of crate names or name@<semver requirement>"),
 }
 
-_SECTIONS = ("server", "upstream", "cache", "logging")
+_SECTIONS = ("server", "upstream", "cache", "logging", "policy")
 # Top-level keys in the order they appear in the contract, for "allowed keys" lists.
 _TOP_LEVEL = list(dict.fromkeys(dotted.partition(".")[0] for dotted in _KEYS))
 _ENV_NAMES = {ENV_PREFIX + dotted.replace(".", "_").upper(): dotted for dotted in _KEYS}
@@ -549,6 +579,7 @@ def load_config(
         upstream=UpstreamConfig(**sections["upstream"]),
         cache=CacheConfig(**sections["cache"]),
         logging=LoggingConfig(**sections["logging"]),
+        policy=PolicyConfig(**sections["policy"]),
         source=DEFAULTS_SOURCE if path is None else str(path),
         **top,
     )

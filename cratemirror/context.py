@@ -13,6 +13,7 @@ from cratemirror.config import Config
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
+from cratemirror.policy.service import PolicyService
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
@@ -40,6 +41,7 @@ class Mirror:
     index: IndexService
     crates: CrateService
     disk_trouble: DiskTrouble
+    policy: PolicyService
     started_at: float = field(default_factory=time.time)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))

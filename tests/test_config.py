@@ -15,6 +15,7 @@ from cratemirror.config import (
     Config,
     ConfigError,
     LoggingConfig,
+    PolicyConfig,
     ServerConfig,
     UpstreamConfig,
     find_config_path,
@@ -208,6 +209,7 @@ def test_schema_matches_dataclasses() -> None:
             ("upstream", UpstreamConfig),
             ("cache", CacheConfig),
             ("logging", LoggingConfig),
+            ("policy", PolicyConfig),
         ]
         for f in dataclasses.fields(cls)
     } | {"offline"}
