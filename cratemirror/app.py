@@ -17,7 +17,7 @@ from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import TIMING, Metrics, start_request_timing
-from cratemirror.policy import create_policy
+from cratemirror.policy.service import create_policy
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 

@@ -314,6 +314,11 @@ def _duration(*, positive: bool = False, forever: bool = False) -> Callable[[obj
     return parse
 
 
+def _policy_mode(value: object) -> str:
+    # YAML 1.1 reads a bare `off` as false.
+    return "off" if value is False else _choice("off", "report", "enforce")(value)
+
+
 def _strings(value: object) -> tuple[str, ...]:
     # The environment can only say "a,b,c".
     items = value.split(",") if isinstance(value, str) else value
@@ -355,7 +360,7 @@ _KEYS: dict[str, _Key] = {
         "one of debug, info, warning, error, critical",
     ),
     "logging.format": _Key(_choice("text", "json"), "one of text, json"),
-    "policy.mode": _Key(_choice("off", "report", "enforce"), "one of off, report, enforce"),
+    "policy.mode": _Key(_policy_mode, "one of off, report, enforce"),
     "policy.advisory_db": _Key(_path, "a path to a RustSec advisory-db checkout, or null", nullable=True),
     "policy.advisories": _Key(_choice("deny", "warn"), "one of deny, warn"),
     "policy.informational": _Key(_strings, "a list of unmaintained, unsound, notice"),

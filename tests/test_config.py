@@ -438,7 +438,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     message = error_of(tmp_path, "database:\n  url: x\n")
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
-        "allowed keys: server, upstream, cache, offline, logging"
+        "allowed keys: server, upstream, cache, offline, logging, policy"
     )
 
 

@@ -6,19 +6,3 @@ Modules: semver (cargo and rustsec version rules), advisories (the advisory-db r
 and the crate's Cargo.toml), rules (config -> verdicts), view (index rewriting), service (one worker's
 runtime state), http (the 403), check (`cratemirror policy check`), bundle (carrying the db in bundles).
 """
-
-from __future__ import annotations
-
-from cratemirror.config import Config
-from cratemirror.metrics import Metrics
-from cratemirror.policy.rules import Rules
-from cratemirror.policy.service import PolicyService
-from cratemirror.store import Store
-
-__all__ = ["PolicyService", "Rules", "create_policy"]
-
-
-def create_policy(config: Config, store: Store, metrics: Metrics) -> PolicyService:
-    return PolicyService(
-        Rules.from_config(config.policy, config.source), config.policy.advisory_db, store, metrics
-    )

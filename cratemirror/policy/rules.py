@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cratemirror.config import ConfigError, PolicyConfig
+from cratemirror.config import Config, ConfigError, PolicyConfig
 from cratemirror.names import InvalidRequest, parse_name
 from cratemirror.policy.advisories import ADVISORY_ID_RE, INFORMATIONAL_KINDS, Advisory, AdvisoryDb
 from cratemirror.policy.licenses import Allowlist
@@ -177,3 +177,14 @@ class Rules:
             f"{shown} is affected by {what} {advisory.id}{title}; {advice}; see https://rustsec.org/advisories/"
             f"{advisory.id}",
         )  # fmt: skip
+
+
+def check_policy(config: Config) -> Rules:
+    """The rules of a config, validated: ConfigError (exit 2) for a bad entry or advisory_db path."""
+    root = config.policy.advisory_db
+    if root is not None and root.exists() and not (root / "crates").is_dir():
+        raise ConfigError(
+            f"{config.source}: policy.advisory_db: expected a RustSec advisory-db checkout (a directory "
+            f"with crates/), got {str(root)!r}"
+        )
+    return Rules.from_config(config.policy, config.source)

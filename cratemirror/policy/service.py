@@ -20,11 +20,12 @@ from typing import Any
 
 from cachetools import LRUCache, TTLCache
 
+from cratemirror.config import Config
 from cratemirror.index import body_etag
 from cratemirror.metrics import Metrics
 from cratemirror.policy import advisories
 from cratemirror.policy.licenses import read_license
-from cratemirror.policy.rules import BLOCK, WARN, Decision, Rules, Verdict
+from cratemirror.policy.rules import BLOCK, WARN, Decision, Rules, Verdict, check_policy
 from cratemirror.policy.semver import RequirementError, parse_version
 from cratemirror.policy.view import mark_yanked, versions
 from cratemirror.store import IndexEntry, Store
@@ -60,6 +61,8 @@ class PolicyService:
     async def start(self) -> None:
         if not self.enabled or self.root is None:
             return
+        if not self.root.is_dir():
+            log.warning("advisory database %s not found: no advisory applies until it appears", self.root)
         await self.reload_if_changed()
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
@@ -222,3 +225,7 @@ class PolicyService:
 
 def _view_size(entry: IndexEntry) -> int:
     return len(entry.body) + 256
+
+
+def create_policy(config: Config, store: Store, metrics: Metrics) -> PolicyService:
+    return PolicyService(check_policy(config), config.policy.advisory_db, store, metrics)
