@@ -52,6 +52,12 @@ def _import(args: argparse.Namespace) -> int:
     return run_import(args)
 
 
+def _policy_check(args: argparse.Namespace) -> int:
+    from cratemirror.policy.check import run_check
+
+    return run_check(args)
+
+
 def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     warm = commands.add_parser(
         "warm",
@@ -123,3 +129,19 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     importer.add_argument("bundle", metavar="BUNDLE", help="a tar file written by `cratemirror export`")
     importer.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     importer.set_defaults(run=_import)
+
+    policy = commands.add_parser(
+        "policy",
+        help="supply-chain policy tools",
+        description="Tools for the supply-chain policy (advisories, licences, deny/allow lists).",
+    )
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    check = policy_commands.add_parser(
+        "check",
+        help="what the policy would block in these lockfiles, and why (exit 1 if anything)",
+        description="Check Cargo.lock files against the configured policy, as `enforce` would: "
+        "advisories and deny/allow entries, and licences the mirror has already read.",
+    )
+    check.add_argument("lockfiles", nargs="+", metavar="LOCKFILE", help="a Cargo.lock (format 1 to 4)")
+    check.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    check.set_defaults(run=_policy_check)
