@@ -227,9 +227,9 @@ def make_crate_tarball(
     """A real, deterministic ``.crate`` (gzip'd tar) that cargo can build.
 
     Contains ``{name}-{vers}/Cargo.toml`` (dependency sections matching ``deps``, ``[features]``
-    from ``features``, ``license`` unless None) and ``{name}-{vers}/src/lib.rs``.  With ``pad_to > 0`` an extra
-    ``{name}-{vers}/data.bin`` of incompressible deterministic bytes makes the result at least
-    ``pad_to`` bytes long.
+    from ``features``, ``license`` unless None) and ``{name}-{vers}/src/lib.rs``.  With
+    ``pad_to > 0`` an extra ``{name}-{vers}/data.bin`` of incompressible deterministic bytes makes
+    the result at least ``pad_to`` bytes long.
     """
     root = f"{name}-{vers}"
     if lib_rs is None:
