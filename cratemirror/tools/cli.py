@@ -118,6 +118,11 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="LOCKFILE",
         help="only the crates of these Cargo.lock files (give BUNDLE first; repeatable)",
     )
+    export.add_argument(
+        "--advisory-db",
+        action="store_true",
+        help="also carry policy.advisory_db (the RustSec advisory files) for `import` to install",
+    )
     export.set_defaults(run=_export)
 
     importer = commands.add_parser(
