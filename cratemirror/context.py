@@ -14,6 +14,7 @@ from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
 from cratemirror.policy.service import PolicyService
+from cratemirror.ratelimit import UnknownNameBudget
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
@@ -43,6 +44,7 @@ class Mirror:
     disk_trouble: DiskTrouble
     policy: PolicyService
     started_at: float = field(default_factory=time.time)
+    unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
 

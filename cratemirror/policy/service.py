@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cachetools import LRUCache, TTLCache
 
@@ -38,6 +40,7 @@ LICENSE_KEY = "license:"
 RECENT_KEY = "policy-recent"
 RECENT_DECISIONS = 20
 VIEW_BYTES = 16 * 1024 * 1024
+VIEW_IN_THREAD = 256 * 1024
 
 
 class PolicyService:
@@ -117,15 +120,12 @@ class PolicyService:
         """Whether the licence rule must see this version's Cargo.toml before deciding."""
         return self.enabled and bool(self.rules.licenses) and version not in self.known_licenses(name.lower())
 
-    async def learn_license(self, name: str, version: str) -> None:
-        """Read the licence from the stored crate once, and remember it for every worker."""
-        path = self.store.crate_path(name, version)
-
-        def read() -> str | None:
-            with open(path, "rb") as handle:
-                return read_license(handle, name, version)
-
-        text = await asyncio.to_thread(read)
+    async def learn_license(self, name: str, version: str, crate: BinaryIO) -> None:
+        """Read the licence from the stored crate (already open: eviction cannot pull it away) once,
+        and remember it for every worker."""
+        text = await asyncio.to_thread(
+            read_license, io.BufferedReader(_Positional(crate.fileno())), name, version
+        )
         lower = name.lower()
         async with self.store.lock(LICENSE_KEY + lower):
             self._licenses.pop(lower, None)
@@ -191,7 +191,7 @@ class PolicyService:
 
     # --- the index view ------------------------------------------------------------------------
 
-    def view(self, lower: str, entry: IndexEntry) -> IndexEntry:
+    async def view(self, lower: str, entry: IndexEntry) -> IndexEntry:
         """The entry as clients see it: with `enforce`, blocked versions are yanked (and the ETag is
         the view's own); anything else is the stored entry itself."""
         if not self.rules.enforcing or entry.status != 200:
@@ -202,25 +202,47 @@ class PolicyService:
         key = (lower, entry.etag, self.db.signature, tuple(sorted(known.items())))
         shown = self._views.get(key)
         if shown is None:
-            blocked = set()
-            for version in versions(entry.body):
-                try:
-                    parsed = parse_version(version)
-                except RequirementError:
-                    continue
-                license_text = known.get(version)
-                verdict = self.rules.verdict(
-                    self.db, lower, parsed, license_text or None, license_text is not None
-                )
-                if verdict.block is not None:
-                    blocked.add(version)
-            body = mark_yanked(entry.body, blocked)
-            shown = (
-                entry if body == entry.body else dataclasses.replace(entry, body=body, etag=body_etag(body))
-            )
+            if len(entry.body) > VIEW_IN_THREAD:  # parsing every line of a big file would stall the loop
+                shown = await asyncio.to_thread(self._make_view, lower, entry, known)
+            else:
+                shown = self._make_view(lower, entry, known)
             with contextlib.suppress(ValueError):
                 self._views[key] = shown
         return shown
+
+    def _make_view(self, lower: str, entry: IndexEntry, known: dict[str, str]) -> IndexEntry:
+        blocked = set()
+        for version in versions(entry.body):
+            try:
+                parsed = parse_version(version)
+            except RequirementError:
+                continue
+            license_text = known.get(version)
+            verdict = self.rules.verdict(
+                self.db, lower, parsed, license_text or None, license_text is not None
+            )
+            if verdict.block is not None:
+                blocked.add(version)
+        body = mark_yanked(entry.body, blocked)
+        return entry if body == entry.body else dataclasses.replace(entry, body=body, etag=body_etag(body))
+
+
+class _Positional(io.RawIOBase):
+    """Reads a descriptor with pread from its own position, leaving the descriptor's offset (which the
+    response will use) alone."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.pread(self.fd, len(buffer), self.position)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 def _view_size(entry: IndexEntry) -> int:

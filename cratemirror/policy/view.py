@@ -26,7 +26,7 @@ def _record(line: bytes) -> dict[str, object] | None:
         return None
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting raises RecursionError
         return None
     if not isinstance(record, dict) or not isinstance(record.get("vers"), str):
         return None

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cratemirror.config import ConfigError
-from cratemirror.index import UPSTREAM_CONFIG_KEY, body_etag, find_version
+from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
 from cratemirror.policy.bundle import DbImport, import_advisory_db
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
@@ -189,7 +189,10 @@ def import_crate(
     if member is None:
         return _refuse(result, f"{label}: listed in the manifest but not in the bundle")
     index = indexes.get(wanted.crate.lower)
-    record = find_version(index.body, version) if index is not None else None
+    try:
+        record = find_version(index.body, wanted.crate, version) if index is not None else None
+    except MalformedIndexLine as exc:
+        return _refuse(result, f"{label}: {exc}")
     if record is None:
         return _refuse(result, f"{label}: no line for it in a verified index file from the bundle")
     if record.name != name:
