@@ -58,6 +58,10 @@ def _policy_check(args: argparse.Namespace) -> int:
     return run_check(args)
 
 
+def _add_lockfiles(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("lockfiles", nargs="+", metavar="LOCKFILE", help="a Cargo.lock (format 1 to 4)")
+
+
 def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     warm = commands.add_parser(
         "warm",
@@ -65,7 +69,7 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         description="Prefetch the crates.io crates (and index files) of one or more Cargo.lock files: "
         "straight into the configured cache dir, or through a running mirror with --mirror.",
     )
-    warm.add_argument("lockfiles", nargs="+", metavar="LOCKFILE", help="a Cargo.lock (format 1 to 4)")
+    _add_lockfiles(warm)
     where = warm.add_mutually_exclusive_group()
     where.add_argument("--config", metavar="PATH", help=f"fill this config's cache dir; {CONFIG_HELP}")
     where.add_argument(
@@ -144,9 +148,9 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     check = policy_commands.add_parser(
         "check",
         help="what the policy would block in these lockfiles, and why (exit 1 if anything)",
-        description="Check Cargo.lock files against the configured policy, as `enforce` would: "
-        "advisories and deny/allow entries, and licences the mirror has already read.",
+        description="Check Cargo.lock files against the configured policy as `enforce` would: advisories, "
+        "deny/allow entries, and the licences the mirror has already read.",
     )
-    check.add_argument("lockfiles", nargs="+", metavar="LOCKFILE", help="a Cargo.lock (format 1 to 4)")
+    _add_lockfiles(check)
     check.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     check.set_defaults(run=_policy_check)
