@@ -272,3 +272,51 @@ def test_index_view_changes_only_the_blocked_line() -> None:
     assert mark_yanked(spaced, {"1.0.0"}) == b'{"name": "x", "vers": "1.0.0", "yanked":true}\n'
     # A line without the key gets it.
     assert json.loads(mark_yanked(b'{"name":"x","vers":"1.0.0"}', {"1.0.0"}))["yanked"] is True
+
+
+# The front matter of the real RUSTSEC-2020-0071 (rustsec/advisory-db, public domain), as on disk.
+REAL_ADVISORY = """```toml
+[advisory]
+id = "RUSTSEC-2020-0071"
+package = "time"
+date = "2020-11-18"
+url = "https://github.com/time-rs/time/issues/293"
+categories = ["code-execution", "memory-corruption"]
+cvss = "CVSS:3.1/AV:L/AC:L/PR:N/UI:N/S:U/C:N/I:N/A:H"
+keywords = ["segfault"]
+aliases = ["CVE-2020-26235"]
+
+[affected]
+# any Unix-like OS
+os = ["linux", "redox", "solaris", "android", "ios", "macos", "netbsd", "openbsd", "freebsd"]
+[affected.functions]
+"time::at" = ["^0.1"]
+"time::UtcOffset::local_offset_at" = ["< 0.2.23"]
+
+[versions]
+patched = [">= 0.2.23"]
+unaffected = ["=0.2.0", "=0.2.1", "=0.2.2", "=0.2.3", "=0.2.4", "=0.2.5", "=0.2.6"]
+```
+
+# Potential segfault in the time crate
+
+### Impact
+"""
+
+
+def test_a_real_advisory_file(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "crates" / "time" / "RUSTSEC-2020-0071.md"
+    path.parent.mkdir(parents=True)
+    path.write_text(REAL_ADVISORY)
+    db = advisories.load(tmp_path / "db")
+    assert not db.errors and db.count == 1
+    (advisory,) = db.for_crate("time")
+    assert (advisory.title, advisory.date, advisory.informational) == (
+        "Potential segfault in the time crate", "2020-11-18", None,
+    )  # fmt: skip
+    rules = Rules.from_config(PolicyConfig(mode="enforce"), "test")
+    blocked = [
+        version for version in ("0.1.44", "0.2.0", "0.2.6", "0.2.7", "0.2.22", "0.2.23", "0.3.36")
+        if rules.verdict(db, "time", parse_version(version), None, False).block is not None
+    ]  # fmt: skip
+    assert blocked == ["0.1.44", "0.2.7", "0.2.22"]
