@@ -32,7 +32,6 @@ MAX_ERRORS_KEPT = 50
 ADVISORY_FILE_RE = re.compile(r"RUSTSEC-(\d{4})-(\d{4})\.md")
 ADVISORY_ID_RE = re.compile(r"RUSTSEC-\d{4}-\d{4}")
 DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
-INFORMATIONAL_KINDS = ("unmaintained", "unsound", "notice")
 CRATES_IO_SOURCES = (
     "registry+https://github.com/rust-lang/crates.io-index",
     "sparse+https://index.crates.io/",
