@@ -184,8 +184,11 @@ class IndexService:
                 await self._put(crate.lower, renewed)
                 return IndexResult(renewed, "REVALIDATED", "revalidated")
             if fetched.status == 200:
+                # Hashing a file of many MiB would hold up every other request on this worker.
+                big = len(fetched.body) > FIND_IN_THREAD
+                etag = await asyncio.to_thread(body_etag, fetched.body) if big else body_etag(fetched.body)
                 fresh = IndexEntry(
-                    200, fetched.body, body_etag(fetched.body),
+                    200, fetched.body, etag,
                     fetched.last_modified or formatdate(checked_at, usegmt=True), checked_at,
                     fetched.etag, fetched.last_modified,
                 )  # fmt: skip
