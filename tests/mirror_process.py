@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -173,12 +173,14 @@ class MirrorProcess:
         *,
         workers: int = 2,
         extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.upstream = upstream
         self.cache_dir = cache_dir
         self.workdir = workdir
         self.workers = workers
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})  # added to the clean environment
         self.port = 0
         self.log_path = workdir / "mirror.log"
         self.proc: asyncio.subprocess.Process | None = None
@@ -212,7 +214,7 @@ class MirrorProcess:
                 sys.executable,
                 *args,
                 cwd=str(self.workdir),
-                env=clean_env(),
+                env=clean_env(**self.env),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,

@@ -62,6 +62,21 @@ def _add_lockfiles(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("lockfiles", nargs="+", metavar="LOCKFILE", help="a Cargo.lock (format 1 to 4)")
 
 
+def _refresh(args: argparse.Namespace) -> int:
+    from cratemirror.tools.refresh import run_refresh
+
+    return run_refresh(args)
+
+
+def _cache_or_mirror(command: argparse.ArgumentParser, config_help: str) -> None:
+    """--config (work on the cache dir directly) or --mirror (through a running mirror), not both."""
+    where = command.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="PATH", help=f"{config_help}; {CONFIG_HELP}")
+    where.add_argument(
+        "--mirror", metavar="URL", help="go through a running mirror, e.g. http://127.0.0.1:8080"
+    )
+
+
 def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     warm = commands.add_parser(
         "warm",
@@ -70,15 +85,22 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "straight into the configured cache dir, or through a running mirror with --mirror.",
     )
     _add_lockfiles(warm)
-    where = warm.add_mutually_exclusive_group()
-    where.add_argument("--config", metavar="PATH", help=f"fill this config's cache dir; {CONFIG_HELP}")
-    where.add_argument(
-        "--mirror", metavar="URL", help="go through a running mirror, e.g. http://127.0.0.1:8080"
-    )
+    _cache_or_mirror(warm, "fill this config's cache dir")
     warm.add_argument(
         "--jobs", type=_positive_int, default=8, metavar="N", help="crates fetched at once (default 8)"
     )
     warm.set_defaults(run=_warm)
+
+    refresh = commands.add_parser(
+        "refresh",
+        help="revalidate these index files with upstream now",
+        description="Ask upstream for these crates' index files now, whatever their age, so a version "
+        "published a moment ago can be locked at once: straight in the configured cache dir (every "
+        "worker sees it), or through a running mirror with --mirror.",
+    )
+    refresh.add_argument("names", nargs="+", metavar="NAME", help="a crate name, e.g. serde")
+    _cache_or_mirror(refresh, "refresh in this config's cache dir")
+    refresh.set_defaults(run=_refresh)
 
     verify = commands.add_parser(
         "verify",
