@@ -19,6 +19,7 @@ from cratemirror.coordination import make_coordination
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import TIMING, Metrics, start_request_timing
+from cratemirror.policy.service import create_policy
 from cratemirror.storage import make_shared_storage
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
@@ -42,7 +43,10 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         offline=config.offline, max_size=config.cache.max_size, disk_trouble=disk_trouble,
         coordination=coordination, shared=shared,
     )  # fmt: skip
-    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble, coordination, shared)
+    policy = create_policy(config, store, metrics)
+    mirror = Mirror(
+        config, metrics, store, upstream, index, crates, disk_trouble, policy, coordination, shared
+    )
 
     app = web.Application(middlewares=[_instrument], handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
@@ -67,7 +71,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         mirror.record_usage(mirror.store.usage())
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
         mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
+    await mirror.policy.start()
     yield
+    await mirror.policy.close()
     health.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await health

@@ -14,6 +14,7 @@ from cratemirror.coordination import Coordination
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
+from cratemirror.policy.service import PolicyService
 from cratemirror.ratelimit import UnknownNameBudget
 from cratemirror.storage import SharedStorage
 from cratemirror.store import DiskTrouble, Store
@@ -43,6 +44,7 @@ class Mirror:
     index: IndexService
     crates: CrateService
     disk_trouble: DiskTrouble
+    policy: PolicyService
     coordination: Coordination
     shared: SharedStorage
     started_at: float = field(default_factory=time.time)

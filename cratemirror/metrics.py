@@ -151,6 +151,10 @@ class Metrics:
             registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.coordination_up.set(1)
+        self.policy_decisions = Counter(
+            "cratemirror_policy_decisions_total", "Policy decisions by action and rule", ["action", "rule"],
+            registry=r,
+        )  # fmt: skip
         # Pre-create label sets so dashboards see every series (at 0) from the first scrape.
         for kind in KINDS:
             for result in RESULTS:

@@ -21,6 +21,7 @@ from cratemirror import __version__
 from cratemirror.clientconfig import BadBaseURL, cargo_ci_snippet, cargo_config_snippet
 from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import KINDS, RESULTS, Snapshot
+from cratemirror.policy.status import policy_panel
 from cratemirror.redact import redact
 from cratemirror.routes import base_url
 
@@ -56,6 +57,7 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         last_error=_esc(redact(mirror.upstream.last_error or "none since this worker started")),
         last_error_class="" if mirror.upstream.last_error else " none",
         recent_misses=_misses_table(reversed(mirror.recent_misses), now),
+        policy_panel=policy_panel(mirror.policy, now),
         pid=str(os.getpid()),
         uptime=_duration(now - mirror.started_at),
         rendered_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),

@@ -25,6 +25,7 @@ from cratemirror import __version__
 from cratemirror.config import ConfigError, parse_duration
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
 from cratemirror.names import CrateName, InvalidRequest
+from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document
 from cratemirror.tools.common import (
@@ -53,6 +54,7 @@ class ExportResult:
     index_files: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     crate_bytes: int = 0
+    advisories: int | None = None  # advisory files carried (--advisory-db)
 
 
 def last_activity(store: Store, meta: CrateMeta) -> float:
@@ -159,7 +161,9 @@ def _cached_index(store: Store, lower: str) -> IndexEntry | None:
     return entry if entry is not None and entry.status == 200 else None
 
 
-def _write_members(tar: tarfile.TarFile, store: Store, metas: list[CrateMeta]) -> ExportResult:
+def _write_members(
+    tar: tarfile.TarFile, store: Store, metas: list[CrateMeta], advisory_db: Path | None
+) -> ExportResult:
     """Crates, then the index files of the crates that made it, then the manifest (it lists both)."""
     result = ExportResult()
     indexes: dict[str, IndexEntry | None] = {}
@@ -190,17 +194,22 @@ def _write_members(tar: tarfile.TarFile, store: Store, metas: list[CrateMeta]) -
         result.crates,
         result.index_files,
     )
+    if advisory_db is not None:
+        manifest[MANIFEST_KEY] = export_advisory_db(tar, advisory_db)
+        result.advisories = len(manifest[MANIFEST_KEY]["files"])
     _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=1).encode(), time.time())
     return result
 
 
-def write_bundle(store: Store, metas: list[CrateMeta], target: Path) -> ExportResult:
+def write_bundle(
+    store: Store, metas: list[CrateMeta], target: Path, advisory_db: Path | None = None
+) -> ExportResult:
     """Write the tar next to `target`, then rename it into place: no half-written bundle is left."""
     partial = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         with open(partial, "wb") as out:
             with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                result = _write_members(tar, store, metas)
+                result = _write_members(tar, store, metas, advisory_db)
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, target)
@@ -218,6 +227,12 @@ def run_export(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--since: expected a duration like 30d, got {args.since!r}") from None
     config = tool_config(args)
+    advisory_db = config.policy.advisory_db if args.advisory_db else None
+    if args.advisory_db and (advisory_db is None or not (advisory_db / "crates").is_dir()):
+        raise ConfigError(
+            f"{config.source}: policy.advisory_db: expected an advisory-db checkout for --advisory-db, "
+            f"got {str(advisory_db) if advisory_db else None!r}"
+        )
     store = open_existing_store(config)
     target = Path(args.bundle)
     try:
@@ -225,7 +240,7 @@ def run_export(args: argparse.Namespace) -> int:
         for problem in selection.problems:
             print(f"export: {problem}", file=sys.stderr)
         try:
-            result = write_bundle(store, selection.metas, target)
+            result = write_bundle(store, selection.metas, target, advisory_db)
         except OSError as exc:
             return error(f"cannot write bundle {target}: {exc.strerror or exc}")
     finally:
@@ -233,7 +248,13 @@ def run_export(args: argparse.Namespace) -> int:
     problems = len(selection.problems) + len(result.problems)
     print(
         f"export: {plural(len(result.crates), 'crate')} ({format_size(result.crate_bytes)}) and "
-        f"{plural(len(result.index_files), 'index file')} -> {target}"
+        f"{plural(len(result.index_files), 'index file')}"
+        + (
+            f" and {plural(result.advisories, 'advisory', 'advisories')}"
+            if result.advisories is not None
+            else ""
+        )
+        + f" -> {target}"
         + (f"; {plural(problems, 'crate')} left out (see above)" if problems else "")
     )
     return EXIT_FAILURE if problems else EXIT_OK

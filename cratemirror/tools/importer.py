@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from cratemirror.config import ConfigError
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
+from cratemirror.policy.bundle import DbImport, import_advisory_db
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import FORMAT, FORMAT_VERSION, MANIFEST, crate_member, index_member
 from cratemirror.tools.common import (
@@ -69,6 +70,7 @@ class ImportResult:
     index_loaded: int = 0
     index_kept: int = 0
     crates_listed: int = 0
+    advisory_db: DbImport = field(default_factory=DbImport)
 
     @property
     def refused(self) -> int:
@@ -297,7 +299,7 @@ def store_upstream_config(store: Store, manifest: dict[str, Any]) -> None:
         store.put_json(UPSTREAM_CONFIG_KEY, {"dl": config["dl"]})
 
 
-def import_bundle(tar: tarfile.TarFile, store: Store) -> ImportResult:
+def import_bundle(tar: tarfile.TarFile, store: Store, advisory_db: Path | None = None) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
@@ -315,6 +317,8 @@ def import_bundle(tar: tarfile.TarFile, store: Store) -> ImportResult:
         else:
             progress.step(line, line)
     progress.finish()
+    result.advisory_db = import_advisory_db(tar, members, manifest, advisory_db)
+    result.refused_members.extend(result.advisory_db.refused)
     for name in sorted(members):
         result.refused_members.append(f"{name!r}: not listed in the manifest")
     store_upstream_config(store, manifest)
@@ -332,7 +336,7 @@ def run_import(args: argparse.Namespace) -> int:
         return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
     try:
         with tarfile.open(bundle, "r:*") as tar:
-            result = import_bundle(tar, store)
+            result = import_bundle(tar, store, config.policy.advisory_db)
         cached_bytes = store.crate_bytes()
     except (tarfile.TarError, BundleError) as exc:
         return error(f"{bundle}: {exc}")
@@ -353,6 +357,11 @@ def run_import(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    if result.advisory_db.installed:
+        print(
+            f"import: {plural(result.advisory_db.installed, 'advisory', 'advisories')} installed into "
+            f"{result.advisory_db.target}"
+        )
     if cached_bytes > config.cache.max_size:
         print(
             f"import: the cache now holds {format_size(cached_bytes)}, over cache.max_size "
