@@ -300,6 +300,8 @@ class CrateService:
 
     async def _from_shared(self, fill: Fill) -> bool:
         """Copy the crate from the shared storage into this cache dir if it is there and verifies."""
+        if isinstance(self.shared, LocalShared):
+            return False
         temp = self.store.new_temp_file()
         key = CrateVersion(CrateName(fill.name), fill.version)
         try:
