@@ -39,6 +39,7 @@ log = logging.getLogger("cratemirror.crates")
 CHUNK = 256 * 1024
 MEMO_LIMIT = 65536
 TOUCH_INTERVAL = 3600.0
+UPLOAD_SHUTDOWN_WAIT = 30.0  # seconds close() waits for uploads to the shared storage
 EVICTION_SHUTDOWN_WAIT = 30.0
 
 
@@ -151,6 +152,7 @@ class CrateService:
         self.store = store
         self.coordination = coordination or LocalCoordination(store)
         self.shared = shared or LocalShared()
+        self._uploads: set[asyncio.Task[None]] = set()  # to the shared storage; finished at close
         self.max_size = max_size
         self._eviction: asyncio.Task[None] | None = None  # at most one per process
         self.index = index
@@ -166,6 +168,8 @@ class CrateService:
         self.disk_trouble = disk_trouble
 
     async def close(self) -> None:
+        if self._uploads:  # what was stored here reaches the other replicas (warm exits right after)
+            await asyncio.wait(self._uploads, timeout=UPLOAD_SHUTDOWN_WAIT)
         await self._fills.cancel_all()
         if self._eviction is not None:
             # Its thread cannot be cancelled: give it a bounded time to finish (warm exits right after).
@@ -325,8 +329,14 @@ class CrateService:
         if isinstance(self.shared, LocalShared):
             return
         key = CrateVersion(CrateName(fill.name), fill.version)
+        upload = asyncio.ensure_future(
+            self.shared.put_crate(key, self.store.crate_path(fill.name, fill.version), fill.cksum)
+        )
+        self._uploads.add(upload)
+        upload.add_done_callback(self._uploads.discard)
         try:
-            await self.shared.put_crate(key, self.store.crate_path(fill.name, fill.version), fill.cksum)
+            # Shielded: a fill cancelled at shutdown leaves its upload to close(), not half-done.
+            await asyncio.shield(upload)
         except Exception as exc:
             log.warning("shared storage: could not store %s %s: %s", fill.name, fill.version, exc)
 

@@ -10,6 +10,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -26,6 +27,7 @@ from tests.fake_upstream import (
 from tests.fleet_support import MotoS3, RedisServer, replicas
 from tests.mirror_process import wait_until
 from tests.test_e2e_cargo import assert_lockfile
+from tests.tools_support import publish_sample, real_lockfile, run_cli, write_config
 
 CLIENTS = 60
 
@@ -154,3 +156,28 @@ async def test_real_cargo_follows_the_redirects_to_the_store(
         fetched = [r.getMessage() for r in caplog.records if f"GET /{moto.bucket}/crates/" in r.getMessage()]
         assert len(fetched) == len(SMALL_TREE_RESOLVED), fetched
         assert all("X-Amz-Signature" in line for line in fetched), fetched
+
+
+async def test_warm_fills_the_bucket_for_every_replica(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path
+) -> None:
+    """`cratemirror warm --config` with storage s3 (the tool runs the server's own services): a replica
+    that never saw these crates serves them from the bucket with the upstream down."""
+    expected = publish_sample(registry)
+    project = await real_lockfile(tmp_path, registry)
+    config = write_config(tmp_path / "warm.yaml", registry.index_url, tmp_path / "warm-cache")
+    config.write_text(config.read_text() + moto.yaml())
+    result = await run_cli("warm", str(project / "Cargo.lock"), "--config", str(config), cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert sum(key.startswith("crates/") for key in moto.keys()) == len(expected), moto.keys()
+
+    registry.down = True
+    registry.reset_counts()
+    async with (
+        replicas(registry.index_url, tmp_path, 1, config_text=moto.yaml()) as (mirror,),
+        aiohttp.ClientSession() as session,
+    ):
+        for name, version in expected.items():
+            url = f"{mirror.url}/api/v1/crates/{name}/{quote(version, safe='')}/download"
+            assert await get(session, url) == (200, "HIT", registry.get_version(name, version).data), name
+    assert registry.requests.total() == 0, dict(registry.requests)
