@@ -368,7 +368,7 @@ class MotoS3:
             aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
         )  # fmt: skip
 
-    def keys(self) -> list[str]:
+    def object_keys(self) -> list[str]:
         listing = self.client().list_objects_v2(Bucket=self.bucket)
         return [item["Key"] for item in listing.get("Contents", [])]
 

@@ -88,7 +88,7 @@ async def test_three_replicas_share_one_cache_in_s3(
         assert (await get(session, f"{a.url}/api/v1/crates/serde/1.0.1/download"))[2] == late.data
 
         async def uploaded() -> bool:  # the client has its bytes before the upload ends
-            return "crates/serde/1.0.1.crate" in await asyncio.to_thread(moto.keys)
+            return "crates/serde/1.0.1.crate" in await asyncio.to_thread(moto.object_keys)
 
         await wait_until(uploaded, "replica A to store serde 1.0.1 in the bucket", timeout=20, interval=0.05)
         assert a.proc is not None
@@ -111,7 +111,7 @@ async def test_redirect_mode_sends_clients_to_the_store(
         assert await get(session, url) == (200, "MISS", cv.data)  # the first client gets the fill
 
         async def uploaded() -> bool:
-            return "crates/serde/1.0.0.crate" in await asyncio.to_thread(moto.keys)
+            return "crates/serde/1.0.0.crate" in await asyncio.to_thread(moto.object_keys)
 
         await wait_until(uploaded, "the crate in the bucket", timeout=20, interval=0.05)
         async with session.get(url, allow_redirects=False) as response:
@@ -139,7 +139,7 @@ async def test_real_cargo_follows_the_redirects_to_the_store(
         assert code == 0, output
 
         async def all_uploaded() -> bool:
-            keys = await asyncio.to_thread(moto.keys)
+            keys = await asyncio.to_thread(moto.object_keys)
             return sum(key.startswith("crates/") for key in keys) == len(SMALL_TREE_RESOLVED)
 
         await wait_until(all_uploaded, "every crate in the bucket", timeout=20, interval=0.05)
@@ -169,7 +169,8 @@ async def test_warm_fills_the_bucket_for_every_replica(
     config.write_text(config.read_text() + moto.yaml())
     result = await run_cli("warm", str(project / "Cargo.lock"), "--config", str(config), cwd=tmp_path)
     assert result.code == 0, result.output
-    assert sum(key.startswith("crates/") for key in moto.keys()) == len(expected), moto.keys()
+    keys = await asyncio.to_thread(moto.object_keys)
+    assert sum(key.startswith("crates/") for key in keys) == len(expected), keys
 
     registry.down = True
     registry.reset_counts()
