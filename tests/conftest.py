@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from cratemirror.app import create_app
 from cratemirror.config import CacheConfig, Config, ServerConfig, UpstreamConfig
 from tests.fake_upstream import FakeRegistry
+from tests.fleet_support import MotoS3, RedisServer
 
 MirrorFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -57,3 +58,20 @@ def mirror_factory(
 @pytest.fixture
 async def mirror(mirror_factory: MirrorFactory) -> TestClient[Any, Any]:
     return await mirror_factory()
+
+
+# ---- the fleet's services (tests/test_fleet_*.py) -----------------------------------------------------
+
+
+@pytest.fixture
+def moto() -> Iterator[MotoS3]:
+    """moto's S3 server on loopback with a bucket of the test's own."""
+    with MotoS3() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server on loopback, killed at the end."""
+    async with RedisServer(tmp_path / "redis") as server:
+        yield server

@@ -408,5 +408,10 @@ async def replicas(
             mirror = MirrorProcess(
                 index_url, cache, workdir, workers=workers, extra_args=("--config", str(config))
             )
-            mirrors.append(await stack.enter_async_context(mirror))
+            stack.push_async_callback(mirror.stop)  # stopped however far it got
+            mirrors.append(mirror)
+        # Started side by side (each spends its start-up mostly importing); one failing stops the rest.
+        async with asyncio.TaskGroup() as group:
+            for mirror in mirrors:
+                group.create_task(mirror.start())
         yield mirrors

@@ -25,12 +25,6 @@ CLIENTS = 60
 
 
 @pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    async with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as client:
         yield client

@@ -27,7 +27,7 @@ from tests.fake_upstream import (
     write_cargo_home,
     write_cargo_project,
 )
-from tests.fleet_support import FrontTLS, HAProxy, connected_to, make_tls, replicas
+from tests.fleet_support import FrontTLS, HAProxy, MotoS3, RedisServer, connected_to, make_tls, replicas
 from tests.mirror_process import MirrorProcess, wait_until
 from tests.test_e2e_cargo import assert_lockfile, tarball_fetches
 
@@ -44,11 +44,13 @@ class Fleet:
 
 
 @asynccontextmanager
-async def fleet(registry: FakeRegistry, tmp_path: Path, count: int = 3) -> AsyncIterator[Fleet]:
+async def fleet(
+    registry: FakeRegistry, tmp_path: Path, count: int = 3, config_text: str = ""
+) -> AsyncIterator[Fleet]:
     """`count` mirror processes (one worker each, own cache dir) behind HAProxy with a test CA."""
     tls = make_tls(tmp_path / "tls")
     async with (
-        replicas(registry.index_url, tmp_path, count) as mirrors,
+        replicas(registry.index_url, tmp_path, count, config_text=config_text) as mirrors,
         HAProxy(tmp_path, tls, [("127.0.0.1", m.port) for m in mirrors]) as front,
     ):
         yield Fleet(front, mirrors, tls)
@@ -134,3 +136,37 @@ async def test_a_replica_killed_mid_fetch_costs_cargo_nothing(registry: FakeRegi
         assert int(stats[name]["wretr"]) + int(stats[name]["wredis"]) >= 1, stats[name]
         survivors = [m for m in f.replicas if m is not victim]
         assert all(m.proc is not None and m.proc.returncode is None for m in survivors)
+
+
+async def test_the_whole_fleet_keeps_a_dead_replicas_crates(
+    registry: FakeRegistry, tmp_path: Path, redis_server: RedisServer, moto: MotoS3
+) -> None:
+    """HAProxy + 3 replicas on one bucket (moto) and one Redis: cargo fetches cold; then one replica is
+    killed and the upstream goes away, and a fresh CARGO_HOME still gets everything, over HTTP/2."""
+    publish_small_tree(registry)
+    project = tmp_path / "app"
+    write_cargo_project(project, SMALL_TREE_DEPS)
+    text = moto.yaml() + f"coordination:\n  redis_url: {redis_server.url}\n"
+    async with fleet(registry, tmp_path, config_text=text) as f:
+        code, output = await run_cargo(["fetch"], project, cargo_home(tmp_path / "cold", f))
+        assert code == 0, output
+        for name, version in SMALL_TREE_RESOLVED.items():
+            assert tarball_fetches(registry, name, version) == 1, (name, dict(registry.requests))
+
+        async def all_uploaded() -> bool:
+            keys = await asyncio.to_thread(moto.object_keys)
+            return sum(key.startswith("crates/") for key in keys) == len(SMALL_TREE_RESOLVED)
+
+        await wait_until(all_uploaded, "every crate in the bucket", timeout=20, interval=0.05)
+        stats = await f.front.server_stats()
+        victim = max(f.replicas, key=lambda m: int(stats[f"mirror{f.replicas.index(m) + 1}"]["stot"]))
+        assert victim.proc is not None
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        await victim.proc.wait()
+        registry.down = True
+        registry.reset_counts()
+        (project / "Cargo.lock").unlink()
+        code, output = await run_cargo(["fetch"], project, cargo_home(tmp_path / "warm", f))
+        assert code == 0, f"{output}\n{f.front.output()}"
+        assert_lockfile(project, registry)
+        assert registry.requests.total() == 0, dict(registry.requests)

@@ -8,7 +8,6 @@ import hashlib
 import itertools
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,18 +29,6 @@ from tests.test_e2e_cargo import assert_lockfile
 from tests.tools_support import publish_sample, real_lockfile, run_cli, write_config
 
 CLIENTS = 60
-
-
-@pytest.fixture
-def moto() -> Iterator[MotoS3]:
-    with MotoS3() as server:
-        yield server
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    async with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, bytes]:

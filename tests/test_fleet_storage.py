@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -18,12 +18,6 @@ from cratemirror.store import IndexEntry
 from tests.fleet_support import MotoS3
 
 LIMIT = 1 << 20
-
-
-@pytest.fixture
-def moto() -> Iterator[MotoS3]:
-    with MotoS3() as server:
-        yield server
 
 
 def storage_config(moto: MotoS3, serve: str = "proxy", prefix: str = "m/") -> StorageConfig:
