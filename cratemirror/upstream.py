@@ -292,6 +292,8 @@ class Health:
         self.last_error: str | None = None
         self._probe_at: float | None = None  # monotonic time of the next probe while down
         self.adopted = False  # down because another replica said so (coordination), not our own failures
+        self.last_failure_at = 0.0  # wall clock, for the other replicas to weigh against their own
+        self.last_success_at = 0.0
 
     @property
     def is_up(self) -> bool:
@@ -308,9 +310,10 @@ class Health:
             )
         self._probe_at = now + self._interval()  # this request probes; the others keep failing fast
 
-    def adopt_down(self, reason: str) -> None:
-        """Another replica found the upstream down: fail fast here too, until our own probe answers."""
-        if not self.is_up:
+    def adopt_down(self, reason: str, failed_at: float) -> None:
+        """Another replica found the upstream down: fail fast here too, until our own probe answers
+        (unless we have seen it answer since)."""
+        if not self.is_up or failed_at <= self.last_success_at:
             return
         log.warning("upstream marked down by another replica: %s", reason)
         self.consecutive_failures = FAILURES_BEFORE_DOWN
@@ -321,6 +324,7 @@ class Health:
 
     def failure(self, reason: str) -> None:
         self.adopted = False
+        self.last_failure_at = time.time()
         self.consecutive_failures += 1
         self.last_error = reason
         log.warning("upstream failure (%d in a row): %s", self.consecutive_failures, reason)
@@ -334,6 +338,7 @@ class Health:
         self.consecutive_failures = 0
         self._probe_at = None
         self.adopted = False
+        self.last_success_at = time.time()
         self.metrics.upstream_up.set(1)
 
     def _interval(self) -> float:

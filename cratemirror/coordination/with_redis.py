@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,9 +38,10 @@ RENEW_EVERY = LOCK_TTL / 3
 RETRY_AFTER = 2.0  # seconds between attempts to reach a Redis that failed
 IO_TIMEOUT = 1.0  # per Redis call: a hung Redis must not hold up cargo
 WAIT_POLL_MAX = 0.1
-WAIT_LIMIT = 900.0
+WAIT_LIMIT = 900.0  # a loser never waits longer than this for another replica's fill
 HEALTH_EVERY = 1.0  # seconds between looks at the fleet's view of the upstream
-REASON_LIMIT = 200  # a loser never waits longer than this for another replica's fill
+HEALTH_FRESH = 30.0  # seconds a replica's own failures count as news for the others
+REASON_LIMIT = 200
 
 # Extend / delete only while the lock still holds our fencing token.
 _RENEW = (
@@ -49,6 +51,19 @@ _RENEW = (
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+
+
+def _heard_down(value: object) -> tuple[float, str] | None:
+    """(when it failed, why) from another replica's note in Redis, checked like any other input."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    stamp, _, reason = text.partition(" ")
+    try:
+        failed_at = float(stamp)
+    except ValueError:
+        return None
+    if not math.isfinite(failed_at):
+        return None
+    return failed_at, "".join(ch for ch in reason if ch.isprintable())[:REASON_LIMIT]
 
 
 @dataclass
@@ -174,12 +189,15 @@ class RedisCoordination:
                 continue
             try:
                 if not health.is_up and not health.adopted:
-                    # Refreshed while our own failures last; expires soon after we recover.
-                    reason = (health.last_error or "failing")[:REASON_LIMIT]
-                    await self.client.set(name, reason, px=int(HEALTH_EVERY * 3 * 1000))
+                    # Our own failures, while they are news: the key expires soon after they stop.
+                    if time.time() - health.last_failure_at < HEALTH_FRESH:
+                        reason = (health.last_error or "failing")[:REASON_LIMIT]
+                        value = f"{health.last_failure_at!r} {reason}"
+                        await self.client.set(name, value, px=int(HEALTH_EVERY * 3 * 1000))
                 elif health.is_up and (said := await self.client.get(name)) is not None:
-                    text = said.decode(errors="replace") if isinstance(said, bytes) else str(said)
-                    health.adopt_down("".join(ch for ch in text if ch.isprintable())[:REASON_LIMIT])
+                    heard = _heard_down(said)
+                    if heard is not None:
+                        health.adopt_down(heard[1], heard[0])
                 self._worked()
             except _FAILURES as exc:
                 self._failed(exc)
