@@ -198,3 +198,9 @@ async def test_a_replica_hears_that_the_upstream_is_down(
 
         await wait_until(b_serves, "replica B to find the upstream back", timeout=15, interval=0.2)
         assert await upstream_up(b) == 1
+        # ... and stays up: A (idle, still down in its own view) keeps its note in Redis for a while,
+        # but B has seen the upstream answer since. Watched over several of B's looks at Redis.
+        for _ in range(10):
+            await asyncio.sleep(0.3)
+            assert (await get(session, f"{b.url}/index/se/rd/serde"))[0] == 200
+            assert await upstream_up(b) == 1
