@@ -350,7 +350,7 @@ async def readyz(request: web.Request) -> web.Response:
     if problem:
         return error(503, problem)
     # A fleet without Redis still serves (each replica coalesces its own fills): ready, but say so.
-    degraded = await mirror.coordination.problem()
+    degraded = await mirror.coordination.problem() or await mirror.shared.problem()
     return web.Response(text=f"ready ({degraded})\n" if degraded else "ready\n")
 
 

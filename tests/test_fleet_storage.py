@@ -97,3 +97,13 @@ async def test_index_files_round_trip(shared: SharedStorage) -> None:
     assert await shared.get_index(CrateName("serde")) == entry
     await shared.put_index(CrateName("nope"), IndexEntry(404, b"", "", "", time.time()))
     assert await shared.get_index(CrateName("nope")) is None  # negative entries live in coordination
+
+
+async def test_a_failing_store_is_reported_until_it_answers(shared: SharedStorage, moto: MotoS3) -> None:
+    assert await shared.problem() is None
+    assert await shared.get_index(CrateName("serde")) is None
+    moto.stop()
+    with pytest.raises(Exception, match=r"(?i)connect"):
+        await shared.get_index(CrateName("serde"))
+    problem = await shared.problem()
+    assert problem is not None and problem.startswith("shared storage failing (")

@@ -57,6 +57,10 @@ class SharedStorage(Protocol):
         """(bytes, crate files) stored."""
         ...
 
+    async def problem(self) -> str | None:
+        """None while the store answers, else a one-line reason (/readyz: degraded)."""
+        ...
+
 
 class LocalShared:
     """storage.backend: local: nothing is shared beyond the cache dir."""
@@ -86,6 +90,9 @@ class LocalShared:
 
     async def usage(self) -> tuple[int, int]:
         return 0, 0
+
+    async def problem(self) -> str | None:
+        return None
 
 
 def make_shared_storage(config: StorageConfig, max_index_size: int) -> SharedStorage:

@@ -18,9 +18,11 @@ import hashlib
 import logging
 import math
 import os
+import time
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from aiobotocore.config import AioConfig
@@ -33,11 +35,15 @@ from cratemirror.names import CrateName, CrateVersion
 from cratemirror.store import IndexEntry
 
 log = logging.getLogger("cratemirror.storage")
+T = TypeVar("T")
 
 CHUNK = 256 * 1024
 PRESIGN_SECONDS = 300  # a redirect's URL is good for this long: enough to start the download
 KNOWN_LIMIT = 100_000  # crates known to be in the bucket (they never change once stored)
-MAX_LIST_PAGES = 100_000  # usage(): 1000 keys a page
+MAX_LIST_PAGES = 100_000
+PROBLEM_MEMORY = (
+    60.0  # seconds /readyz reports a failed call, unless one succeeds meanwhile  # usage(): 1000 keys a page
+)
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _ALREADY = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
@@ -61,6 +67,8 @@ class S3Shared:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._known: LRUCache[str, bool] = LRUCache(KNOWN_LIMIT)
+        self._failed_at: float | None = None  # monotonic time of the last failed call, None after a success
+        self._failure = ""
 
     async def start(self) -> None:
         endpoint = str(self.config.endpoint_url) if self.config.endpoint_url is not None else None
@@ -89,6 +97,40 @@ class S3Shared:
     async def close(self) -> None:
         await self._stack.aclose()
 
+    # ---- the seam: every call is tracked for /readyz ------------------------------------------------
+
+    async def put_crate(self, key: CrateVersion, verified: Path, sha256: str) -> None:
+        await self._tracked(self._put_crate(key, verified, sha256))
+
+    async def fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
+        return await self._tracked(self._fetch_crate(key, sha256, into, limit))
+
+    async def crate_url(self, key: CrateVersion, sha256: str) -> str | None:
+        return await self._tracked(self._crate_url(key, sha256))
+
+    async def get_index(self, crate: CrateName) -> IndexEntry | None:
+        return await self._tracked(self._get_index(crate))
+
+    async def put_index(self, crate: CrateName, entry: IndexEntry) -> None:
+        await self._tracked(self._put_index(crate, entry))
+
+    async def usage(self) -> tuple[int, int]:
+        return await self._tracked(self._usage())
+
+    async def _tracked(self, work: Awaitable[T]) -> T:
+        try:
+            result = await work
+        except Exception as exc:
+            self._failed_at, self._failure = time.monotonic(), str(exc) or type(exc).__name__
+            raise
+        self._failed_at = None
+        return result
+
+    async def problem(self) -> str | None:
+        if self._failed_at is None or time.monotonic() - self._failed_at > PROBLEM_MEMORY:
+            return None
+        return f"shared storage failing ({self._failure[:200]}); serving from this replica and upstream"
+
     # ---- keys (from validated values only) --------------------------------------------------------
 
     def _crate_key(self, key: CrateVersion) -> str:
@@ -99,7 +141,7 @@ class S3Shared:
 
     # ---- crates -----------------------------------------------------------------------------------
 
-    async def put_crate(self, key: CrateVersion, verified: Path, sha256: str) -> None:
+    async def _put_crate(self, key: CrateVersion, verified: Path, sha256: str) -> None:
         name = self._crate_key(key)
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
         with open(verified, "rb") as body:
@@ -113,7 +155,7 @@ class S3Shared:
                     raise
         self._known[name] = True
 
-    async def fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
+    async def _fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
         name = self._crate_key(key)
         try:
             response = await self._client.get_object(Bucket=self.bucket, Key=name)
@@ -140,7 +182,7 @@ class S3Shared:
         self._known[name] = True
         return size
 
-    async def crate_url(self, key: CrateVersion, sha256: str) -> str | None:
+    async def _crate_url(self, key: CrateVersion, sha256: str) -> str | None:
         name = self._crate_key(key)
         if name not in self._known:
             try:
@@ -159,7 +201,7 @@ class S3Shared:
 
     # ---- index files ------------------------------------------------------------------------------
 
-    async def get_index(self, crate: CrateName) -> IndexEntry | None:
+    async def _get_index(self, crate: CrateName) -> IndexEntry | None:
         try:
             response = await self._client.get_object(Bucket=self.bucket, Key=self._index_key(crate))
         except ClientError as exc:
@@ -184,7 +226,7 @@ class S3Shared:
             meta.get("upstream-etag") or None, meta.get("upstream-last-modified") or None,
         )  # fmt: skip
 
-    async def put_index(self, crate: CrateName, entry: IndexEntry) -> None:
+    async def _put_index(self, crate: CrateName, entry: IndexEntry) -> None:
         if entry.status != 200:
             return  # "not found" is shared through coordination, with its own expiry
         meta = {
@@ -198,7 +240,7 @@ class S3Shared:
             Bucket=self.bucket, Key=self._index_key(crate), Body=entry.body, Metadata=meta
         )
 
-    async def usage(self) -> tuple[int, int]:
+    async def _usage(self) -> tuple[int, int]:
         total = count = 0
         paginator = self._client.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}crates/")
