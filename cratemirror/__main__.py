@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cratemirror.tools.cli import add_tool_commands
 
     add_tool_commands(commands)
+
+    from cratemirror.auth.cli import add_token_command
+
+    add_token_command(commands)
     return parser
 
 

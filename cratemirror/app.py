@@ -9,9 +9,10 @@ import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from cratemirror import routes, status_page
+from cratemirror.auth.middleware import auth_middleware
 from cratemirror.config import Config
 from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.crates import CrateService
@@ -37,7 +38,10 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     )  # fmt: skip
     mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble)
 
-    app = web.Application(middlewares=[_instrument], handler_args={"max_field_size": 8190})
+    middlewares: list[Middleware] = [_instrument]
+    if config.auth.required:
+        middlewares.append(auth_middleware(config.auth, metrics))
+    app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
     app.add_routes(routes.routes)
     app.add_routes(status_page.routes)

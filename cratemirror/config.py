@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 
 __all__ = [
+    "AuthConfig",
     "CacheConfig",
     "Config",
     "ConfigError",
@@ -130,6 +131,8 @@ class ServerConfig:
     port: int = 8080
     workers: int = field(default_factory=_default_workers)
     public_url: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         # Normalised here too (not only in the loader) so directly built configs join paths the same way.
@@ -168,12 +171,20 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    required: bool = False
+    tokens_file: Path = Path("./tokens.yaml")
+    protect_status: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     offline: bool = False
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     source: str = DEFAULTS_SOURCE
 
 
@@ -315,6 +326,10 @@ _KEYS: dict[str, _Key] = {
     "server.public_url": _Key(
         _public_url, "an http(s) URL like https://crates.example.com, or null", nullable=True
     ),
+    "server.tls_cert": _Key(
+        _existing_file, "a path to an existing PEM certificate file, or null", nullable=True
+    ),
+    "server.tls_key": _Key(_existing_file, "a path to an existing PEM key file, or null", nullable=True),
     "upstream.index_url": _Key(_index_url, "an http(s) URL like https://index.crates.io/"),
     "upstream.timeout": _Key(_duration(positive=True), "a positive duration like 30s"),
     "upstream.retries": _Key(_int_at_least(0), "a whole number >= 0"),
@@ -333,9 +348,12 @@ _KEYS: dict[str, _Key] = {
         "one of debug, info, warning, error, critical",
     ),
     "logging.format": _Key(_choice("text", "json"), "one of text, json"),
+    "auth.required": _Key(_bool, "true or false"),
+    "auth.tokens_file": _Key(_path, "a file path like ./tokens.yaml"),
+    "auth.protect_status": _Key(_bool, "true or false"),
 }
 
-_SECTIONS = ("server", "upstream", "cache", "logging")
+_SECTIONS = ("server", "upstream", "cache", "logging", "auth")
 # Top-level keys in the order they appear in the contract, for "allowed keys" lists.
 _TOP_LEVEL = list(dict.fromkeys(dotted.partition(".")[0] for dotted in _KEYS))
 _ENV_NAMES = {ENV_PREFIX + dotted.replace(".", "_").upper(): dotted for dotted in _KEYS}
@@ -549,6 +567,7 @@ def load_config(
         upstream=UpstreamConfig(**sections["upstream"]),
         cache=CacheConfig(**sections["cache"]),
         logging=LoggingConfig(**sections["logging"]),
+        auth=AuthConfig(**sections["auth"]),
         source=DEFAULTS_SOURCE if path is None else str(path),
         **top,
     )

@@ -38,6 +38,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 KINDS = ("index", "crate", "config")
 RESULTS = ("hit", "miss", "revalidated", "stale", "negative", "error")
+AUTH_REASONS = ("missing", "unknown", "expired", "revoked")
 
 
 @dataclass
@@ -145,6 +146,12 @@ class Metrics:
             registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.upstream_up.set(1)
+        self.auth_failures = Counter(
+            "cratemirror_auth_failures_total", "Requests refused for want of a valid token", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        for reason in AUTH_REASONS:
+            self.auth_failures.labels(reason)
         # Pre-create label sets so dashboards see every series (at 0) from the first scrape.
         for kind in KINDS:
             for result in RESULTS:

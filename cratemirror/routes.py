@@ -53,11 +53,18 @@ def base_url(request: web.Request) -> str:
     return f"{proto}://{host}"
 
 
+def mirror_auth_required(request: web.Request) -> bool:
+    return request.app[MIRROR].config.auth.required
+
+
 @routes.get("/index/config.json")
 async def config_json(request: web.Request) -> web.Response:
     _mark(request, "config", "hit")
     base = base_url(request)
-    body = json.dumps({"dl": f"{base}/api/v1/crates", "api": base}).encode()
+    document: dict[str, object] = {"dl": f"{base}/api/v1/crates", "api": base}
+    if mirror_auth_required(request):
+        document["auth-required"] = True  # so cargo sends the token on every request (RFC 3139)
+    body = json.dumps(document).encode()
     request[BYTES] = len(body)
     return web.Response(body=body, content_type="application/json", headers={"X-Cache": "HIT"})
 

@@ -761,15 +761,18 @@ async def run_cargo(
     cwd: Path,
     cargo_home: Path,
     timeout: float = 240,  # noqa: ASYNC109 - part of the shared interface
+    env: Mapping[str, str] | None = None,
 ) -> tuple[int, str]:
     """Run the real ``cargo`` without blocking the event loop (so a server in the same loop keeps
     answering).  Returns (exit code, combined stdout+stderr).  On timeout the process group is
-    killed and the exit code is negative.  Raises FileNotFoundError if cargo is not on PATH."""
+    killed and the exit code is negative.  Raises FileNotFoundError if cargo is not on PATH.
+    ``env`` adds variables (e.g. ``CARGO_REGISTRIES_MIRROR_TOKEN``) after the CARGO_* ones are cleared."""
     cargo = shutil.which("cargo")
     if cargo is None:
         raise FileNotFoundError("cargo not found on PATH")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARGO_")}
-    env.update(
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("CARGO_")}
+    child_env.update(env or {})
+    child_env.update(
         CARGO_HOME=str(cargo_home),
         CARGO_NET_RETRY="0",
         CARGO_TERM_COLOR="never",
@@ -780,7 +783,7 @@ async def run_cargo(
         cargo,
         *args,
         cwd=str(cwd),
-        env=env,
+        env=child_env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

@@ -11,6 +11,7 @@ import pytest
 
 from cratemirror import config as config_module
 from cratemirror.config import (
+    AuthConfig,
     CacheConfig,
     Config,
     ConfigError,
@@ -208,6 +209,7 @@ def test_schema_matches_dataclasses() -> None:
             ("upstream", UpstreamConfig),
             ("cache", CacheConfig),
             ("logging", LoggingConfig),
+            ("auth", AuthConfig),
         ]
         for f in dataclasses.fields(cls)
     } | {"offline"}
@@ -428,7 +430,7 @@ def test_unknown_key_names_dotted_key_and_allowed_keys(tmp_path: Path) -> None:
     message = error_of(tmp_path, "server:\n  prot: 9000\n")
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: server.prot: unknown key (did you mean 'port'?); "
-        "allowed keys: host, port, workers, public_url"
+        "allowed keys: host, port, workers, public_url, tls_cert, tls_key"
     )
 
 
@@ -436,7 +438,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     message = error_of(tmp_path, "database:\n  url: x\n")
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
-        "allowed keys: server, upstream, cache, offline, logging"
+        "allowed keys: server, upstream, cache, offline, logging, auth"
     )
 
 
