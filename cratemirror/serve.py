@@ -23,6 +23,7 @@ from types import FrameType
 
 from cratemirror.config import Config, ConfigError, find_config_path, load_config
 from cratemirror.logs import setup_logging
+from cratemirror.tls import server_ssl_context
 
 log = logging.getLogger("cratemirror")
 
@@ -52,13 +53,14 @@ def serve(args: argparse.Namespace) -> int:
             f"{config.source}: cache.dir: expected a directory that can be created, got "
             f"{str(config.cache.dir)!r} ({exc.strerror})"
         ) from exc
+    scheme = "https" if server_ssl_context(config) is not None else "http"  # bad TLS files: exit 2 now
     problem = _port_problem(config.server.host, config.server.port)
     if problem:
         log.error("%s", problem)
         return 1
     log.info(
-        "cratemirror serving on http://%s:%d with %d worker(s); upstream %s; cache %s%s; config: %s",
-        config.server.host, config.server.port, config.server.workers, config.upstream.index_url,
+        "cratemirror serving on %s://%s:%d with %d worker(s); upstream %s; cache %s%s; config: %s",
+        scheme, config.server.host, config.server.port, config.server.workers, config.upstream.index_url,
         config.cache.dir, " (offline)" if config.offline else "", config.source,
     )  # fmt: skip
     if config.server.workers == 1:
@@ -92,6 +94,7 @@ def run_worker(config: Config) -> None:
             host=config.server.host,
             port=config.server.port,
             reuse_port=config.server.workers > 1,
+            ssl_context=server_ssl_context(config),
             access_log_class=AccessLogger,
             access_log=logging.getLogger("cratemirror.access"),
             print=None,
