@@ -15,28 +15,22 @@ from cratemirror import routes, status_page
 from cratemirror.auth.middleware import auth_middleware
 from cratemirror.config import Config
 from cratemirror.context import MIRROR, Mirror, RecentMiss
-from cratemirror.crates import CrateService
-from cratemirror.index import IndexService
-from cratemirror.metrics import TIMING, Metrics, start_request_timing
-from cratemirror.store import DiskTrouble, Store
-from cratemirror.upstream import Upstream
+from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
+from cratemirror.registry import build_registries
+from cratemirror.store import DiskTrouble
 
 log = logging.getLogger("cratemirror")
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     metrics = metrics or Metrics()
-    store = Store(config.cache.dir)
-    upstream = Upstream(config.upstream, metrics)
     disk_trouble = DiskTrouble()
-    index = IndexService(
-        store, upstream, metrics, config.cache, offline=config.offline, disk_trouble=disk_trouble
-    )
-    crates = CrateService(
-        store, index, upstream, metrics,
-        offline=config.offline, max_size=config.cache.max_size, disk_trouble=disk_trouble,
+    registries = build_registries(config, metrics, disk_trouble)
+    default = registries[DEFAULT_REGISTRY]
+    mirror = Mirror(
+        config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
+        registries=registries,
     )  # fmt: skip
-    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble)
 
     middlewares: list[Middleware] = [_instrument]
     if config.auth.required:
@@ -51,22 +45,25 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     mirror = app[MIRROR]
-    removed = mirror.store.clean_stale_temp_files()
-    if removed:
-        log.info("removed %d partial downloads left by an earlier run", removed)
-    if not mirror.config.offline:
-        await mirror.upstream.start()
+    for registry in mirror.registries.values():
+        removed = registry.store.clean_stale_temp_files()
+        if removed:
+            log.info("removed %d partial downloads left by an earlier run", removed)
+        if not mirror.config.offline:
+            await registry.upstream.start()
     try:
-        crate_bytes = await asyncio.to_thread(mirror.store.measure_crate_bytes)
-        mirror.store.set_crate_bytes(crate_bytes)  # exact again, whatever a crash left
-        mirror.record_usage(mirror.store.usage())
+        for registry in mirror.registries.values():
+            crate_bytes = await asyncio.to_thread(registry.store.measure_crate_bytes)
+            registry.store.set_crate_bytes(crate_bytes)  # exact again, whatever a crash left
+            registry.record_usage(registry.store.usage())
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
         mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
     yield
-    await mirror.crates.close()
-    await mirror.index.close()
-    await mirror.upstream.close()
-    mirror.store.close()
+    for registry in mirror.registries.values():
+        await registry.crates.close()
+        await registry.index.close()
+        await registry.upstream.close()
+        registry.store.close()
 
 
 @web.middleware
@@ -89,7 +86,9 @@ async def _instrument(request: web.Request, handler: Handler) -> web.StreamRespo
             elapsed = time.perf_counter() - timing.started
             result = request.get(routes.RESULT, "error")
             sent = 0 if request.method == "HEAD" else request.get(routes.BYTES, 0)
-            mirror.metrics.observe_request(kind, result, elapsed, sent)
+            registry = mirror.registries.get(request.get(routes.REGISTRY, DEFAULT_REGISTRY))
+            metrics = registry.metrics if registry is not None else mirror.metrics
+            metrics.observe_request(kind, result, elapsed, sent)
             if result == "miss":
                 mirror.recent_misses.append(
                     RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)

@@ -26,6 +26,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "LoggingConfig",
+    "RegistryConfig",
     "ServerConfig",
     "UpstreamConfig",
     "find_config_path",
@@ -178,6 +179,21 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """One extra upstream registry, served under /registries/<name>/."""
+
+    index_url: str
+    token: str | None = field(default=None, repr=False)  # never shown, not even in a repr
+    token_env: str | None = None
+    index_ttl: float | None = None
+    negative_ttl: float | None = None
+    stale_if_error: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index_url", self.index_url.rstrip("/") + "/")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -185,6 +201,7 @@ class Config:
     offline: bool = False
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    registries: dict[str, RegistryConfig] = field(default_factory=dict)
     source: str = DEFAULTS_SOURCE
 
 
@@ -355,7 +372,7 @@ _KEYS: dict[str, _Key] = {
 
 _SECTIONS = ("server", "upstream", "cache", "logging", "auth")
 # Top-level keys in the order they appear in the contract, for "allowed keys" lists.
-_TOP_LEVEL = list(dict.fromkeys(dotted.partition(".")[0] for dotted in _KEYS))
+_TOP_LEVEL = [*dict.fromkeys(dotted.partition(".")[0] for dotted in _KEYS), "registries"]
 _ENV_NAMES = {ENV_PREFIX + dotted.replace(".", "_").upper(): dotted for dotted in _KEYS}
 # Overrides usually come from these flags; naming the flag tells the user which input was wrong.
 _FLAGS = {
@@ -446,6 +463,58 @@ def _read_yaml(path: Path) -> object:
         raise ConfigError(f"{source}: not valid YAML: {_yaml_reason(error)}") from None
 
 
+# Registry names appear in URLs, paths and metric labels: lowercase letters, digits, '-' and '_'.
+REGISTRY_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_REGISTRY_KEYS: dict[str, _Key] = {
+    "index_url": _Key(_index_url, "an http(s) URL like https://kellnr.example/api/v1/crates/index/"),
+    "token": _Key(_text, "a token string, or null", nullable=True),
+    "token_env": _Key(_text, "an environment variable name, or null", nullable=True),
+    "index_ttl": _Key(_duration(), "a duration like 5m, or null", nullable=True),
+    "negative_ttl": _Key(_duration(), "a duration like 1m, or null", nullable=True),
+    "stale_if_error": _Key(
+        _duration(forever=True), "a duration like 7d, forever, or 0, or null", nullable=True
+    ),
+}
+
+
+def _registries(document: object, source: str) -> dict[str, RegistryConfig]:
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(
+            f"{source}: registries: expected a mapping of registry names, got {_show(document)}"
+        )
+    registries = {}
+    for name, settings in document.items():
+        if not isinstance(name, str) or not REGISTRY_NAME_RE.fullmatch(name) or name == "crates-io":
+            raise ConfigError(
+                f"{source}: registries: expected names of lowercase letters, digits, '-' and '_' "
+                f"(not crates-io), got {_show(name)}"
+            )
+        if not isinstance(settings, dict) or "index_url" not in settings:
+            raise ConfigError(
+                f"{source}: registries.{name}: expected a mapping with index_url, got {_show(settings)}"
+            )
+        values: dict[str, Any] = {}
+        for key, raw in settings.items():
+            spec = _REGISTRY_KEYS.get(str(key))
+            if spec is None:
+                raise _unknown(source, f"registries.{name}.{key}", list(_REGISTRY_KEYS))
+            if spec.nullable and raw is None:
+                continue
+            try:
+                values[str(key)] = spec.parse(raw)
+            except ValueError:
+                shown = "'***'" if key == "token" else _show(raw)  # a token is never echoed
+                raise ConfigError(
+                    f"{source}: registries.{name}.{key}: expected {spec.expected}, got {shown}"
+                ) from None
+        if values.get("token") and values.get("token_env"):
+            raise ConfigError(f"{source}: registries.{name}: expected token or token_env, not both")
+        registries[name] = RegistryConfig(**values)
+    return registries
+
+
 def _file_values(document: object, source: str) -> list[tuple[str, object]]:
     """The (dotted key, raw value) pairs of a parsed file, rejecting unknown keys and malformed sections."""
     if document is None:  # empty or all-comments file
@@ -471,7 +540,7 @@ def _file_values(document: object, source: str) -> list[tuple[str, object]]:
                 if dotted not in _KEYS:
                     raise _unknown(source, dotted, allowed)
                 pairs.append((dotted, raw))
-        elif name in _KEYS:
+        elif name in _KEYS or name == "registries":
             pairs.append((name, value))
         else:
             raise _unknown(source, name, _TOP_LEVEL)
@@ -529,9 +598,13 @@ def load_config(
     values: dict[str, object] = {}
 
     # Every layer is validated in full, even keys a later layer overrides: a broken file stays an error.
+    registries: dict[str, RegistryConfig] = {}
     if path is not None:
         source = str(path)
         for dotted, raw in _file_values(_read_yaml(path), source):
+            if dotted == "registries":
+                registries = _registries(raw, source)
+                continue
             values[dotted] = _convert(source, dotted, raw)
 
     environment = os.environ if env is None else env
@@ -568,6 +641,7 @@ def load_config(
         cache=CacheConfig(**sections["cache"]),
         logging=LoggingConfig(**sections["logging"]),
         auth=AuthConfig(**sections["auth"]),
+        registries=registries,
         source=DEFAULTS_SOURCE if path is None else str(path),
         **top,
     )

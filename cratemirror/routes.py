@@ -10,9 +10,11 @@ import re
 from aiohttp import web
 
 from cratemirror.context import MIRROR
-from cratemirror.crates import CachedCrate, Fill, NotFound
+from cratemirror.crates import CachedCrate, CrateService, Fill, NotFound
 from cratemirror.index import GZIP_MIN, OfflineMiss
+from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path
+from cratemirror.registry import Registry
 from cratemirror.responses import error, not_modified, send_file
 from cratemirror.upstream import UpstreamError, UpstreamNotFound
 
@@ -20,6 +22,7 @@ from cratemirror.upstream import UpstreamError, UpstreamNotFound
 KIND = web.RequestKey("cratemirror.kind", str)
 RESULT = web.RequestKey("cratemirror.result", str)
 BYTES = web.RequestKey("cratemirror.bytes", int)
+REGISTRY = web.RequestKey("cratemirror.registry", str)
 
 CRATE_HEADERS = {
     "Content-Type": "application/gzip",
@@ -57,11 +60,36 @@ def mirror_auth_required(request: web.Request) -> bool:
     return request.app[MIRROR].config.auth.required
 
 
+def _registry(request: web.Request) -> Registry | None:
+    """The registry bundle a request is for: crates-io on /index/ and /api/, else the extra registry
+    named in the path (looked up among the configured names, never used to build a path)."""
+    registries = request.app[MIRROR].registries
+    name = request.match_info.get("registry")
+    if name is None:
+        return registries[DEFAULT_REGISTRY]
+    registry = registries.get(name)
+    if registry is None or registry.is_default:
+        return None
+    request[REGISTRY] = name
+    return registry
+
+
+def _no_registry() -> web.Response:
+    return error(404, "no such registry on this mirror")
+
+
 @routes.get("/index/config.json")
+@routes.get("/registries/{registry}/index/config.json")
 async def config_json(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    if registry is None:
+        return _no_registry()
     _mark(request, "config", "hit")
     base = base_url(request)
-    document: dict[str, object] = {"dl": f"{base}/api/v1/crates", "api": base}
+    document: dict[str, object] = {
+        "dl": f"{base}{registry.download_path()}",
+        "api": f"{base}{registry.mount}",
+    }
     if mirror_auth_required(request):
         document["auth-required"] = True  # so cargo sends the token on every request (RFC 3139)
     body = json.dumps(document).encode()
@@ -70,15 +98,18 @@ async def config_json(request: web.Request) -> web.Response:
 
 
 @routes.get("/index/{path:.+}")
+@routes.get("/registries/{registry}/index/{path:.+}")
 async def index_file(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    if registry is None:
+        return _no_registry()
     _mark(request, "index", "error")
-    mirror = request.app[MIRROR]
     try:
         crate = parse_index_path(request.match_info["path"])
     except InvalidRequest as exc:
         return error(400, str(exc))
     try:
-        result = await mirror.index.get(crate)
+        result = await registry.index.get(crate)
     except OfflineMiss as exc:
         return error(503, str(exc), "MISS")
     except UpstreamError as exc:
@@ -101,26 +132,31 @@ async def index_file(request: web.Request) -> web.Response:
         return web.Response(status=304, headers=headers)
     body = entry.body
     if send_gzip:
-        body = await mirror.index.gzipped(entry)
+        body = await registry.index.gzipped(entry)
         headers["Content-Encoding"] = "gzip"
     request[BYTES] = len(body)
     return web.Response(body=body, headers=headers)
 
 
 @routes.get("/api/v1/crates/{name}/{version}/download")
+@routes.get("/registries/{registry}/api/v1/crates/{name}/{version}/download")
 async def download(request: web.Request) -> web.StreamResponse:
+    registry = _registry(request)
+    if registry is None:
+        return _no_registry()
     _mark(request, "crate", "error")
     mirror = request.app[MIRROR]
+    crates = registry.crates
     try:
         wanted = parse_crate_version(request.match_info["name"], request.match_info["version"])
     except InvalidRequest as exc:
         return error(400, str(exc))
-    cached = mirror.crates.open_cached(wanted.crate.name, wanted.version)
+    cached = crates.open_cached(wanted.crate.name, wanted.version)
     if cached is not None:
         request[RESULT] = "hit"
         return await _send_cached(request, cached)
     try:
-        record = await mirror.crates.resolve(wanted)
+        record = await crates.resolve(wanted)
     except NotFound as exc:
         request[RESULT] = "negative"  # answered "not found": the registry has no such crate or version
         return error(404, str(exc), "MISS")
@@ -128,9 +164,9 @@ async def download(request: web.Request) -> web.StreamResponse:
         return error(503, str(exc), "MISS")
     except UpstreamError as exc:
         return error(exc.status, f"upstream error for the index of {wanted.crate.name}: {exc}", "MISS")
-    cached = mirror.crates.open_cached(record.name, wanted.version)  # asked with another case?
+    cached = crates.open_cached(record.name, wanted.version)  # asked with another case?
     if cached is None:
-        cached = await mirror.crates.adopt_unrecorded(record, wanted.version)
+        cached = await crates.adopt_unrecorded(record, wanted.version)
     if cached is not None:
         request[RESULT] = "hit"
         return await _send_cached(request, cached)
@@ -140,18 +176,18 @@ async def download(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":  # headers only: no reason to download the tarball now
         request[RESULT] = "miss"
         return web.Response(headers=headers)
-    fill, joined = mirror.crates.fill(record, wanted.version)
+    fill, joined = crates.fill(record, wanted.version)
     if joined:
-        mirror.metrics.coalesced.labels("crate").inc()
+        registry.metrics.coalesced.labels("crate").inc()
     fill.hold()  # keeps the spool readable until this client is done, even after the fill ends
     try:
-        return await _answer_from_fill(request, fill, record.name, wanted.version, headers)
+        return await _answer_from_fill(request, crates, fill, record.name, wanted.version, headers)
     finally:
         fill.release()
 
 
 async def _answer_from_fill(
-    request: web.Request, fill: Fill, name: str, version: str, headers: dict[str, str]
+    request: web.Request, crates: CrateService, fill: Fill, name: str, version: str, headers: dict[str, str]
 ) -> web.StreamResponse:
     try:
         # Shielded: these futures are shared, and a client that leaves must not cancel them for all.
@@ -166,7 +202,7 @@ async def _answer_from_fill(
         return error(502, str(exc), "MISS")
     request[RESULT] = "miss"
     if fill.stored_elsewhere:  # another worker process had just stored it
-        cached = request.app[MIRROR].crates.open_cached(name, version)
+        cached = crates.open_cached(name, version)
         if cached is None:
             return error(502, f"{name} {version} vanished from the cache", "MISS")
         return await _send_cached(request, cached, x_cache="MISS")
@@ -225,7 +261,9 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
-    problem = mirror.store.writable_problem() or mirror.disk_trouble.recent()
+    stores = [registry.store for registry in mirror.registries.values()] or [mirror.store]
+    problem = next(filter(None, (store.writable_problem() for store in stores)), None)
+    problem = problem or mirror.disk_trouble.recent()
     if problem:
         return error(503, problem)
     return web.Response(text="ready\n")

@@ -58,10 +58,14 @@ class _Retryable(Exception):
 
 
 class Upstream:
-    def __init__(self, config: UpstreamConfig, metrics: Metrics) -> None:
+    def __init__(self, config: UpstreamConfig, metrics: Metrics, *, authorization: str | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.index_url = URL(config.index_url)
+        # A private registry's credential: sent to its index origin, and to its download URLs once its
+        # config.json says auth-required. aiohttp drops it on a redirect to another origin.
+        self._authorization = authorization
+        self._downloads_need_auth = False
         self.user_agent = config.user_agent or f"cratemirror/{__version__} (+{PROJECT_URL})"
         self.health = Health(metrics)
         self._session: aiohttp.ClientSession | None = None
@@ -135,9 +139,12 @@ class Upstream:
                     raise UpstreamNotFound(str(url))
                 self._raise_for_status(response)
                 try:
-                    return await response.json(content_type=None)
+                    document = await response.json(content_type=None)
                 except ValueError as exc:
                     raise UpstreamError(f"{url}: not JSON: {exc}") from exc
+                if path == "config.json" and isinstance(document, dict):
+                    self._downloads_need_auth = document.get("auth-required") is True
+                return document
 
         return await self._with_retries(attempt)
 
@@ -182,6 +189,10 @@ class Upstream:
     async def _send(self, kind: str, url: URL, headers: dict[str, str]) -> aiohttp.ClientResponse:
         started = time.perf_counter()
         status = "error"
+        if self._authorization is not None and (
+            url.origin() == self.index_url.origin() or (kind == "crate" and self._downloads_need_auth)
+        ):
+            headers = {**headers, "Authorization": self._authorization}
         try:
             response = await self.session.get(url, headers=headers, proxy=self.config.proxy)
             status = str(response.status)

@@ -197,7 +197,7 @@ def test_repo_mirror_yaml_lists_every_key() -> None:
         else:
             seen.add(key)
             assert "#" in line, f"key {key} has no comment"
-    assert seen == set(config_module._KEYS)
+    assert seen == set(config_module._KEYS) | {"registries"}
 
 
 def test_schema_matches_dataclasses() -> None:
@@ -438,7 +438,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     message = error_of(tmp_path, "database:\n  url: x\n")
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
-        "allowed keys: server, upstream, cache, offline, logging, auth"
+        "allowed keys: server, upstream, cache, offline, logging, auth, registries"
     )
 
 
