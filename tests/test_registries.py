@@ -26,6 +26,7 @@ from tests.fake_upstream import (
 )
 from tests.mirror_process import MirrorProcess, metric_value
 from tests.test_auth import token_add
+from tests.tools_support import run_cli, write_config
 
 CRATES_IO_INDEX = "https://github.com/rust-lang/crates.io-index"
 UPSTREAM_TOKEN = "corp-upstream-secret-4f1c"
@@ -220,3 +221,72 @@ async def test_cargo_builds_with_a_private_registry_through_the_mirror(
         assert await mirror.stop() == 0
     log = mirror.output()
     assert UPSTREAM_TOKEN not in log and token not in log
+
+
+# ---- warm, verify, prune, export and import cover every registry ---------------------------------------
+
+
+async def test_tools_cover_every_registry(
+    registry: FakeRegistry, private: FakeRegistry, mirror_factory: MirrorFactory, tmp_path: Path
+) -> None:
+    z = registry.add_crate("z", "0.1.0")
+    corp = private.get_version("corp-util", "1.0.0")
+    lockfile = tmp_path / "Cargo.lock"
+    lockfile.write_text(
+        "version = 4\n\n"
+        f'[[package]]\nname = "z"\nversion = "0.1.0"\nsource = "registry+{CRATES_IO_INDEX}"\n'
+        f'checksum = "{z.cksum}"\n\n'
+        f'[[package]]\nname = "corp-util"\nversion = "1.0.0"\nsource = "sparse+{private.index_url}"\n'
+        f'checksum = "{corp.cksum}"\ndependencies = ["z"]\n'
+    )
+
+    def config_for(cache_dir: Path) -> Path:
+        path = write_config(tmp_path / f"{cache_dir.name}.yaml", registry.index_url, cache_dir)
+        with path.open("a") as handle:
+            handle.write(
+                f"registries:\n  corp:\n    index_url: {private.index_url}\n    token: {UPSTREAM_TOKEN}\n"
+            )
+        return path
+
+    cache = tmp_path / "cache"
+    config = config_for(cache)
+    done = await run_cli("warm", str(lockfile), "--config", str(config), cwd=tmp_path)
+    assert done.code == 0, done.output
+    assert "warm: 1 crate: 1 fetched" in done.stdout and "warm [corp]: 1 crate: 1 fetched" in done.stdout
+    corp_file = cache / "registries" / "corp" / "crates" / "corp-util" / "corp-util-1.0.0.crate"
+    assert corp_file.read_bytes() == corp.data
+    assert authorizations(private) == {UPSTREAM_TOKEN}
+
+    done = await run_cli("verify", "--config", str(config), cwd=tmp_path)
+    assert done.code == 0 and "verify [corp]: 1 crate file checked: 1 ok" in done.stdout, done.output
+    corp_file.write_bytes(b"not the crate")
+    done = await run_cli("verify", "--config", str(config), "--fix", cwd=tmp_path)
+    assert "verify [corp]: 1 crate file checked: 0 ok, 1 corrupt" in done.stdout, done.output
+    assert not corp_file.exists()
+    done = await run_cli("warm", str(lockfile), "--config", str(config), cwd=tmp_path)
+    assert done.code == 0 and corp_file.read_bytes() == corp.data, done.output
+
+    bundle = tmp_path / "bundle.tar"
+    done = await run_cli(
+        "export", str(bundle), "--config", str(config), "--lockfile", str(lockfile), cwd=tmp_path
+    )
+    assert done.code == 0 and "export [corp]: 1 crate" in done.stdout, done.output
+    other = tmp_path / "other"
+    done = await run_cli("import", str(bundle), "--config", str(config_for(other)), cwd=tmp_path)
+    assert done.code == 0 and "2 crates in the bundle: 2 loaded" in done.stdout, done.output
+    # Without the registry configured, its part of the bundle is refused, the rest still loads.
+    plain = write_config(tmp_path / "plain.yaml", registry.index_url, tmp_path / "plain")
+    done = await run_cli("import", str(bundle), "--config", str(plain), cwd=tmp_path)
+    assert done.code == 1 and "registries/corp.tar" in done.stderr and "1 loaded" in done.stdout, done.output
+
+    # The imported cache serves the private crate with every upstream down.
+    private.down = registry.down = True
+    offline = await mirror_factory(
+        cache_dir=other, registries={"corp": RegistryConfig(index_url=private.index_url)}, offline=True
+    )
+    response = await offline.get("/registries/corp/api/v1/crates/corp-util/1.0.0/download")
+    assert response.status == 200 and await response.read() == corp.data
+
+    done = await run_cli("prune", "--config", str(config), "--max-size", "0", cwd=tmp_path)
+    assert done.code == 0 and "prune [corp]: removed 1 crate" in done.stdout, done.output
+    assert not corp_file.exists()

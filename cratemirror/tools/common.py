@@ -37,6 +37,19 @@ def open_existing_store(config: Config) -> Store:
     return Store(config.cache.dir)
 
 
+def extra_stores(config: Config) -> list[tuple[str, Store]]:
+    """(name, store) of each configured extra registry that has a cache yet (one never asked for has
+    nothing to verify, prune or export)."""
+    from cratemirror.registry import registry_cache_dir
+
+    stores = []
+    for name in config.registries:
+        directory = registry_cache_dir(config.cache.dir, name)
+        if (directory / "meta").is_dir():
+            stores.append((name, Store(directory)))
+    return stores
+
+
 def cached_crate_metas(store: Store) -> list[CrateMeta]:
     """Every crate the store has a checksum for (file present or not)."""
     return list(store.iter_crate_metas())
