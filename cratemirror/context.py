@@ -13,6 +13,7 @@ from cratemirror.config import Config
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
+from cratemirror.ratelimit import UnknownNameBudget
 from cratemirror.registry import Registry
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
@@ -44,6 +45,7 @@ class Mirror:
     # Every registry bundle by name, crates-io (the fields above) included.
     registries: dict[str, Registry] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
 

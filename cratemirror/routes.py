@@ -52,8 +52,19 @@ def base_url(request: web.Request) -> str:
         proto = request.scheme
     host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
     if not _HOST_RE.fullmatch(host):
-        host = f"{request.url.host}:{request.url.port}" if request.url.port else str(request.url.host)
+        # Never the raw header (it reaches config.json and copyable shell lines): the address the
+        # client connected to.
+        host = _listening_address(request)
     return f"{proto}://{host}"
+
+
+def _listening_address(request: web.Request) -> str:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        config = request.app[MIRROR].config.server
+        sockname = (config.host, config.port)
+    host, port = str(sockname[0]), int(sockname[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def mirror_auth_required(request: web.Request) -> bool:
@@ -94,7 +105,9 @@ async def config_json(request: web.Request) -> web.Response:
         document["auth-required"] = True  # so cargo sends the token on every request (RFC 3139)
     body = json.dumps(document).encode()
     request[BYTES] = len(body)
-    return web.Response(body=body, content_type="application/json", headers={"X-Cache": "HIT"})
+    # no-store: its `dl` follows the request's host, so no shared cache may hand it to another client.
+    headers = {"X-Cache": "HIT", "Cache-Control": "no-store"}
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 @routes.get("/index/{path:.+}")
@@ -108,6 +121,14 @@ async def index_file(request: web.Request) -> web.Response:
         crate = parse_index_path(request.match_info["path"])
     except InvalidRequest as exc:
         return error(400, str(exc))
+    mirror = request.app[MIRROR]
+    client = request.remote or "-"
+    wait = mirror.unknown_names.retry_after(client)
+    if wait is not None and not registry.index.is_cached(crate):
+        return error(
+            429, f"too many lookups of crates that do not exist from {client}; retry in {wait}s",
+            headers={"Retry-After": str(wait)},
+        )  # fmt: skip
     try:
         result = await registry.index.get(crate)
     except OfflineMiss as exc:
@@ -117,6 +138,8 @@ async def index_file(request: web.Request) -> web.Response:
     request[RESULT] = result.result
     entry = result.entry
     if entry.status != 200:
+        if result.result == "miss":  # this client's lookup went upstream for nothing
+            mirror.unknown_names.charge(client)
         return error(404, "crate not found", result.x_cache)
     headers = {
         "Content-Type": "text/plain",

@@ -23,7 +23,8 @@ from typing import Any
 
 from cratemirror import __version__
 from cratemirror.config import ConfigError, parse_duration
-from cratemirror.index import UPSTREAM_CONFIG_KEY, find_version
+from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
+from cratemirror.names import CrateName, InvalidRequest
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document, registry_member
 from cratemirror.tools.common import (
@@ -107,7 +108,11 @@ def _add_crate(
     tar: tarfile.TarFile, store: Store, meta: CrateMeta, index: IndexEntry | None, result: ExportResult
 ) -> None:
     label = f"{meta.name} {meta.version}"
-    record = find_version(index.body, meta.version) if index is not None else None
+    try:
+        record = find_version(index.body, CrateName(meta.name), meta.version) if index is not None else None
+    except (MalformedIndexLine, InvalidRequest) as exc:
+        result.problems.append(f"SKIPPED {label}: {exc}")
+        return
     if record is None:
         result.problems.append(f"SKIPPED {label}: its index file is not cached (or lacks this version)")
         return
