@@ -23,13 +23,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client_config(args: argparse.Namespace) -> int:
-    from cratemirror.clientconfig import cargo_ci_snippet, cargo_config_snippet
+    from cratemirror.clientconfig import BadBaseURL, cargo_ci_snippet, cargo_config_snippet, checked_base
 
-    base = args.url or "http://127.0.0.1:8080"
-    print("# .cargo/config.toml (or $CARGO_HOME/config.toml)")
-    print(cargo_config_snippet(base))
-    print("# CI: cargo takes no environment variable for this; write the file, or pass flags:")
-    print(cargo_ci_snippet(base), end="")
+    try:
+        base = checked_base("http://127.0.0.1:8080" if args.url is None else args.url)
+    except BadBaseURL as exc:
+        raise ConfigError(f"client-config: --url: {exc}") from exc
+    # Only what the chosen form is: the TOML goes verbatim into a file, the shell form into a CI step.
+    print(cargo_ci_snippet(base) if args.ci else cargo_config_snippet(base), end="")
     return EXIT_OK
 
 
@@ -55,12 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="never contact upstream; serve only what is cached",
     )
+    serve.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="write this file once every worker accepts connections; removed at exit",
+    )
     serve.set_defaults(run=_serve)
 
     client_config = commands.add_parser(
         "client-config", help="print the cargo config that points at a mirror"
     )
     client_config.add_argument("--url", help="the mirror's base URL (default http://127.0.0.1:8080)")
+    client_config.add_argument(
+        "--ci",
+        action="store_true",
+        help="print shell for a CI step: (over)write $CARGO_HOME/config.toml, or cargo --config flags",
+    )
     client_config.set_defaults(run=_client_config)
 
     from cratemirror.tools.cli import add_tool_commands

@@ -5,8 +5,6 @@ services, metrics labelled with its name) mounted at /registries/<name>/, in its
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,17 +53,13 @@ def registry_cache_dir(cache_dir: Path, name: str) -> Path:
 
 def upstream_authorization(config: Config, name: str, registry: RegistryConfig) -> str | None:
     """The registry's credential: `token`, or the variable `token_env` names (which must be set)."""
-    if registry.token:
-        return registry.token
-    if registry.token_env:
-        value = os.environ.get(registry.token_env, "").strip()
-        if not value:
-            raise ConfigError(
-                f"{config.source}: registries.{name}.token_env: expected the environment variable "
-                f"{registry.token_env} to hold the token, but it is not set"
-            )
-        return value
-    return None
+    token = registry.secret_token()
+    if token is None and registry.token_env is not None:
+        raise ConfigError(
+            f"{config.source}: registries.{name}.token_env: expected the environment variable "
+            f"{registry.token_env} to hold the token, but it is not set"
+        )
+    return token
 
 
 def _bundle(
@@ -97,16 +91,14 @@ def build_registries(config: Config, metrics: Metrics, disk_trouble: DiskTrouble
         )
     }
     for name, extra in config.registries.items():
-        cache = dataclasses.replace(
-            config.cache,
-            dir=registry_cache_dir(config.cache.dir, name),
-            index_ttl=config.cache.index_ttl if extra.index_ttl is None else extra.index_ttl,
-            negative_ttl=config.cache.negative_ttl if extra.negative_ttl is None else extra.negative_ttl,
-            stale_if_error=config.cache.stale_if_error
-            if extra.stale_if_error is None
-            else extra.stale_if_error,
-        )
-        upstream_config = dataclasses.replace(config.upstream, index_url=extra.index_url)
+        overrides = {
+            key: value
+            for key in ("index_ttl", "negative_ttl", "stale_if_error")
+            if (value := getattr(extra, key)) is not None
+        }
+        cache_dir = registry_cache_dir(config.cache.dir, name)
+        cache = config.cache.model_copy(update={"dir": cache_dir, **overrides})
+        upstream_config = config.upstream.model_copy(update={"index_url": extra.index_url})
         registries[name] = _bundle(
             name, f"/registries/{name}", cache, upstream_config, config,
             metrics.for_registry(name), disk_trouble, upstream_authorization(config, name, extra),

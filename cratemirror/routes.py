@@ -10,10 +10,10 @@ import re
 from aiohttp import web
 
 from cratemirror.context import MIRROR
-from cratemirror.crates import CachedCrate, CrateService, Fill, NotFound
+from cratemirror.crates import CachedCrate, Fill, NotFound
 from cratemirror.index import GZIP_MIN, OfflineMiss
 from cratemirror.metrics import DEFAULT_REGISTRY
-from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path
+from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path, parse_name
 from cratemirror.registry import Registry
 from cratemirror.responses import error, not_modified, send_file
 from cratemirror.upstream import UpstreamError, UpstreamNotFound
@@ -204,13 +204,19 @@ async def download(request: web.Request) -> web.StreamResponse:
         registry.metrics.coalesced.labels("crate").inc()
     fill.hold()  # keeps the spool readable until this client is done, even after the fill ends
     try:
-        return await _answer_from_fill(request, crates, fill, record.name, wanted.version, headers)
+        return await _answer_from_fill(request, registry, fill, record.name, wanted.version, headers, joined)
     finally:
         fill.release()
 
 
 async def _answer_from_fill(
-    request: web.Request, crates: CrateService, fill: Fill, name: str, version: str, headers: dict[str, str]
+    request: web.Request,
+    registry: Registry,
+    fill: Fill,
+    name: str,
+    version: str,
+    headers: dict[str, str],
+    joined: bool,
 ) -> web.StreamResponse:
     try:
         # Shielded: these futures are shared, and a client that leaves must not cancel them for all.
@@ -223,12 +229,16 @@ async def _answer_from_fill(
         return error(exc.status, f"upstream error for {name} {version}: {exc}", "MISS")
     except Exception as exc:  # checksum mismatch, disk trouble: one line, never a traceback
         return error(502, str(exc), "MISS")
-    request[RESULT] = "miss"
+    # One upstream fetch is one miss; whoever joined it (here, or by waiting on another worker
+    # process's lock) is a coalesced hit.
+    request[RESULT] = "hit" if joined or fill.stored_elsewhere else "miss"
     if fill.stored_elsewhere:  # another worker process had just stored it
-        cached = crates.open_cached(name, version)
+        if not joined:
+            registry.metrics.coalesced.labels("crate").inc()
+        cached = registry.crates.open_cached(name, version)
         if cached is None:
             return error(502, f"{name} {version} vanished from the cache", "MISS")
-        return await _send_cached(request, cached, x_cache="MISS")
+        return await _send_cached(request, cached)
     return await _stream_fill(request, fill, headers)
 
 
@@ -267,6 +277,60 @@ async def _stream_fill(request: web.Request, fill: Fill, headers: dict[str, str]
     finally:
         request[BYTES] = sent
     return response
+
+
+# The web API (search, publish, yank, owners, login) is crates.io's, not the mirror's. cargo shows the
+# `detail` of a crates.io-style JSON error, so the user learns what to run instead.
+_API_HINTS = (
+    (re.compile(r"crates/?"), "search", "cargo search --registry crates-io NAME"),
+    (re.compile(r"crates/new/?"), "publish", "cargo publish --registry crates-io"),
+    (re.compile(r"crates/[^/]+/[^/]+/(un)?yank/?"), "yank", "cargo yank --registry crates-io"),
+    (re.compile(r"crates/[^/]+/owners/?"), "owners", "cargo owner --registry crates-io"),
+    (re.compile(r"me/?"), "login", "cargo login --registry crates-io"),
+)
+_DOWNLOAD_RE = re.compile(r"crates/[^/]+/[^/]+/download")
+GET_HEAD = {"Allow": "GET, HEAD"}
+
+
+@routes.route("*", "/api/v1/{tail:.*}")
+async def web_api(request: web.Request) -> web.Response:
+    tail = request.match_info["tail"]
+    if _DOWNLOAD_RE.fullmatch(tail):  # the one route served here, asked with another method
+        return _api_error(405, f"{request.method} is not allowed here: downloads are GET or HEAD", GET_HEAD)
+    what, instead = "this", "the same cargo command with --registry crates-io"
+    for pattern, operation, command in _API_HINTS:
+        if pattern.fullmatch(tail):
+            what, instead = operation, f"`{command}`"
+            break
+    return _api_error(
+        404,
+        f"this is a crates.io mirror (cratemirror): it serves the index and crate downloads but does not "
+        f"proxy the crates.io web API, so {what} does not work through it; use {instead} "
+        f"(or https://crates.io/) instead",
+    )
+
+
+def _api_error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = json.dumps({"errors": [{"detail": detail}]})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+@routes.post("/-/refresh/{name}")
+async def refresh(request: web.Request) -> web.Response:
+    """Revalidate one index file now (`cratemirror refresh --mirror URL`); one name per request."""
+    mirror = request.app[MIRROR]
+    try:
+        crate = parse_name(request.match_info["name"])
+    except InvalidRequest as exc:
+        return error(400, str(exc))
+    if mirror.config.offline:
+        return error(503, "offline: the mirror does not contact upstream")
+    try:
+        result = await mirror.index.refresh(crate)
+    except UpstreamError as exc:
+        return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}")
+    body = {"name": crate.name, "found": result.entry.status == 200, "etag": result.entry.etag}
+    return web.json_response(body)
 
 
 def _cut(request: web.Request) -> None:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from cratemirror import __version__
-from cratemirror.clientconfig import cargo_ci_snippet, cargo_config_snippet
+from cratemirror.clientconfig import BadBaseURL, cargo_ci_snippet, cargo_config_snippet
 from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import KINDS, RESULTS, Snapshot
 from cratemirror.redact import redact
@@ -48,8 +48,7 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         host=_esc(urlsplit(base).netloc or base),
         version=_esc(__version__),
         upstream_url=_esc(redact(mirror.config.upstream.index_url)),
-        config_snippet=_esc(cargo_config_snippet(base).rstrip("\n")),
-        env_snippet=_esc(cargo_ci_snippet(base).rstrip("\n")),
+        **_snippets(base),
         **_health(mirror, snap),
         **_summary(snap),
         **_results_table(snap),
@@ -61,6 +60,18 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         uptime=_duration(now - mirror.started_at),
         rendered_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
     )
+
+
+def _snippets(base: str) -> dict[str, str]:
+    """Exactly what `cratemirror client-config [--ci]` prints, so the copy buttons paste cleanly."""
+    try:
+        return {
+            "config_snippet": _esc(cargo_config_snippet(base)),
+            "env_snippet": _esc(cargo_ci_snippet(base)),
+        }
+    except BadBaseURL as exc:  # e.g. a server.public_url with userinfo or a query: say so, never guess
+        reason = _esc(f"no snippet for this base URL: {exc}")
+        return {"config_snippet": reason, "env_snippet": reason}
 
 
 def _health(mirror: Mirror, snap: Snapshot) -> dict[str, str]:

@@ -39,6 +39,7 @@ HASH_CHUNK = 1024 * 1024
 INDEX_PREFIX = "index:"
 CRATE_PREFIX = "crate:"
 CRATE_BYTES_KEY = "stats:crate_bytes"
+GENERATION_FILE = "index-generation"
 _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
 
 
@@ -96,6 +97,21 @@ class Store:
         """`expire`: seconds after which the entry may be culled (remembered 404s, so junk names
         cannot grow the metadata without bound)."""
         self.meta.set(f"{INDEX_PREFIX}{lower_name}", entry, expire=expire)
+
+    # `cratemirror refresh` changed stored index files behind the workers' backs: each worker compares
+    # this file's mtime (one stat, no SQLite) before trusting its in-memory copies.
+    def index_generation(self) -> int:
+        try:
+            return os.stat(self.root / GENERATION_FILE).st_mtime_ns
+        except OSError:
+            return 0
+
+    def bump_index_generation(self) -> None:
+        path = self.root / GENERATION_FILE
+        # Set explicitly and strictly increasing: the file system's own clock may tick too coarsely.
+        stamp = max(time.time_ns(), self.index_generation() + 1)
+        path.touch()
+        os.utime(path, ns=(stamp, stamp))
 
     def get_json(self, key: str) -> Any:
         return self.meta.get(f"json:{key}")

@@ -332,6 +332,11 @@ class FakeRegistry:
         self._feo_counter = 0
         self._stall_after_bytes: int | None = None
         self._gate: asyncio.Event | None = None
+        #: while set and not yet fired, index requests park here (a slow upstream, without sleeping)
+        self.index_gate: asyncio.Event | None = None
+        self.index_hold_started = asyncio.Event()
+        #: number of index requests currently parked on ``index_gate``
+        self.index_held = 0
 
         self._crates: dict[str, list[CrateVersion]] = {}  # key: lowercased name
         self._raw: dict[str, bytes] = {}  # key: path relative to the index root
@@ -626,6 +631,16 @@ class FakeRegistry:
             )
 
         if raw_path.startswith("/index/"):
+            index_gate = self.index_gate
+            if index_gate is not None and not index_gate.is_set():
+                self.index_held += 1
+                self.index_hold_started.set()
+                try:
+                    released = await self._park(index_gate.is_set, extra=index_gate)
+                finally:
+                    self.index_held -= 1
+                if not released:
+                    return self._reset_connection(request)
             return self._handle_index(request, self._rel(unquote(raw_path)))
         return await self._handle_crate(request, raw_path, raw_query)
 

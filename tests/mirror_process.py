@@ -17,7 +17,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -174,6 +174,7 @@ class MirrorProcess:
         *,
         workers: int = 2,
         extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
         ca_file: Path | None = None,
     ) -> None:
         self.upstream = upstream
@@ -183,6 +184,7 @@ class MirrorProcess:
         self.workdir = workdir
         self.workers = workers
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})  # added to the clean environment
         self.port = 0
         self.log_path = workdir / "mirror.log"
         self.proc: asyncio.subprocess.Process | None = None
@@ -217,7 +219,7 @@ class MirrorProcess:
                 sys.executable,
                 *args,
                 cwd=str(self.workdir),
-                env=clean_env(),
+                env=clean_env(**self.env),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
 
 import pytest
 
-from cratemirror import config as config_module
 from cratemirror.config import (
-    AuthConfig,
     CacheConfig,
     Config,
     ConfigError,
     LoggingConfig,
+    RegistryConfig,
     ServerConfig,
     UpstreamConfig,
     find_config_path,
     load_config,
     parse_duration,
     parse_size,
+    with_source,
 )
+from cratemirror.configload import schema_keys
 
 REPO_MIRROR_YAML = Path(__file__).resolve().parent.parent / "mirror.yaml"
 GiB = 1024**3
@@ -167,62 +167,124 @@ def test_defaults() -> None:
     config = load_config(None, env=NO_ENV)
     assert config == Config()
     assert config.source == "built-in defaults"
-    assert config.server == ServerConfig("127.0.0.1", 8080, os.cpu_count() or 1, None)
-    assert config.upstream == UpstreamConfig("https://index.crates.io/", 30.0, 3, 32, None, None, None)
-    assert config.cache == CacheConfig(Path("./cache"), 20 * GiB, 300.0, 60.0, 7 * 86400.0)
+    assert config.server == ServerConfig(
+        host="127.0.0.1", port=8080, workers=os.cpu_count() or 1, public_url=None
+    )
+    assert config.upstream == UpstreamConfig(
+        index_url="https://index.crates.io/",
+        timeout=30.0,
+        retries=3,
+        max_connections=32,
+        user_agent=None,
+        proxy=None,
+        ca_bundle=None,
+    )
+    assert config.cache == CacheConfig(
+        dir=Path("./cache"), max_size=20 * GiB, index_ttl=30.0, negative_ttl=60.0, stale_if_error=7 * 86400.0
+    )
     assert config.offline is False
-    assert config.logging == LoggingConfig("info", "text")
+    assert config.logging == LoggingConfig(level="info", format="text")
 
 
 def test_repo_mirror_yaml_equals_defaults() -> None:
     config = load_config(REPO_MIRROR_YAML, env=NO_ENV)
     assert config.source == str(REPO_MIRROR_YAML)
-    assert dataclasses.replace(config, source="built-in defaults") == load_config(None, env=NO_ENV)
+    assert with_source(config, "built-in defaults") == load_config(None, env=NO_ENV)
 
 
 def test_repo_mirror_yaml_lists_every_key() -> None:
     # Every key is spelled out (and commented) so the file doubles as documentation.
     lines = REPO_MIRROR_YAML.read_text(encoding="utf-8").splitlines()
-    section = ""
+    sections: list[tuple[int, str]] = []  # (indent, name) of the enclosing sections
     seen = set()
     for line in lines:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
+        indent = len(line) - len(line.lstrip())
         key = line.split(":", 1)[0].strip()
-        if line.startswith(" "):
-            seen.add(f"{section}.{key}")
-            assert "#" in line, f"key {section}.{key} has no comment"
-        elif line.rstrip().endswith(":"):
-            section = key
+        while sections and sections[-1][0] >= indent:
+            sections.pop()
+        dotted = ".".join([name for _, name in sections] + [key])
+        if line.split("#", 1)[0].rstrip().endswith(":"):
+            sections.append((indent, key))
         else:
-            seen.add(key)
-            assert "#" in line, f"key {key} has no comment"
-    assert seen == set(config_module._KEYS) | {"registries"}
+            seen.add(dotted)
+            assert "#" in line, f"key {dotted} has no comment"
+    assert seen == {dotted for dotted, _ in schema_keys()}
 
 
-def test_schema_matches_dataclasses() -> None:
-    # The key table and the dataclasses must describe the same keys.
-    expected = {
-        f"{section}.{f.name}"
-        for section, cls in [
-            ("server", ServerConfig),
-            ("upstream", UpstreamConfig),
-            ("cache", CacheConfig),
-            ("logging", LoggingConfig),
-            ("auth", AuthConfig),
+# Every key of contract.md's mirror.yaml block: the schema must have exactly these.
+CONTRACT_KEYS = {
+    *(
+        f"server.{k}"
+        for k in [
+            "host",
+            "port",
+            "workers",
+            "public_url",
+            "max_connections",
+            "idle_timeout",
+            "tls_cert",
+            "tls_key",
         ]
-        for f in dataclasses.fields(cls)
-    } | {"offline"}
-    assert set(config_module._KEYS) == expected
+    ),
+    *(
+        f"upstream.{k}"
+        for k in [
+            "index_url",
+            "timeout",
+            "retries",
+            "max_connections",
+            "user_agent",
+            "proxy",
+            "ca_bundle",
+            "max_index_size",
+            "max_crate_size",
+        ]
+    ),
+    *(
+        f"cache.{k}"
+        for k in ["dir", "max_size", "index_ttl", "stale_while_revalidate", "negative_ttl", "stale_if_error"]
+    ),
+    "offline",
+    "logging.level",
+    "logging.format",
+    "storage.backend",
+    *(
+        f"storage.s3.{k}"
+        for k in ["bucket", "prefix", "endpoint_url", "region", "access_key_id", "secret_access_key", "serve"]
+    ),
+    "coordination.redis_url",
+    "auth.required",
+    "auth.tokens_file",
+    "auth.protect_status",
+    "registries",
+    *(
+        f"policy.{k}"
+        for k in ["mode", "advisory_db", "advisories", "informational", "ignore", "licenses", "deny", "allow"]
+    ),
+}
+
+
+def test_schema_has_every_contract_key() -> None:
+    assert {dotted for dotted, _ in schema_keys()} == CONTRACT_KEYS
+    assert set(RegistryConfig.model_fields) == {
+        "index_url",
+        "token",
+        "token_env",
+        "index_ttl",
+        "negative_ttl",
+        "stale_if_error",
+    }
 
 
 def test_empty_file_is_defaults(tmp_path: Path) -> None:
-    assert dataclasses.replace(load_text(tmp_path, ""), source="built-in defaults") == Config()
+    assert with_source(load_text(tmp_path, ""), "built-in defaults") == Config()
 
 
 def test_comment_only_file_and_empty_sections_are_defaults(tmp_path: Path) -> None:
     config = load_text(tmp_path, "# nothing\nserver:\n  # port: 1\ncache:\n")
-    assert dataclasses.replace(config, source="built-in defaults") == Config()
+    assert with_source(config, "built-in defaults") == Config()
 
 
 # --- every key, good values ------------------------------------------------------------------------------
@@ -258,14 +320,28 @@ logging:
   format: JSON
 """,
     )
-    assert config.server == ServerConfig("0.0.0.0", 9000, 4, "https://crates.example.com")
-    assert config.upstream == UpstreamConfig(
-        "http://localhost:8000/index/", 2.5, 0, 1, "my-agent/1.0", "http://proxy:3128", ca
+    assert config.server == ServerConfig(
+        host="0.0.0.0", port=9000, workers=4, public_url="https://crates.example.com"
     )
-    assert config.cache == CacheConfig(Path("relative/cache"), 3 * GiB // 2, 0.0, 0.5, math.inf)
+    assert config.upstream == UpstreamConfig(
+        index_url="http://localhost:8000/index/",
+        timeout=2.5,
+        retries=0,
+        max_connections=1,
+        user_agent="my-agent/1.0",
+        proxy="http://proxy:3128",
+        ca_bundle=ca,
+    )
+    assert config.cache == CacheConfig(
+        dir=Path("relative/cache"),
+        max_size=3 * GiB // 2,
+        index_ttl=0.0,
+        negative_ttl=0.5,
+        stale_if_error=math.inf,
+    )
     assert not config.cache.dir.is_absolute()  # kept as given, not resolved
     assert config.offline is True
-    assert config.logging == LoggingConfig("debug", "json")
+    assert config.logging == LoggingConfig(level="debug", format="json")
 
 
 @pytest.mark.parametrize(
@@ -438,7 +514,8 @@ def test_unknown_section(tmp_path: Path) -> None:
     message = error_of(tmp_path, "database:\n  url: x\n")
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
-        "allowed keys: server, upstream, cache, offline, logging, auth, registries"
+        "allowed keys: server, upstream, cache, offline, logging, storage, coordination, auth, registries, "
+        "policy"
     )
 
 
@@ -622,7 +699,7 @@ def test_overrides_all_cli_flags_and_none_ignored(tmp_path: Path) -> None:
             "cache.max_size": "10MB",
         },
     )
-    assert config.server == ServerConfig("::", 1001, 2, None)
+    assert config.server == ServerConfig(host="::", port=1001, workers=2, public_url=None)
     assert config.cache.dir == Path("/x")
     assert config.upstream.index_url == "http://upstream.local/"
     assert config.offline is True

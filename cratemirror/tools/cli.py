@@ -52,6 +52,12 @@ def _import(args: argparse.Namespace) -> int:
     return run_import(args)
 
 
+def _refresh(args: argparse.Namespace) -> int:
+    from cratemirror.tools.refresh import run_refresh
+
+    return run_refresh(args)
+
+
 def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     warm = commands.add_parser(
         "warm",
@@ -69,6 +75,21 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "--jobs", type=_positive_int, default=8, metavar="N", help="crates fetched at once (default 8)"
     )
     warm.set_defaults(run=_warm)
+
+    refresh = commands.add_parser(
+        "refresh",
+        help="revalidate these index files with upstream now",
+        description="Ask upstream for these crates' index files now, whatever their age, so a version "
+        "published a moment ago can be locked at once: straight in the configured cache dir (every "
+        "worker sees it), or through a running mirror with --mirror.",
+    )
+    refresh.add_argument("names", nargs="+", metavar="NAME", help="a crate name, e.g. serde")
+    where = refresh.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="PATH", help=f"refresh in this config's cache dir; {CONFIG_HELP}")
+    where.add_argument(
+        "--mirror", metavar="URL", help="go through a running mirror, e.g. http://127.0.0.1:8080"
+    )
+    refresh.set_defaults(run=_refresh)
 
     verify = commands.add_parser(
         "verify",
