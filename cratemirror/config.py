@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -250,23 +251,22 @@ def _path(value: object) -> Path:
     return Path(_text(value))
 
 
-def _pattern(regex: str, what: str) -> Callable[[object], str]:
-    compiled = re.compile(regex)
-
-    def check(value: object) -> str:
-        text = _text(value)
-        if not compiled.fullmatch(text):
-            raise ValueError(f"not {what}")
-        return text
-
-    return check
+def _s3_prefix(value: object) -> object:
+    if not isinstance(value, str) or value == "":
+        return value
+    if value.startswith("/") or any(part in (".", "..") for part in value.split("/")):
+        raise ValueError("not a key prefix")
+    return value
 
 
-def _registry_name(value: object) -> str:
-    name = _pattern(_REGISTRY_NAME, "a registry name")(value)
+def _not_reserved(name: str) -> str:
     if name == DEFAULT_REGISTRY:
         raise ValueError("reserved")
     return name
+
+
+def _matching(regex: str) -> StringConstraints:
+    return StringConstraints(strip_whitespace=True, pattern=f"^{regex}$")
 
 
 # Registry names become URL path segments (/registries/<name>/) and directory names: a short safe slug.
@@ -274,8 +274,8 @@ _REGISTRY_NAME = r"[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?"
 _ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
 # S3 bucket naming rules (lowercase, 3..63, no leading/trailing dot or dash).
 _BUCKET = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
-# A key prefix inside the bucket: S3's "safe characters", not starting with "/", no "." or ".." segment.
-_S3_PREFIX = r"(?!/)(?!.*(?:^|/)\.{1,2}(?:/|$))[A-Za-z0-9!_.*'()/-]{0,512}"
+# A key prefix inside the bucket: S3's "safe characters" (and not starting with "/", no "." or ".." part).
+_S3_PREFIX = r"[A-Za-z0-9!_.*'()/-]{0,512}"
 _ADVISORY_ID = r"RUSTSEC-\d{4}-\d{4}"
 # An SPDX licence id (MIT, Apache-2.0, GPL-2.0+, LicenseRef-foo).
 _SPDX_ID = r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}\+?"
@@ -296,7 +296,10 @@ _DURATION_SCHEMA = {
 _FOREVER_SCHEMA = {"anyOf": [*_DURATION_SCHEMA["anyOf"], {"const": "forever"}]}
 
 Text = Annotated[str, BeforeValidator(_text), StringConstraints(min_length=1)]
-Whole = Annotated[int, BeforeValidator(_whole)]
+# Constraints come before the before-validator so the JSON Schema shows them as minimum/maximum.
+Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole)]
+Count0 = Annotated[int, Field(ge=0), BeforeValidator(_whole)]
+Count1 = Annotated[int, Field(ge=1), BeforeValidator(_whole)]
 Size = Annotated[int, BeforeValidator(_size), WithJsonSchema(_SIZE_SCHEMA)]
 Duration = Annotated[float, BeforeValidator(_duration()), WithJsonSchema(_DURATION_SCHEMA)]
 PositiveDuration = Annotated[
@@ -308,12 +311,10 @@ HttpUrl = Annotated[str, BeforeValidator(_http_url), WithJsonSchema({"type": "st
 AnyPath = Annotated[Path, BeforeValidator(_path)]
 ExistingFile = Annotated[FilePath, BeforeValidator(_path)]
 Secret = Annotated[SecretStr, BeforeValidator(_text)]
-AdvisoryId = Annotated[str, BeforeValidator(_pattern(_ADVISORY_ID, "an advisory id"))]
-LicenseId = Annotated[str, BeforeValidator(_pattern(_SPDX_ID, "an SPDX id"))]
-CrateRule = Annotated[str, BeforeValidator(_pattern(_CRATE_RULE, "a crate rule"))]
-RegistryName = Annotated[
-    str, BeforeValidator(_registry_name), StringConstraints(pattern=f"^{_REGISTRY_NAME}$")
-]
+AdvisoryId = Annotated[str, _matching(_ADVISORY_ID)]
+LicenseId = Annotated[str, _matching(_SPDX_ID)]
+CrateRule = Annotated[str, _matching(_CRATE_RULE)]
+RegistryName = Annotated[str, _matching(_REGISTRY_NAME), AfterValidator(_not_reserved)]
 
 
 def _cross_field(key: str, expected: str) -> PydanticCustomError:
@@ -339,7 +340,7 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     host: Annotated[Text, Expected("a host name or IP address")] = "127.0.0.1"
     """Address to listen on."""
-    port: Annotated[Whole, Field(ge=1, le=65535), Expected("an integer port 1..65535")] = 8080
+    port: Annotated[Port, Expected("an integer port 1..65535")] = 8080
     """TCP port to listen on."""
     workers: Annotated[
         int,
@@ -354,11 +355,10 @@ class ServerConfig(_Section):
         Expected("an http(s) URL like https://crates.example.com, or null"),
     ] = None
     """Base URL clients use; null = from the request (Host, X-Forwarded-Proto, X-Forwarded-Host)."""
-    max_connections: Annotated[Whole, Field(ge=1), Expected("a whole number >= 1")] = 4096
+    max_connections: Annotated[Count1, Expected("a whole number >= 1")] = 4096
     """Open client connections per worker; beyond it the oldest idle ones are closed first."""
     idle_timeout: Annotated[PositiveDuration, Expected("a positive duration like 30s")] = 30.0
-    """A connection that sends no complete request head, or reads nothing of its answer, this long is
-    closed."""
+    """Idle this long (no complete request head, or nothing of its answer read): closed."""
     tls_cert: Annotated[
         ExistingFile | None, Expected("a path to an existing PEM certificate file, or null")
     ] = None
@@ -381,10 +381,9 @@ class UpstreamConfig(_Section):
     """Sparse index root; its config.json gives the download template."""
     timeout: Annotated[PositiveDuration, Expected("a positive duration like 30s")] = 30.0
     """Per attempt: connect, first byte, or a stall mid-body."""
-    retries: Annotated[Whole, Field(ge=0), Expected("a whole number >= 0")] = 3
-    """On connect errors, timeouts, 5xx and 429 (Retry-After honoured); only before a byte reached the
-    client."""
-    max_connections: Annotated[Whole, Field(ge=1), Expected("a whole number >= 1")] = 32
+    retries: Annotated[Count0, Expected("a whole number >= 0")] = 3
+    """On connect errors, timeouts, 5xx and 429 (Retry-After honoured); only before a byte is sent."""
+    max_connections: Annotated[Count1, Expected("a whole number >= 1")] = 32
     """Concurrent upstream connections, per worker."""
     user_agent: Annotated[Text | None, Expected("a non-empty string, or null")] = None
     """Default "cratemirror/<version> (+<project url>)"."""
@@ -406,8 +405,7 @@ class CacheConfig(_Section):
     index_ttl: Annotated[Duration, Expected("a duration like 5m")] = 30.0
     """An index file younger than this is served without asking upstream."""
     stale_while_revalidate: Annotated[Duration, Expected("a duration like 5m")] = 300.0
-    """Past index_ttl but within this: answer from cache at once and revalidate behind the answer
-    (RFC 5861)."""
+    """Past index_ttl but within this: answer from cache, revalidate behind the answer (RFC 5861)."""
     negative_ttl: Annotated[Duration, Expected("a duration like 1m")] = 60.0
     """How long an upstream 404 is remembered."""
     stale_if_error: Annotated[ForeverDuration, Expected("a duration like 7d, forever, or 0")] = 7 * DAY
@@ -429,13 +427,14 @@ class LoggingConfig(_Section):
 
 class S3Config(_Section):
     bucket: Annotated[
-        Annotated[str, BeforeValidator(_pattern(_BUCKET, "a bucket name"))] | None,
+        Annotated[str, _matching(_BUCKET)] | None,
         Expected("an S3 bucket name like crates-cache, or null"),
     ] = None
     """Required with backend s3."""
     prefix: Annotated[
         str,
-        BeforeValidator(lambda value: _pattern(_S3_PREFIX, "a key prefix")(value) if value != "" else ""),
+        Field(pattern=f"^{_S3_PREFIX}$"),
+        BeforeValidator(_s3_prefix),
         Expected("a key prefix like mirror/ (S3-safe characters, no leading /, no . or .. parts)"),
     ] = ""
     """Key prefix inside the bucket."""
@@ -499,7 +498,7 @@ class RegistryConfig(_Section):
     token: Annotated[Secret | None, Expected("a token string, or null")] = None
     """Sent upstream as Authorization; never printed."""
     token_env: Annotated[
-        Annotated[str, BeforeValidator(_pattern(_ENV_NAME, "a variable name"))] | None,
+        Annotated[str, _matching(_ENV_NAME)] | None,
         Expected("an environment variable name like KELLNR_TOKEN, or null"),
     ] = None
     """Name of the environment variable holding the token."""
@@ -605,7 +604,12 @@ class MirrorSchema(BaseModel):
     registries: Annotated[
         dict[RegistryName, RegistryConfig],
         Expected("a mapping of registry names to registry settings"),
-    ] = Field(default_factory=dict)
+    ] = Field(
+        default_factory=dict,
+        json_schema_extra={
+            "propertyNames": {"pattern": f"^{_REGISTRY_NAME}$", "not": {"const": DEFAULT_REGISTRY}}
+        },
+    )
     """More upstream registries, each under /registries/<name>/ (name: lowercase letters, digits, - and _)."""
     policy: Annotated[PolicyConfig, Expected("a mapping of policy settings")] = Field(
         default_factory=PolicyConfig

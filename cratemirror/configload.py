@@ -467,6 +467,9 @@ def plain(value: object) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "forever"
     if isinstance(value, float):  # every float in the schema is a duration in seconds
+        for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+            if value >= seconds and value % seconds == 0:
+                return f"{value / seconds:g}{unit}"
         return f"{value:g}s"
     if value == "":
         return "''"
