@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import html
 import shutil
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -200,17 +202,18 @@ async def test_protect_status_and_open_mirror(
 # ---- the real cargo against a real server process ------------------------------------------------------
 
 
-def cargo_home_with_token_registry(home: Path, index_url: str) -> None:
-    """What an auth-required mirror needs on the client (cargo-protocol.md, "Verified with cargo")."""
+def printed_client_config(config: Path, url: str, *extra: str) -> str:
+    """What `cratemirror client-config` prints for this mirror config (used verbatim by the tests)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cratemirror", "client-config", "--url", url, "--config", str(config), *extra],
+        capture_output=True, text=True, timeout=60, env=clean_env(), check=True,
+    )  # fmt: skip
+    return done.stdout
+
+
+def client_home(home: Path, printed: str) -> None:
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        "[registries.mirror]\n"
-        f'index = "sparse+{index_url}"\n'
-        'credential-provider = "cargo:token"\n'
-        "\n[source.crates-io]\n"
-        'replace-with = "mirror"\n'
-        "\n[net]\nretry = 0\n"
-    )
+    (home / "config.toml").write_text(printed)
 
 
 async def _statuses(url: str, token: str, count: int) -> list[int]:
@@ -226,8 +229,6 @@ async def _statuses(url: str, token: str, count: int) -> list[int]:
 
 
 def token_add(config: Path, name: str, *extra: str) -> str:
-    import subprocess
-
     done = subprocess.run(
         [sys.executable, "-m", "cratemirror", "token", "add", name, *extra, "--config", str(config)],
         capture_output=True, text=True, timeout=60, env=clean_env(), check=True,
@@ -258,17 +259,24 @@ async def test_cargo_with_a_token_through_the_served_process(
     async with MirrorProcess(
         registry.index_url, tmp_path / "cache", tmp_path, workers=2, extra_args=["--config", str(config)]
     ) as mirror:
-        index_url = f"{mirror.url}/index/"
+        printed = printed_client_config(config, mirror.url)
+        assert (
+            "CARGO_REGISTRIES_MIRROR_TOKEN=<token>" in printed
+            and 'credential-provider = "cargo:token"' in printed
+        )
+        async with aiohttp.ClientSession() as session, session.get(mirror.url + "/") as response:
+            page = html.unescape(await response.text())  # the status page shows the same text
+        assert printed.strip() in page
         # Without a token: cargo stops and says how to log in.
         home = tmp_path / "home-none"
-        cargo_home_with_token_registry(home, index_url)
+        client_home(home, printed)
         code, output = await run_cargo(["generate-lockfile"], project, home)
         assert code != 0 and LOGIN_HINT in output, output
         assert registry.requests.total() == 0
 
         # With the token: resolve, fetch and build.
         home = tmp_path / "home-token"
-        cargo_home_with_token_registry(home, index_url)
+        client_home(home, printed)
         for args in (["generate-lockfile"], ["fetch"], ["build", "--offline"]):
             code, output = await run_cargo(args, project, home, env=with_token)
             assert code == 0, f"cargo {args} failed:\n{output}"
@@ -295,7 +303,7 @@ async def test_cargo_with_a_token_through_the_served_process(
         took = time.monotonic() - revoked_at
         (project / "Cargo.lock").unlink()
         home = tmp_path / "home-revoked"
-        cargo_home_with_token_registry(home, index_url)
+        client_home(home, printed)
         code, output = await run_cargo(["generate-lockfile"], project, home, env=with_token)
         assert code != 0 and "401" in output, output
         assert token not in output

@@ -25,7 +25,8 @@ from tests.fake_upstream import (
     run_cargo,
 )
 from tests.mirror_process import MirrorProcess, metric_value
-from tests.test_auth import token_add
+from tests.test_auth import client_home, printed_client_config, token_add
+from tests.test_client_config import run_shell
 from tests.tools_support import run_cli, write_config
 
 CRATES_IO_INDEX = "https://github.com/rust-lang/crates.io-index"
@@ -160,18 +161,6 @@ def write_project(path: Path, private_index: str) -> None:
     (path / ".cargo" / "config.toml").write_text(f'[registries.corp]\nindex = "sparse+{private_index}"\n')
 
 
-def client_home(home: Path, mirror_url: str, private_index: str) -> None:
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[registries.mirror]\nindex = "sparse+{mirror_url}/index/"\ncredential-provider = "cargo:token"\n\n'
-        '[source.crates-io]\nreplace-with = "mirror"\n\n'
-        f'[registries.corp-mirror]\nindex = "sparse+{mirror_url}/registries/corp/index/"\n'
-        'credential-provider = "cargo:token"\n\n'
-        f'[source.corp-upstream]\nregistry = "sparse+{private_index}"\nreplace-with = "corp-mirror"\n\n'
-        "[net]\nretry = 0\n"
-    )
-
-
 async def test_cargo_builds_with_a_private_registry_through_the_mirror(
     registry: FakeRegistry, private: FakeRegistry, tmp_path: Path, record_property: Any
 ) -> None:
@@ -194,8 +183,12 @@ async def test_cargo_builds_with_a_private_registry_through_the_mirror(
     async with MirrorProcess(
         registry.index_url, tmp_path / "cache", tmp_path, workers=2, extra_args=["--config", str(config)]
     ) as mirror:
+        printed = printed_client_config(config, mirror.url)
+        for variable in ("CARGO_REGISTRIES_MIRROR_TOKEN", "CARGO_REGISTRIES_CORP_MIRROR_TOKEN"):
+            assert f"{variable}=<token>" in printed
+        assert UPSTREAM_TOKEN not in printed
         home = tmp_path / "home"
-        client_home(home, mirror.url, private.index_url)
+        client_home(home, printed)  # the printed TOML, verbatim
         for args in (["generate-lockfile"], ["fetch"], ["build", "--offline"]):
             code, output = await run_cargo(args, project, home, env=env)
             assert code == 0, f"cargo {args} failed:\n{output}"
@@ -213,7 +206,8 @@ async def test_cargo_builds_with_a_private_registry_through_the_mirror(
         (project / "Cargo.lock").unlink()
         shutil.rmtree(project / "target")
         home = tmp_path / "home-warm"
-        client_home(home, mirror.url, private.index_url)
+        code, output = await run_shell(printed_client_config(config, mirror.url, "--ci"), home, tmp_path)
+        assert code == 0, output  # the --ci form, run as a CI step would
         for args in (["generate-lockfile"], ["fetch"], ["build", "--offline"]):
             code, output = await run_cargo(args, project, home, env=env)
             assert code == 0, f"cargo {args} (private registry down) failed:\n{output}"
