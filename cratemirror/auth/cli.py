@@ -11,10 +11,8 @@ from typing import Any
 
 from cratemirror.auth.tokens import TokenFileError, add_token, read_records, revoke_token, utcnow
 from cratemirror.config import ConfigError, find_config_path, load_config, parse_duration
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-CONFIG_HELP = "config file (default: $CRATEMIRROR_CONFIG, ./mirror.yaml)"
+from cratemirror.tools.cli import CONFIG_HELP
+from cratemirror.tools.common import EXIT_OK, error
 
 
 def _lifetime(text: str | None) -> float | None:
@@ -38,8 +36,7 @@ def run_token(args: argparse.Namespace) -> int:
             try:
                 token, record = add_token(path, args.name, lifetime)
             except ValueError as exc:
-                print(f"cratemirror: {exc}", file=sys.stderr)
-                return EXIT_FAILURE
+                return error(str(exc))
             until = record.expires.strftime("%Y-%m-%d %H:%M UTC") if record.expires else "never"
             print(token)
             print(
@@ -50,8 +47,7 @@ def run_token(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.action == "revoke":
             if not revoke_token(path, args.name):
-                print(f"cratemirror: no unrevoked token named {args.name!r} in {path}", file=sys.stderr)
-                return EXIT_FAILURE
+                return error(f"no unrevoked token named {args.name!r} in {path}")
             print(f"token {args.name!r} revoked; every worker refuses it within seconds", file=sys.stderr)
             return EXIT_OK
         now = utcnow()
@@ -62,8 +58,7 @@ def run_token(args: argparse.Namespace) -> int:
             print(f"{record.name:<24} {created:<20} {expires:<20} {record.state(now)}")
         return EXIT_OK
     except (TokenFileError, OSError) as exc:
-        print(f"cratemirror: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return error(str(exc))
 
 
 def add_token_command(commands: argparse._SubParsersAction[Any]) -> None:
