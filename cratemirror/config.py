@@ -44,7 +44,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "CoordinationConfig",
+    "Expected",
     "LoggingConfig",
+    "MirrorSchema",
     "PolicyConfig",
     "RegistryConfig",
     "S3Config",
@@ -55,6 +57,7 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_size",
+    "with_source",
 ]
 
 MiB = 1024**2
@@ -461,7 +464,7 @@ class StorageConfig(_Section):
         "local"
     )
     """local | s3: where crates, index files and their metadata are kept."""
-    s3: Annotated[S3Config, Expected("a mapping of storage.s3 settings")] = Field(default_factory=S3Config)
+    s3: S3Config = Field(default_factory=S3Config)
     """The bucket used with backend s3."""
 
     @model_validator(mode="after")
@@ -580,27 +583,15 @@ class MirrorSchema(BaseModel):
 
     model_config = _WHOLE
 
-    server: Annotated[ServerConfig, Expected("a mapping of server settings")] = Field(
-        default_factory=ServerConfig
-    )
-    upstream: Annotated[UpstreamConfig, Expected("a mapping of upstream settings")] = Field(
-        default_factory=UpstreamConfig
-    )
-    cache: Annotated[CacheConfig, Expected("a mapping of cache settings")] = Field(
-        default_factory=CacheConfig
-    )
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     offline: Annotated[bool, Expected("true or false")] = False
     """Never contact upstream; serve only what is cached."""
-    logging: Annotated[LoggingConfig, Expected("a mapping of logging settings")] = Field(
-        default_factory=LoggingConfig
-    )
-    storage: Annotated[StorageConfig, Expected("a mapping of storage settings")] = Field(
-        default_factory=StorageConfig
-    )
-    coordination: Annotated[CoordinationConfig, Expected("a mapping of coordination settings")] = Field(
-        default_factory=CoordinationConfig
-    )
-    auth: Annotated[AuthConfig, Expected("a mapping of auth settings")] = Field(default_factory=AuthConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    coordination: CoordinationConfig = Field(default_factory=CoordinationConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     registries: Annotated[
         dict[RegistryName, RegistryConfig],
         Expected("a mapping of registry names to registry settings"),
@@ -611,9 +602,7 @@ class MirrorSchema(BaseModel):
         },
     )
     """More upstream registries, each under /registries/<name>/ (name: lowercase letters, digits, - and _)."""
-    policy: Annotated[PolicyConfig, Expected("a mapping of policy settings")] = Field(
-        default_factory=PolicyConfig
-    )
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     @field_validator(
         "server",

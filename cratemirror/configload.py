@@ -335,9 +335,11 @@ def _origin(layers: Sequence[_Layer], parts: Sequence[str]) -> str:
     return DEFAULTS_SOURCE
 
 
-def _expected(info: FieldInfo | None) -> str:
+def _expected(info: FieldInfo | None, dotted: str) -> str:
     forms = [item.text for item in (info.metadata if info else []) if isinstance(item, Expected)]
-    return forms[-1] if forms else "a valid value"
+    if forms:
+        return forms[-1]
+    return f"a mapping of {dotted} settings" if _section_model(info) else "a valid value"
 
 
 def _to_config_error(exc: ValidationError, layers: Sequence[_Layer]) -> ConfigError:
@@ -351,7 +353,7 @@ def _to_config_error(exc: ValidationError, layers: Sequence[_Layer]) -> ConfigEr
     elif spot.bad_name:
         expected = REGISTRY_NAME_FORM
     else:
-        expected = _expected(spot.info)
+        expected = _expected(spot.info, ".".join(spot.parts))
     origin = _origin(layers, spot.parts)
     dotted = ".".join(spot.parts)
 
