@@ -53,6 +53,13 @@ def client_setup(config: Config) -> ClientSetup:
     """The setup a loaded config implies. A registry URL that could escape quoting raises BadBaseURL."""
     registries = []
     for name, registry in config.registries.items():
+        if name == "mirror" or (
+            name.endswith("-mirror") and name.removesuffix("-mirror") in config.registries
+        ):
+            # The client config names crates.io's replacement "mirror" and each registry's "<name>-mirror".
+            raise BadBaseURL(
+                f"registries.{name}: this name clashes with a name client-config gives; rename it"
+            )
         url, _ = split_userinfo(registry.index_url)
         if not _BASE_RE.fullmatch(url.rstrip("/")):
             raise BadBaseURL(f"registries.{name}.index_url cannot be printed safely: {redact(url)!r}")

@@ -61,6 +61,7 @@ def serve(args: argparse.Namespace) -> int:
             f"{str(config.cache.dir)!r} ({exc.strerror})"
         ) from exc
     scheme = "https" if server_ssl_context(config) is not None else "http"  # bad TLS files: exit 2 now
+    _check_registry_tokens(config)
     ready_file = _ready_file(args.ready_file)
     problem = _port_problem(config.server.host, config.server.port)
     if problem:
@@ -81,6 +82,16 @@ def serve(args: argparse.Namespace) -> int:
         return _supervise(config, readiness)
     finally:
         readiness.withdraw()
+
+
+def _check_registry_tokens(config: Config) -> None:
+    """An unset token_env is exit 2 now, not a crash in every worker."""
+    # Imported here: cratemirror.registry loads prometheus_client, which the supervisor must not do
+    # before PROMETHEUS_MULTIPROC_DIR is set.
+    from cratemirror.registry import upstream_authorization
+
+    for name, registry in config.registries.items():
+        upstream_authorization(config, name, registry)
 
 
 def _ready_file(text: str | None) -> Path | None:

@@ -284,3 +284,22 @@ async def test_tools_cover_every_registry(
     done = await run_cli("prune", "--config", str(config), "--max-size", "0", cwd=tmp_path)
     assert done.code == 0 and "prune [corp]: removed 1 crate" in done.stdout, done.output
     assert not corp_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "registries", "message"),
+    [
+        (["serve"], {"corp": {"index_url": "http://127.0.0.1:9/index/", "token_env": "NOT_SET_ANYWHERE"}},
+         "registries.corp.token_env: expected the environment variable NOT_SET_ANYWHERE"),
+        (["client-config"], {"mirror": {"index_url": "http://127.0.0.1:9/index/"}},
+         "registries.mirror: this name clashes"),
+    ],
+)  # fmt: skip
+async def test_registry_config_problems_stop_with_one_line(
+    tmp_path: Path, command: list[str], registries: dict[str, Any], message: str
+) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(yaml.safe_dump({"registries": registries}))
+    done = await run_cli(*command, "--config", str(config), cwd=tmp_path)
+    assert done.code == 2, done.output
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.output
