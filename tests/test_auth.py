@@ -323,3 +323,37 @@ async def test_cargo_with_a_token_through_the_served_process(
 async def _metrics(url: str) -> str:
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
         return await response.text()
+
+
+async def test_mirror_tools_send_the_token_from_the_environment(
+    registry: FakeRegistry, mirror_factory: MirrorFactory, tmp_path: Path
+) -> None:
+    """`warm --mirror` and `refresh --mirror` use CARGO_REGISTRIES_MIRROR_TOKEN, as cargo does."""
+    alpha = registry.add_crate("alpha", "1.0.0")
+    tokens_file = tmp_path / "tokens.yaml"
+    write_records(tokens_file, _records({"ops": "tok-ops"}))
+    mirror = await mirror_factory(auth__required=True, auth__tokens_file=tokens_file)
+    base = str(mirror.make_url("")).rstrip("/")
+    lockfile = tmp_path / "Cargo.lock"
+    lockfile.write_text(
+        'version = 4\n\n[[package]]\nname = "alpha"\nversion = "1.0.0"\n'
+        f'source = "registry+https://github.com/rust-lang/crates.io-index"\nchecksum = "{alpha.cksum}"\n'
+    )
+
+    async def cli(*args: str, **env: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cratemirror", *args, cwd=str(tmp_path), env=clean_env(**env),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    code, output = await cli("warm", str(lockfile), "--mirror", base)
+    assert code == 1 and "401" in output, output
+    code, output = await cli("warm", str(lockfile), "--mirror", base, CARGO_REGISTRIES_MIRROR_TOKEN="tok-ops")
+    assert code == 0 and "1 fetched" in output, output
+    code, output = await cli("refresh", "alpha", "--mirror", base, CARGO_REGISTRIES_MIRROR_TOKEN="tok-ops")
+    assert code == 0, output
+    code, output = await cli("refresh", "alpha", "--mirror", base)
+    assert code != 0 and "tok-ops" not in output, output

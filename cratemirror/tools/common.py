@@ -17,6 +17,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 CHUNK = 1024 * 1024
+# The variable client-config tells cargo users to set for an auth-required mirror; --mirror tools use it too.
+MIRROR_TOKEN_ENV = "CARGO_REGISTRIES_MIRROR_TOKEN"
 
 
 def tool_config(args: argparse.Namespace, overrides: dict[str, object] | None = None) -> Config:
@@ -26,6 +28,15 @@ def tool_config(args: argparse.Namespace, overrides: dict[str, object] | None = 
     config = load_config(path, os.environ, overrides or {})
     setup_logging(config.logging)
     return config
+
+
+def mirror_headers(user_agent: str) -> dict[str, str]:
+    """Headers for asking a running mirror: our User-Agent, and its token when one is in the environment."""
+    headers = {"User-Agent": user_agent}
+    token = os.environ.get(MIRROR_TOKEN_ENV, "").strip()
+    if token:
+        headers["Authorization"] = token
+    return headers
 
 
 def open_existing_store(config: Config) -> Store:

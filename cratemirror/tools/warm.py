@@ -27,7 +27,15 @@ from cratemirror.context import MIRROR
 from cratemirror.index import find_version
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import CrateName, parse_crate_version
-from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, Progress, error, plural, tool_config
+from cratemirror.tools.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    Progress,
+    error,
+    mirror_headers,
+    plural,
+    tool_config,
+)
 from cratemirror.tools.lockfile import (
     CRATES_IO_SOURCES,
     LockedCrate,
@@ -116,7 +124,7 @@ class MirrorWarmer:
     async def __aenter__(self) -> MirrorWarmer:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
-            headers={"User-Agent": f"cratemirror-warm/{__version__}"},
+            headers=mirror_headers(f"cratemirror-warm/{__version__}"),
         )
         return self
 
