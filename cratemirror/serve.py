@@ -175,7 +175,8 @@ def run_worker(
 
 def _ready(ready: Connection | None, on_ready: Callable[[], None] | None) -> None:
     if ready is not None:
-        ready.send(os.getpid())
+        with contextlib.suppress(OSError):  # the supervisor is gone: nobody to tell
+            ready.send(os.getpid())
     if on_ready is not None:
         on_ready()
 
@@ -206,6 +207,7 @@ def _supervise(config: Config, readiness: Readiness) -> int:
             if listening in woken:
                 while listening.poll():
                     ready_pids.add(listening.recv())
+                ready_pids &= {worker.pid for worker in workers if worker.pid is not None}
                 if all(worker.pid in ready_pids for worker in workers):
                     readiness.announce()  # every worker accepts connections (once; restarts are quiet)
             if stopping:

@@ -71,6 +71,7 @@ class Store:
         self.crates_dir = root / "crates"
         self.tmp_dir = root / "tmp"
         self.locks_dir = root / "locks"
+        self._generation_path = str(root / GENERATION_FILE)  # stat'ed per index request: built once
         for directory in (root, self.crates_dir, self.tmp_dir, self.locks_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self.degraded: str | None = None
@@ -102,12 +103,12 @@ class Store:
     # this file's mtime (one stat, no SQLite) before trusting its in-memory copies.
     def index_generation(self) -> int:
         try:
-            return os.stat(self.root / GENERATION_FILE).st_mtime_ns
+            return os.stat(self._generation_path).st_mtime_ns
         except OSError:
             return 0
 
     def bump_index_generation(self) -> None:
-        path = self.root / GENERATION_FILE
+        path = Path(self._generation_path)
         # Set explicitly and strictly increasing: the file system's own clock may tick too coarsely.
         stamp = max(time.time_ns(), self.index_generation() + 1)
         path.touch()

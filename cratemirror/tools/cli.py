@@ -58,6 +58,15 @@ def _refresh(args: argparse.Namespace) -> int:
     return run_refresh(args)
 
 
+def _cache_or_mirror(command: argparse.ArgumentParser, config_help: str) -> None:
+    """--config (work on the cache dir directly) or --mirror (through a running mirror), not both."""
+    where = command.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="PATH", help=f"{config_help}; {CONFIG_HELP}")
+    where.add_argument(
+        "--mirror", metavar="URL", help="go through a running mirror, e.g. http://127.0.0.1:8080"
+    )
+
+
 def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     warm = commands.add_parser(
         "warm",
@@ -66,11 +75,7 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "straight into the configured cache dir, or through a running mirror with --mirror.",
     )
     warm.add_argument("lockfiles", nargs="+", metavar="LOCKFILE", help="a Cargo.lock (format 1 to 4)")
-    where = warm.add_mutually_exclusive_group()
-    where.add_argument("--config", metavar="PATH", help=f"fill this config's cache dir; {CONFIG_HELP}")
-    where.add_argument(
-        "--mirror", metavar="URL", help="go through a running mirror, e.g. http://127.0.0.1:8080"
-    )
+    _cache_or_mirror(warm, "fill this config's cache dir")
     warm.add_argument(
         "--jobs", type=_positive_int, default=8, metavar="N", help="crates fetched at once (default 8)"
     )
@@ -84,11 +89,7 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "worker sees it), or through a running mirror with --mirror.",
     )
     refresh.add_argument("names", nargs="+", metavar="NAME", help="a crate name, e.g. serde")
-    where = refresh.add_mutually_exclusive_group()
-    where.add_argument("--config", metavar="PATH", help=f"refresh in this config's cache dir; {CONFIG_HELP}")
-    where.add_argument(
-        "--mirror", metavar="URL", help="go through a running mirror, e.g. http://127.0.0.1:8080"
-    )
+    _cache_or_mirror(refresh, "refresh in this config's cache dir")
     refresh.set_defaults(run=_refresh)
 
     verify = commands.add_parser(
