@@ -16,6 +16,7 @@ from cratemirror.auth.middleware import auth_middleware
 from cratemirror.config import Config
 from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
+from cratemirror.policy.service import create_policy
 from cratemirror.registry import build_registries
 from cratemirror.store import DiskTrouble
 
@@ -27,9 +28,10 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     disk_trouble = DiskTrouble()
     registries = build_registries(config, metrics, disk_trouble)
     default = registries[DEFAULT_REGISTRY]
+    policy = create_policy(config, default.store, metrics)  # the policy gates crates.io's crates
     mirror = Mirror(
         config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
-        registries=registries,
+        policy, registries=registries,
     )  # fmt: skip
 
     middlewares: list[Middleware] = [_instrument]
@@ -58,7 +60,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             registry.record_usage(registry.store.usage())
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
         mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
+    await mirror.policy.start()
     yield
+    await mirror.policy.close()
     for registry in mirror.registries.values():
         await registry.crates.close()
         await registry.index.close()

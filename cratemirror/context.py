@@ -13,6 +13,7 @@ from cratemirror.config import Config
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
+from cratemirror.policy.service import PolicyService
 from cratemirror.ratelimit import UnknownNameBudget
 from cratemirror.registry import Registry
 from cratemirror.store import DiskTrouble, Store
@@ -42,6 +43,7 @@ class Mirror:
     index: IndexService
     crates: CrateService
     disk_trouble: DiskTrouble
+    policy: PolicyService
     # Every registry bundle by name, crates-io (the fields above) included.
     registries: dict[str, Registry] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)

@@ -181,6 +181,10 @@ class Metrics:
         )  # fmt: skip
         for reason in AUTH_REASONS:
             self.auth_failures.labels(reason)
+        self.policy_decisions = Counter(
+            "cratemirror_policy_decisions_total", "Policy decisions by action and rule", ["action", "rule"],
+            registry=r,
+        )  # fmt: skip
         self._bind(DEFAULT_REGISTRY)
 
     def _bind(self, name: str) -> None:

@@ -14,6 +14,7 @@ from cratemirror.crates import CachedCrate, Fill, NotFound
 from cratemirror.index import GZIP_MIN, OfflineMiss
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path, parse_name
+from cratemirror.policy.http import client_of, refusal
 from cratemirror.registry import Registry
 from cratemirror.responses import error, not_modified, send_file
 from cratemirror.upstream import UpstreamError, UpstreamNotFound
@@ -137,6 +138,8 @@ async def index_file(request: web.Request) -> web.Response:
         return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}", "MISS")
     request[RESULT] = result.result
     entry = result.entry
+    if registry.is_default:  # the policy gates crates.io's crates (its advisories name crates.io's)
+        entry = await mirror.policy.view(crate.lower, entry)  # blocked versions yanked, with enforce
     if entry.status != 200:
         if result.result == "miss":  # this client's lookup went upstream for nothing
             mirror.unknown_names.charge(client)
@@ -177,7 +180,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     cached = crates.open_cached(wanted.crate.name, wanted.version)
     if cached is not None:
         request[RESULT] = "hit"
-        return await _send_cached(request, cached)
+        return await _send_checked(request, registry, cached, wanted.crate.name, wanted.version)
     try:
         record = await crates.resolve(wanted)
     except NotFound as exc:
@@ -192,7 +195,19 @@ async def download(request: web.Request) -> web.StreamResponse:
         cached = await crates.adopt_unrecorded(record, wanted.version)
     if cached is not None:
         request[RESULT] = "hit"
-        return await _send_cached(request, cached)
+        return await _send_checked(request, registry, cached, record.name, wanted.version)
+    # The licence rule needs the crate's Cargo.toml: fetch and verify it whole before deciding. A block
+    # known from name and version alone is decided (and counted) now, and nothing is fetched.
+    policy = mirror.policy
+    licence_first = False
+    if registry.is_default:
+        verdict = policy.verdict(record.name, wanted.version)
+        licence_first = request.method != "HEAD" and policy.needs_license(record.name, wanted.version)
+        if verdict.block is not None or not licence_first:
+            licence_first = False
+            block = await policy.record(verdict, record.name, wanted.version, client_of(request))
+            if block is not None:
+                return refusal(block, "MISS")
     if mirror.config.offline:
         return error(503, f"offline and {record.name} {wanted.version} is not cached", "MISS")
     headers = {**CRATE_HEADERS, "ETag": f'"{record.cksum}"', "X-Cache": "MISS"}
@@ -204,9 +219,31 @@ async def download(request: web.Request) -> web.StreamResponse:
         registry.metrics.coalesced.labels("crate").inc()
     fill.hold()  # keeps the spool readable until this client is done, even after the fill ends
     try:
-        return await _answer_from_fill(request, registry, fill, record.name, wanted.version, headers, joined)
+        return await _answer_from_fill(
+            request, registry, fill, record.name, wanted.version, headers, joined, licence_first
+        )
     finally:
         fill.release()
+
+
+async def _send_checked(
+    request: web.Request,
+    registry: Registry,
+    cached: CachedCrate,
+    name: str,
+    version: str,
+    x_cache: str = "HIT",
+) -> web.StreamResponse:
+    """A stored crate, unless the policy blocks it (its licence is read from it the first time)."""
+    policy = request.app[MIRROR].policy
+    if policy.enabled and registry.is_default:
+        if policy.needs_license(name, version):
+            await policy.learn_license(name, version, cached.file)
+        block = await policy.record(policy.verdict(name, version), name, version, client_of(request))
+        if block is not None:
+            cached.file.close()
+            return refusal(block, x_cache)
+    return await _send_cached(request, cached, x_cache)
 
 
 async def _answer_from_fill(
@@ -217,11 +254,12 @@ async def _answer_from_fill(
     version: str,
     headers: dict[str, str],
     joined: bool,
+    licence_first: bool,
 ) -> web.StreamResponse:
     try:
         # Shielded: these futures are shared, and a client that leaves must not cancel them for all.
         await asyncio.shield(fill.started)
-        if fill.content_length is None or fill.content_length <= VERIFY_BEFORE_SENDING:
+        if fill.content_length is None or fill.content_length <= VERIFY_BEFORE_SENDING or licence_first:
             await asyncio.shield(fill.finished)
     except UpstreamNotFound:
         return error(404, f"upstream has no tarball for {name} {version}", "MISS")
@@ -232,12 +270,18 @@ async def _answer_from_fill(
     # One upstream fetch is one miss; whoever joined it (here, or by waiting on another worker
     # process's lock) is a coalesced hit.
     request[RESULT] = "hit" if joined or fill.stored_elsewhere else "miss"
-    if fill.stored_elsewhere:  # another worker process had just stored it
-        if not joined:
+    # Stored by another worker process, or to be checked against the licence rule first: from the file.
+    if fill.stored_elsewhere or licence_first:
+        if fill.stored_elsewhere and not joined:
             registry.metrics.coalesced.labels("crate").inc()
         cached = registry.crates.open_cached(name, version)
         if cached is None:
+            if licence_first:  # not stored (a full disk): its licence cannot be read
+                return error(503, f"{name} {version} could not be stored to read its licence", "MISS")
             return error(502, f"{name} {version} vanished from the cache", "MISS")
+        if licence_first:
+            x_cache = "HIT" if joined or fill.stored_elsewhere else "MISS"
+            return await _send_checked(request, registry, cached, name, version, x_cache)
         return await _send_cached(request, cached)
     return await _stream_fill(request, fill, headers)
 

@@ -53,6 +53,9 @@ def serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     setup_logging(config.logging)
     raise_open_file_limit()
+    from cratemirror.policy.rules import check_policy  # no prometheus_client in the supervisor
+
+    check_policy(config)  # a bad deny entry stops start-up (exit 2) before any worker runs
     try:
         config.cache.dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -22,6 +22,7 @@ from cratemirror.clientconfig import BadBaseURL, cargo_ci_snippet, cargo_config_
 from cratemirror.config import Config
 from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import KINDS, RESULTS, Snapshot
+from cratemirror.policy.status import policy_panel
 from cratemirror.redact import redact
 from cratemirror.routes import base_url
 
@@ -57,6 +58,7 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         last_error=_esc(redact(mirror.upstream.last_error or "none since this worker started")),
         last_error_class="" if mirror.upstream.last_error else " none",
         recent_misses=_misses_table(reversed(mirror.recent_misses), now),
+        policy_panel=policy_panel(mirror.policy, now),
         pid=str(os.getpid()),
         uptime=_duration(now - mirror.started_at),
         rendered_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),

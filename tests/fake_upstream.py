@@ -155,7 +155,11 @@ def _toml_str(s: str) -> str:
 
 
 def _cargo_toml(
-    name: str, vers: str, deps: Sequence[Dep], features: Mapping[str, Sequence[str]] | None
+    name: str,
+    vers: str,
+    deps: Sequence[Dep],
+    features: Mapping[str, Sequence[str]] | None,
+    license: str | None = "MIT OR Apache-2.0",
 ) -> str:
     lines = [
         "[package]",
@@ -163,7 +167,7 @@ def _cargo_toml(
         f"version = {_toml_str(vers)}",
         'edition = "2021"',
         f"description = {_toml_str(f'fake crate {name} {vers}')}",
-        'license = "MIT OR Apache-2.0"',
+        *([f"license = {_toml_str(license)}"] if license is not None else []),
         "",
     ]
     section_of = {"normal": "dependencies", "dev": "dev-dependencies", "build": "build-dependencies"}
@@ -222,19 +226,20 @@ def make_crate_tarball(
     pad_to: int = 0,
     *,
     features: Mapping[str, Sequence[str]] | None = None,
+    license: str | None = "MIT OR Apache-2.0",
 ) -> bytes:
     """A real, deterministic ``.crate`` (gzip'd tar) that cargo can build.
 
     Contains ``{name}-{vers}/Cargo.toml`` (dependency sections matching ``deps``, ``[features]``
-    from ``features``) and ``{name}-{vers}/src/lib.rs``.  With ``pad_to > 0`` an extra
-    ``{name}-{vers}/data.bin`` of incompressible deterministic bytes makes the result at least
-    ``pad_to`` bytes long.
+    from ``features``, ``license`` unless None) and ``{name}-{vers}/src/lib.rs``.  With
+    ``pad_to > 0`` an extra ``{name}-{vers}/data.bin`` of incompressible deterministic bytes makes
+    the result at least ``pad_to`` bytes long.
     """
     root = f"{name}-{vers}"
     if lib_rs is None:
         lib_rs = f'pub fn hello() -> &\'static str {{ "{name} {vers}" }}\n'
     files: list[tuple[str, bytes]] = [
-        (f"{root}/Cargo.toml", _cargo_toml(name, vers, deps, features).encode()),
+        (f"{root}/Cargo.toml", _cargo_toml(name, vers, deps, features, license).encode()),
         (f"{root}/src/lib.rs", lib_rs.encode()),
     ]
     data = _build_tarball(files)
@@ -400,13 +405,17 @@ class FakeRegistry:
         features: Mapping[str, Sequence[str]] | None = None,
         pad_to: int = 0,
         lib_rs: str | None = None,
+        license: str | None = "MIT OR Apache-2.0",
     ) -> CrateVersion:
-        """Publish a version: builds its tarball and appends a line to the crate's index file."""
+        """Publish a version: builds its tarball (``license`` in its Cargo.toml, none if None) and
+        appends a line to the crate's index file."""
         versions = self._crates.setdefault(name.lower(), [])
         if any(v.vers == vers for v in versions):
             raise ValueError(f"{name} {vers} already exists")
         feats = {k: list(v) for k, v in (features or {}).items()}
-        data = make_crate_tarball(name, vers, deps, lib_rs=lib_rs, pad_to=pad_to, features=feats)
+        data = make_crate_tarball(
+            name, vers, deps, lib_rs=lib_rs, pad_to=pad_to, features=feats, license=license
+        )
         cv = CrateVersion(
             name=name,
             vers=vers,

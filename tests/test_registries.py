@@ -303,3 +303,20 @@ async def test_registry_config_problems_stop_with_one_line(
     done = await run_cli(*command, "--config", str(config), cwd=tmp_path)
     assert done.code == 2, done.output
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.output
+
+
+async def test_the_policy_gates_crates_io_not_a_private_registry(
+    registry: FakeRegistry, private: FakeRegistry, mirror_factory: MirrorFactory
+) -> None:
+    """A deny rule names a crates.io crate; a private crate of the same name is not that crate."""
+    registry.add_crate("corp-util", "1.0.0")
+    corp = RegistryConfig(index_url=private.index_url, token=UPSTREAM_TOKEN)
+    mirror = await mirror_factory(
+        registries={"corp": corp}, policy__mode="enforce", policy__deny=("corp-util",)
+    )
+    refused = await mirror.get("/api/v1/crates/corp-util/1.0.0/download")
+    assert refused.status == 403 and "X-Cratemirror-Policy" in refused.headers
+    response = await mirror.get("/registries/corp/api/v1/crates/corp-util/1.0.0/download")
+    assert response.status == 200 and await response.read() == private.get_version("corp-util", "1.0.0").data
+    index = await mirror.get(f"/registries/corp/index/{index_path('corp-util')}")
+    assert await index.read() == private.get_version("corp-util", "1.0.0").index_line() + b"\n"

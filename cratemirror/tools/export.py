@@ -25,6 +25,7 @@ from cratemirror import __version__
 from cratemirror.config import ConfigError, parse_duration
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
 from cratemirror.names import CrateName, InvalidRequest
+from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document, registry_member
 from cratemirror.tools.common import (
@@ -54,6 +55,7 @@ class ExportResult:
     index_files: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     crate_bytes: int = 0
+    advisories: int | None = None  # advisory files carried (--advisory-db)
 
 
 def last_activity(store: Store, meta: CrateMeta) -> float:
@@ -166,7 +168,9 @@ def _cached_index(store: Store, lower: str) -> IndexEntry | None:
     return entry if entry is not None and entry.status == 200 else None
 
 
-def _write_members(tar: tarfile.TarFile, store: Store, metas: list[CrateMeta]) -> ExportResult:
+def _write_members(
+    tar: tarfile.TarFile, store: Store, metas: list[CrateMeta], advisory_db: Path | None
+) -> ExportResult:
     """Crates, then the index files of the crates that made it, then the manifest (it lists both)."""
     result = ExportResult()
     indexes: dict[str, IndexEntry | None] = {}
@@ -197,12 +201,19 @@ def _write_members(tar: tarfile.TarFile, store: Store, metas: list[CrateMeta]) -
         result.crates,
         result.index_files,
     )
+    if advisory_db is not None:
+        manifest[MANIFEST_KEY] = export_advisory_db(tar, advisory_db)
+        result.advisories = len(manifest[MANIFEST_KEY]["files"])
     _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=1).encode(), time.time())
     return result
 
 
 def write_bundle(
-    store: Store, metas: list[CrateMeta], target: Path, nested: Sequence[tuple[str, Path]] = ()
+    store: Store,
+    metas: list[CrateMeta],
+    target: Path,
+    advisory_db: Path | None = None,
+    nested: Sequence[tuple[str, Path]] = (),
 ) -> ExportResult:
     """Write the tar next to `target`, then rename it into place: no half-written bundle is left.
     `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar."""
@@ -215,7 +226,7 @@ def write_bundle(
                     info.size, info.mtime, info.mode = path.stat().st_size, int(time.time()), 0o644
                     with open(path, "rb") as handle:
                         tar.addfile(info, handle)
-                result = _write_members(tar, store, metas)
+                result = _write_members(tar, store, metas, advisory_db)
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, target)
@@ -233,6 +244,12 @@ def run_export(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--since: expected a duration like 30d, got {args.since!r}") from None
     config = tool_config(args)
+    advisory_db = config.policy.advisory_db if args.advisory_db else None
+    if args.advisory_db and (advisory_db is None or not (advisory_db / "crates").is_dir()):
+        raise ConfigError(
+            f"{config.source}: policy.advisory_db: expected an advisory-db checkout for --advisory-db, "
+            f"got {str(advisory_db) if advisory_db else None!r}"
+        )
     store = open_existing_store(config)
     target = Path(args.bundle)
     extras = extra_stores(config)
@@ -260,7 +277,7 @@ def run_export(args: argparse.Namespace) -> int:
         for problem in selection.problems:
             print(f"export: {problem}", file=sys.stderr)
         try:
-            result = write_bundle(store, selection.metas, target, nested)
+            result = write_bundle(store, selection.metas, target, advisory_db, nested)
         except OSError as exc:
             return error(f"cannot write bundle {target}: {exc.strerror or exc}")
     finally:
@@ -273,7 +290,13 @@ def run_export(args: argparse.Namespace) -> int:
     problems += len(selection.problems) + len(result.problems)
     print(
         f"export: {plural(len(result.crates), 'crate')} ({format_size(result.crate_bytes)}) and "
-        f"{plural(len(result.index_files), 'index file')} -> {target}"
+        f"{plural(len(result.index_files), 'index file')}"
+        + (
+            f" and {plural(result.advisories, 'advisory', 'advisories')}"
+            if result.advisories is not None
+            else ""
+        )
+        + f" -> {target}"
         + (f"; {plural(problems, 'crate')} left out (see above)" if problems else "")
     )
     return EXIT_FAILURE if problems else EXIT_OK

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from cratemirror.config import ConfigError
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
+from cratemirror.policy.bundle import DbImport, import_advisory_db
 from cratemirror.registry import registry_cache_dir
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import (
@@ -78,6 +79,7 @@ class ImportResult:
     index_loaded: int = 0
     index_kept: int = 0
     crates_listed: int = 0
+    advisory_db: DbImport = field(default_factory=DbImport)
 
     @property
     def refused(self) -> int:
@@ -336,7 +338,10 @@ def import_nested(
 
 
 def import_bundle(
-    tar: tarfile.TarFile, store: Store, registries: Mapping[str, Store] | None = None
+    tar: tarfile.TarFile,
+    store: Store,
+    advisory_db: Path | None = None,
+    registries: Mapping[str, Store] | None = None,
 ) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
@@ -356,6 +361,8 @@ def import_bundle(
         else:
             progress.step(line, line)
     progress.finish()
+    result.advisory_db = import_advisory_db(tar, members, manifest, advisory_db)
+    result.refused_members.extend(result.advisory_db.refused)
     for name in sorted(members):
         result.refused_members.append(f"{name!r}: not listed in the manifest")
     store_upstream_config(store, manifest)
@@ -374,7 +381,7 @@ def run_import(args: argparse.Namespace) -> int:
         return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
     try:
         with tarfile.open(bundle, "r:*") as tar:
-            result = import_bundle(tar, store, registries)
+            result = import_bundle(tar, store, config.policy.advisory_db, registries)
         cached_bytes = store.crate_bytes()
     except (tarfile.TarError, BundleError) as exc:
         return error(f"{bundle}: {exc}")
@@ -397,6 +404,11 @@ def run_import(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    if result.advisory_db.installed:
+        print(
+            f"import: {plural(result.advisory_db.installed, 'advisory', 'advisories')} installed into "
+            f"{result.advisory_db.target}"
+        )
     if cached_bytes > config.cache.max_size:
         print(
             f"import: the cache now holds {format_size(cached_bytes)}, over cache.max_size "
