@@ -3,52 +3,41 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from cratemirror import routes, status_page
+from cratemirror.auth.middleware import auth_middleware
 from cratemirror.config import Config
 from cratemirror.context import MIRROR, Mirror, RecentMiss
-from cratemirror.coordination import make_coordination
-from cratemirror.crates import CrateService
-from cratemirror.index import IndexService
-from cratemirror.metrics import TIMING, Metrics, start_request_timing
+from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
 from cratemirror.policy.service import create_policy
-from cratemirror.storage import make_shared_storage
-from cratemirror.store import DiskTrouble, Store
-from cratemirror.upstream import Upstream
+from cratemirror.registry import build_registries
+from cratemirror.store import DiskTrouble
 
 log = logging.getLogger("cratemirror")
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     metrics = metrics or Metrics()
-    store = Store(config.cache.dir)
-    upstream = Upstream(config.upstream, metrics)
     disk_trouble = DiskTrouble()
-    coordination = make_coordination(config.coordination.redis_url, store, metrics)
-    shared = make_shared_storage(config.storage, config.upstream.max_index_size)
-    index = IndexService(
-        store, upstream, metrics, config.cache,
-        offline=config.offline, disk_trouble=disk_trouble, coordination=coordination, shared=shared,
-    )  # fmt: skip
-    crates = CrateService(
-        store, index, upstream, metrics,
-        offline=config.offline, max_size=config.cache.max_size, disk_trouble=disk_trouble,
-        coordination=coordination, shared=shared,
-    )  # fmt: skip
-    policy = create_policy(config, store, metrics)
+    registries = build_registries(config, metrics, disk_trouble)
+    default = registries[DEFAULT_REGISTRY]
+    policy = create_policy(config, default.store, metrics)  # the policy gates crates.io's crates
     mirror = Mirror(
-        config, metrics, store, upstream, index, crates, disk_trouble, policy, coordination, shared
-    )
+        config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
+        policy, registries=registries,
+    )  # fmt: skip
 
-    app = web.Application(middlewares=[_instrument], handler_args={"max_field_size": 8190})
+    middlewares: list[Middleware] = [_instrument]
+    if config.auth.required:
+        middlewares.append(auth_middleware(config.auth, metrics))
+    app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
     app.add_routes(routes.routes)
     app.add_routes(status_page.routes)
@@ -58,31 +47,38 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     mirror = app[MIRROR]
-    removed = mirror.store.clean_stale_temp_files()
-    if removed:
-        log.info("removed %d partial downloads left by an earlier run", removed)
-    if not mirror.config.offline:
-        await mirror.upstream.start()
-    await mirror.shared.start()
-    health = asyncio.create_task(mirror.coordination.share_health(mirror.upstream.health))
+    for registry in mirror.registries.values():
+        removed = registry.store.clean_stale_temp_files()
+        if removed:
+            log.info("removed %d partial downloads left by an earlier run", removed)
+        if not mirror.config.offline:
+            await registry.upstream.start()
+        await registry.shared.start()
+    # Each registry's upstream health, shared with the other replicas (a no-op without Redis).
+    health = [
+        asyncio.create_task(registry.coordination.share_health(registry.upstream.health))
+        for registry in mirror.registries.values()
+    ]
     try:
-        crate_bytes = await asyncio.to_thread(mirror.store.measure_crate_bytes)
-        mirror.store.set_crate_bytes(crate_bytes)  # exact again, whatever a crash left
-        mirror.record_usage(mirror.store.usage())
+        for registry in mirror.registries.values():
+            crate_bytes = await asyncio.to_thread(registry.store.measure_crate_bytes)
+            registry.store.set_crate_bytes(crate_bytes)  # exact again, whatever a crash left
+            registry.record_usage(registry.store.usage())
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
         mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
     await mirror.policy.start()
     yield
     await mirror.policy.close()
-    health.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await health
-    await mirror.crates.close()
-    await mirror.index.close()
-    await mirror.upstream.close()
-    await mirror.coordination.close()
-    await mirror.shared.close()
-    mirror.store.close()
+    for task in health:
+        task.cancel()
+    await asyncio.gather(*health, return_exceptions=True)
+    for registry in mirror.registries.values():
+        await registry.crates.close()
+        await registry.index.close()
+        await registry.upstream.close()
+        await registry.coordination.close()
+        await registry.shared.close()
+        registry.store.close()
 
 
 @web.middleware
@@ -105,7 +101,9 @@ async def _instrument(request: web.Request, handler: Handler) -> web.StreamRespo
             elapsed = time.perf_counter() - timing.started
             result = request.get(routes.RESULT, "error")
             sent = 0 if request.method == "HEAD" else request.get(routes.BYTES, 0)
-            mirror.metrics.observe_request(kind, result, elapsed, sent)
+            registry = mirror.registries.get(request.get(routes.REGISTRY, DEFAULT_REGISTRY))
+            metrics = registry.metrics if registry is not None else mirror.metrics
+            metrics.observe_request(kind, result, elapsed, sent)
             if result == "miss":
                 mirror.recent_misses.append(
                     RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)

@@ -29,6 +29,7 @@ from cratemirror.connections import ConnectionGuard, raise_open_file_limit
 from cratemirror.logs import setup_logging
 from cratemirror.readiness import Readiness
 from cratemirror.redact import redact
+from cratemirror.tls import server_ssl_context
 
 log = logging.getLogger("cratemirror")
 
@@ -62,14 +63,16 @@ def serve(args: argparse.Namespace) -> int:
             f"{config.source}: cache.dir: expected a directory that can be created, got "
             f"{str(config.cache.dir)!r} ({exc.strerror})"
         ) from exc
+    scheme = "https" if server_ssl_context(config) is not None else "http"  # bad TLS files: exit 2 now
+    _check_registry_tokens(config)
     ready_file = _ready_file(args.ready_file)
     problem = _port_problem(config.server.host, config.server.port)
     if problem:
         log.error("%s", problem)
         return 1
     readiness = Readiness(
-        "cratemirror serving on http://{}:{} with {} worker(s); upstream {}; cache {}{}; config: {}".format(
-            _url_host(config.server.host), config.server.port, config.server.workers,
+        "cratemirror serving on {}://{}:{} with {} worker(s); upstream {}; cache {}{}; config: {}".format(
+            scheme, _url_host(config.server.host), config.server.port, config.server.workers,
             redact(config.upstream.index_url), config.cache.dir, " (offline)" if config.offline else "",
             config.source,
         ),
@@ -82,6 +85,16 @@ def serve(args: argparse.Namespace) -> int:
         return _supervise(config, readiness)
     finally:
         readiness.withdraw()
+
+
+def _check_registry_tokens(config: Config) -> None:
+    """An unset token_env is exit 2 now, not a crash in every worker."""
+    # Imported here: cratemirror.registry loads prometheus_client, which the supervisor must not do
+    # before PROMETHEUS_MULTIPROC_DIR is set.
+    from cratemirror.registry import upstream_authorization
+
+    for name, registry in config.registries.items():
+        upstream_authorization(config, name, registry)
 
 
 def _ready_file(text: str | None) -> Path | None:
@@ -138,8 +151,9 @@ def run_worker(
             assert runner.server is not None
             guard.attach(runner.server)
             site = web.TCPSite(
-                runner, config.server.host, config.server.port, reuse_port=config.server.workers > 1
-            )
+                runner, config.server.host, config.server.port, reuse_port=config.server.workers > 1,
+                ssl_context=server_ssl_context(config),
+            )  # fmt: skip
             await site.start()
             _ready(ready, on_ready)  # this worker accepts connections now
             await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from cratemirror import __version__
-from cratemirror.clientconfig import BadBaseURL, cargo_ci_snippet, cargo_config_snippet
+from cratemirror.clientconfig import BadBaseURL, cargo_ci_snippet, cargo_config_snippet, client_setup
+from cratemirror.config import Config
 from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import KINDS, RESULTS, Snapshot
 from cratemirror.policy.status import policy_panel
@@ -49,7 +50,7 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         host=_esc(urlsplit(base).netloc or base),
         version=_esc(__version__),
         upstream_url=_esc(redact(mirror.config.upstream.index_url)),
-        **_snippets(base),
+        **_snippets(base, mirror.config),
         **_health(mirror, snap),
         **_summary(snap),
         **_results_table(snap),
@@ -64,12 +65,13 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
     )
 
 
-def _snippets(base: str) -> dict[str, str]:
+def _snippets(base: str, config: Config) -> dict[str, str]:
     """Exactly what `cratemirror client-config [--ci]` prints, so the copy buttons paste cleanly."""
     try:
+        setup = client_setup(config)
         return {
-            "config_snippet": _esc(cargo_config_snippet(base)),
-            "env_snippet": _esc(cargo_ci_snippet(base)),
+            "config_snippet": _esc(cargo_config_snippet(base, setup)),
+            "env_snippet": _esc(cargo_ci_snippet(base, setup)),
         }
     except BadBaseURL as exc:  # e.g. a server.public_url with userinfo or a query: say so, never guess
         reason = _esc(f"no snippet for this base URL: {exc}")

@@ -71,6 +71,8 @@ class Dep:
     default_features: bool = True
     target: str | None = None
     package: str | None = None
+    #: the index URL of another registry (e.g. crates.io's, from a private registry's index line)
+    registry: str | None = None
 
     def index_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -82,6 +84,8 @@ class Dep:
             "target": self.target,
             "kind": self.kind,
         }
+        if self.registry is not None:
+            d["registry"] = self.registry
         if self.package is not None:
             d["package"] = self.package
         return d
@@ -322,6 +326,10 @@ class FakeRegistry:
         self.corrupt_crates = False
         self.body_chunk_delay = 0.0
         self.crate_status_403_for_missing = True
+        #: a private registry: every request needs exactly this Authorization (config.json says so)
+        self.required_token: str | None = None
+        #: answer crate downloads with a 302 to this base URL + the same path (another host's storage)
+        self.redirect_crates_to: str | None = None
         self.hold_started = asyncio.Event()
         #: number of crate requests currently parked on ``gate``
         self.held = 0
@@ -608,6 +616,12 @@ class FakeRegistry:
 
         if self.down:
             return self._reset_connection(request)
+        if self.required_token is not None and request.headers.get("Authorization") != self.required_token:
+            return web.Response(
+                status=401,
+                text="fake upstream: a valid token is required\n",
+                headers={"WWW-Authenticate": f'Cargo login_url="{self.url}/me"'},
+            )
         if self.delay > 0 and not await self._sleep(self.delay):
             return self._reset_connection(request)
         if self.down:
@@ -643,7 +657,10 @@ class FakeRegistry:
         body = self._index_body(rel)
         content_type = "text/plain"
         if body is None and rel == "config.json":
-            body = json.dumps({"dl": self.dl_url(), "api": self.url}, separators=(",", ":")).encode()
+            document: dict[str, Any] = {"dl": self.dl_url(), "api": self.url}
+            if self.required_token is not None:
+                document["auth-required"] = True
+            body = json.dumps(document, separators=(",", ":")).encode()
             content_type = "application/json"
         if body is None:
             return web.Response(status=404, text="not found\n")
@@ -672,6 +689,9 @@ class FakeRegistry:
         return web.Response(status=200, body=body, headers=headers)
 
     async def _handle_crate(self, request: web.Request, raw_path: str, raw_query: str) -> web.StreamResponse:
+        if self.redirect_crates_to is not None:
+            target = self.redirect_crates_to.rstrip("/") + raw_path + (f"?{raw_query}" if raw_query else "")
+            return web.Response(status=302, headers={"Location": target})
         cv = self._find_crate(raw_path, raw_query)
         if cv is None:
             if self.crate_status_403_for_missing:
@@ -785,15 +805,18 @@ async def run_cargo(
     cwd: Path,
     cargo_home: Path,
     timeout: float = 240,  # noqa: ASYNC109 - part of the shared interface
+    env: Mapping[str, str] | None = None,
 ) -> tuple[int, str]:
     """Run the real ``cargo`` without blocking the event loop (so a server in the same loop keeps
     answering).  Returns (exit code, combined stdout+stderr).  On timeout the process group is
-    killed and the exit code is negative.  Raises FileNotFoundError if cargo is not on PATH."""
+    killed and the exit code is negative.  Raises FileNotFoundError if cargo is not on PATH.
+    ``env`` adds variables (e.g. ``CARGO_REGISTRIES_MIRROR_TOKEN``) after the CARGO_* ones are cleared."""
     cargo = shutil.which("cargo")
     if cargo is None:
         raise FileNotFoundError("cargo not found on PATH")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARGO_")}
-    env.update(
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("CARGO_")}
+    child_env.update(env or {})
+    child_env.update(
         CARGO_HOME=str(cargo_home),
         CARGO_NET_RETRY="0",
         CARGO_TERM_COLOR="never",
@@ -804,7 +827,7 @@ async def run_cargo(
         cargo,
         *args,
         cwd=str(cwd),
-        env=env,
+        env=child_env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

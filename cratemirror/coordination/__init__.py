@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from cratemirror.coordination.local import LocalCoordination
+from cratemirror.metrics import DEFAULT_REGISTRY
 
 if TYPE_CHECKING:
     from cratemirror.metrics import Metrics
@@ -47,7 +48,10 @@ class Coordination(Protocol):
     async def close(self) -> None: ...
 
 
-def make_coordination(redis_url: str | None, store: Store, metrics: Metrics) -> Coordination:
+def make_coordination(
+    redis_url: str | None, store: Store, metrics: Metrics, namespace: str = DEFAULT_REGISTRY
+) -> Coordination:
+    """`namespace`: the registry whose keys these are (registries never share a lock or a note)."""
     local = LocalCoordination(store)
     metrics.coordination_up.set(1)
     if redis_url is None:
@@ -57,4 +61,4 @@ def make_coordination(redis_url: str | None, store: Store, metrics: Metrics) -> 
         raise RuntimeError("coordination.redis_url needs the extra cratemirror[fleet]")
     from cratemirror.coordination.with_redis import RedisCoordination
 
-    return RedisCoordination(redis_url, local, metrics)
+    return RedisCoordination(redis_url, local, metrics, namespace)

@@ -74,8 +74,9 @@ class _Held:
 
 
 class RedisCoordination:
-    def __init__(self, url: str, local: LocalCoordination, metrics: Metrics) -> None:
+    def __init__(self, url: str, local: LocalCoordination, metrics: Metrics, namespace: str) -> None:
         self.local = local
+        self.prefix = f"{PREFIX}{namespace}:"
         self.metrics = metrics
         self.client = Redis.from_url(
             url,
@@ -127,7 +128,7 @@ class RedisCoordination:
     async def lock(self, key: str) -> AsyncIterator[None]:
         # The flock first: the worker processes of this replica queue locally, one asks Redis.
         async with self.local.lock(key):
-            held = await self._acquire(PREFIX + "lock:" + key)
+            held = await self._acquire(self.prefix + "lock:" + key)
             try:
                 yield
             finally:
@@ -140,7 +141,7 @@ class RedisCoordination:
         pause = 0.005
         while self._usable():
             try:
-                token = int(await self.client.incr(PREFIX + "fence"))
+                token = int(await self.client.incr(self.prefix + "fence"))
                 if await self.client.set(name, token, nx=True, px=int(LOCK_TTL * 1000)):
                     self._worked()
                     return _Held(name, token, asyncio.create_task(self._keep(name, token)))
@@ -182,7 +183,7 @@ class RedisCoordination:
     # ---- shared upstream health ------------------------------------------------------------------
 
     async def share_health(self, health: Health) -> None:
-        name = PREFIX + "upstream-down"
+        name = self.prefix + "upstream-down"
         while True:
             await asyncio.sleep(HEALTH_EVERY)
             if not self._usable():
@@ -208,7 +209,7 @@ class RedisCoordination:
         if not self._usable():
             return None
         try:
-            value = await self.client.get(PREFIX + "missing:" + key)
+            value = await self.client.get(self.prefix + "missing:" + key)
         except _FAILURES as exc:
             self._failed(exc)
             return None
@@ -223,7 +224,9 @@ class RedisCoordination:
         if not self._usable() or ttl <= 0:
             return
         try:
-            await self.client.set(PREFIX + "missing:" + key, repr(checked_at), px=max(1, int(ttl * 1000)))
+            await self.client.set(
+                self.prefix + "missing:" + key, repr(checked_at), px=max(1, int(ttl * 1000))
+            )
         except _FAILURES as exc:
             self._failed(exc)
             return

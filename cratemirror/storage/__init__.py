@@ -18,6 +18,7 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import CrateName, CrateVersion
 
 if TYPE_CHECKING:
@@ -95,7 +96,10 @@ class LocalShared:
         return None
 
 
-def make_shared_storage(config: StorageConfig, max_index_size: int) -> SharedStorage:
+def make_shared_storage(
+    config: StorageConfig, max_index_size: int, registry: str = DEFAULT_REGISTRY
+) -> SharedStorage:
+    """crates.io's objects sit at the top of storage.s3.prefix, an extra registry's in registries/NAME/."""
     if config.backend == "local":
         return LocalShared()
     # The config refuses backend s3 when the `fleet` extra is missing; this is for direct callers.
@@ -103,4 +107,5 @@ def make_shared_storage(config: StorageConfig, max_index_size: int) -> SharedSto
         raise RuntimeError("storage.backend s3 needs the extra cratemirror[fleet]")
     from cratemirror.storage.s3 import S3Shared
 
-    return S3Shared(config.s3, max_index_size)
+    prefix = "" if registry == DEFAULT_REGISTRY else f"registries/{registry}/"
+    return S3Shared(config.s3, max_index_size, prefix)

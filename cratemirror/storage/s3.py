@@ -58,10 +58,10 @@ def _ascii(value: str | None) -> str | None:
 
 
 class S3Shared:
-    def __init__(self, config: S3Config, max_index_size: int) -> None:
+    def __init__(self, config: S3Config, max_index_size: int, registry_prefix: str = "") -> None:
         self.config = config
         self.bucket = config.bucket or ""
-        self.prefix = config.prefix
+        self.prefix = config.prefix + registry_prefix
         self.max_index_size = max_index_size
         self.redirects = config.serve == "redirect"
         self._stack = AsyncExitStack()

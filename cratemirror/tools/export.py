@@ -27,19 +27,20 @@ from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_vers
 from cratemirror.names import CrateName, InvalidRequest
 from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
-from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document
+from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document, registry_member
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     Progress,
     cached_crate_metas,
     error,
+    extra_stores,
     format_size,
     open_existing_store,
     plural,
     tool_config,
 )
-from cratemirror.tools.lockfile import accepted_sources, read_lockfiles
+from cratemirror.tools.lockfile import accepted_sources, read_lockfiles, registry_sources
 
 
 @dataclass
@@ -66,8 +67,14 @@ def last_activity(store: Store, meta: CrateMeta) -> float:
 
 
 def select(
-    store: Store, metas: list[CrateMeta], since: float | None, lockfiles: Sequence[str] | None, upstream: str
+    store: Store,
+    metas: list[CrateMeta],
+    since: float | None,
+    lockfiles: Sequence[str] | None,
+    upstream: str,
+    accepted: Sequence[str] | None = None,
 ) -> Selection:
+    """`accepted`: the lockfile source ids of this registry (default: crates.io's and `upstream`)."""
     if since is not None:
         cutoff = time.time() - since
         return Selection([meta for meta in metas if last_activity(store, meta) >= cutoff])
@@ -75,7 +82,7 @@ def select(
         return Selection(metas)
     by_key = {(meta.name.lower(), meta.version): meta for meta in metas}
     selection = Selection()
-    locked = read_lockfiles(lockfiles, accepted_sources([upstream]))
+    locked = read_lockfiles(lockfiles, accepted or accepted_sources([upstream]))
     selection.problems.extend(locked.conflicts)
     for crate in locked.crates:
         meta = by_key.get((crate.name.lower(), crate.version))
@@ -202,13 +209,23 @@ def _write_members(
 
 
 def write_bundle(
-    store: Store, metas: list[CrateMeta], target: Path, advisory_db: Path | None = None
+    store: Store,
+    metas: list[CrateMeta],
+    target: Path,
+    advisory_db: Path | None = None,
+    nested: Sequence[tuple[str, Path]] = (),
 ) -> ExportResult:
-    """Write the tar next to `target`, then rename it into place: no half-written bundle is left."""
+    """Write the tar next to `target`, then rename it into place: no half-written bundle is left.
+    `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar."""
     partial = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         with open(partial, "wb") as out:
             with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for name, path in nested:
+                    info = tarfile.TarInfo(registry_member(name))
+                    info.size, info.mtime, info.mode = path.stat().st_size, int(time.time()), 0o644
+                    with open(path, "rb") as handle:
+                        tar.addfile(info, handle)
                 result = _write_members(tar, store, metas, advisory_db)
             out.flush()
             os.fsync(out.fileno())
@@ -235,17 +252,42 @@ def run_export(args: argparse.Namespace) -> int:
         )
     store = open_existing_store(config)
     target = Path(args.bundle)
+    extras = extra_stores(config)
+    nested: list[tuple[str, Path]] = []
+    problems = 0
     try:
+        # Each extra registry's working set as a bundle of its own, carried inside this one.
+        for name, extra in extras:
+            accepted = registry_sources(config.registries[name].index_url)
+            chosen = select(extra, cached_crate_metas(extra), since, args.lockfile, "", accepted)
+            for problem in chosen.problems:
+                print(f"export [{name}]: {problem}", file=sys.stderr)
+            path = target.with_name(f".{target.name}.{name}.{os.getpid()}.part")
+            try:
+                written = write_bundle(extra, chosen.metas, path)
+            except OSError as exc:
+                return error(f"cannot write bundle {target}: {exc.strerror or exc}")
+            nested.append((name, path))
+            problems += len(chosen.problems) + len(written.problems)
+            print(
+                f"export [{name}]: {plural(len(written.crates), 'crate')} "
+                f"({format_size(written.crate_bytes)}) and {plural(len(written.index_files), 'index file')}"
+            )
         selection = select(store, cached_crate_metas(store), since, args.lockfile, config.upstream.index_url)
         for problem in selection.problems:
             print(f"export: {problem}", file=sys.stderr)
         try:
-            result = write_bundle(store, selection.metas, target, advisory_db)
+            result = write_bundle(store, selection.metas, target, advisory_db, nested)
         except OSError as exc:
             return error(f"cannot write bundle {target}: {exc.strerror or exc}")
     finally:
         store.close()
-    problems = len(selection.problems) + len(result.problems)
+        for _, extra in extras:
+            extra.close()
+        for _, path in nested:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    problems += len(selection.problems) + len(result.problems)
     print(
         f"export: {plural(len(result.crates), 'crate')} ({format_size(result.crate_bytes)}) and "
         f"{plural(len(result.index_files), 'index file')}"

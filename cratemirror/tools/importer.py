@@ -18,6 +18,7 @@ import re
 import sys
 import tarfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path, PurePosixPath
@@ -28,8 +29,16 @@ from cratemirror.config import ConfigError
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
 from cratemirror.policy.bundle import DbImport, import_advisory_db
+from cratemirror.registry import registry_cache_dir
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
-from cratemirror.tools.bundle import FORMAT, FORMAT_VERSION, MANIFEST, crate_member, index_member
+from cratemirror.tools.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    crate_member,
+    index_member,
+    registry_member,
+)
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -299,15 +308,50 @@ def store_upstream_config(store: Store, manifest: dict[str, Any]) -> None:
         store.put_json(UPSTREAM_CONFIG_KEY, {"dl": config["dl"]})
 
 
-def import_bundle(tar: tarfile.TarFile, store: Store, advisory_db: Path | None = None) -> ImportResult:
+def import_nested(
+    tar: tarfile.TarFile,
+    members: dict[str, tarfile.TarInfo],
+    registries: Mapping[str, Store],
+    result: ImportResult,
+) -> None:
+    """Each extra registry's bundle into that registry's cache, verified the same way; one for a
+    registry this mirror does not have is refused."""
+    for member_name in [name for name in members if name.startswith("registries/")]:
+        member = members.pop(member_name)
+        registry = next((name for name in registries if registry_member(name) == member_name), None)
+        if registry is None:
+            result.refused_members.append(f"{member_name!r}: no such registry in this mirror's config")
+            continue
+        handle = tar.extractfile(member)
+        assert handle is not None  # a regular file
+        with tarfile.open(fileobj=handle, mode="r:") as inner:
+            sub = import_bundle(inner, registries[registry])
+        result.loaded += sub.loaded
+        result.loaded_bytes += sub.loaded_bytes
+        result.already += sub.already
+        result.index_loaded += sub.index_loaded
+        result.index_kept += sub.index_kept
+        result.crates_listed += sub.crates_listed
+        result.refused_crates += [f"[{registry}] {line}" for line in sub.refused_crates]
+        result.refused_index += [f"[{registry}] {line}" for line in sub.refused_index]
+        result.refused_members += [f"[{registry}] {line}" for line in sub.refused_members]
+
+
+def import_bundle(
+    tar: tarfile.TarFile,
+    store: Store,
+    advisory_db: Path | None = None,
+    registries: Mapping[str, Store] | None = None,
+) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
+    import_nested(tar, members, registries or {}, result)
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
     indexes = read_index_files(tar, members, manifest, result)
     # Index files first, as a fill does: a crate in the cache always has its index line there too.
     store_index_files(store, indexes, result)
     crates = manifest["crates"]
-    result.crates_listed = len(crates)
+    result.crates_listed += len(crates)
     progress = Progress("import", len(crates))
     for entry in crates:
         line = import_crate(tar, members, entry, indexes, store, result)
@@ -332,11 +376,12 @@ def run_import(args: argparse.Namespace) -> int:
     config = tool_config(args)
     try:
         store = Store(config.cache.dir)
+        registries = {name: Store(registry_cache_dir(config.cache.dir, name)) for name in config.registries}
     except OSError as exc:
         return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
     try:
         with tarfile.open(bundle, "r:*") as tar:
-            result = import_bundle(tar, store, config.policy.advisory_db)
+            result = import_bundle(tar, store, config.policy.advisory_db, registries)
         cached_bytes = store.crate_bytes()
     except (tarfile.TarError, BundleError) as exc:
         return error(f"{bundle}: {exc}")
@@ -344,6 +389,8 @@ def run_import(args: argparse.Namespace) -> int:
         return error(f"{bundle}: {exc.strerror or exc}")
     finally:
         store.close()
+        for extra in registries.values():
+            extra.close()
     for line in [*result.refused_index, *result.refused_members]:
         print(f"import: REFUSED {line}", file=sys.stderr)
     print(

@@ -19,7 +19,7 @@ import aiohttp
 from cratemirror import __version__
 from cratemirror.config import ConfigError
 from cratemirror.names import CrateName, InvalidRequest, parse_name
-from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, error, tool_config
+from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, error, mirror_headers, tool_config
 from cratemirror.tools.warm import DirectWarmer, mirror_base
 from cratemirror.upstream import UpstreamError
 
@@ -65,7 +65,7 @@ async def _direct(warmer: DirectWarmer, crates: list[CrateName]) -> list[Outcome
 
 
 async def _through_mirror(base: str, crates: list[CrateName]) -> list[Outcome]:
-    headers = {"User-Agent": f"cratemirror-refresh/{__version__}"}
+    headers = mirror_headers(f"cratemirror-refresh/{__version__}")
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
 
