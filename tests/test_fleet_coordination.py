@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from cratemirror.coordination import make_coordination
+from cratemirror.coordination import Coordination, make_coordination
 from cratemirror.metrics import Metrics
 from cratemirror.store import Store
 from tests.fake_upstream import FakeRegistry, index_path
@@ -204,3 +204,23 @@ async def test_a_replica_hears_that_the_upstream_is_down(
             await asyncio.sleep(0.3)
             assert (await get(session, f"{b.url}/index/se/rd/serde"))[0] == 200
             assert await upstream_up(b) == 1
+
+
+async def test_registries_never_share_a_lock(redis_server: RedisServer, tmp_path: Path) -> None:
+    """The same crate name in two registries is two keys: holding one never blocks the other."""
+    store = Store(tmp_path / "cache")
+    crates_io = make_coordination(redis_server.url, store, Metrics())
+    internal = make_coordination(
+        redis_server.url, Store(tmp_path / "internal"), Metrics(), namespace="internal"
+    )
+    try:
+        async with crates_io.lock("crate:serde/1.0.0"):
+            await asyncio.wait_for(_hold_briefly(internal), timeout=5)
+    finally:
+        await crates_io.close()
+        await internal.close()
+
+
+async def _hold_briefly(coordination: Coordination) -> None:
+    async with coordination.lock("crate:serde/1.0.0"):
+        pass

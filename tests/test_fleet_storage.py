@@ -107,3 +107,14 @@ async def test_a_failing_store_is_reported_until_it_answers(shared: SharedStorag
         await shared.get_index(CrateName("serde"))
     problem = await shared.problem()
     assert problem is not None and problem.startswith("shared storage failing (")
+
+
+async def test_each_registry_has_its_own_prefix(moto: MotoS3, tmp_path: Path) -> None:
+    internal = make_shared_storage(storage_config(moto), LIMIT, registry="internal")
+    await internal.start()
+    try:
+        path, sha = crate_file(tmp_path, b"internal crate")
+        await internal.put_crate(KEY, path, sha)
+    finally:
+        await internal.close()
+    assert moto.object_keys() == ["m/registries/internal/crates/Serde_json/1.0.0%2Bbuild.5.crate"]
