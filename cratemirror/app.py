@@ -53,11 +53,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if not mirror.config.offline:
         await mirror.upstream.start()
     try:
-        crate_bytes = await asyncio.to_thread(mirror.store.measure_crate_bytes)
-        mirror.store.set_crate_bytes(crate_bytes)  # exact again, whatever a crash left
+        # What a crash left half done (a few rows, never a walk of the cache): totals exact again.
+        settled = await asyncio.to_thread(mirror.store.settle)
+        if settled:
+            log.info("settled %d crate commits or evictions left by an earlier run", settled)
         mirror.record_usage(mirror.store.usage())
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
-        mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
+        mirror.disk_trouble.report(f"could not settle the cache at start-up: {exc}")
     yield
     await mirror.crates.close()
     await mirror.index.close()

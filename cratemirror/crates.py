@@ -23,7 +23,7 @@ from urllib.parse import quote
 import aiohttp
 from cachetools import LRUCache
 
-from cratemirror.eviction import evict_to
+from cratemirror.eviction import evict_to, low_water
 from cratemirror.index import IndexService, VersionRecord, find_version
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateVersion, expand_dl_template
@@ -180,9 +180,11 @@ class CrateService:
             sha = self._sha_memo[key] = meta.sha256
         stat = os.fstat(handle.fileno())
         if time.time() - stat.st_mtime > TOUCH_INTERVAL:
-            # Recency for LRU eviction; at most hourly, so a hot crate costs no metadata write per hit.
-            with contextlib.suppress(OSError):
+            # Recency for LRU eviction (the ledger's order; the mtime says when we last wrote it): at
+            # most hourly, so a hot crate costs no metadata write per hit.
+            with contextlib.suppress(OSError, sqlite3.Error):
                 os.utime(handle.fileno())
+                self.store.touch_crate(name, version)
         return CachedCrate(handle, stat.st_size, sha)
 
     async def adopt_unrecorded(self, record: VersionRecord, version: str) -> CachedCrate | None:
@@ -327,13 +329,16 @@ class CrateService:
 
     async def _evict(self) -> None:
         try:
-            async with self.store.lock("evict"):  # one worker process at a time
-                report = await asyncio.to_thread(evict_to, self.store, self.max_size)
+            if self.store.eviction_running():  # another worker process is at it
+                return
+            async with self.store.eviction_lock():
+                target = low_water(self.max_size)
+                report = await asyncio.to_thread(evict_to, self.store, target)
             self._sha_memo.clear()
-            if report.removed:
+            if report.removed_count:
                 log.info(
-                    "evicted %d crates (%d bytes) to stay under cache.max_size (%d bytes)",
-                    len(report.removed), report.removed_bytes, self.max_size,
+                    "evicted %d crates (%d bytes) to %d bytes, below cache.max_size (%d bytes)",
+                    report.removed_count, report.removed_bytes, target, self.max_size,
                 )  # fmt: skip
         except (OSError, sqlite3.Error) as exc:
             log.error("eviction failed: %s", exc)

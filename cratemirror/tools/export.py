@@ -16,7 +16,7 @@ import os
 import sys
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,13 @@ from typing import Any
 from cratemirror import __version__
 from cratemirror.config import ConfigError, parse_duration
 from cratemirror.index import UPSTREAM_CONFIG_KEY, find_version
+from cratemirror.ledger import STORED
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     Progress,
-    cached_crate_metas,
     error,
     format_size,
     open_existing_store,
@@ -42,7 +42,7 @@ from cratemirror.tools.lockfile import accepted_sources, read_lockfiles
 
 @dataclass
 class Selection:
-    metas: list[CrateMeta] = field(default_factory=list)
+    metas: Iterator[CrateMeta] = field(default_factory=lambda: iter(()))  # by name, then version
     problems: list[str] = field(default_factory=list)  # wanted but not cached
 
 
@@ -54,28 +54,26 @@ class ExportResult:
     crate_bytes: int = 0
 
 
-def last_activity(store: Store, meta: CrateMeta) -> float:
-    """When a crate was last fetched or served (serving refreshes the file's mtime, at most hourly)."""
-    try:
-        return max(meta.fetched_at, store.crate_path(meta.name, meta.version).stat().st_mtime)
-    except FileNotFoundError:
-        return meta.fetched_at
-
-
-def select(
-    store: Store, metas: list[CrateMeta], since: float | None, lockfiles: Sequence[str] | None, upstream: str
-) -> Selection:
+def select(store: Store, since: float | None, lockfiles: Sequence[str] | None, upstream: str) -> Selection:
+    """What goes in: by last use (the ledger, streamed), by lockfile (one lookup per locked crate), or
+    everything (streamed by `_write_members` itself: `metas` is None)."""
     if since is not None:
         cutoff = time.time() - since
-        return Selection([meta for meta in metas if last_activity(store, meta) >= cutoff])
+        return Selection(
+            iter(
+                CrateMeta(row.name, row.version, row.sha256, row.size, row.fetched_at)
+                for row in store.iter_ledger()
+                if row.state == STORED and max(row.last_used, row.fetched_at) >= cutoff
+            )
+        )
     if not lockfiles:
-        return Selection(metas)
-    by_key = {(meta.name.lower(), meta.version): meta for meta in metas}
+        return Selection(store.iter_crate_metas())
     selection = Selection()
     locked = read_lockfiles(lockfiles, accepted_sources([upstream]))
     selection.problems.extend(locked.conflicts)
+    chosen: list[CrateMeta] = []
     for crate in locked.crates:
-        meta = by_key.get((crate.name.lower(), crate.version))
+        meta = _cached_meta(store, crate.name, crate.version)
         if meta is None:
             selection.problems.append(f"MISSING {crate.name} {crate.version}: not in the cache")
         elif crate.checksum is not None and crate.checksum != meta.sha256:
@@ -84,8 +82,19 @@ def select(
                 f"differs from the cached crate's {meta.sha256}"
             )
         else:
-            selection.metas.append(meta)
+            chosen.append(meta)
+    selection.metas = iter(sorted(chosen, key=lambda meta: (meta.name, meta.version)))
     return selection
+
+
+def _cached_meta(store: Store, name: str, version: str) -> CrateMeta | None:
+    """The lockfile spells the name as the registry does; the cache folder may differ only in case."""
+    meta = store.get_crate_meta(name, version)
+    if meta is not None:
+        return meta
+    entry = store.get_index(name.lower())
+    record = find_version(entry.body, version) if entry is not None and entry.status == 200 else None
+    return store.get_crate_meta(record.name, version) if record is not None else None
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, body: bytes, mtime: float) -> None:
@@ -154,29 +163,27 @@ def _cached_index(store: Store, lower: str) -> IndexEntry | None:
     return entry if entry is not None and entry.status == 200 else None
 
 
-def _write_members(tar: tarfile.TarFile, store: Store, metas: list[CrateMeta]) -> ExportResult:
-    """Crates, then the index files of the crates that made it, then the manifest (it lists both)."""
+def _write_members(
+    tar: tarfile.TarFile, store: Store, metas: Iterator[CrateMeta], total: int
+) -> ExportResult:
+    """Crates (each crate's index file right after its last version), then the manifest (it lists
+    both). `metas` come grouped by name, so only the current crate's index file is held."""
     result = ExportResult()
-    indexes: dict[str, IndexEntry | None] = {}
-    included: dict[str, str] = {}  # lowercased name -> name, for crates that went in
-    progress = Progress("export", len(metas))
-    for meta in sorted(metas, key=lambda item: (item.name.lower(), item.version)):
-        lower = meta.name.lower()
-        if lower not in indexes:
-            indexes[lower] = _cached_index(store, lower)
+    progress = Progress("export", total)
+    current: tuple[str, IndexEntry | None, bool] | None = None  # (name, its index file, any crate in)
+    for meta in metas:
+        if current is None or current[0] != meta.name:
+            _close_crate(tar, current, result)
+            current = (meta.name, _cached_index(store, meta.name.lower()), False)
         before = len(result.problems)
-        _add_crate(tar, store, meta, indexes[lower], result)
+        _add_crate(tar, store, meta, current[1], result)
         for problem in result.problems[before:]:
             progress.note(problem)
         if len(result.problems) == before:
-            included[lower] = meta.name
+            current = (current[0], current[1], True)
         progress.step(f"{meta.name} {meta.version}")
+    _close_crate(tar, current, result)
     progress.finish()
-    for lower, name in included.items():
-        entry = indexes[lower]
-        assert entry is not None  # a crate goes in only with its index line
-        _add_bytes(tar, index_member(name), entry.body, time.time())
-        result.index_files.append(_index_record(name, entry))
     config = store.get_json(UPSTREAM_CONFIG_KEY)
     manifest = manifest_document(
         datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -189,13 +196,24 @@ def _write_members(tar: tarfile.TarFile, store: Store, metas: list[CrateMeta]) -
     return result
 
 
-def write_bundle(store: Store, metas: list[CrateMeta], target: Path) -> ExportResult:
+def _close_crate(
+    tar: tarfile.TarFile, current: tuple[str, IndexEntry | None, bool] | None, result: ExportResult
+) -> None:
+    if current is None or not current[2]:
+        return
+    name, entry, _ = current
+    assert entry is not None  # a crate goes in only with its index line
+    _add_bytes(tar, index_member(name), entry.body, time.time())
+    result.index_files.append(_index_record(name, entry))
+
+
+def write_bundle(store: Store, metas: Iterator[CrateMeta], target: Path, total: int = 0) -> ExportResult:
     """Write the tar next to `target`, then rename it into place: no half-written bundle is left."""
     partial = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         with open(partial, "wb") as out:
             with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                result = _write_members(tar, store, metas)
+                result = _write_members(tar, store, metas, total)
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, target)
@@ -216,11 +234,11 @@ def run_export(args: argparse.Namespace) -> int:
     store = open_existing_store(config)
     target = Path(args.bundle)
     try:
-        selection = select(store, cached_crate_metas(store), since, args.lockfile, config.upstream.index_url)
+        selection = select(store, since, args.lockfile, config.upstream.index_url)
         for problem in selection.problems:
             print(f"export: {problem}", file=sys.stderr)
         try:
-            result = write_bundle(store, selection.metas, target)
+            result = write_bundle(store, selection.metas, target, store.ledger.totals()[1])
         except OSError as exc:
             return error(f"cannot write bundle {target}: {exc.strerror or exc}")
     finally:

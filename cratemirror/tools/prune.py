@@ -12,12 +12,22 @@ import time
 
 from cratemirror.eviction import EvictionReport, evict_to
 from cratemirror.store import Store
-from cratemirror.tools.common import EXIT_OK, format_size, open_existing_store, plural, tool_config
+from cratemirror.tools.common import EXIT_OK, Progress, format_size, open_existing_store, plural, tool_config
 
 
 async def _evict_locked(store: Store, max_size: int, dry_run: bool) -> EvictionReport:
-    async with store.lock("evict"):  # the lock the server's eviction takes
-        return await asyncio.to_thread(evict_to, store, max_size, dry_run=dry_run)
+    async with store.eviction_lock():  # the lock the server's eviction takes
+        excess = max(0, store.crate_bytes() - max_size)
+        progress = Progress("prune", 0)
+        progress.bar.unit = "B"
+        progress.bar.unit_scale = True
+        progress.total = excess
+        try:
+            return await asyncio.to_thread(
+                evict_to, store, max_size, dry_run=dry_run, on_batch=lambda _, size: progress.advance(size)
+            )
+        finally:
+            progress.finish()
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -30,15 +40,17 @@ def run_prune(args: argparse.Namespace) -> int:
     finally:
         store.close()
     verb = "would remove" if args.dry_run else "removed"
-    removed = f"{plural(len(report.removed), 'crate')} ({format_size(report.removed_bytes)})"
+    removed = f"{plural(report.removed_count, 'crate')} ({format_size(report.removed_bytes)})"
     for item in report.removed:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(item.last_used))
         print(f"prune: {verb} {item.name} {item.version} ({format_size(item.size)}, last used {used})")
+    if report.removed_count > len(report.removed):
+        print(f"prune: ... and {report.removed_count - len(report.removed)} more")
     sizes = (
         f"{format_size(report.total_before)} -> {format_size(report.total_after)} "
         f"(max {format_size(max_size)})"
     )
-    if not report.removed:
+    if not report.removed_count:
         print(
             f"prune: nothing to remove: {format_size(report.total_before)} "
             f"is within max {format_size(max_size)}"
