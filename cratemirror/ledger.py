@@ -153,6 +153,21 @@ class Ledger:
             (name, version, sha256, size, fetched_at, fetched_at, os.getpid()),
         )
 
+    def begin_commits(self, rows: Iterable[tuple[str, str, str, int, float]]) -> None:
+        """`begin_commit` for many (name, version, sha256, size, fetched_at) in one transaction."""
+        db = self._db()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            for row in rows:
+                self.begin_commit(*row)
+
+    def finish_commits(self, keys: Iterable[tuple[str, str]]) -> None:
+        db = self._db()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            for name, version in keys:
+                self.finish_commit(name, version)
+
     def finish_commit(self, name: str, version: str) -> None:
         self._db().execute(
             f"UPDATE crates SET state = {STORED}, pid = 0"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -44,6 +45,7 @@ CRATE_PREFIX = "crate:"  # crate checksums lived in diskcache before the ledger 
 CRATE_BYTES_KEY = "stats:crate_bytes"
 LEDGER_FILE = "crates.sqlite"
 RENAME_ATTEMPTS = 3
+_LIBC = ctypes.CDLL(None, use_errno=True)
 _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
 
 
@@ -182,6 +184,25 @@ class Store:
         _fsync_dir(final.parent)
         self.ledger.finish_commit(meta.name, meta.version)
         return final
+
+    def commit_crates(self, batch: list[tuple[Path, CrateMeta]]) -> None:
+        """`commit_crate` for many verified temp files (import): two ledger transactions and two
+        filesystem syncs for the whole batch instead of several fsyncs and writes per crate. The temp
+        files need not be fsynced: one syncfs makes their bytes durable before any rename."""
+        if not batch:
+            return
+        self.ledger.begin_commits(
+            (meta.name, meta.version, meta.sha256, meta.size, meta.fetched_at) for _, meta in batch
+        )
+        _sync_filesystem(self.tmp_dir, [temp for temp, _ in batch])
+        folders: set[Path] = set()
+        for temp, meta in batch:
+            final = self.crate_path(meta.name, meta.version)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
+            folders.add(final.parent)
+        _sync_filesystem(self.crates_dir, list(folders))
+        self.ledger.finish_commits((meta.name, meta.version) for _, meta in batch)
 
     def crate_bytes(self) -> int:
         """Bytes of stored crates: a running total kept by the ledger, shared by every process."""
@@ -377,6 +398,21 @@ def remove_empty_dir(directory: Path) -> None:
     """Drop a crate folder its last file left (a scan or `ls` never wades through empty folders)."""
     with contextlib.suppress(OSError):  # not empty (another version), or already gone
         directory.rmdir()
+
+
+def _sync_filesystem(anchor: Path, fallback: list[Path]) -> None:
+    """syncfs(2) on the cache's filesystem (one call however many files); where it is missing, an
+    fsync of each path in `fallback` (files or folders)."""
+    syncfs = getattr(_LIBC, "syncfs", None)
+    if syncfs is not None:
+        fd = os.open(anchor, os.O_RDONLY)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in fallback:
+        _fsync_dir(path)  # an O_RDONLY fsync works for files and folders alike
 
 
 def _fsync_dir(directory: Path) -> None:

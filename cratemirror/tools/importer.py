@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import re
 import sys
 import tarfile
@@ -20,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
+
+from cachetools import LRUCache
 
 from cratemirror.config import ConfigError
 from cratemirror.index import UPSTREAM_CONFIG_KEY, body_etag, find_version
@@ -39,6 +40,8 @@ from cratemirror.tools.common import (
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+COMMIT_BATCH = 500  # crates per store.commit_crates: two filesystem syncs and two transactions each
+INDEX_BODIES_HELD = 64
 
 
 class BundleError(Exception):
@@ -76,12 +79,28 @@ def _path_problem(name: str) -> str | None:
     return None
 
 
-def safe_members(tar: tarfile.TarFile, result: ImportResult) -> dict[str, tarfile.TarInfo]:
+@dataclass(frozen=True, slots=True)
+class Member:
+    """Where a regular member's bytes are: all that is kept of its header."""
+
+    name: str
+    offset: int
+    size: int
+
+    def info(self) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(self.name)
+        info.offset_data, info.size, info.type = self.offset, self.size, tarfile.REGTYPE
+        return info
+
+
+def safe_members(tar: tarfile.TarFile, result: ImportResult) -> dict[str, Member]:
     """Regular members with plain relative names; everything else is refused. A name that appears
-    twice is refused entirely: which copy is "the" member would be ambiguous."""
-    members: dict[str, tarfile.TarInfo] = {}
+    twice is refused entirely: which copy is "the" member would be ambiguous. One pass over the
+    headers, keeping an offset and a size per member (tarfile's own list is emptied as it goes)."""
+    members: dict[str, Member] = {}
     duplicates: set[str] = set()
-    for member in tar.getmembers():
+    while (member := tar.next()) is not None:
+        vars(tar)["members"].clear()  # tarfile keeps every header it read; memory stays flat without
         problem = _path_problem(member.name)
         if problem is None and member.isdir():
             continue  # a bundle re-packed with `tar` may list directories; they carry nothing
@@ -95,19 +114,24 @@ def safe_members(tar: tarfile.TarFile, result: ImportResult) -> dict[str, tarfil
             duplicates.add(name)
             members.pop(name, None)
             continue
-        members[name] = member
+        members[name] = Member(member.name, member.offset_data, member.size)
     for name in sorted(duplicates):
         result.refused_members.append(f"{name!r}: appears more than once in the bundle")
     return members
 
 
-def read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> dict[str, Any]:
+def _open_member(tar: tarfile.TarFile, member: Member) -> IO[bytes]:
+    handle = tar.extractfile(member.info())
+    assert handle is not None  # a regular file
+    return handle
+
+
+def read_manifest(tar: tarfile.TarFile, member: Member | None) -> dict[str, Any]:
     if member is None:
         raise BundleError(f"no {MANIFEST}: not a cratemirror bundle")
     if member.size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{MANIFEST} is implausibly large ({format_size(member.size)})")
-    handle = tar.extractfile(member)
-    assert handle is not None  # a regular file
+    handle = _open_member(tar, member)
     try:
         document = json.loads(handle.read())
     except ValueError as exc:
@@ -132,46 +156,77 @@ def _sha256_field(entry: dict[str, Any]) -> str:
     return value
 
 
-def read_index_files(
-    tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], manifest: dict[str, Any], result: ImportResult
-) -> dict[str, BundledIndex]:
-    """The bundled index files whose bodies match the manifest, keyed by lowercased crate name."""
-    found: dict[str, BundledIndex] = {}
-    for entry in manifest["index_files"]:
-        try:
-            if not isinstance(entry, dict):
-                raise ValueError("not an object")
-            crate = parse_name(str(entry.get("name")))
-            expected = _sha256_field(entry)
-        except (ValueError, InvalidRequest) as exc:
-            result.refused_index.append(f"index file entry {entry!r}: {exc}")
-            continue
-        member = members.pop(index_member(crate.name), None)
-        if member is None:
-            result.refused_index.append(
-                f"index file of {crate.name}: listed in the manifest but not in the bundle"
-            )
-            continue
-        handle = tar.extractfile(member)
-        assert handle is not None
-        body = handle.read()
+class BundledIndexes:
+    """The bundle's index files, each read and checked against the manifest when first needed (the
+    crates come grouped by name, so only a few bodies are held at a time), and stored into the cache
+    before any crate of its name: a crate in the cache always has its index line there too."""
+
+    def __init__(
+        self, tar: tarfile.TarFile, members: dict[str, Member], manifest: dict[str, Any], store: Store,
+        result: ImportResult,
+    ) -> None:  # fmt: skip
+        self.tar, self.store, self.result = tar, store, result
+        self.listed: dict[str, tuple[str, str, dict[str, Any], Member]] = {}  # lower -> name, sha, entry
+        self.done: set[str] = set()
+        self.recent: LRUCache[str, BundledIndex | None] = LRUCache(INDEX_BODIES_HELD)
+        for entry in manifest["index_files"]:
+            try:
+                if not isinstance(entry, dict):
+                    raise ValueError("not an object")
+                crate = parse_name(str(entry.get("name")))
+                expected = _sha256_field(entry)
+            except (ValueError, InvalidRequest) as exc:
+                result.refused_index.append(f"index file entry {entry!r}: {exc}")
+                continue
+            member = members.pop(index_member(crate.name), None)
+            if member is None:
+                result.refused_index.append(
+                    f"index file of {crate.name}: listed in the manifest but not in the bundle"
+                )
+                continue
+            self.listed[crate.lower] = (crate.name, expected, entry, member)
+
+    def get(self, lower: str) -> BundledIndex | None:
+        if lower in self.recent:
+            return self.recent[lower]
+        found = self._load(lower)
+        self.recent[lower] = found
+        return found
+
+    def _load(self, lower: str) -> BundledIndex | None:
+        listed = self.listed.get(lower)
+        if listed is None:
+            return None
+        name, expected, entry, member = listed
+        body = _open_member(self.tar, member).read()
         digest = hashlib.sha256(body).hexdigest()
+        first = lower not in self.done
+        self.done.add(lower)
         if digest != expected:
-            result.refused_index.append(
-                f"index file of {crate.name}: body hashes to {digest}, the manifest says {expected}"
-            )
-            continue
-        found[crate.lower] = BundledIndex(crate.name, body, entry)
-    return found
+            if first:
+                self.result.refused_index.append(
+                    f"index file of {name}: body hashes to {digest}, the manifest says {expected}"
+                )
+            return None
+        index = BundledIndex(name, body, entry)
+        if first:
+            store_index_file(self.store, lower, index, self.result)
+        return index
+
+    def finish(self) -> None:
+        """Index files no crate in the bundle needed are loaded too."""
+        for lower in [lower for lower in self.listed if lower not in self.done]:
+            self.get(lower)
 
 
 def import_crate(
     tar: tarfile.TarFile,
-    members: dict[str, tarfile.TarInfo],
+    members: dict[str, Member],
     entry: object,
-    indexes: dict[str, BundledIndex],
+    indexes: BundledIndexes,
     store: Store,
     result: ImportResult,
+    batch: list[tuple[Path, CrateMeta]],
 ) -> str:
     """Verify one crate and load it. Returns a progress line; refusals go to result.refused."""
     try:
@@ -197,23 +252,22 @@ def import_crate(
         result.already += 1
         return f"already cached {label}"
     temp = store.new_temp_file()
+    verified = False
     try:
-        source = tar.extractfile(member)
-        assert source is not None
-        with open(temp, "wb") as out:
-            digest, size = sha256_stream(source, out)
-            out.flush()
-            os.fsync(out.fileno())
+        with open(temp, "wb") as out:  # made durable by the batch's filesystem sync
+            digest, size = sha256_stream(_open_member(tar, member), out)
         if digest != expected:
             return _refuse(result, f"{label}: bytes hash to {digest}, the manifest says {expected}")
         if digest != record.cksum:
             return _refuse(
                 result, f"{label}: bytes hash to {digest}, its index line's cksum is {record.cksum}"
             )
-        store.commit_crate(temp, CrateMeta(name, version, digest, size, time.time()))
+        batch.append((temp, CrateMeta(name, version, digest, size, time.time())))
+        verified = True
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()  # still there only if refused or failed
+        if not verified:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()  # refused or failed
     result.loaded += 1
     result.loaded_bytes += size
     return f"loaded {label}"
@@ -224,21 +278,20 @@ def _refuse(result: ImportResult, reason: str) -> str:
     return f"REFUSED {reason}"
 
 
-def store_index_files(store: Store, indexes: dict[str, BundledIndex], result: ImportResult) -> None:
-    """Load index files, unless the cache holds a copy checked more recently than the bundle's."""
-    for lower, index in indexes.items():
-        checked_at = _number(index.record.get("checked_at"))
-        held = store.get_index(lower)
-        if held is not None and held.status == 200 and held.checked_at >= checked_at:
-            result.index_kept += 1
-            continue
-        last_modified = _text(index.record.get("last_modified")) or formatdate(checked_at, usegmt=True)
-        entry = IndexEntry(
-            200, index.body, body_etag(index.body), last_modified, checked_at,
-            _text(index.record.get("upstream_etag")), _text(index.record.get("upstream_last_modified")),
-        )  # fmt: skip
-        store.put_index(lower, entry)
-        result.index_loaded += 1
+def store_index_file(store: Store, lower: str, index: BundledIndex, result: ImportResult) -> None:
+    """Load an index file, unless the cache holds a copy checked more recently than the bundle's."""
+    checked_at = _number(index.record.get("checked_at"))
+    held = store.get_index(lower)
+    if held is not None and held.status == 200 and held.checked_at >= checked_at:
+        result.index_kept += 1
+        return
+    last_modified = _text(index.record.get("last_modified")) or formatdate(checked_at, usegmt=True)
+    entry = IndexEntry(
+        200, index.body, body_etag(index.body), last_modified, checked_at,
+        _text(index.record.get("upstream_etag")), _text(index.record.get("upstream_last_modified")),
+    )  # fmt: skip
+    store.put_index(lower, entry)
+    result.index_loaded += 1
 
 
 def _number(value: object) -> float:
@@ -264,20 +317,31 @@ def import_bundle(tar: tarfile.TarFile, store: Store) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
-    indexes = read_index_files(tar, members, manifest, result)
-    # Index files first, as a fill does: a crate in the cache always has its index line there too.
-    store_index_files(store, indexes, result)
-    crates = manifest["crates"]
+    indexes = BundledIndexes(tar, members, manifest, store, result)
+    crates = manifest.pop("crates")
     result.crates_listed = len(crates)
     progress = Progress("import", len(crates))
-    for entry in crates:
-        line = import_crate(tar, members, entry, indexes, store, result)
-        if line.startswith("REFUSED"):
-            progress.note(line)  # stays visible on a terminal too
-            progress.step("refused")
-        else:
-            progress.step(line, line)
+    batch: list[tuple[Path, CrateMeta]] = []
+    try:
+        for position, entry in enumerate(crates):
+            crates[position] = None  # the manifest's entries go as they are done
+            line = import_crate(tar, members, entry, indexes, store, result, batch)
+            if line.startswith("REFUSED"):
+                progress.note(line)  # stays visible on a terminal too
+                progress.step("refused")
+            else:
+                progress.step(line, line)
+            if len(batch) >= COMMIT_BATCH:
+                store.commit_crates(batch)
+                batch.clear()
+        store.commit_crates(batch)
+        batch.clear()
+    finally:
+        for temp, _ in batch:  # a failure mid-batch: nothing half-loaded stays behind
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
     progress.finish()
+    indexes.finish()
     for name in sorted(members):
         result.refused_members.append(f"{name!r}: not listed in the manifest")
     store_upstream_config(store, manifest)
