@@ -130,6 +130,8 @@ class ServerConfig:
     port: int = 8080
     workers: int = field(default_factory=_default_workers)
     public_url: str | None = None
+    max_connections: int = 4096
+    idle_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         # Normalised here too (not only in the loader) so directly built configs join paths the same way.
@@ -146,6 +148,8 @@ class UpstreamConfig:
     user_agent: str | None = None
     proxy: str | None = None
     ca_bundle: Path | None = None
+    max_index_size: int = 64 * 1024**2
+    max_crate_size: int = GiB
 
     def __post_init__(self) -> None:
         # Exactly one trailing "/" so index_url + "<prefix>/<name>" is always right.
@@ -315,6 +319,8 @@ _KEYS: dict[str, _Key] = {
     "server.public_url": _Key(
         _public_url, "an http(s) URL like https://crates.example.com, or null", nullable=True
     ),
+    "server.max_connections": _Key(_int_at_least(1), "a whole number >= 1"),
+    "server.idle_timeout": _Key(_duration(positive=True), "a positive duration like 30s"),
     "upstream.index_url": _Key(_index_url, "an http(s) URL like https://index.crates.io/"),
     "upstream.timeout": _Key(_duration(positive=True), "a positive duration like 30s"),
     "upstream.retries": _Key(_int_at_least(0), "a whole number >= 0"),
@@ -322,6 +328,8 @@ _KEYS: dict[str, _Key] = {
     "upstream.user_agent": _Key(_text, "a non-empty string, or null", nullable=True),
     "upstream.proxy": _Key(_http_url, "an http(s) proxy URL like http://proxy:3128, or null", nullable=True),
     "upstream.ca_bundle": _Key(_existing_file, "a path to an existing PEM file, or null", nullable=True),
+    "upstream.max_index_size": _Key(_size, "a size like 64MiB"),
+    "upstream.max_crate_size": _Key(_size, "a size like 1GiB"),
     "cache.dir": _Key(_path, "a directory path like ./cache"),
     "cache.max_size": _Key(_size, "a size like 20GiB"),
     "cache.index_ttl": _Key(_duration(), "a duration like 5m"),

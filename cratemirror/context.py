@@ -13,6 +13,7 @@ from cratemirror.config import Config
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
+from cratemirror.ratelimit import UnknownNameBudget
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
@@ -41,6 +42,7 @@ class Mirror:
     crates: CrateService
     disk_trouble: DiskTrouble
     started_at: float = field(default_factory=time.time)
+    unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
 

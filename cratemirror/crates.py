@@ -24,13 +24,13 @@ import aiohttp
 from cachetools import LRUCache
 
 from cratemirror.eviction import evict_to, low_water
-from cratemirror.index import IndexService, VersionRecord, find_version
+from cratemirror.index import IndexService, VersionRecord, find_version_async
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateVersion, expand_dl_template
 from cratemirror.singleflight import SingleFlight
-from cratemirror.spool import Spool
+from cratemirror.spool import MemorySpoolFull, Spool
 from cratemirror.store import CrateMeta, DiskTrouble, Store, sha256_stream
-from cratemirror.upstream import Upstream, UpstreamError
+from cratemirror.upstream import TooLarge, Upstream, UpstreamError
 
 log = logging.getLogger("cratemirror.crates")
 
@@ -211,11 +211,11 @@ class CrateService:
         result = await self.index.get(request.crate, count=False)
         if result.entry.status != 200:
             raise NotFound(f"crate {request.crate.name!r} not found")
-        record = find_version(result.entry.body, request.version)
+        record = await find_version_async(result.entry.body, request.crate, request.version)
         if record is None and result.x_cache != "MISS" and self._may_recheck(request.crate.lower, asked_at):
             result = await self.index.get(request.crate, newer_than=asked_at, count=False)
             if result.entry.status == 200:
-                record = find_version(result.entry.body, request.version)
+                record = await find_version_async(result.entry.body, request.crate, request.version)
         if record is None:
             if result.entry.status != 200:
                 raise NotFound(f"crate {request.crate.name!r} not found")
@@ -285,13 +285,24 @@ class CrateService:
     async def _download(self, fill: Fill, url: str, spool: Spool) -> None:
         async with self.upstream.open_crate(url) as response:
             encoded = "Content-Encoding" in response.headers
+            limit = self.upstream.config.max_crate_size
+            if not encoded and response.content_length is not None and response.content_length > limit:
+                raise TooLarge(self._too_large(fill, f"is {response.content_length} bytes"))
             fill.begin(None if encoded else response.content_length)
             hasher = hashlib.sha256()
             try:
                 async for chunk in response.content.iter_chunked(CHUNK):
+                    if spool.size + len(chunk) > limit:  # an endless body must not fill the disk
+                        raise TooLarge(self._too_large(fill, "is larger than that"))
                     spool.write(chunk)
                     hasher.update(chunk)
                     fill.publish(spool.size - len(chunk))  # everything before this chunk
+            except MemorySpoolFull as exc:
+                raise UpstreamError(
+                    f"{fill.name} {fill.version} does not fit in memory and the cache disk refuses it "
+                    f"({spool.disk_error})",
+                    status=503,
+                ) from exc
             except TimeoutError as exc:
                 raise BodyCutOff(f"upstream stalled mid-body for {fill.name} {fill.version}", True) from exc
             except aiohttp.ClientError as exc:
@@ -309,6 +320,12 @@ class CrateService:
                 f"checksum mismatch for {fill.name} {fill.version}: the upstream bytes do not match "
                 f"the index cksum"
             )
+
+    def _too_large(self, fill: Fill, what: str) -> str:
+        limit = self.upstream.config.max_crate_size
+        log.warning("refusing %s %s: the upstream body %s (upstream.max_crate_size is %d bytes)",
+                    fill.name, fill.version, what, limit)  # fmt: skip
+        return f"{fill.name} {fill.version} is larger than upstream.max_crate_size ({limit} bytes)"
 
     async def _commit(self, fill: Fill, spool: Spool) -> None:
         """fsync, then rename into place; a disk that fails here costs the cache, not the answer."""

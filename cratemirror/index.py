@@ -20,7 +20,7 @@ from cachetools import LRUCache
 
 from cratemirror.config import CacheConfig
 from cratemirror.metrics import Metrics
-from cratemirror.names import CrateName
+from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum
 from cratemirror.singleflight import SingleFlight
 from cratemirror.store import DiskTrouble, IndexEntry, Store
 from cratemirror.upstream import Upstream, UpstreamError, UpstreamNotFound
@@ -111,6 +111,10 @@ class IndexService:
             self.metrics.coalesced.labels("index").inc()
         return result
 
+    def is_cached(self, crate: CrateName) -> bool:
+        """Whether any copy (fresh or not, found or remembered as missing) is held."""
+        return crate.lower in self._hot or self.store.get_index(crate.lower) is not None
+
     def _lookup(self, lower: str) -> IndexEntry | None:
         """The hot copy while it is fresh (no SQLite read, no unpickling on a warm hit), else the
         store's, which another worker process may have refreshed meanwhile."""
@@ -180,8 +184,11 @@ class IndexService:
                 await self._put(crate.lower, renewed)
                 return IndexResult(renewed, "REVALIDATED", "revalidated")
             if fetched.status == 200:
+                # Hashing a file of many MiB would hold up every other request on this worker.
+                big = len(fetched.body) > FIND_IN_THREAD
+                etag = await asyncio.to_thread(body_etag, fetched.body) if big else body_etag(fetched.body)
                 fresh = IndexEntry(
-                    200, fetched.body, body_etag(fetched.body),
+                    200, fetched.body, etag,
                     fetched.last_modified or formatdate(checked_at, usegmt=True), checked_at,
                     fetched.etag, fetched.last_modified,
                 )  # fmt: skip
@@ -247,28 +254,68 @@ class IndexService:
         return dl
 
 
+class MalformedIndexLine(UpstreamError):
+    """The upstream's line for a requested version cannot be trusted: the client gets 502."""
+
+
 @dataclass(frozen=True, slots=True)
 class VersionRecord:
-    name: str  # as the registry spells it: case matters in download URLs
+    """A version's index line, validated: its name is the requested crate's (as the registry spells
+    it: case matters in download URLs), its version passed the version rules, its cksum is 64 hex."""
+
+    key: CrateVersion
     cksum: str
 
+    @property
+    def name(self) -> str:
+        return self.key.crate.name
 
-def find_version(body: bytes, version: str) -> VersionRecord | None:
-    """The record of `version` in an index file. Only candidate lines are parsed: a download
-    should not JSON-decode a 500 KB file."""
+
+# Above this many bytes, a lookup runs in a thread so the event loop keeps serving.
+FIND_IN_THREAD = 256 * 1024
+
+
+async def find_version_async(body: bytes, crate: CrateName, version: str) -> VersionRecord | None:
+    if len(body) > FIND_IN_THREAD:
+        return await asyncio.to_thread(find_version, body, crate, version)
+    return find_version(body, crate, version)
+
+
+def find_version(body: bytes, crate: CrateName, version: str) -> VersionRecord | None:
+    """The record of `version` in the index file of `crate`, or None if the file has no such version.
+
+    Index lines are upstream (or bundle) input: a line for this version is used only if it parses,
+    names this crate (case-folded), and carries a valid version and a 64-hex cksum; otherwise
+    MalformedIndexLine, so a hostile line can neither poison another crate nor pick a path. Only
+    candidate lines are parsed: a download should not JSON-decode a 500 KB file."""
     needle = f'"vers":"{version}"'.encode()
     candidates = [line for line in body.splitlines() if needle in line]
     if not candidates:
         # Lines written by another registry may space their JSON differently.
         candidates = [line for line in body.splitlines() if version.encode() in line]
+    problem: str | None = None
     for line in candidates:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting raises RecursionError, not ValueError
+            problem = "a line that is not valid JSON"
             continue
         if not isinstance(record, dict) or record.get("vers") != version:
             continue
         name, cksum = record.get("name"), record.get("cksum")
-        if isinstance(name, str) and isinstance(cksum, str) and len(cksum) == 64:
-            return VersionRecord(name, cksum.lower())
+        if not isinstance(name, str) or name.lower() != crate.lower:
+            problem = f"a line for {version} that names another crate"
+            continue
+        if not is_cksum(cksum):
+            problem = f"a line for {version} whose cksum is not 64 lowercase hex digits"
+            continue
+        try:
+            key = CrateVersion(CrateName(name), version)
+        except InvalidRequest:
+            problem = f"a line for {version} with an invalid name or version"
+            continue
+        return VersionRecord(key, str(cksum))
+    if problem is not None:
+        log.warning("index file of %s: ignoring %s", crate.name, problem)
+        raise MalformedIndexLine(f"the upstream index file of {crate.name} has {problem}")
     return None

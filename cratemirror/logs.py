@@ -14,15 +14,56 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from cratemirror.config import LoggingConfig
+from cratemirror.redact import redact
 
 ACCESS_LOGGER = "cratemirror.access"
 # Our error bodies are one line; longer bodies are not error messages worth logging.
 MAX_ERROR_TEXT = 500
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def clean_text(text: str) -> str:
+    """Lone surrogates (aiohttp decodes undecodable request bytes with surrogateescape) become
+    backslash escapes, so every line is valid UTF-8 and JSON parsers accept it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def quote_text(text: str) -> str:
+    """For a quoted field of a text access line: a quote or backslash cannot end the field early."""
+    if '"' in text or "\\" in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return clean_text(redact(super().format(record)))
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs a malformed request (a broken request line, a NUL in a header) with its whole
+    traceback: make it one line naming the client and the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            first_line = (error.message or error.__class__.__name__).splitlines()[0]
+            record.msg = "bad request from %s: %s"
+            record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "-",
+                           first_line[:200])  # fmt: skip
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,13 +74,13 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,  # several worker processes write to one stream
-            "message": record.getMessage(),
+            "message": clean_text(redact(record.getMessage())),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             document.update(fields)
         if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
+            document["exception"] = clean_text(redact(self.formatException(record.exc_info)))
         return json.dumps(document, separators=(",", ":"))
 
 
@@ -134,7 +175,8 @@ def setup_logging(config: LoggingConfig) -> None:
     if config.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    logging.getLogger("aiohttp.server").addFilter(BadRequestFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
@@ -148,7 +190,9 @@ class AccessLogger(AbstractAccessLogger):
         if not self.logger.isEnabledFor(logging.WARNING if response.status >= 500 else logging.INFO):
             return
         fields = access_fields(request, response, duration)
-        text = '{remote} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms {cache}'.format(**fields)
+        text = '{remote} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms {cache}'.format(
+            **fields | {"method": quote_text(fields["method"]), "path": quote_text(fields["path"])}
+        )
         if fields["upstream_ms"] is not None:
             text += f" upstream={fields['upstream_ms']:.1f}ms"
         text += f" {json.dumps(fields['user_agent'])}"
@@ -174,20 +218,21 @@ def access_fields(request: BaseRequest, response: StreamResponse, duration: floa
         if timing.upstream_requests:
             upstream_ms = round(timing.upstream_seconds * 1000, 3)
     fields: dict[str, Any] = {
-        "remote": request.remote or "-",
-        # As sent (still percent-encoded): no decoded newline or quote can forge a log line.
-        "method": request.method,
-        "path": request.raw_path,
+        "remote": clean_text(request.remote or "-"),
+        # As sent (still percent-encoded): no decoded newline can forge a log line; a token in the
+        # query string is masked.
+        "method": clean_text(request.method),
+        "path": clean_text(redact(request.raw_path)),
         "status": response.status,
         "bytes": body_bytes(request, response, request.get(BYTES)),
         "duration_ms": round(duration * 1000, 3),
         "cache": response.headers.get("X-Cache", "-"),
         "upstream_ms": upstream_ms,
-        "user_agent": request.headers.get("User-Agent", "-"),
+        "user_agent": clean_text(request.headers.get("User-Agent", "-")),
     }
     reason = error_text(response)
     if reason is not None:
-        fields["error"] = reason
+        fields["error"] = clean_text(redact(reason))
     return fields
 
 

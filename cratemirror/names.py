@@ -32,6 +32,11 @@ class CrateName:
 
     name: str
 
+    def __post_init__(self) -> None:
+        # The type can only hold a valid name: store paths and object keys are built from it.
+        if not _NAME_RE.fullmatch(self.name):
+            raise InvalidRequest(f"invalid crate name {self.name[:80]!r}")
+
     @property
     def lower(self) -> str:
         return self.name.lower()
@@ -45,6 +50,10 @@ class CrateName:
 class CrateVersion:
     crate: CrateName
     version: str
+
+    def __post_init__(self) -> None:
+        if len(self.version) > MAX_VERSION_LENGTH or not _VERSION_RE.fullmatch(self.version):
+            raise InvalidRequest(f"invalid version {self.version[:80]!r}")
 
     @property
     def key(self) -> str:
@@ -73,6 +82,14 @@ def parse_version(text: str) -> str:
 
 def parse_crate_version(name: str, version: str) -> CrateVersion:
     return CrateVersion(parse_name(name), parse_version(version))
+
+
+_CKSUM_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_cksum(text: object) -> bool:
+    """Exactly 64 lowercase hex digits, as the index `cksum` field must be."""
+    return isinstance(text, str) and _CKSUM_RE.fullmatch(text) is not None
 
 
 def index_path(name: str) -> str:

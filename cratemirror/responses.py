@@ -10,14 +10,18 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from cratemirror.redact import redact
+
 _CHUNK = 256 * 1024
 ONE_WRITE_MAX = 256 * 1024
 
 
-def error(status: int, reason: str, x_cache: str | None = None) -> web.Response:
+def error(
+    status: int, reason: str, x_cache: str | None = None, headers: Mapping[str, str] | None = None
+) -> web.Response:
     """Error bodies are one plain-text line saying what was wrong (never a traceback)."""
-    headers = {"X-Cache": x_cache} if x_cache else None
-    one_line = " ".join(reason.split())
+    headers = {**(headers or {}), **({"X-Cache": x_cache} if x_cache else {})}
+    one_line = redact(" ".join(reason.split()))
     return web.Response(status=status, text=one_line + "\n", headers=headers)
 
 

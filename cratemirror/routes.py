@@ -49,8 +49,19 @@ def base_url(request: web.Request) -> str:
         proto = request.scheme
     host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
     if not _HOST_RE.fullmatch(host):
-        host = f"{request.url.host}:{request.url.port}" if request.url.port else str(request.url.host)
+        # Never the raw header (it reaches config.json and copyable shell lines): the address the
+        # client connected to.
+        host = _listening_address(request)
     return f"{proto}://{host}"
+
+
+def _listening_address(request: web.Request) -> str:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        config = request.app[MIRROR].config.server
+        sockname = (config.host, config.port)
+    host, port = str(sockname[0]), int(sockname[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @routes.get("/index/config.json")
@@ -59,7 +70,9 @@ async def config_json(request: web.Request) -> web.Response:
     base = base_url(request)
     body = json.dumps({"dl": f"{base}/api/v1/crates", "api": base}).encode()
     request[BYTES] = len(body)
-    return web.Response(body=body, content_type="application/json", headers={"X-Cache": "HIT"})
+    # no-store: its `dl` follows the request's host, so no shared cache may hand it to another client.
+    headers = {"X-Cache": "HIT", "Cache-Control": "no-store"}
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 @routes.get("/index/{path:.+}")
@@ -70,6 +83,13 @@ async def index_file(request: web.Request) -> web.Response:
         crate = parse_index_path(request.match_info["path"])
     except InvalidRequest as exc:
         return error(400, str(exc))
+    client = request.remote or "-"
+    wait = mirror.unknown_names.retry_after(client)
+    if wait is not None and not mirror.index.is_cached(crate):
+        return error(
+            429, f"too many lookups of crates that do not exist from {client}; retry in {wait}s",
+            headers={"Retry-After": str(wait)},
+        )  # fmt: skip
     try:
         result = await mirror.index.get(crate)
     except OfflineMiss as exc:
@@ -79,6 +99,8 @@ async def index_file(request: web.Request) -> web.Response:
     request[RESULT] = result.result
     entry = result.entry
     if entry.status != 200:
+        if result.result == "miss":  # this client's lookup went upstream for nothing
+            mirror.unknown_names.charge(client)
         return error(404, "crate not found", result.x_cache)
     headers = {
         "Content-Type": "text/plain",

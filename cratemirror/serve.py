@@ -9,6 +9,7 @@ died and stops them all on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -22,7 +23,9 @@ from pathlib import Path
 from types import FrameType
 
 from cratemirror.config import Config, ConfigError, find_config_path, load_config
+from cratemirror.connections import ConnectionGuard, raise_open_file_limit
 from cratemirror.logs import setup_logging
+from cratemirror.redact import redact
 
 log = logging.getLogger("cratemirror")
 
@@ -45,6 +48,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     setup_logging(config.logging)
+    raise_open_file_limit()
     try:
         config.cache.dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -58,7 +62,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     log.info(
         "cratemirror serving on http://%s:%d with %d worker(s); upstream %s; cache %s%s; config: %s",
-        config.server.host, config.server.port, config.server.workers, config.upstream.index_url,
+        config.server.host, config.server.port, config.server.workers, redact(config.upstream.index_url),
         config.cache.dir, " (offline)" if config.offline else "", config.source,
     )  # fmt: skip
     if config.server.workers == 1:
@@ -86,19 +90,45 @@ def run_worker(config: Config) -> None:
 
     runner_loop = loop_factory() if loop_factory else asyncio.new_event_loop()
     asyncio.set_event_loop(runner_loop)
-    try:
-        web.run_app(
-            create_app(config),
-            host=config.server.host,
-            port=config.server.port,
-            reuse_port=config.server.workers > 1,
+    guard = ConnectionGuard(config.server.max_connections, config.server.idle_timeout)
+    app = create_app(config)
+    app.middlewares.insert(0, guard.middleware)
+
+    async def serve() -> None:
+        # run_app's steps, with a hold on the Server object so the guard can watch its connections.
+        runner = web.AppRunner(
+            app,
+            handle_signals=True,
             access_log_class=AccessLogger,
             access_log=logging.getLogger("cratemirror.access"),
-            print=None,
-            loop=runner_loop,
+            keepalive_timeout=config.server.idle_timeout,
             shutdown_timeout=10,
         )
+        await runner.setup()
+        try:
+            assert runner.server is not None
+            guard.attach(runner.server)
+            site = web.TCPSite(
+                runner, config.server.host, config.server.port, reuse_port=config.server.workers > 1
+            )
+            await site.start()
+            await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
+        finally:
+            await guard.close()
+            await runner.cleanup()
+
+    main_task = runner_loop.create_task(serve())
+    try:
+        runner_loop.run_until_complete(main_task)
+    except (web.GracefulExit, KeyboardInterrupt):
+        main_task.cancel()  # runs the cleanup above: in-flight requests get shutdown_timeout to finish
+        with contextlib.suppress(asyncio.CancelledError):
+            runner_loop.run_until_complete(main_task)
     finally:
+        for task in asyncio.all_tasks(runner_loop):
+            task.cancel()
+        runner_loop.run_until_complete(asyncio.sleep(0))
+        runner_loop.run_until_complete(runner_loop.shutdown_asyncgens())
         flush_access_log()  # worker processes end with os._exit: atexit handlers do not run
 
 

@@ -12,9 +12,18 @@ from typing import BinaryIO
 log = logging.getLogger("cratemirror.crates")
 
 
+# With the disk refusing writes, a fill is held in memory: at most this much per fill.
+MEMORY_LIMIT = 64 * 1024 * 1024
+
+
+class MemorySpoolFull(Exception):
+    """The disk refused the bytes and they would not fit in the memory allowance."""
+
+
 class Spool:
-    def __init__(self, temp: Path) -> None:
+    def __init__(self, temp: Path, memory_limit: int = MEMORY_LIMIT) -> None:
         self.temp = temp
+        self.memory_limit = memory_limit
         self.size = 0
         self.disk_error: OSError | None = None
         self._out: BinaryIO | None = None
@@ -40,6 +49,8 @@ class Spool:
             except OSError as exc:
                 self._to_memory(exc)
         assert self._memory is not None
+        if self.size + len(chunk) > self.memory_limit:
+            raise MemorySpoolFull(f"more than {self.memory_limit} bytes")
         self._memory += chunk
         self.size += len(chunk)
 

@@ -21,6 +21,7 @@ from cratemirror import __version__
 from cratemirror.clientconfig import cargo_ci_snippet, cargo_config_snippet
 from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import KINDS, RESULTS, Snapshot
+from cratemirror.redact import redact
 from cratemirror.routes import base_url
 
 routes = web.RouteTableDef()
@@ -46,14 +47,14 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
     return TEMPLATE.substitute(
         host=_esc(urlsplit(base).netloc or base),
         version=_esc(__version__),
-        upstream_url=_esc(mirror.config.upstream.index_url),
+        upstream_url=_esc(redact(mirror.config.upstream.index_url)),
         config_snippet=_esc(cargo_config_snippet(base).rstrip("\n")),
         env_snippet=_esc(cargo_ci_snippet(base).rstrip("\n")),
         **_health(mirror, snap),
         **_summary(snap),
         **_results_table(snap),
         **_upstream(snap),
-        last_error=_esc(mirror.upstream.last_error or "none since this worker started"),
+        last_error=_esc(redact(mirror.upstream.last_error or "none since this worker started")),
         last_error_class="" if mirror.upstream.last_error else " none",
         recent_misses=_misses_table(reversed(mirror.recent_misses), now),
         pid=str(os.getpid()),

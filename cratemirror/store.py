@@ -33,6 +33,7 @@ from typing import IO, Any
 import diskcache
 
 from cratemirror.ledger import STORED, Ledger, LedgerRow
+from cratemirror.names import CrateName, CrateVersion
 
 # Waiting on another process's flock blocks a thread; these threads do nothing else.
 log = logging.getLogger("cratemirror.store")
@@ -148,8 +149,10 @@ class Store:
     # --- crates ------------------------------------------------------------------------------
 
     def crate_path(self, name: str, version: str) -> Path:
-        """`name` must be the validated, canonical-case name; `version` a validated semver."""
-        return self.crates_dir / name / f"{name}-{version}.crate"
+        """The file of a crate version. Validated here as well as at the edges, so no caller can
+        build a path outside crates/ from upstream or bundle text (InvalidRequest otherwise)."""
+        key = CrateVersion(CrateName(name), version)
+        return self.crates_dir / key.crate.name / f"{key.crate.name}-{key.version}.crate"
 
     def get_crate_meta(self, name: str, version: str) -> CrateMeta | None:
         row = self.ledger.get(name, version)

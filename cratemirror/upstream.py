@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import ssl
@@ -19,6 +20,7 @@ from yarl import URL
 from cratemirror import PROJECT_URL, __version__
 from cratemirror.config import UpstreamConfig
 from cratemirror.metrics import Metrics
+from cratemirror.redact import split_userinfo
 
 log = logging.getLogger("cratemirror.upstream")
 
@@ -28,6 +30,9 @@ MAX_BACKOFF = 10.0
 FAILURES_BEFORE_DOWN = 3
 DOWN_INTERVAL_BASE = 1.0  # seconds of failing fast after the upstream is marked down; doubles
 DOWN_INTERVAL_CAP = 60.0
+MAX_REDIRECTS = 5
+MAX_CONFIG_JSON = 64 * 1024  # a registry's config.json is a few hundred bytes
+READ_CHUNK = 256 * 1024
 
 
 class UpstreamError(Exception):
@@ -36,6 +41,10 @@ class UpstreamError(Exception):
     def __init__(self, reason: str, status: int = 502) -> None:
         super().__init__(reason)
         self.status = status
+
+
+class TooLarge(UpstreamError):
+    """An upstream body over its configured cap: refused (502), nothing stored."""
 
 
 class UpstreamNotFound(Exception):
@@ -61,7 +70,11 @@ class Upstream:
     def __init__(self, config: UpstreamConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.index_url = URL(config.index_url)
+        # user:token@ in index_url becomes an Authorization header for that origin only, so no URL we
+        # keep, log or show carries it.
+        clean_url, credentials = split_userinfo(config.index_url)
+        self.index_url = URL(clean_url)
+        self._auth = aiohttp.BasicAuth(*credentials) if credentials else None
         self.user_agent = config.user_agent or f"cratemirror/{__version__} (+{PROJECT_URL})"
         self.health = Health(metrics)
         self._session: aiohttp.ClientSession | None = None
@@ -118,7 +131,7 @@ class Upstream:
                 if response.status in (403, 404, 410, 451):
                     return IndexFetch(404, b"", None, None)
                 self._raise_for_status(response)
-                body = await response.read()
+                body = await read_capped(response, self.config.max_index_size, "index file")
                 self.metrics.upstream_bytes.labels("index").inc(len(body))
                 return IndexFetch(
                     200, body, response.headers.get("ETag"), response.headers.get("Last-Modified")
@@ -134,9 +147,10 @@ class Upstream:
                 if response.status == 404:
                     raise UpstreamNotFound(str(url))
                 self._raise_for_status(response)
+                body = await read_capped(response, MAX_CONFIG_JSON, "config.json")
                 try:
-                    return await response.json(content_type=None)
-                except ValueError as exc:
+                    return json.loads(body)
+                except (ValueError, RecursionError) as exc:
                     raise UpstreamError(f"{url}: not JSON: {exc}") from exc
 
         return await self._with_retries(attempt)
@@ -183,7 +197,7 @@ class Upstream:
         started = time.perf_counter()
         status = "error"
         try:
-            response = await self.session.get(url, headers=headers, proxy=self.config.proxy)
+            response = await self._follow(kind, url, headers)
             status = str(response.status)
             return response
         except TimeoutError as exc:
@@ -194,6 +208,30 @@ class Upstream:
         finally:
             self.metrics.upstream_requests.labels(kind, status).inc()
             self.metrics.upstream_duration.labels(kind).observe(time.perf_counter() - started)
+
+    async def _follow(self, kind: str, url: URL, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """GET with redirects followed by hand: index files and config.json only within the index's
+        origin (a redirect elsewhere could make the mirror cache and serve an internal URL), crates
+        only to http(s); credentials go only to the index's origin."""
+        for _ in range(MAX_REDIRECTS + 1):
+            auth = self._auth if url.origin() == self.index_url.origin() else None
+            response = await self.session.get(
+                url, headers=headers, proxy=self.config.proxy, auth=auth, allow_redirects=False
+            )
+            if response.status not in (301, 302, 303, 307, 308):
+                return response
+            location = response.headers.get("Location", "")
+            response.release()
+            try:
+                target = url.join(URL(location))
+            except ValueError:
+                raise UpstreamError(f"{url}: upstream redirected to an invalid location") from None
+            if target.scheme not in ("http", "https") or not target.host:
+                raise UpstreamError(f"{url}: upstream redirected to a non-http(s) location")
+            if kind != "crate" and target.origin() != self.index_url.origin():
+                raise UpstreamError(f"{url}: upstream redirected the {kind} request to another host")
+            url = target
+        raise UpstreamError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
     @staticmethod
     def _raise_for_status(response: aiohttp.ClientResponse) -> None:
@@ -229,6 +267,19 @@ class Upstream:
             return min(retry_after, self.config.timeout, MAX_BACKOFF)
         base = min(0.1 * 2.0**number, MAX_BACKOFF)
         return base / 2 + random.uniform(0, base / 2)  # jitter: runners that failed together spread out
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The whole body, refusing one larger than `limit` (declared or as it arrives, after decoding):
+    an upstream cannot make the mirror hold or store an endless or huge body."""
+    if response.content_length is not None and response.content_length > limit:
+        raise TooLarge(f"{response.url}: upstream {what} is {response.content_length} bytes, over {limit}")
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"{response.url}: upstream {what} is larger than {limit} bytes")
+    return bytes(body)
 
 
 class Health:

@@ -23,8 +23,9 @@ from typing import Any
 
 from cratemirror import __version__
 from cratemirror.config import ConfigError, parse_duration
-from cratemirror.index import UPSTREAM_CONFIG_KEY, find_version
+from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
 from cratemirror.ledger import STORED
+from cratemirror.names import CrateName, InvalidRequest
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document
 from cratemirror.tools.common import (
@@ -93,7 +94,12 @@ def _cached_meta(store: Store, name: str, version: str) -> CrateMeta | None:
     if meta is not None:
         return meta
     entry = store.get_index(name.lower())
-    record = find_version(entry.body, version) if entry is not None and entry.status == 200 else None
+    if entry is None or entry.status != 200:
+        return None
+    try:
+        record = find_version(entry.body, CrateName(name), version)
+    except (MalformedIndexLine, InvalidRequest):
+        return None
     return store.get_crate_meta(record.name, version) if record is not None else None
 
 
@@ -109,7 +115,11 @@ def _add_crate(
     tar: tarfile.TarFile, store: Store, meta: CrateMeta, index: IndexEntry | None, result: ExportResult
 ) -> None:
     label = f"{meta.name} {meta.version}"
-    record = find_version(index.body, meta.version) if index is not None else None
+    try:
+        record = find_version(index.body, CrateName(meta.name), meta.version) if index is not None else None
+    except (MalformedIndexLine, InvalidRequest) as exc:
+        result.problems.append(f"SKIPPED {label}: {exc}")
+        return
     if record is None:
         result.problems.append(f"SKIPPED {label}: its index file is not cached (or lacks this version)")
         return

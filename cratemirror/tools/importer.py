@@ -12,19 +12,21 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import re
 import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from cachetools import LRUCache
 
 from cratemirror.config import ConfigError
-from cratemirror.index import UPSTREAM_CONFIG_KEY, body_etag, find_version
+from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import FORMAT, FORMAT_VERSION, MANIFEST, crate_member, index_member
@@ -39,7 +41,11 @@ from cratemirror.tools.common import (
 )
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # about 300,000 crate entries
+MAX_INDEX_BYTES = 64 * 1024 * 1024  # as upstream.max_index_size's default
+MAX_HEADER_TEXT = 256
+# What may go into an ETag / Last-Modified header: visible ASCII and spaces, no CR/LF.
+_HEADER_SAFE = re.compile(rf"[\x20-\x7e]{{1,{MAX_HEADER_TEXT}}}")
 COMMIT_BATCH = 500  # crates per store.commit_crates: two filesystem syncs and two transactions each
 INDEX_BODIES_HELD = 64
 
@@ -133,9 +139,11 @@ def read_manifest(tar: tarfile.TarFile, member: Member | None) -> dict[str, Any]
         raise BundleError(f"{MANIFEST} is implausibly large ({format_size(member.size)})")
     handle = _open_member(tar, member)
     try:
-        document = json.loads(handle.read())
+        document = json.loads(handle.read(MAX_MANIFEST_BYTES + 1))
     except ValueError as exc:
-        raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from None
+        raise BundleError(f"{MANIFEST} is not valid JSON: {' '.join(str(exc).split())[:200]}") from None
+    except RecursionError:
+        raise BundleError(f"{MANIFEST} is nested too deeply to be a manifest") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
     if document.get("format_version") != FORMAT_VERSION:
@@ -184,6 +192,12 @@ class BundledIndexes:
                     f"index file of {crate.name}: listed in the manifest but not in the bundle"
                 )
                 continue
+            if member.size > MAX_INDEX_BYTES:
+                result.refused_index.append(
+                    f"index file of {crate.name}: {format_size(member.size)}, "
+                    f"over {format_size(MAX_INDEX_BYTES)}"
+                )
+                continue
             self.listed[crate.lower] = (crate.name, expected, entry, member)
 
     def get(self, lower: str) -> BundledIndex | None:
@@ -198,7 +212,7 @@ class BundledIndexes:
         if listed is None:
             return None
         name, expected, entry, member = listed
-        body = _open_member(self.tar, member).read()
+        body = _open_member(self.tar, member).read(MAX_INDEX_BYTES)
         digest = hashlib.sha256(body).hexdigest()
         first = lower not in self.done
         self.done.add(lower)
@@ -242,7 +256,10 @@ def import_crate(
     if member is None:
         return _refuse(result, f"{label}: listed in the manifest but not in the bundle")
     index = indexes.get(wanted.crate.lower)
-    record = find_version(index.body, version) if index is not None else None
+    try:
+        record = find_version(index.body, wanted.crate, version) if index is not None else None
+    except MalformedIndexLine as exc:
+        return _refuse(result, f"{label}: {exc}")
     if record is None:
         return _refuse(result, f"{label}: no line for it in a verified index file from the bundle")
     if record.name != name:
@@ -280,26 +297,45 @@ def _refuse(result: ImportResult, reason: str) -> str:
 
 def store_index_file(store: Store, lower: str, index: BundledIndex, result: ImportResult) -> None:
     """Load an index file, unless the cache holds a copy checked more recently than the bundle's."""
-    checked_at = _number(index.record.get("checked_at"))
+    now = time.time()
+    # The manifest is input from another network: a date in the future would keep a forged file
+    # "fresh" forever, so it counts as checked no later than now (an old date: revalidated soon).
+    checked_at = min(_number(index.record.get("checked_at")), now)
     held = store.get_index(lower)
     if held is not None and held.status == 200 and held.checked_at >= checked_at:
         result.index_kept += 1
         return
-    last_modified = _text(index.record.get("last_modified")) or formatdate(checked_at, usegmt=True)
-    entry = IndexEntry(
-        200, index.body, body_etag(index.body), last_modified, checked_at,
-        _text(index.record.get("upstream_etag")), _text(index.record.get("upstream_last_modified")),
-    )  # fmt: skip
+    last_modified = _http_date(index.record.get("last_modified"), now) or formatdate(checked_at, usegmt=True)
+    # The upstream's validators are not carried over: a forged body with the upstream's real ETag
+    # would be confirmed by a 304 forever. Once online, the first revalidation fetches the file.
+    entry = IndexEntry(200, index.body, body_etag(index.body), last_modified, checked_at)
     store.put_index(lower, entry)
     result.index_loaded += 1
 
 
 def _number(value: object) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return max(0.0, float(value))
+    return 0.0
 
 
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
+def _http_date(value: object, now: float) -> str | None:
+    """A Last-Modified value fit for a response header (an HTTP date, not in the future), else None."""
+    if not isinstance(value, str) or not _HEADER_SAFE.fullmatch(value):
+        return None
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return value if when <= now else None
+
+
+def _plain_http_url(value: object) -> bool:
+    """An http(s) URL without credentials or white space: the only kind a bundle may name as `dl`."""
+    if not isinstance(value, str) or not _HEADER_SAFE.fullmatch(value) or " " in value:
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
 
 
 def store_upstream_config(store: Store, manifest: dict[str, Any]) -> None:
@@ -308,7 +344,7 @@ def store_upstream_config(store: Store, manifest: dict[str, Any]) -> None:
     if (
         store.get_json(UPSTREAM_CONFIG_KEY) is None
         and isinstance(config, dict)
-        and isinstance(config.get("dl"), str)
+        and _plain_http_url(config.get("dl"))
     ):
         store.put_json(UPSTREAM_CONFIG_KEY, {"dl": config["dl"]})
 

@@ -123,7 +123,7 @@ class MirrorWarmer:
 
     async def warm(self, crate: LockedCrate) -> str:
         wanted = parse_crate_version(crate.name, crate.version)
-        record = find_version(await self._index_file(wanted.crate), wanted.version)
+        record = find_version(await self._index_file(wanted.crate), wanted.crate, wanted.version)
         if record is None:
             raise WarmFailure(f"the mirror's index file has no version {wanted.version}")
         check_lockfile(crate, record.cksum)
