@@ -15,11 +15,12 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cratemirror import __version__
 from cratemirror.config import ConfigError, parse_duration
@@ -47,12 +48,36 @@ class Selection:
     problems: list[str] = field(default_factory=list)  # wanted but not cached
 
 
+class Records:
+    """The manifest's entries of one kind, spooled to a temp file as JSON lines: memory stays flat."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.count = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.count += 1
+
+    def lines(self) -> Iterator[str]:
+        self.file.seek(0)
+        for line in self.file:
+            yield line.rstrip("\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
 @dataclass
 class ExportResult:
-    crates: list[dict[str, Any]] = field(default_factory=list)
-    index_files: list[dict[str, Any]] = field(default_factory=list)
+    crates: Records = field(default_factory=Records)
+    index_files: Records = field(default_factory=Records)
     problems: list[str] = field(default_factory=list)
     crate_bytes: int = 0
+
+    def close(self) -> None:
+        self.crates.close()
+        self.index_files.close()
 
 
 def select(store: Store, since: float | None, lockfiles: Sequence[str] | None, upstream: str) -> Selection:
@@ -109,6 +134,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, body: bytes, mtime: float) -> No
     info.mtime = int(mtime)
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(body))
+    vars(tar)["members"].clear()
 
 
 def _add_crate(
@@ -141,6 +167,7 @@ def _add_crate(
             info.mtime = int(os.fstat(handle.fileno()).st_mtime)
             info.mode = 0o644
             tar.addfile(info, handle)
+            vars(tar)["members"].clear()  # tarfile keeps every header it wrote; nothing reads them
     except FileNotFoundError:
         result.problems.append(f"SKIPPED {label}: the file is not in the cache (evicted?)")
         return
@@ -195,15 +222,34 @@ def _write_members(
     _close_crate(tar, current, result)
     progress.finish()
     config = store.get_json(UPSTREAM_CONFIG_KEY)
-    manifest = manifest_document(
+    head = manifest_document(
         datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         f"cratemirror {__version__}",
         config if isinstance(config, dict) else None,
-        result.crates,
-        result.index_files,
+        [],
+        [],
     )
-    _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=1).encode(), time.time())
+    with tempfile.TemporaryFile("w+b") as manifest:
+        _write_manifest(manifest, head, {"crates": result.crates, "index_files": result.index_files})
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = manifest.tell()
+        info.mtime = int(time.time())
+        info.mode = 0o644
+        manifest.seek(0)
+        tar.addfile(info, manifest)
     return result
+
+
+def _write_manifest(out: IO[bytes], head: dict[str, Any], lists: dict[str, Records]) -> None:
+    """The manifest document, its long lists streamed from their spools."""
+    text = json.dumps({key: value for key, value in head.items() if key not in lists}, indent=1)
+    out.write(text[: -len("\n}")].encode())
+    for key, records in lists.items():
+        out.write(f',\n "{key}": ['.encode())
+        for number, line in enumerate(records.lines()):
+            out.write(("," if number else "").encode() + b"\n  " + line.encode())
+        out.write(b"\n ]")
+    out.write(b"\n}")
 
 
 def _close_crate(
@@ -224,6 +270,7 @@ def write_bundle(store: Store, metas: Iterator[CrateMeta], target: Path, total: 
         with open(partial, "wb") as out:
             with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 result = _write_members(tar, store, metas, total)
+            result.close()  # the spooled manifest entries; their counts stay
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, target)
@@ -255,8 +302,8 @@ def run_export(args: argparse.Namespace) -> int:
         store.close()
     problems = len(selection.problems) + len(result.problems)
     print(
-        f"export: {plural(len(result.crates), 'crate')} ({format_size(result.crate_bytes)}) and "
-        f"{plural(len(result.index_files), 'index file')} -> {target}"
+        f"export: {plural(result.crates.count, 'crate')} ({format_size(result.crate_bytes)}) and "
+        f"{plural(result.index_files.count, 'index file')} -> {target}"
         + (f"; {plural(problems, 'crate')} left out (see above)" if problems else "")
     )
     return EXIT_FAILURE if problems else EXIT_OK
