@@ -11,19 +11,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import math
 import re
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+import ijson
 from cachetools import LRUCache
+from ijson.common import ObjectBuilder
 
 from cratemirror.config import ConfigError
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
@@ -132,29 +134,64 @@ def _open_member(tar: tarfile.TarFile, member: Member) -> IO[bytes]:
     return handle
 
 
-def read_manifest(tar: tarfile.TarFile, member: Member | None) -> dict[str, Any]:
+@dataclass
+class Manifest:
+    """The manifest without its crate list, which `crates()` streams (it may hold 100,000 entries)."""
+
+    head: dict[str, Any]
+    crate_count: int
+    tar: tarfile.TarFile
+    member: Member
+
+    def crates(self) -> Iterator[object]:
+        yield from ijson.items(_open_member(self.tar, self.member), "crates.item", use_float=True)
+
+
+def read_manifest(tar: tarfile.TarFile, member: Member | None) -> Manifest:
+    """One streaming pass: every top-level value but the crate list is built, the crates are counted;
+    the whole document is parsed, so a second pass over the crates cannot fail halfway."""
     if member is None:
         raise BundleError(f"no {MANIFEST}: not a cratemirror bundle")
     if member.size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{MANIFEST} is implausibly large ({format_size(member.size)})")
-    handle = _open_member(tar, member)
+    head: dict[str, Any] = {}
+    kinds: dict[str, str] = {}  # top-level key -> its first event (start_array for a list)
+    crate_count = 0
+    key: str | None = None
+    builder: ObjectBuilder | None = None
     try:
-        document = json.loads(handle.read(MAX_MANIFEST_BYTES + 1))
-    except ValueError as exc:
+        for prefix, event, value in ijson.parse(_open_member(tar, member), use_float=True):
+            if prefix == "":
+                if builder is not None and key is not None:
+                    head[key] = builder.value
+                builder = None
+                if event == "map_key":
+                    key = str(value)
+                    builder = None if key == "crates" else ObjectBuilder()
+                elif event not in ("start_map", "end_map"):
+                    raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
+                continue
+            if key is not None and prefix == key:
+                kinds.setdefault(key, event)
+            if builder is not None:
+                builder.event(event, value)
+            elif prefix == "crates.item" and event not in ("map_key", "end_map", "end_array"):
+                crate_count += 1
+    except ijson.JSONError as exc:
         raise BundleError(f"{MANIFEST} is not valid JSON: {' '.join(str(exc).split())[:200]}") from None
     except RecursionError:
         raise BundleError(f"{MANIFEST} is nested too deeply to be a manifest") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
+    if head.get("format") != FORMAT:
         raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
-    if document.get("format_version") != FORMAT_VERSION:
+    if head.get("format_version") != FORMAT_VERSION:
         raise BundleError(
-            f"bundle format version {document.get('format_version')!r}; "
+            f"bundle format version {head.get('format_version')!r}; "
             f"this cratemirror reads version {FORMAT_VERSION}"
         )
-    for key in ("crates", "index_files"):
-        if not isinstance(document.get(key), list):
-            raise BundleError(f"{MANIFEST}: {key!r} is not a list")
-    return document
+    for name in ("crates", "index_files"):
+        if kinds.get(name) != "start_array":
+            raise BundleError(f"{MANIFEST}: {name!r} is not a list")
+    return Manifest(head, crate_count, tar, member)
 
 
 def _sha256_field(entry: dict[str, Any]) -> str:
@@ -353,14 +390,12 @@ def import_bundle(tar: tarfile.TarFile, store: Store) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
-    indexes = BundledIndexes(tar, members, manifest, store, result)
-    crates = manifest.pop("crates")
-    result.crates_listed = len(crates)
-    progress = Progress("import", len(crates))
+    indexes = BundledIndexes(tar, members, manifest.head, store, result)
+    result.crates_listed = manifest.crate_count
+    progress = Progress("import", manifest.crate_count)
     batch: list[tuple[Path, CrateMeta]] = []
     try:
-        for position, entry in enumerate(crates):
-            crates[position] = None  # the manifest's entries go as they are done
+        for entry in manifest.crates():
             line = import_crate(tar, members, entry, indexes, store, result, batch)
             if line.startswith("REFUSED"):
                 progress.note(line)  # stays visible on a terminal too
@@ -380,7 +415,7 @@ def import_bundle(tar: tarfile.TarFile, store: Store) -> ImportResult:
     indexes.finish()
     for name in sorted(members):
         result.refused_members.append(f"{name!r}: not listed in the manifest")
-    store_upstream_config(store, manifest)
+    store_upstream_config(store, manifest.head)
     return result
 
 
