@@ -50,6 +50,7 @@ MAX_HEADER_TEXT = 256
 _HEADER_SAFE = re.compile(rf"[\x20-\x7e]{{1,{MAX_HEADER_TEXT}}}")
 COMMIT_BATCH = 500  # crates per store.commit_crates: two filesystem syncs and two transactions each
 INDEX_BODIES_HELD = 64
+MAX_MANIFEST_DEPTH = 32  # a manifest nests 3 deep; the crate list is streamed only after this check
 
 
 class BundleError(Exception):
@@ -155,28 +156,37 @@ def read_manifest(tar: tarfile.TarFile, member: Member | None) -> Manifest:
     if member.size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{MANIFEST} is implausibly large ({format_size(member.size)})")
     head: dict[str, Any] = {}
-    kinds: dict[str, str] = {}  # top-level key -> its first event (start_array for a list)
+    kinds: dict[str, str] = {}  # top-level key -> the first event of its value (start_array: a list)
     crate_count = 0
-    key: str | None = None
+    key = ""
     builder: ObjectBuilder | None = None
+    depth = 0
     try:
-        for prefix, event, value in ijson.parse(_open_member(tar, member), use_float=True):
-            if prefix == "":
-                if builder is not None and key is not None:
-                    head[key] = builder.value
-                builder = None
-                if event == "map_key":
-                    key = str(value)
-                    builder = None if key == "crates" else ObjectBuilder()
-                elif event not in ("start_map", "end_map"):
+        # basic_parse: no prefix strings, so a deeply nested document costs linear time.
+        for event, value in ijson.basic_parse(_open_member(tar, member), use_float=True):
+            outer = depth
+            if event in ("start_map", "start_array"):
+                depth += 1
+                if depth > MAX_MANIFEST_DEPTH:
+                    raise RecursionError
+            elif event in ("end_map", "end_array"):
+                depth -= 1
+            if outer == 0:
+                if event != "start_map":
                     raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
                 continue
-            if key is not None and prefix == key:
+            if outer == 1 and event == "map_key":
+                key = str(value)
+                builder = None if key == "crates" else ObjectBuilder()
+                continue
+            if outer == 1:
                 kinds.setdefault(key, event)
-            if builder is not None:
-                builder.event(event, value)
-            elif prefix == "crates.item" and event not in ("map_key", "end_map", "end_array"):
+            elif key == "crates" and outer == 2 and event not in ("end_array", "end_map", "map_key"):
                 crate_count += 1
+            if builder is not None and depth >= 1:
+                builder.event(event, value)
+                if depth == 1:  # the value is complete
+                    head[key] = builder.value
     except ijson.JSONError as exc:
         raise BundleError(f"{MANIFEST} is not valid JSON: {' '.join(str(exc).split())[:200]}") from None
     except RecursionError:
