@@ -182,10 +182,22 @@ class CrateService:
         if time.time() - stat.st_mtime > TOUCH_INTERVAL:
             # Recency for LRU eviction (the ledger's order; the mtime says when we last wrote it): at
             # most hourly, so a hot crate costs no metadata write per hit.
-            with contextlib.suppress(OSError, sqlite3.Error):
+            with contextlib.suppress(OSError):
                 os.utime(handle.fileno())
-                self.store.touch_crate(name, version)
+            self._touch_later(name, version)
         return CachedCrate(handle, stat.st_size, sha)
+
+    def _touch_later(self, name: str, version: str) -> None:
+        """The ledger write off the event loop: it may wait for an eviction's short transaction."""
+
+        def touch() -> None:
+            with contextlib.suppress(sqlite3.Error):
+                self.store.touch_crate(name, version)
+
+        try:
+            asyncio.get_running_loop().run_in_executor(None, touch)
+        except RuntimeError:  # no loop (a tool): inline
+            touch()
 
     async def adopt_unrecorded(self, record: VersionRecord, version: str) -> CachedCrate | None:
         """A stored file whose metadata is gone (a crash between the two writes, or metadata lost to

@@ -13,13 +13,15 @@ file a client is reading is safe: the reader holds an open descriptor and gets t
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cratemirror.ledger import LedgerRow
 from cratemirror.store import Store, remove_empty_dir
 
-BATCH = 500
+BATCH = 200  # rows per transaction: short enough that a fill's commit never waits long for the lock
+BATCH_PAUSE = 0.005  # between batches: the worker's event loop gets the interpreter back
 LOW_WATER = 0.9  # the server evicts down to this fraction of cache.max_size
 MAX_LISTED = 10_000  # removed crates kept for the report (prune prints them); beyond that only counted
 
@@ -95,6 +97,7 @@ def evict_to(
             on_batch(len(gone), sum(row.size for row in gone))
         # Fills commit meanwhile: follow the shared total, not only our own arithmetic.
         report.total_after = store.crate_bytes()
+        time.sleep(BATCH_PAUSE)
     return report
 
 
