@@ -1,4 +1,4 @@
-"""Command line: `cratemirror serve|warm|verify|prune|client-config|export|import` (see the README)."""
+"""Command line: `cratemirror serve|warm|verify|prune|client-config|export|import|config` (see the README)."""
 
 from __future__ import annotations
 
@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     client_config.add_argument("--url", help="the mirror's base URL (default http://127.0.0.1:8080)")
     client_config.set_defaults(run=_client_config)
 
+    from cratemirror.configcmd import add_config_command
     from cratemirror.tools.cli import add_tool_commands
 
     add_tool_commands(commands)
+    add_config_command(commands)
     return parser
 
 

@@ -1,44 +1,75 @@
 """Configuration: built-in defaults < mirror.yaml < CRATEMIRROR_* environment < command-line flags.
 
+One typed schema (pydantic models, loaded through pydantic-settings) gives the defaults, the accepted forms,
+the JSON Schema for editors (`cratemirror config schema`, committed as mirror.schema.json) and the errors.
 Key names, defaults and accepted forms are part of the external contract (docs/contract.md, "mirror.yaml").
 Every problem is raised as a ConfigError whose message is one line naming the source, the dotted key and the
-expected form, so the CLI can print it as-is and exit 2.
+expected form, so the CLI can print it as-is and exit 2. How the layers are read and how pydantic's errors
+become those lines lives in cratemirror.configload; this module is the schema.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    FilePath,
+    PrivateAttr,
+    SecretStr,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
+    "AuthConfig",
     "CacheConfig",
     "Config",
     "ConfigError",
+    "CoordinationConfig",
+    "Expected",
     "LoggingConfig",
+    "MirrorSchema",
+    "PolicyConfig",
+    "RegistryConfig",
+    "S3Config",
     "ServerConfig",
+    "StorageConfig",
     "UpstreamConfig",
     "find_config_path",
     "load_config",
     "parse_duration",
     "parse_size",
+    "with_source",
 ]
 
+MiB = 1024**2
 GiB = 1024**3
 DAY = 86400.0
 DEFAULTS_SOURCE = "built-in defaults"
 ENV_PREFIX = "CRATEMIRROR_"
 # Names the config file, so it is not itself a setting (and must not be rejected as an unknown one).
 ENV_CONFIG = "CRATEMIRROR_CONFIG"
+# The name the default registry has wherever registries are named (URLs, metric labels).
+DEFAULT_REGISTRY = "crates-io"
+FLEET_EXTRA = "cratemirror[fleet]"
 
 
 class ConfigError(Exception):
@@ -116,7 +147,29 @@ def parse_duration(text: str | int | float) -> float:
     return seconds
 
 
-# --- the config objects ----------------------------------------------------------------------------------
+# --- the accepted forms: small before-validators shared by the fields ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """Field metadata: finishes "expected ..." in the one-line error for a bad value of this key."""
+
+    text: str
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("not a non-empty string")
+    return value.strip()
+
+
+def _whole(value: object) -> object:
+    # pydantic's lax int would take True as 1 and 80.0 as 80; a config value means what it says.
+    if isinstance(value, bool | float):
+        raise ValueError("not a whole number")
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)  # environment variables are always strings
+    return value
 
 
 def _default_workers() -> int:
@@ -124,123 +177,35 @@ def _default_workers() -> int:
     return os.cpu_count() or 1
 
 
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = field(default_factory=_default_workers)
-    public_url: str | None = None
-    max_connections: int = 4096
-    idle_timeout: float = 30.0
-
-    def __post_init__(self) -> None:
-        # Normalised here too (not only in the loader) so directly built configs join paths the same way.
-        if self.public_url is not None:
-            object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamConfig:
-    index_url: str = "https://index.crates.io/"
-    timeout: float = 30.0
-    retries: int = 3
-    max_connections: int = 32
-    user_agent: str | None = None
-    proxy: str | None = None
-    ca_bundle: Path | None = None
-    max_index_size: int = 64 * 1024**2
-    max_crate_size: int = GiB
-
-    def __post_init__(self) -> None:
-        # Exactly one trailing "/" so index_url + "<prefix>/<name>" is always right.
-        object.__setattr__(self, "index_url", self.index_url.rstrip("/") + "/")
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    dir: Path = Path("./cache")
-    max_size: int = 20 * GiB
-    index_ttl: float = 300.0
-    negative_ttl: float = 60.0
-    stale_if_error: float = 7 * DAY
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    level: str = "info"
-    format: str = "text"
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    offline: bool = False
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    source: str = DEFAULTS_SOURCE
-
-
-# --- per-key parsers: a raw YAML/env/flag value in, the typed value out, or ValueError
-
-
-def _as_int(value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, int):
-        return value
-    # Environment values are always strings; accept the same digits a YAML int would have.
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    raise ValueError(value)
-
-
-def _int_at_least(low: int, high: int | None = None) -> Callable[[object], int]:
-    def parse(value: object) -> int:
-        number = _as_int(value)
-        if number < low or (high is not None and number > high):
-            raise ValueError(value)
-        return number
-
-    return parse
-
-
-def _workers(value: object) -> int:
+def _workers(value: object) -> object:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return _default_workers()
-    return _int_at_least(1)(value)
+    return _whole(value)
 
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+def _lower(value: object) -> object:
+    return value.strip().lower() if isinstance(value, str) else value
 
 
-def _bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-    raise ValueError(value)
+def _policy_mode(value: object) -> object:
+    # YAML 1.1 reads a bare `off` as false; the contract spells the default `mode: off`.
+    return "off" if value is False else _lower(value)
 
 
-def _text(value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(value)
-    return value.strip()
+def _size(value: object) -> int:
+    if not isinstance(value, str | int):
+        raise ValueError("not a size")
+    return parse_size(value)
 
 
-def _choice(*allowed: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        word = _text(value).lower()
-        if word not in allowed:
-            raise ValueError(value)
-        return word
+def _duration(*, positive: bool = False, forever: bool = False) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        if not isinstance(value, str | int | float):
+            raise ValueError("not a duration")
+        seconds = parse_duration(value)
+        if (positive and seconds == 0) or (not forever and math.isinf(seconds)):
+            raise ValueError("duration out of range")
+        return seconds
 
     return parse
 
@@ -249,7 +214,7 @@ def _http_url(value: object) -> str:
     text = _text(value)
     parts = urlsplit(text)  # raises ValueError itself for e.g. a broken IPv6 literal
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(value)
+        raise ValueError("not an http(s) URL")
     _ = parts.port  # raises ValueError for a non-numeric or out-of-range port
     return text
 
@@ -259,7 +224,7 @@ def _base_url(value: object) -> str:
     text = _http_url(value)
     parts = urlsplit(text)
     if parts.query or parts.fragment:
-        raise ValueError(value)
+        raise ValueError("a base URL takes no query or fragment")
     return text
 
 
@@ -268,7 +233,17 @@ def _public_url(value: object) -> str:
 
 
 def _index_url(value: object) -> str:
+    # Exactly one trailing "/" so index_url + "<prefix>/<name>" is always right.
     return _base_url(value).rstrip("/") + "/"
+
+
+def _redis_url(value: object) -> str:
+    text = _text(value)
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ValueError("not a redis URL")
+    _ = parts.port
+    return text
 
 
 def _path(value: object) -> Path:
@@ -279,231 +254,433 @@ def _path(value: object) -> Path:
     return Path(_text(value))
 
 
-def _existing_file(value: object) -> Path:
-    path = _path(value)
-    if not path.is_file():
-        raise ValueError(value)
-    return path
+def _s3_prefix(value: object) -> object:
+    if not isinstance(value, str) or value == "":
+        return value
+    if value.startswith("/") or any(part in (".", "..") for part in value.split("/")):
+        raise ValueError("not a key prefix")
+    return value
 
 
-def _size(value: object) -> int:
-    if not isinstance(value, str | int):
-        raise ValueError(value)
-    return parse_size(value)
+def _not_reserved(name: str) -> str:
+    if name == DEFAULT_REGISTRY:
+        raise ValueError("reserved")
+    return name
 
 
-def _duration(*, positive: bool = False, forever: bool = False) -> Callable[[object], float]:
-    def parse(value: object) -> float:
-        if not isinstance(value, str | int | float):
-            raise ValueError(value)
-        seconds = parse_duration(value)
-        if (positive and seconds == 0) or (not forever and math.isinf(seconds)):
-            raise ValueError(value)
-        return seconds
-
-    return parse
+def _matching(regex: str) -> StringConstraints:
+    return StringConstraints(strip_whitespace=True, pattern=f"^{regex}$")
 
 
-@dataclass(frozen=True, slots=True)
-class _Key:
-    parse: Callable[[object], object]
-    expected: str  # finishes "expected ..." in error messages
-    nullable: bool = False  # null (YAML) / empty string (environment) means "not set": the field is None
+# Registry names become URL path segments (/registries/<name>/) and directory names: a short safe slug.
+_REGISTRY_NAME = r"[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?"
+_ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+# S3 bucket naming rules (lowercase, 3..63, no leading/trailing dot or dash).
+_BUCKET = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+# A key prefix inside the bucket: S3's "safe characters" (and not starting with "/", no "." or ".." part).
+_S3_PREFIX = r"[A-Za-z0-9!_.*'()/-]{0,512}"
+_ADVISORY_ID = r"RUSTSEC-\d{4}-\d{4}"
+# An SPDX licence id (MIT, Apache-2.0, GPL-2.0+, LicenseRef-foo).
+_SPDX_ID = r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}\+?"
+# "name" or "name@<semver requirement>"; the requirement itself is checked by the policy module.
+_CRATE_RULE = r"[A-Za-z][A-Za-z0-9_-]{0,63}(?:@[0-9A-Za-z.,<>=~^* +-]{1,100})?"
 
-
-# Every accepted key, dotted. A test checks this against the dataclass fields so the two cannot drift apart.
-_KEYS: dict[str, _Key] = {
-    "server.host": _Key(_text, "a host name or IP address"),
-    "server.port": _Key(_int_at_least(1, 65535), "an integer port 1..65535"),
-    "server.workers": _Key(_workers, "a positive integer or auto"),
-    "server.public_url": _Key(
-        _public_url, "an http(s) URL like https://crates.example.com, or null", nullable=True
-    ),
-    "server.max_connections": _Key(_int_at_least(1), "a whole number >= 1"),
-    "server.idle_timeout": _Key(_duration(positive=True), "a positive duration like 30s"),
-    "upstream.index_url": _Key(_index_url, "an http(s) URL like https://index.crates.io/"),
-    "upstream.timeout": _Key(_duration(positive=True), "a positive duration like 30s"),
-    "upstream.retries": _Key(_int_at_least(0), "a whole number >= 0"),
-    "upstream.max_connections": _Key(_int_at_least(1), "a whole number >= 1"),
-    "upstream.user_agent": _Key(_text, "a non-empty string, or null", nullable=True),
-    "upstream.proxy": _Key(_http_url, "an http(s) proxy URL like http://proxy:3128, or null", nullable=True),
-    "upstream.ca_bundle": _Key(_existing_file, "a path to an existing PEM file, or null", nullable=True),
-    "upstream.max_index_size": _Key(_size, "a size like 64MiB"),
-    "upstream.max_crate_size": _Key(_size, "a size like 1GiB"),
-    "cache.dir": _Key(_path, "a directory path like ./cache"),
-    "cache.max_size": _Key(_size, "a size like 20GiB"),
-    "cache.index_ttl": _Key(_duration(), "a duration like 5m"),
-    "cache.negative_ttl": _Key(_duration(), "a duration like 1m"),
-    "cache.stale_if_error": _Key(_duration(forever=True), "a duration like 7d, forever, or 0"),
-    "offline": _Key(_bool, "true or false"),
-    "logging.level": _Key(
-        _choice("debug", "info", "warning", "error", "critical"),
-        "one of debug, info, warning, error, critical",
-    ),
-    "logging.format": _Key(_choice("text", "json"), "one of text, json"),
+# JSON Schema forms for the values YAML writes as strings (sizes, durations), so editors accept them too.
+_SIZE_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*(\d+(\.\d*)?|\.\d+)\s*([bB]|[kKmMgGtT]([iI]?[bB])?)?\s*$"},
+    ]
 }
-
-_SECTIONS = ("server", "upstream", "cache", "logging")
-# Top-level keys in the order they appear in the contract, for "allowed keys" lists.
-_TOP_LEVEL = list(dict.fromkeys(dotted.partition(".")[0] for dotted in _KEYS))
-_ENV_NAMES = {ENV_PREFIX + dotted.replace(".", "_").upper(): dotted for dotted in _KEYS}
-# Overrides usually come from these flags; naming the flag tells the user which input was wrong.
-_FLAGS = {
-    "server.host": "--host",
-    "server.port": "--port",
-    "server.workers": "--workers",
-    "cache.dir": "--cache-dir",
-    "cache.max_size": "--max-size",
-    "upstream.index_url": "--upstream",
-    "offline": "--offline",
+_DURATION_PATTERN = r"^\s*(\d+(\.\d*)?|\.\d+)\s*([mM][sS]|[sSmMhHdD])?\s*$"
+_DURATION_SCHEMA = {
+    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _DURATION_PATTERN}]
 }
+_FOREVER_SCHEMA = {"anyOf": [*_DURATION_SCHEMA["anyOf"], {"const": "forever"}]}
+
+Text = Annotated[str, BeforeValidator(_text), StringConstraints(min_length=1)]
+# Constraints come before the before-validator so the JSON Schema shows them as minimum/maximum.
+Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole)]
+Count0 = Annotated[int, Field(ge=0), BeforeValidator(_whole)]
+Count1 = Annotated[int, Field(ge=1), BeforeValidator(_whole)]
+Size = Annotated[int, BeforeValidator(_size), WithJsonSchema(_SIZE_SCHEMA)]
+Duration = Annotated[float, BeforeValidator(_duration()), WithJsonSchema(_DURATION_SCHEMA)]
+PositiveDuration = Annotated[
+    float, BeforeValidator(_duration(positive=True)), WithJsonSchema(_DURATION_SCHEMA)
+]
+ForeverDuration = Annotated[float, BeforeValidator(_duration(forever=True)), WithJsonSchema(_FOREVER_SCHEMA)]
+IndexUrl = Annotated[str, BeforeValidator(_index_url), WithJsonSchema({"type": "string", "format": "uri"})]
+HttpUrl = Annotated[str, BeforeValidator(_http_url), WithJsonSchema({"type": "string", "format": "uri"})]
+AnyPath = Annotated[Path, BeforeValidator(_path)]
+ExistingFile = Annotated[FilePath, BeforeValidator(_path)]
+Secret = Annotated[SecretStr, BeforeValidator(_text)]
+AdvisoryId = Annotated[str, _matching(_ADVISORY_ID)]
+LicenseId = Annotated[str, _matching(_SPDX_ID)]
+CrateRule = Annotated[str, _matching(_CRATE_RULE)]
+RegistryName = Annotated[str, _matching(_REGISTRY_NAME), AfterValidator(_not_reserved)]
 
 
-def _show(value: object) -> str:
-    # One line, bounded: a whole nested mapping pasted into an error would bury the point.
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _cross_field(key: str, expected: str) -> PydanticCustomError:
+    """A check across keys: `key` (relative to the model that raises it) is the one the message names."""
+    return PydanticCustomError("config", "{key}: expected {expected}", {"key": key, "expected": expected})
 
 
-def _unknown(source: str, name: str, allowed: list[str]) -> ConfigError:
-    hint = difflib.get_close_matches(name.rpartition(".")[2], allowed, n=1)
-    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return ConfigError(f"{source}: {name}: unknown key{did_you_mean}; allowed keys: {', '.join(allowed)}")
+def _whole_config(info: ValidationInfo) -> bool:
+    # One layer (the file, the environment, the flags) is validated alone first, so that the bad value is
+    # blamed on where it came from; checks across keys wait for the merged whole.
+    return not (isinstance(info.context, dict) and info.context.get("partial"))
 
 
-def _convert(source: str, dotted: str, raw: object, *, from_env: bool = False) -> object:
-    key = _KEYS[dotted]
-    # An environment variable cannot be null; an empty one is the way to unset an optional key.
-    if key.nullable and (raw is None or (from_env and isinstance(raw, str) and not raw.strip())):
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=True, hide_input_in_errors=True
+    )
+
+
+# --- the schema ------------------------------------------------------------------------------------------
+
+
+class ServerConfig(_Section):
+    host: Annotated[Text, Expected("a host name or IP address")] = "127.0.0.1"
+    """Address to listen on."""
+    port: Annotated[Port, Expected("an integer port 1..65535")] = 8080
+    """TCP port to listen on."""
+    workers: Annotated[
+        int,
+        BeforeValidator(_workers),
+        Field(ge=1),
+        WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]}),
+        Expected("a positive integer or auto"),
+    ] = Field(default_factory=_default_workers)
+    """Processes sharing the port (SO_REUSEPORT); auto = number of CPUs."""
+    public_url: Annotated[
+        Annotated[str, BeforeValidator(_public_url)] | None,
+        Expected("an http(s) URL like https://crates.example.com, or null"),
+    ] = None
+    """Base URL clients use; null = from the request (Host, X-Forwarded-Proto, X-Forwarded-Host)."""
+    max_connections: Annotated[Count1, Expected("a whole number >= 1")] = 4096
+    """Open client connections per worker; beyond it the oldest idle ones are closed first."""
+    idle_timeout: Annotated[PositiveDuration, Expected("a positive duration like 30s")] = 30.0
+    """Idle this long (no complete request head, or nothing of its answer read): closed."""
+    tls_cert: Annotated[
+        ExistingFile | None, Expected("a path to an existing PEM certificate file, or null")
+    ] = None
+    """PEM certificate (chain) to serve https directly; a fleet terminates TLS in its front instead."""
+    tls_key: Annotated[ExistingFile | None, Expected("a path to an existing PEM key file, or null")] = None
+    """PEM private key for tls_cert."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self, info: ValidationInfo) -> ServerConfig:
+        if _whole_config(info) and (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise _cross_field(missing, "a path to a PEM file when the other of tls_cert and tls_key is set")
+        return self
+
+
+class UpstreamConfig(_Section):
+    index_url: Annotated[IndexUrl, Expected("an http(s) URL like https://index.crates.io/")] = (
+        "https://index.crates.io/"
+    )
+    """Sparse index root; its config.json gives the download template."""
+    timeout: Annotated[PositiveDuration, Expected("a positive duration like 30s")] = 30.0
+    """Per attempt: connect, first byte, or a stall mid-body."""
+    retries: Annotated[Count0, Expected("a whole number >= 0")] = 3
+    """On connect errors, timeouts, 5xx and 429 (Retry-After honoured); only before a byte is sent."""
+    max_connections: Annotated[Count1, Expected("a whole number >= 1")] = 32
+    """Concurrent upstream connections, per worker."""
+    user_agent: Annotated[Text | None, Expected("a non-empty string, or null")] = None
+    """Default "cratemirror/<version> (+<project url>)"."""
+    proxy: Annotated[HttpUrl | None, Expected("an http(s) proxy URL like http://proxy:3128, or null")] = None
+    """Outbound HTTP proxy; HTTPS_PROXY / HTTP_PROXY / NO_PROXY are honoured too."""
+    ca_bundle: Annotated[ExistingFile | None, Expected("a path to an existing PEM file, or null")] = None
+    """Extra PEM CA file to trust."""
+    max_index_size: Annotated[Size, Field(ge=1), Expected("a positive size like 64MiB")] = 64 * MiB
+    """A larger index file is refused (502) and not stored."""
+    max_crate_size: Annotated[Size, Field(ge=1), Expected("a positive size like 1GiB")] = GiB
+    """A larger .crate is refused (502) and not stored."""
+
+
+class CacheConfig(_Section):
+    dir: Annotated[AnyPath, Expected("a directory path like ./cache")] = Path("./cache")
+    """Where crates, index files and their metadata are kept."""
+    max_size: Annotated[Size, Expected("a size like 20GiB")] = 20 * GiB
+    """Crates are evicted least-recently-used beyond this."""
+    index_ttl: Annotated[Duration, Expected("a duration like 5m")] = 30.0
+    """An index file younger than this is served without asking upstream."""
+    stale_while_revalidate: Annotated[Duration, Expected("a duration like 5m")] = 300.0
+    """Past index_ttl but within this: answer from cache, revalidate behind the answer (RFC 5861)."""
+    negative_ttl: Annotated[Duration, Expected("a duration like 1m")] = 60.0
+    """How long an upstream 404 is remembered."""
+    stale_if_error: Annotated[ForeverDuration, Expected("a duration like 7d, forever, or 0")] = 7 * DAY
+    """How long past its TTL an index file may still be served while upstream fails (forever, 0 disables)."""
+
+
+class LoggingConfig(_Section):
+    level: Annotated[
+        Literal["debug", "info", "warning", "error", "critical"],
+        BeforeValidator(_lower),
+        Expected("one of debug, info, warning, error, critical"),
+    ] = "info"
+    """Log level."""
+    format: Annotated[Literal["text", "json"], BeforeValidator(_lower), Expected("one of text, json")] = (
+        "text"
+    )
+    """text | json (one object per line)."""
+
+
+class S3Config(_Section):
+    bucket: Annotated[
+        Annotated[str, _matching(_BUCKET)] | None,
+        Expected("an S3 bucket name like crates-cache, or null"),
+    ] = None
+    """Required with backend s3."""
+    prefix: Annotated[
+        str,
+        Field(pattern=f"^{_S3_PREFIX}$"),
+        BeforeValidator(_s3_prefix),
+        Expected("a key prefix like mirror/ (S3-safe characters, no leading /, no . or .. parts)"),
+    ] = ""
+    """Key prefix inside the bucket."""
+    endpoint_url: Annotated[HttpUrl | None, Expected("an http(s) URL like http://minio:9000, or null")] = None
+    """An S3-compatible endpoint (MinIO, Ceph RGW, R2, ...); null = AWS."""
+    region: Annotated[Text | None, Expected("a region name like eu-west-1, or null")] = None
+    """Region of the bucket."""
+    access_key_id: Annotated[Text | None, Expected("an access key id, or null")] = None
+    """null = the standard AWS credential chain (AWS_* variables, profile, instance role)."""
+    secret_access_key: Annotated[Secret | None, Expected("a secret access key, or null")] = None
+    """Secret for access_key_id; never printed."""
+    serve: Annotated[
+        Literal["proxy", "redirect"], BeforeValidator(_lower), Expected("one of proxy, redirect")
+    ] = "proxy"
+    """proxy: the mirror streams the bytes | redirect: 302 to a short-lived presigned URL."""
+
+    def secret_key(self) -> str | None:
+        """The secret access key in plain text, for the S3 client only."""
+        return None if self.secret_access_key is None else self.secret_access_key.get_secret_value()
+
+
+class StorageConfig(_Section):
+    backend: Annotated[Literal["local", "s3"], BeforeValidator(_lower), Expected("one of local, s3")] = (
+        "local"
+    )
+    """local | s3: where crates, index files and their metadata are kept."""
+    s3: S3Config = Field(default_factory=S3Config)
+    """The bucket used with backend s3."""
+
+    @model_validator(mode="after")
+    def _bucket_for_s3(self, info: ValidationInfo) -> StorageConfig:
+        if _whole_config(info) and self.backend == "s3" and self.s3.bucket is None:
+            raise _cross_field("s3.bucket", "an S3 bucket name when storage.backend is s3")
+        return self
+
+
+class CoordinationConfig(_Section):
+    redis_url: Annotated[
+        Annotated[str, BeforeValidator(_redis_url)] | None,
+        Expected("a redis URL like redis://host:6379/0, or null"),
+    ] = None
+    """redis://host:6379/0: one upstream fetch per key across all replicas."""
+
+
+class AuthConfig(_Section):
+    required: Annotated[bool, Expected("true or false")] = False
+    """true: config.json, index files and downloads need a token (cargo RFC 3139)."""
+    tokens_file: Annotated[AnyPath, Expected("a file path like ./tokens.yaml")] = Path("./tokens.yaml")
+    """Written by `cratemirror token`; holds hashes, never the tokens themselves."""
+    protect_status: Annotated[bool, Expected("true or false")] = False
+    """true: / and /metrics need a token as well (/healthz and /readyz never do)."""
+
+
+class RegistryConfig(_Section):
+    """One more upstream registry, served under /registries/<name>/."""
+
+    index_url: Annotated[
+        IndexUrl, Expected("an http(s) URL like https://kellnr.example/api/v1/crates/index/")
+    ]
+    """Sparse index root of the registry (required)."""
+    token: Annotated[Secret | None, Expected("a token string, or null")] = None
+    """Sent upstream as Authorization; never printed."""
+    token_env: Annotated[
+        Annotated[str, _matching(_ENV_NAME)] | None,
+        Expected("an environment variable name like KELLNR_TOKEN, or null"),
+    ] = None
+    """Name of the environment variable holding the token."""
+    index_ttl: Annotated[Duration | None, Expected("a duration like 30s, or null")] = None
+    """Overrides cache.index_ttl."""
+    negative_ttl: Annotated[Duration | None, Expected("a duration like 1m, or null")] = None
+    """Overrides cache.negative_ttl."""
+    stale_if_error: Annotated[ForeverDuration | None, Expected("a duration like 7d, forever, 0, or null")] = (
+        None
+    )
+    """Overrides cache.stale_if_error."""
+
+    @model_validator(mode="after")
+    def _one_token(self) -> RegistryConfig:
+        if self.token is not None and self.token_env is not None:
+            raise _cross_field("token_env", "null when token is set (give token or token_env, not both)")
+        return self
+
+    def secret_token(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The token to send upstream in plain text: `token`, else the value of the `token_env` variable."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_env is not None:
+            return (os.environ if environ is None else environ).get(self.token_env) or None
         return None
-    try:
-        return key.parse(raw)
-    except ValueError:
-        raise ConfigError(f"{source}: {dotted}: expected {key.expected}, got {_show(raw)}") from None
 
 
-# --- reading the file ------------------------------------------------------------------------------------
+class PolicyConfig(_Section):
+    mode: Annotated[
+        Literal["off", "report", "enforce"],
+        BeforeValidator(_policy_mode),
+        Expected("one of off, report, enforce"),
+    ] = "off"
+    """off | report (log and count what would be blocked) | enforce."""
+    advisory_db: Annotated[AnyPath | None, Expected("a path to a RustSec advisory-db checkout, or null")] = (
+        None
+    )
+    """A RustSec advisory-db checkout (crates/<name>/RUSTSEC-*.md); re-read when it changes."""
+    advisories: Annotated[Literal["deny", "warn"], BeforeValidator(_lower), Expected("one of deny, warn")] = (
+        "deny"
+    )
+    """A version affected by an advisory that is not withdrawn: deny | warn."""
+    informational: Annotated[
+        tuple[Annotated[Literal["unmaintained", "unsound", "notice"], BeforeValidator(_lower)], ...],
+        Expected("a list of unmaintained, unsound, notice"),
+    ] = ()
+    """Also act on these informational advisories."""
+    ignore: Annotated[tuple[AdvisoryId, ...], Expected("a list of advisory ids like RUSTSEC-2019-0001")] = ()
+    """Advisory ids never acted on."""
+    licenses: Annotated[tuple[LicenseId, ...], Expected("a list of SPDX licence ids like MIT")] = ()
+    """Allowed SPDX ids; empty = no licence rule; checked from the crate's Cargo.toml."""
+    deny: Annotated[tuple[CrateRule, ...], Expected('a list of "name" or "name@<semver requirement>"')] = ()
+    """Crates refused: "name" or "name@<semver requirement>"."""
+    allow: Annotated[tuple[CrateRule, ...], Expected('a list of "name" or "name@<semver requirement>"')] = ()
+    """Crates that pass whatever else says: "name" or "name@<semver requirement>"."""
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys: plain PyYAML lets the last one silently win."""
+# Which optional modules a setting needs; without them start-up stops naming the extra that brings them.
+FLEET_MODULES: dict[str, str] = {"storage.backend": "aiobotocore", "coordination.redis_url": "redis"}
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<: *anchor" merges are allowed to be overridden
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+_WHOLE = ConfigDict(
+    frozen=True,
+    extra="forbid",
+    use_attribute_docstrings=True,
+    hide_input_in_errors=True,
+    title="cratemirror mirror.yaml",
+)
+
+
+class MirrorSchema(BaseModel):
+    """The whole mirror.yaml (contract.md), as one model. Config adds loading it (pydantic-settings)."""
+
+    model_config = _WHOLE
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    offline: Annotated[bool, Expected("true or false")] = False
+    """Never contact upstream; serve only what is cached."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    coordination: CoordinationConfig = Field(default_factory=CoordinationConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    registries: Annotated[
+        dict[RegistryName, RegistryConfig],
+        Expected("a mapping of registry names to registry settings"),
+    ] = Field(
+        default_factory=dict,
+        json_schema_extra={
+            "propertyNames": {"pattern": f"^{_REGISTRY_NAME}$", "not": {"const": DEFAULT_REGISTRY}}
+        },
+    )
+    """More upstream registries, each under /registries/<name>/ (name: lowercase letters, digits, - and _)."""
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+    @field_validator(
+        "server",
+        "upstream",
+        "cache",
+        "logging",
+        "storage",
+        "coordination",
+        "auth",
+        "policy",
+        "registries",
+        mode="before",
+    )
+    @classmethod
+    def _empty_section(cls, value: object) -> object:
+        # "server:" with every key commented out is an empty section, not an error.
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _fleet_extra(self, info: ValidationInfo) -> MirrorSchema:
+        if not _whole_config(info):
+            return self
+        needed = {
+            "storage.backend": self.storage.backend == "s3",
+            "coordination.redis_url": self.coordination.redis_url is not None,
+        }
+        for key, used in needed.items():
+            if used and not _installed(FLEET_MODULES[key]):
+                raise _cross_field(
+                    key,
+                    f"the extra {FLEET_EXTRA} to be installed (pip install '{FLEET_EXTRA}') for this value",
                 )
-            if isinstance(key, Hashable):
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        return self
 
 
-def _yaml_reason(error: yaml.YAMLError) -> str:
-    if isinstance(error, yaml.MarkedYAMLError):
-        problem = error.problem or error.context or "syntax error"
-        if error.context and problem.startswith("but "):
-            # e.g. "expected a single document in the stream" + "but found another document"
-            problem = f"{error.context} {problem}"
-        mark = error.problem_mark or error.context_mark
-        if mark is not None:
-            problem += f" at line {mark.line + 1}, column {mark.column + 1}"
-    else:
-        problem = str(error)
-    return " ".join(problem.split())  # the message must stay on one line
+class Config(MirrorSchema, BaseSettings):
+    """The mirror's configuration. Built directly it is the defaults plus its keyword arguments;
+    load_config reads the file and the environment too. `source` names the file it was read from."""
 
+    # BaseSettings would reset these; the schema's own settings are restated last so they win.
+    model_config = SettingsConfigDict(**_WHOLE, case_sensitive=True)  # type: ignore[typeddict-item]
 
-def _read_yaml(path: Path) -> object:
-    source = str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
-    try:
-        text = data.decode("utf-8-sig")  # tolerate a BOM from Windows editors
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{source}: not valid YAML: not UTF-8 text (byte {error.start})") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML: {_yaml_reason(error)}") from None
+    _source: str = PrivateAttr(DEFAULTS_SOURCE)
 
+    @property
+    def source(self) -> str:
+        """The config file read, or "built-in defaults"."""
+        return self._source
 
-def _file_values(document: object, source: str) -> list[tuple[str, object]]:
-    """The (dotted key, raw value) pairs of a parsed file, rejecting unknown keys and malformed sections."""
-    if document is None:  # empty or all-comments file
-        return []
-    if not isinstance(document, dict):
-        raise ConfigError(
-            f"{source}: expected a mapping with keys {', '.join(_TOP_LEVEL)} at the top level, "
-            f"got {_show(document)}"
+    def __hash__(self) -> int:
+        # registries is a dict; everything else is hashable already.
+        values = tuple(
+            tuple(sorted(value.items())) if isinstance(value, dict) else value
+            for value in self.__dict__.values()
         )
-    pairs: list[tuple[str, object]] = []
-    for name, value in document.items():
-        name = str(name)
-        if name in _SECTIONS:
-            if value is None:  # "server:" with every key commented out
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"{source}: {name}: expected a mapping of {name} settings, got {_show(value)}"
-                )
-            allowed = [dotted.partition(".")[2] for dotted in _KEYS if dotted.startswith(name + ".")]
-            for key, raw in value.items():
-                dotted = f"{name}.{key}"
-                if dotted not in _KEYS:
-                    raise _unknown(source, dotted, allowed)
-                pairs.append((dotted, raw))
-        elif name in _KEYS:
-            pairs.append((name, value))
-        else:
-            raise _unknown(source, name, _TOP_LEVEL)
-    return pairs
+        return hash((values, self._source))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Built directly, a Config is the defaults plus its keyword arguments: never os.environ by surprise.
+        # load_config hands in the file and environment layers (highest priority first after the flags).
+        from cratemirror.configload import loading_sources
+
+        return (init_settings, *loading_sources(settings_cls))
 
 
-# --- public entry points ---------------------------------------------------------------------------------
-
-
-def _is_process_cwd(cwd: Path) -> bool:
-    try:
-        return os.path.samefile(cwd, os.getcwd())
-    except OSError:
-        return False
-
-
-def _as_given(path: Path, cwd: Path) -> Path:
-    # Keep a relative path as typed when it already resolves against the process cwd, so messages read
-    # "mirror.yaml: ..." rather than an absolute path; otherwise anchor it to the cwd we were given.
-    if path.is_absolute() or _is_process_cwd(cwd):
-        return path
-    return cwd / path
-
-
-def _existing_config(text: str, source: str, cwd: Path) -> Path:
-    path = Path(text)
-    if not text or not (path if path.is_absolute() else cwd / path).is_file():
-        raise ConfigError(f"{source}: expected a path to an existing config file, got {_show(text)}")
-    return _as_given(path, cwd)
-
-
-def find_config_path(cli_path: str | None, env: Mapping[str, str], cwd: Path) -> Path | None:
-    """--config, else $CRATEMIRROR_CONFIG, else ./mirror.yaml if present, else None (built-in defaults)."""
-    if cli_path is not None:
-        return _existing_config(cli_path, "--config", cwd)
-    # An empty variable is treated as unset, as shells make it easy to export one by accident.
-    env_path = env.get(ENV_CONFIG)
-    if env_path:
-        return _existing_config(env_path, f"environment {ENV_CONFIG}", cwd)
-    if (cwd / "mirror.yaml").is_file():
-        return _as_given(Path("mirror.yaml"), cwd)
-    return None
+def with_source(config: Config, source: str) -> Config:
+    """The same values, read from `source`."""
+    copy = config.model_copy()
+    copy._source = source
+    return copy
 
 
 def load_config(
@@ -516,47 +693,13 @@ def load_config(
     overrides maps dotted keys ("server.port", "offline", ...) to raw values; None values are skipped so
     argparse results can be passed straight through. env=None means os.environ.
     """
-    values: dict[str, object] = {}
+    from cratemirror.configload import load
 
-    # Every layer is validated in full, even keys a later layer overrides: a broken file stays an error.
-    if path is not None:
-        source = str(path)
-        for dotted, raw in _file_values(_read_yaml(path), source):
-            values[dotted] = _convert(source, dotted, raw)
+    return load(path, env, overrides).config
 
-    environment = os.environ if env is None else env
-    for name in sorted(environment):
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
-            continue
-        dotted_key = _ENV_NAMES.get(name)
-        if dotted_key is None:
-            hint = difflib.get_close_matches(name, list(_ENV_NAMES), n=1)
-            did_you_mean = f" (did you mean {hint[0]}?)" if hint else ""
-            known = ", ".join([*_ENV_NAMES, ENV_CONFIG])
-            raise ConfigError(f"environment {name}: unknown variable{did_you_mean}; known: {known}")
-        values[dotted_key] = _convert(f"environment {name}", dotted_key, environment[name], from_env=True)
 
-    for dotted, raw in (overrides or {}).items():
-        if raw is None:
-            continue
-        if dotted not in _KEYS:
-            raise _unknown("command line", dotted, list(_KEYS))
-        values[dotted] = _convert(_FLAGS.get(dotted, "command line"), dotted, raw)
+def find_config_path(cli_path: str | None, env: Mapping[str, str], cwd: Path) -> Path | None:
+    """--config, else $CRATEMIRROR_CONFIG, else ./mirror.yaml if present, else None (built-in defaults)."""
+    from cratemirror.configload import find_config
 
-    # Only keys that were set are passed on; the dataclass defaults supply the rest.
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    top: dict[str, Any] = {}
-    for dotted, value in values.items():
-        section, _, key = dotted.partition(".")
-        if key:
-            sections[section][key] = value
-        else:
-            top[section] = value
-    return Config(
-        server=ServerConfig(**sections["server"]),
-        upstream=UpstreamConfig(**sections["upstream"]),
-        cache=CacheConfig(**sections["cache"]),
-        logging=LoggingConfig(**sections["logging"]),
-        source=DEFAULTS_SOURCE if path is None else str(path),
-        **top,
-    )
+    return find_config(cli_path, env, cwd)

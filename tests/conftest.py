@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,9 @@ def make_config(index_url: str, cache_dir: Path, **changes: Any) -> Config:
     for dotted, value in changes.items():
         section, _, key = dotted.partition("__")
         if key:
-            config = dataclasses.replace(
-                config, **{section: dataclasses.replace(getattr(config, section), **{key: value})}
-            )
-        else:
-            config = dataclasses.replace(config, **{section: value})
+            part = getattr(config, section)
+            value = type(part)(**{**dict(part), key: value})
+        config = config.model_copy(update={section: value})
     return config
 
 

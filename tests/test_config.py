@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -11,17 +10,24 @@ import pytest
 
 from cratemirror import config as config_module
 from cratemirror.config import (
+    AuthConfig,
     CacheConfig,
     Config,
     ConfigError,
     LoggingConfig,
+    PolicyConfig,
+    RegistryConfig,
+    S3Config,
     ServerConfig,
+    StorageConfig,
     UpstreamConfig,
     find_config_path,
     load_config,
     parse_duration,
     parse_size,
+    with_source,
 )
+from cratemirror.configload import effective_values, load, schema_keys
 
 REPO_MIRROR_YAML = Path(__file__).resolve().parent.parent / "mirror.yaml"
 GiB = 1024**3
@@ -166,61 +172,124 @@ def test_defaults() -> None:
     config = load_config(None, env=NO_ENV)
     assert config == Config()
     assert config.source == "built-in defaults"
-    assert config.server == ServerConfig("127.0.0.1", 8080, os.cpu_count() or 1, None)
-    assert config.upstream == UpstreamConfig("https://index.crates.io/", 30.0, 3, 32, None, None, None)
-    assert config.cache == CacheConfig(Path("./cache"), 20 * GiB, 300.0, 60.0, 7 * 86400.0)
+    assert config.server == ServerConfig(
+        host="127.0.0.1", port=8080, workers=os.cpu_count() or 1, public_url=None
+    )
+    assert config.upstream == UpstreamConfig(
+        index_url="https://index.crates.io/",
+        timeout=30.0,
+        retries=3,
+        max_connections=32,
+        user_agent=None,
+        proxy=None,
+        ca_bundle=None,
+    )
+    assert config.cache == CacheConfig(
+        dir=Path("./cache"), max_size=20 * GiB, index_ttl=30.0, negative_ttl=60.0, stale_if_error=7 * 86400.0
+    )
     assert config.offline is False
-    assert config.logging == LoggingConfig("info", "text")
+    assert config.logging == LoggingConfig(level="info", format="text")
 
 
 def test_repo_mirror_yaml_equals_defaults() -> None:
     config = load_config(REPO_MIRROR_YAML, env=NO_ENV)
     assert config.source == str(REPO_MIRROR_YAML)
-    assert dataclasses.replace(config, source="built-in defaults") == load_config(None, env=NO_ENV)
+    assert with_source(config, "built-in defaults") == load_config(None, env=NO_ENV)
 
 
 def test_repo_mirror_yaml_lists_every_key() -> None:
     # Every key is spelled out (and commented) so the file doubles as documentation.
     lines = REPO_MIRROR_YAML.read_text(encoding="utf-8").splitlines()
-    section = ""
+    sections: list[tuple[int, str]] = []  # (indent, name) of the enclosing sections
     seen = set()
     for line in lines:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
+        indent = len(line) - len(line.lstrip())
         key = line.split(":", 1)[0].strip()
-        if line.startswith(" "):
-            seen.add(f"{section}.{key}")
-            assert "#" in line, f"key {section}.{key} has no comment"
-        elif line.rstrip().endswith(":"):
-            section = key
+        while sections and sections[-1][0] >= indent:
+            sections.pop()
+        dotted = ".".join([name for _, name in sections] + [key])
+        if line.split("#", 1)[0].rstrip().endswith(":"):
+            sections.append((indent, key))
         else:
-            seen.add(key)
-            assert "#" in line, f"key {key} has no comment"
-    assert seen == set(config_module._KEYS)
+            seen.add(dotted)
+            assert "#" in line, f"key {dotted} has no comment"
+    assert seen == {dotted for dotted, _ in schema_keys()}
 
 
-def test_schema_matches_dataclasses() -> None:
-    # The key table and the dataclasses must describe the same keys.
-    expected = {
-        f"{section}.{f.name}"
-        for section, cls in [
-            ("server", ServerConfig),
-            ("upstream", UpstreamConfig),
-            ("cache", CacheConfig),
-            ("logging", LoggingConfig),
+# Every key of contract.md's mirror.yaml block: the schema must have exactly these.
+CONTRACT_KEYS = {
+    *(
+        f"server.{k}"
+        for k in [
+            "host",
+            "port",
+            "workers",
+            "public_url",
+            "max_connections",
+            "idle_timeout",
+            "tls_cert",
+            "tls_key",
         ]
-        for f in dataclasses.fields(cls)
-    } | {"offline"}
-    assert set(config_module._KEYS) == expected
+    ),
+    *(
+        f"upstream.{k}"
+        for k in [
+            "index_url",
+            "timeout",
+            "retries",
+            "max_connections",
+            "user_agent",
+            "proxy",
+            "ca_bundle",
+            "max_index_size",
+            "max_crate_size",
+        ]
+    ),
+    *(
+        f"cache.{k}"
+        for k in ["dir", "max_size", "index_ttl", "stale_while_revalidate", "negative_ttl", "stale_if_error"]
+    ),
+    "offline",
+    "logging.level",
+    "logging.format",
+    "storage.backend",
+    *(
+        f"storage.s3.{k}"
+        for k in ["bucket", "prefix", "endpoint_url", "region", "access_key_id", "secret_access_key", "serve"]
+    ),
+    "coordination.redis_url",
+    "auth.required",
+    "auth.tokens_file",
+    "auth.protect_status",
+    "registries",
+    *(
+        f"policy.{k}"
+        for k in ["mode", "advisory_db", "advisories", "informational", "ignore", "licenses", "deny", "allow"]
+    ),
+}
+
+
+def test_schema_has_every_contract_key() -> None:
+    assert {dotted for dotted, _ in schema_keys()} == CONTRACT_KEYS
+    assert set(RegistryConfig.model_fields) == {
+        "index_url",
+        "token",
+        "token_env",
+        "index_ttl",
+        "negative_ttl",
+        "stale_if_error",
+    }
 
 
 def test_empty_file_is_defaults(tmp_path: Path) -> None:
-    assert dataclasses.replace(load_text(tmp_path, ""), source="built-in defaults") == Config()
+    assert with_source(load_text(tmp_path, ""), "built-in defaults") == Config()
 
 
 def test_comment_only_file_and_empty_sections_are_defaults(tmp_path: Path) -> None:
     config = load_text(tmp_path, "# nothing\nserver:\n  # port: 1\ncache:\n")
-    assert dataclasses.replace(config, source="built-in defaults") == Config()
+    assert with_source(config, "built-in defaults") == Config()
 
 
 # --- every key, good values ------------------------------------------------------------------------------
@@ -256,14 +325,28 @@ logging:
   format: JSON
 """,
     )
-    assert config.server == ServerConfig("0.0.0.0", 9000, 4, "https://crates.example.com")
-    assert config.upstream == UpstreamConfig(
-        "http://localhost:8000/index/", 2.5, 0, 1, "my-agent/1.0", "http://proxy:3128", ca
+    assert config.server == ServerConfig(
+        host="0.0.0.0", port=9000, workers=4, public_url="https://crates.example.com"
     )
-    assert config.cache == CacheConfig(Path("relative/cache"), 3 * GiB // 2, 0.0, 0.5, math.inf)
+    assert config.upstream == UpstreamConfig(
+        index_url="http://localhost:8000/index/",
+        timeout=2.5,
+        retries=0,
+        max_connections=1,
+        user_agent="my-agent/1.0",
+        proxy="http://proxy:3128",
+        ca_bundle=ca,
+    )
+    assert config.cache == CacheConfig(
+        dir=Path("relative/cache"),
+        max_size=3 * GiB // 2,
+        index_ttl=0.0,
+        negative_ttl=0.5,
+        stale_if_error=math.inf,
+    )
     assert not config.cache.dir.is_absolute()  # kept as given, not resolved
     assert config.offline is True
-    assert config.logging == LoggingConfig("debug", "json")
+    assert config.logging == LoggingConfig(level="debug", format="json")
 
 
 @pytest.mark.parametrize(
@@ -428,7 +511,7 @@ def test_unknown_key_names_dotted_key_and_allowed_keys(tmp_path: Path) -> None:
     message = error_of(tmp_path, "server:\n  prot: 9000\n")
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: server.prot: unknown key (did you mean 'port'?); "
-        "allowed keys: host, port, workers, public_url, max_connections, idle_timeout"
+        "allowed keys: host, port, workers, public_url, max_connections, idle_timeout, tls_cert, tls_key"
     )
 
 
@@ -436,7 +519,8 @@ def test_unknown_section(tmp_path: Path) -> None:
     message = error_of(tmp_path, "database:\n  url: x\n")
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
-        "allowed keys: server, upstream, cache, offline, logging"
+        "allowed keys: server, upstream, cache, offline, logging, storage, coordination, auth, registries, "
+        "policy"
     )
 
 
@@ -620,7 +704,7 @@ def test_overrides_all_cli_flags_and_none_ignored(tmp_path: Path) -> None:
             "cache.max_size": "10MB",
         },
     )
-    assert config.server == ServerConfig("::", 1001, 2, None)
+    assert config.server == ServerConfig(host="::", port=1001, workers=2, public_url=None)
     assert config.cache.dir == Path("/x")
     assert config.upstream.index_url == "http://upstream.local/"
     assert config.offline is True
@@ -718,3 +802,413 @@ def test_find_mirror_yaml_in_process_cwd_keeps_relative_path(
 def test_find_ignores_mirror_yaml_directory(tmp_path: Path) -> None:
     (tmp_path / "mirror.yaml").mkdir()
     assert find_config_path(None, NO_ENV, tmp_path) is None
+
+
+# --- the keys added with the schema (contract.md mirror.yaml) --------------------------------------------
+
+
+def test_new_key_defaults() -> None:
+    config = Config()
+    assert (config.server.max_connections, config.server.idle_timeout) == (4096, 30.0)
+    assert (config.server.tls_cert, config.server.tls_key) == (None, None)
+    assert (config.upstream.max_index_size, config.upstream.max_crate_size) == (64 * 1024**2, GiB)
+    assert (config.cache.index_ttl, config.cache.stale_while_revalidate) == (30.0, 300.0)
+    assert config.storage == StorageConfig(backend="local", s3=S3Config())
+    assert config.storage.s3 == S3Config(
+        bucket=None,
+        prefix="",
+        endpoint_url=None,
+        region=None,
+        access_key_id=None,
+        secret_access_key=None,
+        serve="proxy",
+    )
+    assert config.coordination.redis_url is None
+    assert config.auth == AuthConfig(required=False, tokens_file=Path("./tokens.yaml"), protect_status=False)
+    assert config.registries == {}
+    assert config.policy == PolicyConfig(
+        mode="off",
+        advisory_db=None,
+        advisories="deny",
+        informational=(),
+        ignore=(),
+        licenses=(),
+        deny=(),
+        allow=(),
+    )
+
+
+def test_new_keys_from_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if cratemirror[fleet] were installed: any importable module stands in for its clients.
+    monkeypatch.setattr(config_module, "FLEET_MODULES", dict.fromkeys(config_module.FLEET_MODULES, "yaml"))
+    cert = write(tmp_path, "-----BEGIN CERTIFICATE-----\n", name="cert.pem")
+    key = write(tmp_path, "-----BEGIN PRIVATE KEY-----\n", name="key.pem")
+    config = load_text(
+        tmp_path,
+        f"""
+server:
+  max_connections: 100
+  idle_timeout: 500ms
+  tls_cert: {cert}
+  tls_key: {key}
+upstream:
+  max_index_size: 1MiB
+  max_crate_size: 10MB
+cache:
+  index_ttl: 0
+  stale_while_revalidate: 1h
+storage:
+  backend: S3
+  s3:
+    bucket: crates-cache
+    prefix: mirror/eu/
+    endpoint_url: http://127.0.0.1:9000
+    region: eu-west-1
+    access_key_id: AKIAEXAMPLE
+    secret_access_key: s3-secret-value
+    serve: redirect
+coordination:
+  redis_url: redis://127.0.0.1:6379/0
+auth:
+  required: true
+  tokens_file: /etc/cratemirror/tokens.yaml
+  protect_status: yes
+registries:
+  internal:
+    index_url: https://kellnr.example/api/v1/crates/index
+    token_env: KELLNR_TOKEN
+    index_ttl: 10s
+    stale_if_error: forever
+  vendor_2: {{index_url: "http://127.0.0.1:8000/", token: registry-secret-value}}
+policy:
+  mode: off
+  advisory_db: ./advisory-db
+  advisories: warn
+  informational: [unmaintained, Unsound]
+  ignore: [RUSTSEC-2020-0071]
+  licenses: [MIT, Apache-2.0, GPL-2.0+, LicenseRef-internal]
+  deny: [openssl-sys, "time@<0.2.23"]
+  allow: ["ring@^0.17"]
+""",
+    )
+    assert config.server.max_connections == 100
+    assert config.server.idle_timeout == 0.5
+    assert (config.server.tls_cert, config.server.tls_key) == (cert, key)
+    assert (config.upstream.max_index_size, config.upstream.max_crate_size) == (1024**2, 10_000_000)
+    assert (config.cache.index_ttl, config.cache.stale_while_revalidate) == (0.0, 3600.0)
+    assert config.storage.backend == "s3"
+    s3 = config.storage.s3
+    assert (s3.bucket, s3.prefix, s3.endpoint_url, s3.region) == (
+        "crates-cache",
+        "mirror/eu/",
+        "http://127.0.0.1:9000",
+        "eu-west-1",
+    )
+    assert (s3.access_key_id, s3.secret_key(), s3.serve) == ("AKIAEXAMPLE", "s3-secret-value", "redirect")
+    assert config.coordination.redis_url == "redis://127.0.0.1:6379/0"
+    assert config.auth == AuthConfig(
+        required=True, tokens_file=Path("/etc/cratemirror/tokens.yaml"), protect_status=True
+    )
+    internal = config.registries["internal"]
+    assert internal == RegistryConfig(
+        index_url="https://kellnr.example/api/v1/crates/index/",
+        token_env="KELLNR_TOKEN",
+        index_ttl=10.0,
+        stale_if_error=math.inf,
+    )
+    assert internal.negative_ttl is None
+    assert internal.secret_token({"KELLNR_TOKEN": "from-env"}) == "from-env"
+    assert internal.secret_token({}) is None
+    vendor = config.registries["vendor_2"]
+    assert (vendor.index_url, vendor.secret_token({})) == ("http://127.0.0.1:8000/", "registry-secret-value")
+    policy = config.policy
+    assert (policy.mode, policy.advisory_db, policy.advisories) == ("off", Path("advisory-db"), "warn")
+    assert policy.informational == ("unmaintained", "unsound")
+    assert policy.ignore == ("RUSTSEC-2020-0071",)
+    assert policy.licenses == ("MIT", "Apache-2.0", "GPL-2.0+", "LicenseRef-internal")
+    assert (policy.deny, policy.allow) == (("openssl-sys", "time@<0.2.23"), ("ring@^0.17",))
+
+
+@pytest.mark.parametrize("mode", ["off", "'off'", "report", "ENFORCE"])
+def test_policy_mode_forms(tmp_path: Path, mode: str) -> None:
+    # A bare `off` is YAML 1.1 false; it still means the mode "off".
+    assert load_text(tmp_path, f"policy:\n  mode: {mode}\n").policy.mode == mode.strip("'").lower()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected", "got"),
+    [
+        ("server:\n  max_connections: 0\n", "server.max_connections", "a whole number >= 1", "0"),
+        ("server:\n  idle_timeout: 0\n", "server.idle_timeout", "a positive duration like 30s", "0"),
+        ("server:\n  tls_cert: /no/such.pem\n", "server.tls_cert", "a path to an existing PEM", None),
+        ("upstream:\n  max_index_size: 0\n", "upstream.max_index_size", "a positive size like 64MiB", "0"),
+        (
+            "upstream:\n  max_crate_size: big\n",
+            "upstream.max_crate_size",
+            "a positive size like 1GiB",
+            "'big'",
+        ),
+        ("cache:\n  stale_while_revalidate: forever\n", "cache.stale_while_revalidate", "a duration", None),
+        ("storage:\n  backend: gcs\n", "storage.backend", "one of local, s3", "'gcs'"),
+        ("storage: [s3]\n", "storage", "a mapping of storage settings", "['s3']"),
+        ("storage:\n  s3: {bucket: Bad_Bucket}\n", "storage.s3.bucket", "an S3 bucket name", "'Bad_Bucket'"),
+        ("storage:\n  s3: {prefix: /abs}\n", "storage.s3.prefix", "a key prefix like mirror/", "'/abs'"),
+        ("storage:\n  s3: {prefix: a/../b}\n", "storage.s3.prefix", "a key prefix like mirror/", None),
+        ("storage:\n  s3: {serve: stream}\n", "storage.s3.serve", "one of proxy, redirect", "'stream'"),
+        ("storage:\n  s3: {endpoint_url: minio:9000}\n", "storage.s3.endpoint_url", "an http(s) URL", None),
+        ("coordination:\n  redis_url: http://r:6379\n", "coordination.redis_url", "a redis URL", None),
+        ("auth:\n  required: maybe\n", "auth.required", "true or false", "'maybe'"),
+        ("auth:\n  tokens_file: ''\n", "auth.tokens_file", "a file path", "''"),
+        ("policy:\n  mode: strict\n", "policy.mode", "one of off, report, enforce", "'strict'"),
+        ("policy:\n  advisories: block\n", "policy.advisories", "one of deny, warn", "'block'"),
+        (
+            "policy:\n  informational: [notice, yanked]\n",
+            "policy.informational[1]",
+            "a list of unmaintained, unsound, notice",
+            "'yanked'",
+        ),
+        ("policy:\n  ignore: RUSTSEC-2020-0071\n", "policy.ignore", "a list of advisory ids", None),
+        (
+            "policy:\n  ignore: [RUSTSEC-20-1]\n",
+            "policy.ignore[0]",
+            "a list of advisory ids",
+            "'RUSTSEC-20-1'",
+        ),
+        (
+            "policy:\n  licenses: [MIT OR Apache-2.0]\n",
+            "policy.licenses[0]",
+            "a list of SPDX licence ids",
+            None,
+        ),
+        ("policy:\n  deny: [1password]\n", "policy.deny[0]", 'a list of "name" or', "'1password'"),
+        ("policy:\n  allow: ['ring@']\n", "policy.allow[0]", 'a list of "name" or', "'ring@'"),
+        ("registries: [internal]\n", "registries", "a mapping of registry names", "['internal']"),
+        (
+            "registries:\n  Internal: {index_url: https://x.example}\n",
+            "registries.Internal",
+            "a registry name",
+            None,
+        ),
+        (
+            "registries:\n  a/b: {index_url: https://x.example}\n",
+            "registries.a/b",
+            "a registry name",
+            "'a/b'",
+        ),
+        ("registries:\n  ..: {index_url: https://x.example}\n", "registries...", "a registry name", "'..'"),
+        (
+            "registries:\n  crates-io: {index_url: https://x.example}\n",
+            "registries.crates-io",
+            "a registry name of lowercase letters, digits, - and _ (crates-io is reserved)",
+            "'crates-io'",
+        ),
+        ("registries:\n  a: {token_env: T}\n", "registries.a.index_url", "an http(s) URL", "nothing"),
+        ("registries:\n  a: {index_url: ftp://x}\n", "registries.a.index_url", "an http(s) URL", "'ftp://x'"),
+        (
+            "registries:\n  a: {index_url: 'https://x.example', token_env: 'X-Y'}\n",
+            "registries.a.token_env",
+            "an environment variable name",
+            "'X-Y'",
+        ),
+        (
+            "registries:\n  a: {index_url: 'https://x.example', index_ttl: soon}\n",
+            "registries.a.index_ttl",
+            "a duration like 30s, or null",
+            "'soon'",
+        ),
+    ],
+)
+def test_bad_values_of_new_keys(tmp_path: Path, text: str, key: str, expected: str, got: str | None) -> None:
+    message = error_of(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'mirror.yaml'}: {key}: expected {expected}")
+    if got is not None:
+        assert message.endswith(f", got {got}")
+    assert "\n" not in message
+
+
+def test_unknown_key_in_nested_section_and_registry(tmp_path: Path) -> None:
+    assert error_of(tmp_path, "storage:\n  s3:\n    buckett: x\n") == (
+        f"{tmp_path / 'mirror.yaml'}: storage.s3.buckett: unknown key (did you mean 'bucket'?); "
+        "allowed keys: bucket, prefix, endpoint_url, region, access_key_id, secret_access_key, serve"
+    )
+    assert error_of(tmp_path, "registries:\n  a: {index_url: 'https://x.example', tokn: x}\n") == (
+        f"{tmp_path / 'mirror.yaml'}: registries.a.tokn: unknown key (did you mean 'token'?); "
+        "allowed keys: index_url, token, token_env, index_ttl, negative_ttl, stale_if_error"
+    )
+
+
+# --- checks across keys ----------------------------------------------------------------------------------
+
+
+def test_tls_cert_and_key_both_or_neither(tmp_path: Path) -> None:
+    cert = write(tmp_path, "x", name="cert.pem")
+    message = error_of(tmp_path, f"server:\n  tls_cert: {cert}\n")
+    assert message == (
+        f"{tmp_path / 'mirror.yaml'}: server.tls_key: expected a path to a PEM file when the other of "
+        "tls_cert and tls_key is set, got None"
+    )
+    message = error_of(tmp_path, f"server:\n  tls_key: {cert}\n")
+    assert message.startswith(f"{tmp_path / 'mirror.yaml'}: server.tls_cert: expected a path to a PEM file")
+
+
+def test_s3_backend_needs_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_module, "FLEET_MODULES", dict.fromkeys(config_module.FLEET_MODULES, "yaml"))
+    assert error_of(tmp_path, "storage:\n  backend: s3\n") == (
+        f"{tmp_path / 'mirror.yaml'}: storage.s3.bucket: expected an S3 bucket name when storage.backend "
+        "is s3, got None"
+    )
+    # The bucket may come from another layer than the backend: the check runs on the merged whole.
+    path = write(tmp_path, "storage:\n  backend: s3\n")
+    config = load_config(path, env={"CRATEMIRROR_STORAGE_S3_BUCKET": "crates"})
+    assert (config.storage.backend, config.storage.s3.bucket) == ("s3", "crates")
+
+
+def test_token_and_token_env_not_both(tmp_path: Path) -> None:
+    message = error_of(
+        tmp_path, "registries:\n  a: {index_url: 'https://x.example', token: abc, token_env: TOKEN}\n"
+    )
+    assert message == (
+        f"{tmp_path / 'mirror.yaml'}: registries.a.token_env: expected null when token is set "
+        "(give token or token_env, not both), got 'TOKEN'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("storage:\n  backend: s3\n  s3: {bucket: crates}\n", "storage.backend"),
+        ("coordination:\n  redis_url: redis://127.0.0.1:6379/0\n", "coordination.redis_url"),
+    ],
+)
+def test_fleet_settings_name_the_missing_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, key: str
+) -> None:
+    monkeypatch.setattr(
+        config_module,
+        "FLEET_MODULES",
+        dict.fromkeys(config_module.FLEET_MODULES, "cratemirror_no_such_module"),
+    )
+    message = error_of(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'mirror.yaml'}: {key}: expected the extra cratemirror[fleet]")
+    assert "pip install 'cratemirror[fleet]'" in message
+    assert "\n" not in message
+
+
+# --- secrets ---------------------------------------------------------------------------------------------
+
+SECRET_YAML = """
+storage:
+  s3: {secret_access_key: s3-secret-value}
+registries:
+  internal: {index_url: 'https://x.example', token: registry-secret-value}
+"""
+
+
+def test_secrets_never_in_repr_or_str(tmp_path: Path) -> None:
+    config = load_text(tmp_path, SECRET_YAML)
+    for text in (repr(config), str(config), repr(config.registries), repr(config.storage)):
+        assert "s3-secret-value" not in text
+        assert "registry-secret-value" not in text
+    assert config.storage.s3.secret_key() == "s3-secret-value"
+    assert config.registries["internal"].secret_token() == "registry-secret-value"
+
+
+def test_secrets_never_in_errors(tmp_path: Path) -> None:
+    message = error_of(
+        tmp_path, "registries:\n  a: {index_url: 'https://x.example', token: [registry-secret]}\n"
+    )
+    assert (
+        message
+        == f"{tmp_path / 'mirror.yaml'}: registries.a.token: expected a token string, or null, got '<hidden>'"
+    )
+    message = error_of(tmp_path, "coordination:\n  redis_url: http://user:redis-password@r:6379\n")
+    assert "redis-password" not in message
+    assert message.endswith("got 'http://user:***@r:6379'")
+
+
+# --- environment and flags for the nested keys -----------------------------------------------------------
+
+
+def test_env_nested_and_list_and_mapping_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_module, "FLEET_MODULES", dict.fromkeys(config_module.FLEET_MODULES, "yaml"))
+    config = load_config(
+        None,
+        env={
+            "CRATEMIRROR_STORAGE_BACKEND": "s3",
+            "CRATEMIRROR_STORAGE_S3_BUCKET": "crates",
+            "CRATEMIRROR_STORAGE_S3_SECRET_ACCESS_KEY": "s3-secret-value",
+            "CRATEMIRROR_SERVER_MAX_CONNECTIONS": "10",
+            "CRATEMIRROR_CACHE_STALE_WHILE_REVALIDATE": "2m",
+            "CRATEMIRROR_AUTH_REQUIRED": "yes",
+            "CRATEMIRROR_POLICY_IGNORE": "RUSTSEC-2020-0071, RUSTSEC-2021-0001",
+            "CRATEMIRROR_POLICY_LICENSES": "[MIT, Apache-2.0]",
+            "CRATEMIRROR_POLICY_DENY": "",
+            "CRATEMIRROR_REGISTRIES": "{internal: {index_url: 'https://x.example', token_env: T}}",
+        },
+    )
+    assert (config.storage.backend, config.storage.s3.bucket, config.storage.s3.secret_key()) == (
+        "s3",
+        "crates",
+        "s3-secret-value",
+    )
+    assert (config.server.max_connections, config.cache.stale_while_revalidate) == (10, 120.0)
+    assert config.auth.required is True
+    assert config.policy.ignore == ("RUSTSEC-2020-0071", "RUSTSEC-2021-0001")
+    assert config.policy.licenses == ("MIT", "Apache-2.0")
+    assert config.policy.deny == ()
+    assert config.registries == {"internal": RegistryConfig(index_url="https://x.example/", token_env="T")}
+
+
+def test_env_unknown_nested_variable_has_hint() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"CRATEMIRROR_STORAGE_S3_BUKET": "x"})
+    assert str(info.value).startswith(
+        "environment CRATEMIRROR_STORAGE_S3_BUKET: unknown variable "
+        "(did you mean CRATEMIRROR_STORAGE_S3_BUCKET?)"
+    )
+
+
+def test_env_bad_nested_value_names_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"CRATEMIRROR_POLICY_IGNORE": "RUSTSEC-2020-0071,nope"})
+    assert str(info.value) == (
+        "environment CRATEMIRROR_POLICY_IGNORE: policy.ignore[1]: expected a list of advisory ids like "
+        "RUSTSEC-2019-0001, got 'nope'"
+    )
+    with pytest.raises(ConfigError, match=r"^environment CRATEMIRROR_REGISTRIES: not valid YAML: "):
+        load_config(None, env={"CRATEMIRROR_REGISTRIES": "{a: [}"})
+
+
+def test_origins_name_default_file_variable_and_flag(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  port: 1001\n  host: file-host\n")
+    loaded = load(path, {"CRATEMIRROR_SERVER_HOST": "env-host"}, {"server.workers": 3, "cache.dir": None})
+    rows = {key: (value, origin) for key, value, origin in effective_values(loaded)}
+    assert rows["server.port"] == ("1001", str(path))
+    assert rows["server.host"] == ("env-host", "environment CRATEMIRROR_SERVER_HOST")
+    assert rows["server.workers"] == ("3", "--workers")
+    assert rows["cache.dir"] == ("cache", "default")
+    assert rows["cache.stale_if_error"] == ("7d", "default")
+    assert set(rows) == {key for key, _ in schema_keys()}
+
+
+# --- values are frozen, hashable and built by keyword ----------------------------------------------------
+
+
+def test_frozen_hashable_keyword_construction(tmp_path: Path) -> None:
+    config = load_text(tmp_path, SECRET_YAML)
+    assert hash(config) == hash(load_text(tmp_path, SECRET_YAML))
+    assert len({config, Config(), Config()}) == 2
+    with pytest.raises(ValueError):
+        config.offline = True  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        config.cache.max_size = 1  # type: ignore[misc]
+    cache = CacheConfig(dir=tmp_path, max_size="1GiB", index_ttl="5s")  # type: ignore[arg-type]
+    assert (cache.dir, cache.max_size, cache.index_ttl) == (tmp_path, GiB, 5.0)
+    assert Config(cache=cache).cache is cache
+    with pytest.raises(ValueError):
+        CacheConfig(max_size="lots")  # type: ignore[arg-type]
+
+
+def test_config_built_directly_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRATEMIRROR_SERVER_PORT", "9999")
+    assert Config().server.port == 8080
