@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +34,7 @@ import aiohttp
 
 from bench import driver
 from bench.catalog import Params, scale_name, scale_version
-from bench.driver import Upstream, log
+from bench.driver import Upstream, in_temp_dir, log
 from tests.mirror_process import MirrorProcess, clean_env, metric_value
 
 DEFAULT_TIERS = (10_000, 50_000, 100_000)
@@ -322,26 +319,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="cratemirror-scale-"))
-    log(f"scale benchmark; temp dir {tmp}")
-
-    async def guarded() -> list[Tier]:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await run(args, tmp)
-
-    try:
-        tiers = asyncio.run(guarded())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log("interrupted; every process started was stopped")
+    tiers = in_temp_dir("cratemirror-scale-", "scale benchmark", args.keep_tmp, lambda tmp: run(args, tmp))
+    if tiers is None:
         return 130
-    finally:
-        if args.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp)
     text = table(tiers)
     print(text)
     if args.output is not None:

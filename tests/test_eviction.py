@@ -38,6 +38,15 @@ def seed(store: Store, count: int, *, size: int = 100, start: float = 1_000_000.
     return names
 
 
+def seeded_cache(cache: Path, count: int) -> Path:
+    store = Store(cache)
+    try:
+        seed(store, count)
+    finally:
+        store.close()
+    return cache
+
+
 def on_disk(store: Store) -> tuple[int, int]:
     """(bytes, files) of the crate files really there."""
     sizes = [path.stat().st_size for path in store.iter_crate_files()]
@@ -107,12 +116,7 @@ CRASH_CHILD = textwrap.dedent(
 
 
 async def test_totals_are_exact_after_a_kill_mid_eviction(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    store = Store(cache)
-    try:
-        seed(store, 40)
-    finally:
-        store.close()
+    cache = seeded_cache(tmp_path / "cache", 40)
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CRASH_CHILD, str(cache), "20", stdout=asyncio.subprocess.PIPE
     )
@@ -172,12 +176,7 @@ async def test_totals_are_exact_after_a_kill_mid_commit(tmp_path: Path) -> None:
 async def test_a_miss_completes_while_thousands_are_evicted(
     registry: FakeRegistry, mirror_factory: MirrorFactory, tmp_path: Path
 ) -> None:
-    cache = tmp_path / "cache"
-    seeded = Store(cache)
-    try:
-        seed(seeded, 3000)
-    finally:
-        seeded.close()
+    cache = seeded_cache(tmp_path / "cache", 3000)
     client = await mirror_factory(cache_dir=cache)
     store = store_of(client)
     # A name whose fill lock shares a stripe with the key an eviction once held for its whole run.
