@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from cratemirror.context import MIRROR
 from cratemirror.eviction import LOW_WATER, evict_to
-from cratemirror.store import CrateMeta, Store
+from cratemirror.store import CRATE_PREFIX, LEDGER_FILE, CrateMeta, Store
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
 from tests.mirror_process import metric_value
@@ -236,3 +236,26 @@ async def test_metrics_equal_a_real_count(registry: FakeRegistry, mirror_factory
     assert metric_value(text, "cratemirror_cache_entries", kind="crate") == files
     index_keys = [key for key in store.meta.iterkeys() if str(key).startswith("index:")]
     assert metric_value(text, "cratemirror_cache_entries", kind="index") == len(index_keys) == 6
+
+
+def test_a_cache_from_before_the_ledger_is_carried_over_once(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    store = Store(cache)  # lay out the old way: checksums in diskcache, no crates.sqlite
+    data = {"kept": b"k" * 300, "gone": b"g" * 200}
+    for name, body in data.items():
+        meta = CrateMeta(name, "1.0.0", hashlib.sha256(body).hexdigest(), len(body), 1_000.0)
+        store.meta.set(f"{CRATE_PREFIX}{name}/1.0.0", meta)
+    store.crate_path("kept", "1.0.0").parent.mkdir(parents=True)
+    store.crate_path("kept", "1.0.0").write_bytes(data["kept"])  # "gone" lost its file meanwhile
+    store.close()
+    (cache / LEDGER_FILE).unlink()
+
+    store = Store(cache)
+    try:
+        assert store.ledger.totals() == on_disk(store) == (300, 1)
+        kept = store.get_crate_meta("kept", "1.0.0")
+        assert kept is not None and kept.sha256 == hashlib.sha256(data["kept"]).hexdigest()
+        assert store.get_crate_meta("gone", "1.0.0") is None
+        assert not [key for key in store.meta.iterkeys() if str(key).startswith(CRATE_PREFIX)]
+    finally:
+        store.close()
