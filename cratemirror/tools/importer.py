@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import math
 import re
+import sqlite3
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +53,7 @@ MAX_HEADER_TEXT = 256
 _HEADER_SAFE = re.compile(rf"[\x20-\x7e]{{1,{MAX_HEADER_TEXT}}}")
 COMMIT_BATCH = 500  # crates per store.commit_crates: two filesystem syncs and two transactions each
 INDEX_BODIES_HELD = 64
+STREAMED = ("crates", "index_files")  # the manifest's long lists: read an entry at a time
 MAX_MANIFEST_DEPTH = 32  # a manifest nests 3 deep; the crate list is streamed only after this check
 
 
@@ -102,12 +106,58 @@ class Member:
         return info
 
 
-def safe_members(tar: tarfile.TarFile, result: ImportResult) -> dict[str, Member]:
-    """Regular members with plain relative names; everything else is refused. A name that appears
-    twice is refused entirely: which copy is "the" member would be ambiguous. One pass over the
-    headers, keeping an offset and a size per member (tarfile's own list is emptied as it goes)."""
-    members: dict[str, Member] = {}
-    duplicates: set[str] = set()
+class Members:
+    """Where each regular member's bytes are, in a throwaway SQLite file rather than in memory: a
+    bundle of 100,000 crates costs the importer no more memory than one of ten. `pop` hands a member
+    out once; what nobody asked for is left over for the report."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="cratemirror-import-")
+        self.db = sqlite3.connect(Path(self._dir.name) / "members.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode = OFF")
+        self.db.execute("PRAGMA synchronous = OFF")
+        self.db.execute(
+            "CREATE TABLE members (name TEXT PRIMARY KEY, tar_name TEXT, offset INTEGER, size INTEGER,"
+            " copies INTEGER NOT NULL DEFAULT 1, taken INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
+        )
+        self.db.execute("BEGIN")
+
+    def add(self, name: str, member: tarfile.TarInfo) -> None:
+        self.db.execute(
+            "INSERT INTO members (name, tar_name, offset, size) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET copies = copies + 1",
+            (name, member.name, member.offset_data, member.size),
+        )
+
+    def drop_duplicates(self) -> list[str]:
+        """A name that appears twice is refused entirely: which copy is "the" member is ambiguous."""
+        self.db.execute("COMMIT")
+        rows = self.db.execute("SELECT name FROM members WHERE copies > 1 ORDER BY name").fetchall()
+        self.db.execute("DELETE FROM members WHERE copies > 1")
+        return [str(name) for (name,) in rows]
+
+    def pop(self, name: str) -> Member | None:
+        row = self.db.execute(
+            "SELECT tar_name, offset, size FROM members WHERE name = ? AND taken = 0", (name,)
+        ).fetchone()
+        if row is None:
+            return None
+        self.db.execute("UPDATE members SET taken = 1 WHERE name = ?", (name,))
+        return Member(str(row[0]), int(row[1]), int(row[2]))
+
+    def left_over(self) -> Iterator[str]:
+        for (name,) in self.db.execute("SELECT name FROM members WHERE taken = 0 ORDER BY name"):
+            yield str(name)
+
+    def close(self) -> None:
+        self.db.close()
+        self._dir.cleanup()
+
+
+def safe_members(tar: tarfile.TarFile, result: ImportResult) -> Members:
+    """Regular members with plain relative names; everything else is refused. One pass over the
+    headers (tarfile's own list of them is emptied as it goes)."""
+    members = Members()
     while (member := tar.next()) is not None:
         vars(tar)["members"].clear()  # tarfile keeps every header it read; memory stays flat without
         problem = _path_problem(member.name)
@@ -118,13 +168,8 @@ def safe_members(tar: tarfile.TarFile, result: ImportResult) -> dict[str, Member
         if problem is not None:
             result.refused_members.append(f"{member.name!r}: {problem}")
             continue
-        name = member.name.removeprefix("./")
-        if name in members or name in duplicates:
-            duplicates.add(name)
-            members.pop(name, None)
-            continue
-        members[name] = Member(member.name, member.offset_data, member.size)
-    for name in sorted(duplicates):
+        members.add(member.name.removeprefix("./"), member)
+    for name in members.drop_duplicates():
         result.refused_members.append(f"{name!r}: appears more than once in the bundle")
     return members
 
@@ -146,6 +191,9 @@ class Manifest:
 
     def crates(self) -> Iterator[object]:
         yield from ijson.items(_open_member(self.tar, self.member), "crates.item", use_float=True)
+
+    def index_files(self) -> Iterator[object]:
+        yield from ijson.items(_open_member(self.tar, self.member), "index_files.item", use_float=True)
 
 
 def read_manifest(tar: tarfile.TarFile, member: Member | None) -> Manifest:
@@ -177,7 +225,7 @@ def read_manifest(tar: tarfile.TarFile, member: Member | None) -> Manifest:
                 continue
             if outer == 1 and event == "map_key":
                 key = str(value)
-                builder = None if key == "crates" else ObjectBuilder()
+                builder = None if key in STREAMED else ObjectBuilder()
                 continue
             if outer == 1:
                 kinds.setdefault(key, event)
@@ -217,14 +265,17 @@ class BundledIndexes:
     before any crate of its name: a crate in the cache always has its index line there too."""
 
     def __init__(
-        self, tar: tarfile.TarFile, members: dict[str, Member], manifest: dict[str, Any], store: Store,
-        result: ImportResult,
-    ) -> None:  # fmt: skip
+        self, tar: tarfile.TarFile, members: Members, manifest: Manifest, store: Store, result: ImportResult
+    ) -> None:
         self.tar, self.store, self.result = tar, store, result
-        self.listed: dict[str, tuple[str, str, dict[str, Any], Member]] = {}  # lower -> name, sha, entry
-        self.done: set[str] = set()
+        self.db = members.db  # the listed index files go next to the members, not into memory
+        self.db.execute(
+            "CREATE TABLE listed (lower TEXT PRIMARY KEY, name TEXT, sha256 TEXT, record TEXT,"
+            " tar_name TEXT, offset INTEGER, size INTEGER, done INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
+        )
         self.recent: LRUCache[str, BundledIndex | None] = LRUCache(INDEX_BODIES_HELD)
-        for entry in manifest["index_files"]:
+        self.db.execute("BEGIN")
+        for entry in manifest.index_files():
             try:
                 if not isinstance(entry, dict):
                     raise ValueError("not an object")
@@ -233,7 +284,7 @@ class BundledIndexes:
             except (ValueError, InvalidRequest) as exc:
                 result.refused_index.append(f"index file entry {entry!r}: {exc}")
                 continue
-            member = members.pop(index_member(crate.name), None)
+            member = members.pop(index_member(crate.name))
             if member is None:
                 result.refused_index.append(
                     f"index file of {crate.name}: listed in the manifest but not in the bundle"
@@ -245,7 +296,20 @@ class BundledIndexes:
                     f"over {format_size(MAX_INDEX_BYTES)}"
                 )
                 continue
-            self.listed[crate.lower] = (crate.name, expected, entry, member)
+            self.db.execute(
+                "INSERT OR REPLACE INTO listed (lower, name, sha256, record, tar_name, offset, size)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    crate.lower,
+                    crate.name,
+                    expected,
+                    json.dumps(entry),
+                    member.name,
+                    member.offset,
+                    member.size,
+                ),
+            )
+        self.db.execute("COMMIT")
 
     def get(self, lower: str) -> BundledIndex | None:
         if lower in self.recent:
@@ -255,14 +319,17 @@ class BundledIndexes:
         return found
 
     def _load(self, lower: str) -> BundledIndex | None:
-        listed = self.listed.get(lower)
-        if listed is None:
+        row = self.db.execute(
+            "SELECT name, sha256, record, tar_name, offset, size, done FROM listed WHERE lower = ?", (lower,)
+        ).fetchone()
+        if row is None:
             return None
-        name, expected, entry, member = listed
-        body = _open_member(self.tar, member).read(MAX_INDEX_BYTES)
+        name, expected, record, tar_name, offset, size, done = row
+        entry = json.loads(record)
+        body = _open_member(self.tar, Member(tar_name, offset, size)).read(MAX_INDEX_BYTES)
         digest = hashlib.sha256(body).hexdigest()
-        first = lower not in self.done
-        self.done.add(lower)
+        first = not done
+        self.db.execute("UPDATE listed SET done = 1 WHERE lower = ?", (lower,))
         if digest != expected:
             if first:
                 self.result.refused_index.append(
@@ -276,13 +343,17 @@ class BundledIndexes:
 
     def finish(self) -> None:
         """Index files no crate in the bundle needed are loaded too."""
-        for lower in [lower for lower in self.listed if lower not in self.done]:
-            self.get(lower)
+        while True:
+            rows = self.db.execute("SELECT lower FROM listed WHERE done = 0 LIMIT 1000").fetchall()
+            if not rows:
+                return
+            for (lower,) in rows:
+                self.get(lower)
 
 
 def import_crate(
     tar: tarfile.TarFile,
-    members: dict[str, Member],
+    members: Members,
     entry: object,
     indexes: BundledIndexes,
     store: Store,
@@ -299,7 +370,7 @@ def import_crate(
         return _refuse(result, f"crate entry {entry!r}: {exc}")
     name, version = wanted.crate.name, wanted.version
     label = f"{name} {version}"
-    member = members.pop(crate_member(name, version), None)
+    member = members.pop(crate_member(name, version))
     if member is None:
         return _refuse(result, f"{label}: listed in the manifest but not in the bundle")
     index = indexes.get(wanted.crate.lower)
@@ -399,8 +470,17 @@ def store_upstream_config(store: Store, manifest: dict[str, Any]) -> None:
 def import_bundle(tar: tarfile.TarFile, store: Store) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
-    manifest = read_manifest(tar, members.pop(MANIFEST, None))
-    indexes = BundledIndexes(tar, members, manifest.head, store, result)
+    try:
+        return _import_members(tar, store, members, result)
+    finally:
+        members.close()
+
+
+def _import_members(
+    tar: tarfile.TarFile, store: Store, members: Members, result: ImportResult
+) -> ImportResult:
+    manifest = read_manifest(tar, members.pop(MANIFEST))
+    indexes = BundledIndexes(tar, members, manifest, store, result)
     result.crates_listed = manifest.crate_count
     progress = Progress("import", manifest.crate_count)
     batch: list[tuple[Path, CrateMeta]] = []
@@ -423,7 +503,7 @@ def import_bundle(tar: tarfile.TarFile, store: Store) -> ImportResult:
                 temp.unlink()
     progress.finish()
     indexes.finish()
-    for name in sorted(members):
+    for name in members.left_over():
         result.refused_members.append(f"{name!r}: not listed in the manifest")
     store_upstream_config(store, manifest.head)
     return result
