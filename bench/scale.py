@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import contextlib
 import random
 import shutil
 import statistics
@@ -136,7 +136,8 @@ def write_config(path: Path, max_size: str, cache: Path) -> Path:
 
 
 def run_tool(argv: Sequence[str], cwd: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one `python -m cratemirror ...` run (peak from wait4's rusage)."""
+    """(seconds, peak RSS in MB) of one `python -m cratemirror ...` run. The peak is the child's own
+    VmHWM, sampled while it runs: wait4's ru_maxrss would count the memory of this (forking) process."""
     errors = cwd / "tool.err"
     started = time.perf_counter()
     with open(errors, "wb") as err:  # a file, not a pipe: nobody reads while it runs
@@ -144,13 +145,24 @@ def run_tool(argv: Sequence[str], cwd: Path) -> tuple[float, float]:
             [sys.executable, "-m", "cratemirror", *argv], cwd=cwd, env=clean_env(),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _high_water_mark(proc.pid))
+        time.sleep(0.01)
     elapsed = time.perf_counter() - started
     if proc.returncode not in (0, 1):
         tail = errors.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"cratemirror {' '.join(argv)} exited {proc.returncode}: {tail}")
-    return elapsed, usage.ru_maxrss / 1024
+    return elapsed, peak / 1024 / 1024
+
+
+def _high_water_mark(pid: int) -> int:
+    """VmHWM of a process in bytes (0 once it is gone)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 async def tools(tmp: Path, config: Path, cache: Path, runs: int) -> dict[str, tuple[float, float]]:
