@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from cratemirror import __version__
 from cratemirror.config import ConfigError
@@ -23,13 +25,27 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client_config(args: argparse.Namespace) -> int:
-    from cratemirror.clientconfig import cargo_ci_snippet, cargo_config_snippet
+    from cratemirror.clientconfig import (
+        BadBaseURL,
+        cargo_ci_snippet,
+        cargo_config_snippet,
+        checked_base,
+        client_setup,
+    )
+    from cratemirror.config import find_config_path, load_config
 
-    base = args.url or "http://127.0.0.1:8080"
-    print("# .cargo/config.toml (or $CARGO_HOME/config.toml)")
-    print(cargo_config_snippet(base))
-    print("# CI: cargo takes no environment variable for this; write the file, or pass flags:")
-    print(cargo_ci_snippet(base), end="")
+    try:
+        base = checked_base("http://127.0.0.1:8080" if args.url is None else args.url)
+    except BadBaseURL as exc:
+        raise ConfigError(f"client-config: --url: {exc}") from exc
+    # The mirror's config says whether tokens are needed and which extra registries it serves.
+    config = load_config(find_config_path(args.config, os.environ, Path.cwd()), os.environ)
+    try:
+        setup = client_setup(config)
+    except BadBaseURL as exc:
+        raise ConfigError(f"{config.source}: {exc}") from exc
+    # Only what the chosen form is: the TOML goes verbatim into a file, the shell form into a CI step.
+    print(cargo_ci_snippet(base, setup) if args.ci else cargo_config_snippet(base, setup), end="")
     return EXIT_OK
 
 
@@ -55,12 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="never contact upstream; serve only what is cached",
     )
+    serve.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="write this file once every worker accepts connections; removed at exit",
+    )
     serve.set_defaults(run=_serve)
 
     client_config = commands.add_parser(
         "client-config", help="print the cargo config that points at a mirror"
     )
     client_config.add_argument("--url", help="the mirror's base URL (default http://127.0.0.1:8080)")
+    client_config.add_argument(
+        "--ci",
+        action="store_true",
+        help="print shell for a CI step: (over)write $CARGO_HOME/config.toml, or cargo --config flags",
+    )
+    client_config.add_argument(
+        "--config",
+        metavar="PATH",
+        help="the mirror's config (auth.required, registries); default: $CRATEMIRROR_CONFIG, ./mirror.yaml",
+    )
     client_config.set_defaults(run=_client_config)
 
     from cratemirror.configcmd import add_config_command
@@ -68,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tool_commands(commands)
     add_config_command(commands)
+
+    from cratemirror.auth.cli import add_token_command
+
+    add_token_command(commands)
     return parser
 
 

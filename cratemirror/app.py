@@ -9,35 +9,35 @@ import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from cratemirror import routes, status_page
+from cratemirror.auth.middleware import auth_middleware
 from cratemirror.config import Config
 from cratemirror.context import MIRROR, Mirror, RecentMiss
-from cratemirror.crates import CrateService
-from cratemirror.index import IndexService
-from cratemirror.metrics import TIMING, Metrics, start_request_timing
-from cratemirror.store import DiskTrouble, Store
-from cratemirror.upstream import Upstream
+from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
+from cratemirror.policy.service import create_policy
+from cratemirror.registry import build_registries
+from cratemirror.store import DiskTrouble
 
 log = logging.getLogger("cratemirror")
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     metrics = metrics or Metrics()
-    store = Store(config.cache.dir)
-    upstream = Upstream(config.upstream, metrics)
     disk_trouble = DiskTrouble()
-    index = IndexService(
-        store, upstream, metrics, config.cache, offline=config.offline, disk_trouble=disk_trouble
-    )
-    crates = CrateService(
-        store, index, upstream, metrics,
-        offline=config.offline, max_size=config.cache.max_size, disk_trouble=disk_trouble,
+    registries = build_registries(config, metrics, disk_trouble)
+    default = registries[DEFAULT_REGISTRY]
+    policy = create_policy(config, default.store, metrics)  # the policy gates crates.io's crates
+    mirror = Mirror(
+        config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
+        policy, registries=registries,
     )  # fmt: skip
-    mirror = Mirror(config, metrics, store, upstream, index, crates, disk_trouble)
 
-    app = web.Application(middlewares=[_instrument], handler_args={"max_field_size": 8190})
+    middlewares: list[Middleware] = [_instrument]
+    if config.auth.required:
+        middlewares.append(auth_middleware(config.auth, metrics))
+    app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
     app.add_routes(routes.routes)
     app.add_routes(status_page.routes)
@@ -47,24 +47,29 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     mirror = app[MIRROR]
-    removed = mirror.store.clean_stale_temp_files()
-    if removed:
-        log.info("removed %d partial downloads left by an earlier run", removed)
-    if not mirror.config.offline:
-        await mirror.upstream.start()
+    for registry in mirror.registries.values():
+        removed = registry.store.clean_stale_temp_files()
+        if removed:
+            log.info("removed %d partial downloads left by an earlier run", removed)
+        if not mirror.config.offline:
+            await registry.upstream.start()
     try:
-        # What a crash left half done (a few rows, never a walk of the cache): totals exact again.
-        settled = await asyncio.to_thread(mirror.store.settle)
-        if settled:
-            log.info("settled %d crate commits or evictions left by an earlier run", settled)
-        mirror.record_usage(mirror.store.usage())
+        for registry in mirror.registries.values():
+            # What a crash left half done (a few rows, never a walk of the cache): totals exact again.
+            settled = await asyncio.to_thread(registry.store.settle)
+            if settled:
+                log.info("settled %d crate commits or evictions left by an earlier run", settled)
+            registry.record_usage(registry.store.usage())
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
         mirror.disk_trouble.report(f"could not settle the cache at start-up: {exc}")
+    await mirror.policy.start()
     yield
-    await mirror.crates.close()
-    await mirror.index.close()
-    await mirror.upstream.close()
-    mirror.store.close()
+    await mirror.policy.close()
+    for registry in mirror.registries.values():
+        await registry.crates.close()
+        await registry.index.close()
+        await registry.upstream.close()
+        registry.store.close()
 
 
 @web.middleware
@@ -87,7 +92,9 @@ async def _instrument(request: web.Request, handler: Handler) -> web.StreamRespo
             elapsed = time.perf_counter() - timing.started
             result = request.get(routes.RESULT, "error")
             sent = 0 if request.method == "HEAD" else request.get(routes.BYTES, 0)
-            mirror.metrics.observe_request(kind, result, elapsed, sent)
+            registry = mirror.registries.get(request.get(routes.REGISTRY, DEFAULT_REGISTRY))
+            metrics = registry.metrics if registry is not None else mirror.metrics
+            metrics.observe_request(kind, result, elapsed, sent)
             if result == "miss":
                 mirror.recent_misses.append(
                     RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)

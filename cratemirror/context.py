@@ -13,7 +13,9 @@ from cratemirror.config import Config
 from cratemirror.crates import CrateService
 from cratemirror.index import IndexService
 from cratemirror.metrics import Metrics
+from cratemirror.policy.service import PolicyService
 from cratemirror.ratelimit import UnknownNameBudget
+from cratemirror.registry import Registry
 from cratemirror.store import DiskTrouble, Store
 from cratemirror.upstream import Upstream
 
@@ -41,6 +43,9 @@ class Mirror:
     index: IndexService
     crates: CrateService
     disk_trouble: DiskTrouble
+    policy: PolicyService
+    # Every registry bundle by name, crates-io (the fields above) included.
+    registries: dict[str, Registry] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
@@ -51,12 +56,17 @@ class Mirror:
             self.metrics.cache_size.labels(kind).set(size)
             self.metrics.cache_entries.labels(kind).set(entries)
 
+    def extras(self) -> list[Registry]:
+        return [registry for registry in self.registries.values() if not registry.is_default]
+
     async def refresh_usage(self) -> None:
         """Set the cache gauges from the store's shared running totals, exact at every scrape.
 
         Every worker sees the same disk, so whichever worker answers the scrape writes the newest value
         (the gauges are `livemostrecent`). A few indexed SQLite reads, never a walk over the files."""
         self.record_usage(await asyncio.to_thread(self.store.usage))
+        for registry in self.extras():
+            registry.record_usage(await asyncio.to_thread(registry.store.usage))
 
 
 MIRROR = web.AppKey("mirror", Mirror)

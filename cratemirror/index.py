@@ -47,6 +47,7 @@ class IndexResult:
     entry: IndexEntry  # status 200 (a file) or 404 (not found upstream)
     x_cache: str  # HIT | MISS | REVALIDATED | STALE
     result: str  # the metric label: hit | miss | revalidated | stale | negative
+    shared: bool = False  # another worker process fetched it while this one waited on the lock
 
 
 def _remember(cache: LRUCache[str, V], key: str, value: V) -> None:
@@ -87,8 +88,13 @@ class IndexService:
         self._dl_checked_at = 0.0
         self._config_flight: SingleFlight[str] = SingleFlight()
         self.disk_trouble = disk_trouble
+        # Revalidations running behind stale answers (kept so they are not garbage-collected).
+        self._background: set[asyncio.Task[tuple[IndexResult, bool]]] = set()
+        self._generation = store.index_generation()
 
     async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
         await self._flights.cancel_all()
         await self._config_flight.cancel_all()
 
@@ -105,11 +111,47 @@ class IndexService:
             return self._cached_result(entry)
         if self.offline:
             raise OfflineMiss(f"offline and index file {crate.index_path!r} is not cached")
+        if entry is not None and newer_than is None and self._may_serve_stale(entry):
+            # RFC 5861 stale-while-revalidate: a warm client never waits on upstream inside the window.
+            self._revalidate_behind(crate)
+            return IndexResult(entry, "STALE", "stale")
         key = f"index:{crate.lower}"
         result, joined = await self._flights.run(key, lambda: self._refresh(crate, newer_than))
-        if joined and count:
-            self.metrics.coalesced.labels("index").inc()
+        if joined or result.shared:
+            # Served by someone else's fetch: one upstream request is one miss, however many waited.
+            if count:
+                self.metrics.coalesced.labels("index").inc()
+            if result.result in ("miss", "revalidated"):
+                served = "hit" if result.entry.status == 200 else "negative"
+                result = dataclasses.replace(result, result=served)
         return result
+
+    async def refresh(self, crate: CrateName) -> IndexResult:
+        """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`); every worker
+        process then drops its in-memory copies."""
+        result = await self.get(crate, newer_than=time.time(), count=False)
+        await asyncio.to_thread(self.store.bump_index_generation)
+        return result
+
+    def _may_serve_stale(self, entry: IndexEntry) -> bool:
+        # Only files: a remembered 404 is asked again at once, so a new crate is visible immediately.
+        age = time.time() - entry.checked_at
+        return entry.status == 200 and age < self.cache.index_ttl + self.cache.stale_while_revalidate
+
+    def _revalidate_behind(self, crate: CrateName) -> None:
+        """One background revalidation per key: in this process through the flight, across worker
+        processes through the store lock (a waiter finds the copy fresh and does not fetch)."""
+        key = f"index:{crate.lower}"
+        if self._flights.active(key):
+            return
+        task = asyncio.ensure_future(self._flights.run(key, lambda: self._refresh(crate, None)))
+        self._background.add(task)
+        task.add_done_callback(self._revalidated)
+
+    def _revalidated(self, task: asyncio.Task[tuple[IndexResult, bool]]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background revalidation failed: %s", task.exception())
 
     def is_cached(self, crate: CrateName) -> bool:
         """Whether any copy (fresh or not, found or remembered as missing) is held."""
@@ -118,6 +160,10 @@ class IndexService:
     def _lookup(self, lower: str) -> IndexEntry | None:
         """The hot copy while it is fresh (no SQLite read, no unpickling on a warm hit), else the
         store's, which another worker process may have refreshed meanwhile."""
+        generation = self.store.index_generation()
+        if generation != self._generation:  # `cratemirror refresh` rewrote stored entries
+            self._generation = generation
+            self._hot.clear()
         entry = self._hot.get(lower)
         if entry is not None and self._is_fresh(entry, None):
             return entry
@@ -156,7 +202,8 @@ class IndexService:
             # Another worker process may have refreshed it while we waited for the lock.
             entry = self.store.get_index(crate.lower)
             if entry is not None and self._is_fresh(entry, newer_than):
-                return self._cached_result(entry)
+                _remember(self._hot, crate.lower, entry)
+                return dataclasses.replace(self._cached_result(entry), shared=True)
             held = entry if entry is not None and entry.status == 200 else None
             try:
                 fetched = await self.upstream.fetch_index(

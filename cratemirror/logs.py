@@ -196,6 +196,8 @@ class AccessLogger(AbstractAccessLogger):
         if fields["upstream_ms"] is not None:
             text += f" upstream={fields['upstream_ms']:.1f}ms"
         text += f" {json.dumps(fields['user_agent'])}"
+        if "token" in fields:  # the token's name, never the token
+            text += f" token={fields['token']}"
         if "error" in fields:
             text += f" error={json.dumps(fields['error'])}"
         level = logging.WARNING if response.status >= 500 else logging.INFO
@@ -208,6 +210,7 @@ class AccessLogger(AbstractAccessLogger):
 def access_fields(request: BaseRequest, response: StreamResponse, duration: float) -> dict[str, Any]:
     # Imported here: the supervisor process imports this module for setup_logging alone, and must not
     # load prometheus_client before PROMETHEUS_MULTIPROC_DIR is set.
+    from cratemirror.auth.middleware import TOKEN_NAME
     from cratemirror.metrics import TIMING, RequestTiming
     from cratemirror.routes import BYTES
 
@@ -230,6 +233,9 @@ def access_fields(request: BaseRequest, response: StreamResponse, duration: floa
         "upstream_ms": upstream_ms,
         "user_agent": clean_text(request.headers.get("User-Agent", "-")),
     }
+    token_name = request.get(TOKEN_NAME)
+    if token_name is not None:
+        fields["token"] = token_name
     reason = error_text(response)
     if reason is not None:
         fields["error"] = clean_text(redact(reason))

@@ -9,6 +9,7 @@ by serve.py's mark_process_dead, while its counters stay in the sums so totals n
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 KINDS = ("index", "crate", "config")
 RESULTS = ("hit", "miss", "revalidated", "stale", "negative", "error")
+AUTH_REASONS = ("missing", "unknown", "expired", "revoked")
 
 
 @dataclass
@@ -83,7 +85,8 @@ class Snapshot:
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = field(default_factory=dict)
 
     def value(self, name: str, **labels: str) -> float:
-        return self.samples.get((name, frozenset(labels.items())), 0.0)
+        """The sum over the series whose labels include `labels` (every registry unless one is named)."""
+        return self.total(name, **labels)
 
     def series(self, name: str) -> Iterator[tuple[dict[str, str], float]]:
         for (sample, labels), value in self.samples.items():
@@ -98,53 +101,103 @@ class Snapshot:
         )
 
 
+DEFAULT_REGISTRY = "crates-io"
+
+
+class Labelled:
+    """A collector with a `kind` label whose trailing `registry` label is already filled in, so the
+    services label by kind alone and each registry's bundle counts under its own name."""
+
+    __slots__ = ("metric", "registry")
+
+    def __init__(self, metric: Any, registry: str) -> None:
+        self.metric = metric
+        self.registry = registry
+
+    def labels(self, *values: str) -> Any:
+        return self.metric.labels(*values, self.registry)
+
+
+class _NoGauge:
+    """upstream_up describes crates.io (the contract gives it no labels); an extra registry's health
+    shows on the status page instead."""
+
+    def set(self, value: float) -> None:
+        pass
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry_name = DEFAULT_REGISTRY
         self._request_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         r = self.registry
-        self.cache_requests = Counter(
+        self._cache_requests = Counter(
             "cratemirror_cache_requests_total", "Client requests by kind and cache result",
-            ["kind", "result"], registry=r,
+            ["kind", "result", "registry"], registry=r,
         )  # fmt: skip
-        self.request_duration = Histogram(
+        self._request_duration = Histogram(
             "cratemirror_request_duration_seconds", "Client request latency",
-            ["kind"], buckets=LATENCY_BUCKETS, registry=r,
+            ["kind", "registry"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.upstream_requests = Counter(
+        self._upstream_requests = Counter(
             "cratemirror_upstream_requests_total", "Upstream requests by kind and HTTP status",
-            ["kind", "status"], registry=r,
+            ["kind", "status", "registry"], registry=r,
         )  # fmt: skip
-        self.upstream_duration = _UpstreamHistogram(
+        self._upstream_duration = _UpstreamHistogram(
             "cratemirror_upstream_request_duration_seconds", "Upstream request latency",
-            ["kind"], buckets=LATENCY_BUCKETS, registry=r,
+            ["kind", "registry"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.checksum_failures = Counter(
             "cratemirror_checksum_failures_total", "Crates whose sha256 did not match the index", registry=r
         )
-        self.coalesced = Counter(
-            "cratemirror_coalesced_requests_total", "Requests that joined an in-flight fetch", ["kind"],
+        self._coalesced = Counter(
+            "cratemirror_coalesced_requests_total", "Requests that joined an in-flight fetch",
+            ["kind", "registry"], registry=r,
+        )  # fmt: skip
+        self._cache_size = Gauge(
+            "cratemirror_cache_size_bytes", "Bytes in the cache", ["kind", "registry"], registry=r,
+            multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self._cache_entries = Gauge(
+            "cratemirror_cache_entries", "Entries in the cache", ["kind", "registry"], registry=r,
+            multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self._bytes_served = Counter(
+            "cratemirror_bytes_served_total", "Body bytes sent to clients", ["kind", "registry"], registry=r
+        )
+        self._upstream_bytes = Counter(
+            "cratemirror_upstream_bytes_total", "Body bytes received from upstream", ["kind", "registry"],
             registry=r,
         )  # fmt: skip
-        self.cache_size = Gauge(
-            "cratemirror_cache_size_bytes", "Bytes in the cache", ["kind"], registry=r,
-            multiprocess_mode="livemostrecent",
-        )  # fmt: skip
-        self.cache_entries = Gauge(
-            "cratemirror_cache_entries", "Entries in the cache", ["kind"], registry=r,
-            multiprocess_mode="livemostrecent",
-        )  # fmt: skip
-        self.bytes_served = Counter(
-            "cratemirror_bytes_served_total", "Body bytes sent to clients", ["kind"], registry=r
-        )
-        self.upstream_bytes = Counter(
-            "cratemirror_upstream_bytes_total", "Body bytes received from upstream", ["kind"], registry=r
-        )
-        self.upstream_up = Gauge(
+        self.upstream_up: Gauge | _NoGauge = Gauge(
             "cratemirror_upstream_up", "1 while the upstream answers, 0 after consecutive failures",
             registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.upstream_up.set(1)
+        self.auth_failures = Counter(
+            "cratemirror_auth_failures_total", "Requests refused for want of a valid token", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        for reason in AUTH_REASONS:
+            self.auth_failures.labels(reason)
+        self.policy_decisions = Counter(
+            "cratemirror_policy_decisions_total", "Policy decisions by action and rule", ["action", "rule"],
+            registry=r,
+        )  # fmt: skip
+        self._bind(DEFAULT_REGISTRY)
+
+    def _bind(self, name: str) -> None:
+        self.registry_name = name
+        self.cache_requests = Labelled(self._cache_requests, name)
+        self.request_duration = Labelled(self._request_duration, name)
+        self.upstream_requests = Labelled(self._upstream_requests, name)
+        self.upstream_duration = Labelled(self._upstream_duration, name)
+        self.coalesced = Labelled(self._coalesced, name)
+        self.cache_size = Labelled(self._cache_size, name)
+        self.cache_entries = Labelled(self._cache_entries, name)
+        self.bytes_served = Labelled(self._bytes_served, name)
+        self.upstream_bytes = Labelled(self._upstream_bytes, name)
         # Pre-create label sets so dashboards see every series (at 0) from the first scrape.
         for kind in KINDS:
             for result in RESULTS:
@@ -157,6 +210,16 @@ class Metrics:
             self.cache_entries.labels(kind)
             self.upstream_bytes.labels(kind)
             self.upstream_duration.labels(kind)
+
+    def for_registry(self, name: str) -> Metrics:
+        """The same collectors, counting under `registry=name` (one view per registry bundle)."""
+        if name == self.registry_name:
+            return self
+        view = copy.copy(self)
+        view._request_children = {}
+        view.upstream_up = _NoGauge()
+        view._bind(name)
+        return view
 
     def observe_request(self, kind: str, result: str, seconds: float, body_bytes: int) -> None:
         """One finished client request of the index, download or config routes."""

@@ -19,13 +19,17 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 
 from cratemirror.config import Config, ConfigError, find_config_path, load_config
 from cratemirror.connections import ConnectionGuard, raise_open_file_limit
 from cratemirror.logs import setup_logging
+from cratemirror.readiness import Readiness
 from cratemirror.redact import redact
+from cratemirror.tls import server_ssl_context
 
 log = logging.getLogger("cratemirror")
 
@@ -49,6 +53,9 @@ def serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     setup_logging(config.logging)
     raise_open_file_limit()
+    from cratemirror.policy.rules import check_policy  # no prometheus_client in the supervisor
+
+    check_policy(config)  # a bad deny entry stops start-up (exit 2) before any worker runs
     try:
         config.cache.dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -56,23 +63,58 @@ def serve(args: argparse.Namespace) -> int:
             f"{config.source}: cache.dir: expected a directory that can be created, got "
             f"{str(config.cache.dir)!r} ({exc.strerror})"
         ) from exc
+    scheme = "https" if server_ssl_context(config) is not None else "http"  # bad TLS files: exit 2 now
+    _check_registry_tokens(config)
+    ready_file = _ready_file(args.ready_file)
     problem = _port_problem(config.server.host, config.server.port)
     if problem:
         log.error("%s", problem)
         return 1
-    log.info(
-        "cratemirror serving on http://%s:%d with %d worker(s); upstream %s; cache %s%s; config: %s",
-        config.server.host, config.server.port, config.server.workers, redact(config.upstream.index_url),
-        config.cache.dir, " (offline)" if config.offline else "", config.source,
+    readiness = Readiness(
+        "cratemirror serving on {}://{}:{} with {} worker(s); upstream {}; cache {}{}; config: {}".format(
+            scheme, _url_host(config.server.host), config.server.port, config.server.workers,
+            redact(config.upstream.index_url), config.cache.dir, " (offline)" if config.offline else "",
+            config.source,
+        ),
+        ready_file,
     )  # fmt: skip
-    if config.server.workers == 1:
-        run_worker(config)
-        return 0
-    return _supervise(config)
+    try:
+        if config.server.workers == 1:
+            run_worker(config, on_ready=readiness.announce)
+            return 0
+        return _supervise(config, readiness)
+    finally:
+        readiness.withdraw()
 
 
-def run_worker(config: Config) -> None:
-    """One worker process: an aiohttp server on the shared port."""
+def _check_registry_tokens(config: Config) -> None:
+    """An unset token_env is exit 2 now, not a crash in every worker."""
+    # Imported here: cratemirror.registry loads prometheus_client, which the supervisor must not do
+    # before PROMETHEUS_MULTIPROC_DIR is set.
+    from cratemirror.registry import upstream_authorization
+
+    for name, registry in config.registries.items():
+        upstream_authorization(config, name, registry)
+
+
+def _ready_file(text: str | None) -> Path | None:
+    if text is None:
+        return None
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise ConfigError(f"--ready-file: expected a path in an existing directory, got {text!r}")
+    return path
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def run_worker(
+    config: Config, ready: Connection | None = None, on_ready: Callable[[], None] | None = None
+) -> None:
+    """One worker process: an aiohttp server on the shared port. Once it listens it says so: through
+    `ready` (to the supervising parent) or by calling `on_ready` (a single-process server)."""
     from aiohttp import web
 
     from cratemirror.app import create_app
@@ -109,9 +151,11 @@ def run_worker(config: Config) -> None:
             assert runner.server is not None
             guard.attach(runner.server)
             site = web.TCPSite(
-                runner, config.server.host, config.server.port, reuse_port=config.server.workers > 1
-            )
+                runner, config.server.host, config.server.port, reuse_port=config.server.workers > 1,
+                ssl_context=server_ssl_context(config),
+            )  # fmt: skip
             await site.start()
+            _ready(ready, on_ready)  # this worker accepts connections now
             await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
         finally:
             await guard.close()
@@ -132,11 +176,21 @@ def run_worker(config: Config) -> None:
         flush_access_log()  # worker processes end with os._exit: atexit handlers do not run
 
 
-def _supervise(config: Config) -> int:
+def _ready(ready: Connection | None, on_ready: Callable[[], None] | None) -> None:
+    if ready is not None:
+        with contextlib.suppress(OSError):  # the supervisor is gone: nobody to tell
+            ready.send(os.getpid())
+    if on_ready is not None:
+        on_ready()
+
+
+def _supervise(config: Config, readiness: Readiness) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="cratemirror-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     context = multiprocessing.get_context("spawn")
-    workers = [_start(context, config) for _ in range(config.server.workers)]
+    listening, ready = context.Pipe(duplex=False)  # workers send their pid once they listen
+    workers = [_start(context, config, ready) for _ in range(config.server.workers)]
+    ready_pids: set[int] = set()
     stopping = False
     restarts: list[float] = []
 
@@ -152,7 +206,13 @@ def _supervise(config: Config) -> int:
     try:
         while True:
             sentinels = [worker.sentinel for worker in workers]
-            multiprocessing.connection.wait(sentinels)
+            woken = multiprocessing.connection.wait([*sentinels, listening])
+            if listening in woken:
+                while listening.poll():
+                    ready_pids.add(listening.recv())
+                ready_pids &= {worker.pid for worker in workers if worker.pid is not None}
+                if all(worker.pid in ready_pids for worker in workers):
+                    readiness.announce()  # every worker accepts connections (once; restarts are quiet)
             if stopping:
                 for worker in workers:
                     worker.join(timeout=15)
@@ -172,15 +232,15 @@ def _supervise(config: Config) -> int:
                     return 1
                 log.error("worker pid %s exited with %s; starting another", worker.pid, worker.exitcode)
                 _mark_dead(worker.pid)
-                workers[position] = _start(context, config)
+                workers[position] = _start(context, config, ready)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _start(
-    context: multiprocessing.context.SpawnContext, config: Config
+    context: multiprocessing.context.SpawnContext, config: Config, ready: Connection
 ) -> multiprocessing.process.BaseProcess:
-    worker = context.Process(target=run_worker, args=(config,), daemon=False)
+    worker = context.Process(target=run_worker, args=(config, ready), daemon=False)
     worker.start()
     return worker
 

@@ -32,6 +32,9 @@ class SingleFlight(Generic[T]):
             task.add_done_callback(lambda done: self._finished(key, done))
         return await asyncio.shield(task), joined
 
+    def active(self, key: str) -> bool:
+        return key in self._inflight
+
     def _finished(self, key: str, task: asyncio.Task[T]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]

@@ -18,9 +18,11 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from cratemirror import __version__
-from cratemirror.clientconfig import cargo_ci_snippet, cargo_config_snippet
+from cratemirror.clientconfig import BadBaseURL, cargo_ci_snippet, cargo_config_snippet, client_setup
+from cratemirror.config import Config
 from cratemirror.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import KINDS, RESULTS, Snapshot
+from cratemirror.policy.status import policy_panel
 from cratemirror.redact import redact
 from cratemirror.routes import base_url
 
@@ -48,8 +50,7 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         host=_esc(urlsplit(base).netloc or base),
         version=_esc(__version__),
         upstream_url=_esc(redact(mirror.config.upstream.index_url)),
-        config_snippet=_esc(cargo_config_snippet(base).rstrip("\n")),
-        env_snippet=_esc(cargo_ci_snippet(base).rstrip("\n")),
+        **_snippets(base, mirror.config),
         **_health(mirror, snap),
         **_summary(snap),
         **_results_table(snap),
@@ -57,10 +58,24 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         last_error=_esc(redact(mirror.upstream.last_error or "none since this worker started")),
         last_error_class="" if mirror.upstream.last_error else " none",
         recent_misses=_misses_table(reversed(mirror.recent_misses), now),
+        policy_panel=policy_panel(mirror.policy, now),
         pid=str(os.getpid()),
         uptime=_duration(now - mirror.started_at),
         rendered_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
     )
+
+
+def _snippets(base: str, config: Config) -> dict[str, str]:
+    """Exactly what `cratemirror client-config [--ci]` prints, so the copy buttons paste cleanly."""
+    try:
+        setup = client_setup(config)
+        return {
+            "config_snippet": _esc(cargo_config_snippet(base, setup)),
+            "env_snippet": _esc(cargo_ci_snippet(base, setup)),
+        }
+    except BadBaseURL as exc:  # e.g. a server.public_url with userinfo or a query: say so, never guess
+        reason = _esc(f"no snippet for this base URL: {exc}")
+        return {"config_snippet": reason, "env_snippet": reason}
 
 
 def _health(mirror: Mirror, snap: Snapshot) -> dict[str, str]:

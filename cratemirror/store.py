@@ -47,6 +47,7 @@ CRATE_BYTES_KEY = "stats:crate_bytes"
 LEDGER_FILE = "crates.sqlite"
 RENAME_ATTEMPTS = 3
 _LIBC = ctypes.CDLL(None, use_errno=True)
+GENERATION_FILE = "index-generation"
 _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
 
 
@@ -78,6 +79,7 @@ class Store:
         self.crates_dir = root / "crates"
         self.tmp_dir = root / "tmp"
         self.locks_dir = root / "locks"
+        self._generation_path = str(root / GENERATION_FILE)  # stat'ed per index request: built once
         for directory in (root, self.crates_dir, self.tmp_dir, self.locks_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self.degraded: str | None = None
@@ -139,6 +141,21 @@ class Store:
         """`expire`: seconds after which the entry may be culled (remembered 404s, so junk names
         cannot grow the metadata without bound)."""
         self.meta.set(f"{INDEX_PREFIX}{lower_name}", entry, expire=expire)
+
+    # `cratemirror refresh` changed stored index files behind the workers' backs: each worker compares
+    # this file's mtime (one stat, no SQLite) before trusting its in-memory copies.
+    def index_generation(self) -> int:
+        try:
+            return os.stat(self._generation_path).st_mtime_ns
+        except OSError:
+            return 0
+
+    def bump_index_generation(self) -> None:
+        path = Path(self._generation_path)
+        # Set explicitly and strictly increasing: the file system's own clock may tick too coarsely.
+        stamp = max(time.time_ns(), self.index_generation() + 1)
+        path.touch()
+        os.utime(path, ns=(stamp, stamp))
 
     def get_json(self, key: str) -> Any:
         return self.meta.get(f"json:{key}")

@@ -67,7 +67,7 @@ class _Retryable(Exception):
 
 
 class Upstream:
-    def __init__(self, config: UpstreamConfig, metrics: Metrics) -> None:
+    def __init__(self, config: UpstreamConfig, metrics: Metrics, *, authorization: str | None = None) -> None:
         self.config = config
         self.metrics = metrics
         # user:token@ in index_url becomes an Authorization header for that origin only, so no URL we
@@ -75,6 +75,10 @@ class Upstream:
         clean_url, credentials = split_userinfo(config.index_url)
         self.index_url = URL(clean_url)
         self._auth = aiohttp.BasicAuth(*credentials) if credentials else None
+        # A registry's own token (registries.<name>.token): sent as Authorization to its index origin,
+        # and to its download host once its config.json says auth-required; never on a hop elsewhere.
+        self._authorization = authorization
+        self._downloads_need_auth = False
         self.user_agent = config.user_agent or f"cratemirror/{__version__} (+{PROJECT_URL})"
         self.health = Health(metrics)
         self._session: aiohttp.ClientSession | None = None
@@ -149,9 +153,12 @@ class Upstream:
                 self._raise_for_status(response)
                 body = await read_capped(response, MAX_CONFIG_JSON, "config.json")
                 try:
-                    return json.loads(body)
+                    document = json.loads(body)
                 except (ValueError, RecursionError) as exc:
                     raise UpstreamError(f"{url}: not JSON: {exc}") from exc
+                if path == "config.json" and isinstance(document, dict):
+                    self._downloads_need_auth = document.get("auth-required") is True
+                return document
 
         return await self._with_retries(attempt)
 
@@ -213,10 +220,16 @@ class Upstream:
         """GET with redirects followed by hand: index files and config.json only within the index's
         origin (a redirect elsewhere could make the mirror cache and serve an internal URL), crates
         only to http(s); credentials go only to the index's origin."""
+        trusted = {self.index_url.origin()}
+        if kind == "crate" and self._downloads_need_auth:
+            trusted.add(url.origin())  # the registry's own download host (its config.json's dl)
         for _ in range(MAX_REDIRECTS + 1):
             auth = self._auth if url.origin() == self.index_url.origin() else None
+            hop_headers = headers
+            if self._authorization is not None and url.origin() in trusted:
+                hop_headers, auth = {**headers, "Authorization": self._authorization}, None
             response = await self.session.get(
-                url, headers=headers, proxy=self.config.proxy, auth=auth, allow_redirects=False
+                url, headers=hop_headers, proxy=self.config.proxy, auth=auth, allow_redirects=False
             )
             if response.status not in (301, 302, 303, 307, 308):
                 return response

@@ -71,6 +71,8 @@ class Dep:
     default_features: bool = True
     target: str | None = None
     package: str | None = None
+    #: the index URL of another registry (e.g. crates.io's, from a private registry's index line)
+    registry: str | None = None
 
     def index_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -82,6 +84,8 @@ class Dep:
             "target": self.target,
             "kind": self.kind,
         }
+        if self.registry is not None:
+            d["registry"] = self.registry
         if self.package is not None:
             d["package"] = self.package
         return d
@@ -151,7 +155,11 @@ def _toml_str(s: str) -> str:
 
 
 def _cargo_toml(
-    name: str, vers: str, deps: Sequence[Dep], features: Mapping[str, Sequence[str]] | None
+    name: str,
+    vers: str,
+    deps: Sequence[Dep],
+    features: Mapping[str, Sequence[str]] | None,
+    license: str | None = "MIT OR Apache-2.0",
 ) -> str:
     lines = [
         "[package]",
@@ -159,7 +167,7 @@ def _cargo_toml(
         f"version = {_toml_str(vers)}",
         'edition = "2021"',
         f"description = {_toml_str(f'fake crate {name} {vers}')}",
-        'license = "MIT OR Apache-2.0"',
+        *([f"license = {_toml_str(license)}"] if license is not None else []),
         "",
     ]
     section_of = {"normal": "dependencies", "dev": "dev-dependencies", "build": "build-dependencies"}
@@ -218,19 +226,20 @@ def make_crate_tarball(
     pad_to: int = 0,
     *,
     features: Mapping[str, Sequence[str]] | None = None,
+    license: str | None = "MIT OR Apache-2.0",
 ) -> bytes:
     """A real, deterministic ``.crate`` (gzip'd tar) that cargo can build.
 
     Contains ``{name}-{vers}/Cargo.toml`` (dependency sections matching ``deps``, ``[features]``
-    from ``features``) and ``{name}-{vers}/src/lib.rs``.  With ``pad_to > 0`` an extra
-    ``{name}-{vers}/data.bin`` of incompressible deterministic bytes makes the result at least
-    ``pad_to`` bytes long.
+    from ``features``, ``license`` unless None) and ``{name}-{vers}/src/lib.rs``.  With
+    ``pad_to > 0`` an extra ``{name}-{vers}/data.bin`` of incompressible deterministic bytes makes
+    the result at least ``pad_to`` bytes long.
     """
     root = f"{name}-{vers}"
     if lib_rs is None:
         lib_rs = f'pub fn hello() -> &\'static str {{ "{name} {vers}" }}\n'
     files: list[tuple[str, bytes]] = [
-        (f"{root}/Cargo.toml", _cargo_toml(name, vers, deps, features).encode()),
+        (f"{root}/Cargo.toml", _cargo_toml(name, vers, deps, features, license).encode()),
         (f"{root}/src/lib.rs", lib_rs.encode()),
     ]
     data = _build_tarball(files)
@@ -317,6 +326,10 @@ class FakeRegistry:
         self.corrupt_crates = False
         self.body_chunk_delay = 0.0
         self.crate_status_403_for_missing = True
+        #: a private registry: every request needs exactly this Authorization (config.json says so)
+        self.required_token: str | None = None
+        #: answer crate downloads with a 302 to this base URL + the same path (another host's storage)
+        self.redirect_crates_to: str | None = None
         self.hold_started = asyncio.Event()
         #: number of crate requests currently parked on ``gate``
         self.held = 0
@@ -324,6 +337,11 @@ class FakeRegistry:
         self._feo_counter = 0
         self._stall_after_bytes: int | None = None
         self._gate: asyncio.Event | None = None
+        #: while set and not yet fired, index requests park here (a slow upstream, without sleeping)
+        self.index_gate: asyncio.Event | None = None
+        self.index_hold_started = asyncio.Event()
+        #: number of index requests currently parked on ``index_gate``
+        self.index_held = 0
 
         self._crates: dict[str, list[CrateVersion]] = {}  # key: lowercased name
         self._raw: dict[str, bytes] = {}  # key: path relative to the index root
@@ -387,13 +405,17 @@ class FakeRegistry:
         features: Mapping[str, Sequence[str]] | None = None,
         pad_to: int = 0,
         lib_rs: str | None = None,
+        license: str | None = "MIT OR Apache-2.0",
     ) -> CrateVersion:
-        """Publish a version: builds its tarball and appends a line to the crate's index file."""
+        """Publish a version: builds its tarball (``license`` in its Cargo.toml, none if None) and
+        appends a line to the crate's index file."""
         versions = self._crates.setdefault(name.lower(), [])
         if any(v.vers == vers for v in versions):
             raise ValueError(f"{name} {vers} already exists")
         feats = {k: list(v) for k, v in (features or {}).items()}
-        data = make_crate_tarball(name, vers, deps, lib_rs=lib_rs, pad_to=pad_to, features=feats)
+        data = make_crate_tarball(
+            name, vers, deps, lib_rs=lib_rs, pad_to=pad_to, features=feats, license=license
+        )
         cv = CrateVersion(
             name=name,
             vers=vers,
@@ -594,6 +616,12 @@ class FakeRegistry:
 
         if self.down:
             return self._reset_connection(request)
+        if self.required_token is not None and request.headers.get("Authorization") != self.required_token:
+            return web.Response(
+                status=401,
+                text="fake upstream: a valid token is required\n",
+                headers={"WWW-Authenticate": f'Cargo login_url="{self.url}/me"'},
+            )
         if self.delay > 0 and not await self._sleep(self.delay):
             return self._reset_connection(request)
         if self.down:
@@ -612,6 +640,16 @@ class FakeRegistry:
             )
 
         if raw_path.startswith("/index/"):
+            index_gate = self.index_gate
+            if index_gate is not None and not index_gate.is_set():
+                self.index_held += 1
+                self.index_hold_started.set()
+                try:
+                    released = await self._park(index_gate.is_set, extra=index_gate)
+                finally:
+                    self.index_held -= 1
+                if not released:
+                    return self._reset_connection(request)
             return self._handle_index(request, self._rel(unquote(raw_path)))
         return await self._handle_crate(request, raw_path, raw_query)
 
@@ -619,7 +657,10 @@ class FakeRegistry:
         body = self._index_body(rel)
         content_type = "text/plain"
         if body is None and rel == "config.json":
-            body = json.dumps({"dl": self.dl_url(), "api": self.url}, separators=(",", ":")).encode()
+            document: dict[str, Any] = {"dl": self.dl_url(), "api": self.url}
+            if self.required_token is not None:
+                document["auth-required"] = True
+            body = json.dumps(document, separators=(",", ":")).encode()
             content_type = "application/json"
         if body is None:
             return web.Response(status=404, text="not found\n")
@@ -648,6 +689,9 @@ class FakeRegistry:
         return web.Response(status=200, body=body, headers=headers)
 
     async def _handle_crate(self, request: web.Request, raw_path: str, raw_query: str) -> web.StreamResponse:
+        if self.redirect_crates_to is not None:
+            target = self.redirect_crates_to.rstrip("/") + raw_path + (f"?{raw_query}" if raw_query else "")
+            return web.Response(status=302, headers={"Location": target})
         cv = self._find_crate(raw_path, raw_query)
         if cv is None:
             if self.crate_status_403_for_missing:
@@ -761,15 +805,18 @@ async def run_cargo(
     cwd: Path,
     cargo_home: Path,
     timeout: float = 240,  # noqa: ASYNC109 - part of the shared interface
+    env: Mapping[str, str] | None = None,
 ) -> tuple[int, str]:
     """Run the real ``cargo`` without blocking the event loop (so a server in the same loop keeps
     answering).  Returns (exit code, combined stdout+stderr).  On timeout the process group is
-    killed and the exit code is negative.  Raises FileNotFoundError if cargo is not on PATH."""
+    killed and the exit code is negative.  Raises FileNotFoundError if cargo is not on PATH.
+    ``env`` adds variables (e.g. ``CARGO_REGISTRIES_MIRROR_TOKEN``) after the CARGO_* ones are cleared."""
     cargo = shutil.which("cargo")
     if cargo is None:
         raise FileNotFoundError("cargo not found on PATH")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARGO_")}
-    env.update(
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("CARGO_")}
+    child_env.update(env or {})
+    child_env.update(
         CARGO_HOME=str(cargo_home),
         CARGO_NET_RETRY="0",
         CARGO_TERM_COLOR="never",
@@ -780,7 +827,7 @@ async def run_cargo(
         cargo,
         *args,
         cwd=str(cwd),
-        env=env,
+        env=child_env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

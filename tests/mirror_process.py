@@ -14,9 +14,10 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -173,12 +174,17 @@ class MirrorProcess:
         *,
         workers: int = 2,
         extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.upstream = upstream
+        #: with a CA file the mirror serves https (its config has server.tls_*); the probes trust that CA
+        self.ca_file = ca_file
         self.cache_dir = cache_dir
         self.workdir = workdir
         self.workers = workers
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})  # added to the clean environment
         self.port = 0
         self.log_path = workdir / "mirror.log"
         self.proc: asyncio.subprocess.Process | None = None
@@ -187,7 +193,8 @@ class MirrorProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ca_file is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def output(self) -> str:
         with contextlib.suppress(FileNotFoundError):
@@ -212,7 +219,7 @@ class MirrorProcess:
                 sys.executable,
                 *args,
                 cwd=str(self.workdir),
-                env=clean_env(),
+                env=clean_env(**self.env),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -228,7 +235,9 @@ class MirrorProcess:
         proc = self.proc
         assert proc is not None
         timeout = aiohttp.ClientTimeout(total=2)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        ssl_context = None if self.ca_file is None else ssl.create_default_context(cafile=self.ca_file)
+        connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
             async def ready() -> bool:
                 if proc.returncode is not None:

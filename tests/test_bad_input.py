@@ -120,7 +120,12 @@ async def test_bad_paths(setup: tuple[TestClient[Any, Any], Path], path: str) ->
     for method in ("GET", "HEAD"):
         async with mirror.session.request(method, raw_url(_base(mirror), path)) as response:
             assert response.status in (400, 404), (method, path, response.status)
-            if method == "GET":
+            if method == "GET" and response.headers["Content-Type"].startswith("application/json"):
+                # Not the download route: the web API's crates.io-style error (what cargo shows).
+                assert path.startswith("/api/v1/") and response.status == 404, path
+                detail = (await response.json())["errors"][0]["detail"]
+                assert "does not proxy the crates.io web API" in detail
+            elif method == "GET":
                 assert response.headers["Content-Type"].startswith("text/plain")
                 assert_one_line(await response.text())
 

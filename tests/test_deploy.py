@@ -555,6 +555,7 @@ def test_systemd_unit_settings() -> None:
     service = {key: values[-1] for key, values in unit["Service"].items()}
     assert unit["Service"]["ExecStart"] == [EXEC_START]
     assert service["Restart"] == "on-failure"
+    assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")  # serve sends READY=1
     assert f"CRATEMIRROR_CACHE_DIR={CACHE_DIR}" in unit["Service"]["Environment"]
     assert service["CacheDirectory"] == "cratemirror"
     assert service["StateDirectory"] == "cratemirror"

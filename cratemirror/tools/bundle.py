@@ -2,6 +2,7 @@
 
     crates/<name>/<name>-<version>.crate    the verified tarballs (already gzip: no point compressing again)
     index/<prefix>/<name>                   the sparse-index files, byte for byte
+    registries/<name>.tar                   an extra registry's own bundle, in this same format
     manifest.json                           written last: format, creation time, upstream dl config,
                                             every crate (name, version, sha256, size, fetched_at) and
                                             every index file (name, sha256 of the body, validators)
@@ -26,6 +27,10 @@ def crate_member(name: str, version: str) -> str:
 
 def index_member(name: str) -> str:
     return f"index/{index_path(name)}"
+
+
+def registry_member(registry: str) -> str:
+    return f"registries/{registry}.tar"
 
 
 def manifest_document(

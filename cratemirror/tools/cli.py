@@ -52,6 +52,31 @@ def _import(args: argparse.Namespace) -> int:
     return run_import(args)
 
 
+def _policy_check(args: argparse.Namespace) -> int:
+    from cratemirror.policy.check import run_check
+
+    return run_check(args)
+
+
+def _add_lockfiles(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("lockfiles", nargs="+", metavar="LOCKFILE", help="a Cargo.lock (format 1 to 4)")
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    from cratemirror.tools.refresh import run_refresh
+
+    return run_refresh(args)
+
+
+def _cache_or_mirror(command: argparse.ArgumentParser, config_help: str) -> None:
+    """--config (work on the cache dir directly) or --mirror (through a running mirror), not both."""
+    where = command.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="PATH", help=f"{config_help}; {CONFIG_HELP}")
+    where.add_argument(
+        "--mirror", metavar="URL", help="go through a running mirror, e.g. http://127.0.0.1:8080"
+    )
+
+
 def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     warm = commands.add_parser(
         "warm",
@@ -59,16 +84,23 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         description="Prefetch the crates.io crates (and index files) of one or more Cargo.lock files: "
         "straight into the configured cache dir, or through a running mirror with --mirror.",
     )
-    warm.add_argument("lockfiles", nargs="+", metavar="LOCKFILE", help="a Cargo.lock (format 1 to 4)")
-    where = warm.add_mutually_exclusive_group()
-    where.add_argument("--config", metavar="PATH", help=f"fill this config's cache dir; {CONFIG_HELP}")
-    where.add_argument(
-        "--mirror", metavar="URL", help="go through a running mirror, e.g. http://127.0.0.1:8080"
-    )
+    _add_lockfiles(warm)
+    _cache_or_mirror(warm, "fill this config's cache dir")
     warm.add_argument(
         "--jobs", type=_positive_int, default=8, metavar="N", help="crates fetched at once (default 8)"
     )
     warm.set_defaults(run=_warm)
+
+    refresh = commands.add_parser(
+        "refresh",
+        help="revalidate these index files with upstream now",
+        description="Ask upstream for these crates' index files now, whatever their age, so a version "
+        "published a moment ago can be locked at once: straight in the configured cache dir (every "
+        "worker sees it), or through a running mirror with --mirror.",
+    )
+    refresh.add_argument("names", nargs="+", metavar="NAME", help="a crate name, e.g. serde")
+    _cache_or_mirror(refresh, "refresh in this config's cache dir")
+    refresh.set_defaults(run=_refresh)
 
     verify = commands.add_parser(
         "verify",
@@ -112,6 +144,11 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="LOCKFILE",
         help="only the crates of these Cargo.lock files (give BUNDLE first; repeatable)",
     )
+    export.add_argument(
+        "--advisory-db",
+        action="store_true",
+        help="also carry policy.advisory_db (the RustSec advisory files) for `import` to install",
+    )
     export.set_defaults(run=_export)
 
     importer = commands.add_parser(
@@ -123,3 +160,19 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     importer.add_argument("bundle", metavar="BUNDLE", help="a tar file written by `cratemirror export`")
     importer.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     importer.set_defaults(run=_import)
+
+    policy = commands.add_parser(
+        "policy",
+        help="supply-chain policy tools",
+        description="Tools for the supply-chain policy (advisories, licences, deny/allow lists).",
+    )
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    check = policy_commands.add_parser(
+        "check",
+        help="what the policy would block in these lockfiles, and why (exit 1 if anything)",
+        description="Check Cargo.lock files against the configured policy as `enforce` would: advisories, "
+        "deny/allow entries, and the licences the mirror has already read.",
+    )
+    _add_lockfiles(check)
+    check.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    check.set_defaults(run=_policy_check)

@@ -18,6 +18,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 CHUNK = 1024 * 1024
+# The variable client-config tells cargo users to set for an auth-required mirror; --mirror tools use it too.
+MIRROR_TOKEN_ENV = "CARGO_REGISTRIES_MIRROR_TOKEN"
 
 
 def tool_config(args: argparse.Namespace, overrides: dict[str, object] | None = None) -> Config:
@@ -29,6 +31,15 @@ def tool_config(args: argparse.Namespace, overrides: dict[str, object] | None = 
     return config
 
 
+def mirror_headers(user_agent: str) -> dict[str, str]:
+    """Headers for asking a running mirror: our User-Agent, and its token when one is in the environment."""
+    headers = {"User-Agent": user_agent}
+    token = os.environ.get(MIRROR_TOKEN_ENV, "").strip()
+    if token:
+        headers["Authorization"] = token
+    return headers
+
+
 def open_existing_store(config: Config) -> Store:
     """Open the cache dir for verify/prune/export: a missing one is a typo, not an empty cache."""
     if not (config.cache.dir / "meta").is_dir():
@@ -36,6 +47,19 @@ def open_existing_store(config: Config) -> Store:
             f"{config.source}: cache.dir: expected an existing cache directory, got {str(config.cache.dir)!r}"
         )
     return Store(config.cache.dir)
+
+
+def extra_stores(config: Config) -> list[tuple[str, Store]]:
+    """(name, store) of each configured extra registry that has a cache yet (one never asked for has
+    nothing to verify, prune or export)."""
+    from cratemirror.registry import registry_cache_dir
+
+    stores = []
+    for name in config.registries:
+        directory = registry_cache_dir(config.cache.dir, name)
+        if (directory / "meta").is_dir():
+            stores.append((name, Store(directory)))
+    return stores
 
 
 def format_size(size: float) -> str:

@@ -27,19 +27,21 @@ from cratemirror.config import ConfigError, parse_duration
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
 from cratemirror.ledger import STORED
 from cratemirror.names import CrateName, InvalidRequest
+from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
-from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document
+from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document, registry_member
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     Progress,
     error,
+    extra_stores,
     format_size,
     open_existing_store,
     plural,
     tool_config,
 )
-from cratemirror.tools.lockfile import accepted_sources, read_lockfiles
+from cratemirror.tools.lockfile import accepted_sources, read_lockfiles, registry_sources
 
 
 @dataclass
@@ -74,15 +76,23 @@ class ExportResult:
     index_files: Records = field(default_factory=Records)
     problems: list[str] = field(default_factory=list)
     crate_bytes: int = 0
+    advisories: int | None = None  # advisory files carried (--advisory-db)
 
     def close(self) -> None:
         self.crates.close()
         self.index_files.close()
 
 
-def select(store: Store, since: float | None, lockfiles: Sequence[str] | None, upstream: str) -> Selection:
+def select(
+    store: Store,
+    since: float | None,
+    lockfiles: Sequence[str] | None,
+    upstream: str,
+    accepted: Sequence[str] | None = None,
+) -> Selection:
     """What goes in: by last use (the ledger, streamed), by lockfile (one lookup per locked crate), or
-    everything (streamed by `_write_members` itself: `metas` is None)."""
+    everything (streamed). `accepted`: the lockfile source ids of this registry (default: crates.io's
+    and `upstream`)."""
     if since is not None:
         cutoff = time.time() - since
         return Selection(
@@ -95,7 +105,7 @@ def select(store: Store, since: float | None, lockfiles: Sequence[str] | None, u
     if not lockfiles:
         return Selection(store.iter_crate_metas())
     selection = Selection()
-    locked = read_lockfiles(lockfiles, accepted_sources([upstream]))
+    locked = read_lockfiles(lockfiles, accepted or accepted_sources([upstream]))
     selection.problems.extend(locked.conflicts)
     chosen: list[CrateMeta] = []
     for crate in locked.crates:
@@ -134,7 +144,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, body: bytes, mtime: float) -> No
     info.mtime = int(mtime)
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(body))
-    vars(tar)["members"].clear()
+    vars(tar)["members"].clear()  # tarfile keeps every header it wrote; nothing reads them
 
 
 def _add_crate(
@@ -167,7 +177,7 @@ def _add_crate(
             info.mtime = int(os.fstat(handle.fileno()).st_mtime)
             info.mode = 0o644
             tar.addfile(info, handle)
-            vars(tar)["members"].clear()  # tarfile keeps every header it wrote; nothing reads them
+            vars(tar)["members"].clear()
     except FileNotFoundError:
         result.problems.append(f"SKIPPED {label}: the file is not in the cache (evicted?)")
         return
@@ -201,7 +211,7 @@ def _cached_index(store: Store, lower: str) -> IndexEntry | None:
 
 
 def _write_members(
-    tar: tarfile.TarFile, store: Store, metas: Iterator[CrateMeta], total: int
+    tar: tarfile.TarFile, store: Store, metas: Iterator[CrateMeta], total: int, advisory_db: Path | None
 ) -> ExportResult:
     """Crates (each crate's index file right after its last version), then the manifest (it lists
     both). `metas` come grouped by name, so only the current crate's index file is held."""
@@ -229,6 +239,9 @@ def _write_members(
         [],
         [],
     )
+    if advisory_db is not None:
+        head[MANIFEST_KEY] = export_advisory_db(tar, advisory_db)
+        result.advisories = len(head[MANIFEST_KEY]["files"])
     with tempfile.TemporaryFile("w+b") as manifest:
         _write_manifest(manifest, head, {"crates": result.crates, "index_files": result.index_files})
         info = tarfile.TarInfo(MANIFEST)
@@ -263,13 +276,26 @@ def _close_crate(
     result.index_files.append(_index_record(name, entry))
 
 
-def write_bundle(store: Store, metas: Iterator[CrateMeta], target: Path, total: int = 0) -> ExportResult:
-    """Write the tar next to `target`, then rename it into place: no half-written bundle is left."""
+def write_bundle(
+    store: Store,
+    metas: Iterator[CrateMeta],
+    target: Path,
+    advisory_db: Path | None = None,
+    nested: Sequence[tuple[str, Path]] = (),
+    total: int = 0,
+) -> ExportResult:
+    """Write the tar next to `target`, then rename it into place: no half-written bundle is left.
+    `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar."""
     partial = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         with open(partial, "wb") as out:
             with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                result = _write_members(tar, store, metas, total)
+                for name, path in nested:
+                    info = tarfile.TarInfo(registry_member(name))
+                    info.size, info.mtime, info.mode = path.stat().st_size, int(time.time()), 0o644
+                    with open(path, "rb") as handle:
+                        tar.addfile(info, handle)
+                result = _write_members(tar, store, metas, total, advisory_db)
             result.close()  # the spooled manifest entries; their counts stay
             out.flush()
             os.fsync(out.fileno())
@@ -288,22 +314,61 @@ def run_export(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--since: expected a duration like 30d, got {args.since!r}") from None
     config = tool_config(args)
+    advisory_db = config.policy.advisory_db if args.advisory_db else None
+    if args.advisory_db and (advisory_db is None or not (advisory_db / "crates").is_dir()):
+        raise ConfigError(
+            f"{config.source}: policy.advisory_db: expected an advisory-db checkout for --advisory-db, "
+            f"got {str(advisory_db) if advisory_db else None!r}"
+        )
     store = open_existing_store(config)
     target = Path(args.bundle)
+    extras = extra_stores(config)
+    nested: list[tuple[str, Path]] = []
+    problems = 0
     try:
+        # Each extra registry's working set as a bundle of its own, carried inside this one.
+        for name, extra in extras:
+            accepted = registry_sources(config.registries[name].index_url)
+            chosen = select(extra, since, args.lockfile, "", accepted)
+            for problem in chosen.problems:
+                print(f"export [{name}]: {problem}", file=sys.stderr)
+            path = target.with_name(f".{target.name}.{name}.{os.getpid()}.part")
+            try:
+                written = write_bundle(extra, chosen.metas, path, total=extra.ledger.totals()[1])
+            except OSError as exc:
+                return error(f"cannot write bundle {target}: {exc.strerror or exc}")
+            nested.append((name, path))
+            problems += len(chosen.problems) + len(written.problems)
+            print(
+                f"export [{name}]: {plural(written.crates.count, 'crate')} "
+                f"({format_size(written.crate_bytes)}) and {plural(written.index_files.count, 'index file')}"
+            )
         selection = select(store, since, args.lockfile, config.upstream.index_url)
         for problem in selection.problems:
             print(f"export: {problem}", file=sys.stderr)
         try:
-            result = write_bundle(store, selection.metas, target, store.ledger.totals()[1])
+            result = write_bundle(
+                store, selection.metas, target, advisory_db, nested, store.ledger.totals()[1]
+            )
         except OSError as exc:
             return error(f"cannot write bundle {target}: {exc.strerror or exc}")
     finally:
         store.close()
-    problems = len(selection.problems) + len(result.problems)
+        for _, extra in extras:
+            extra.close()
+        for _, path in nested:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    problems += len(selection.problems) + len(result.problems)
     print(
         f"export: {plural(result.crates.count, 'crate')} ({format_size(result.crate_bytes)}) and "
-        f"{plural(result.index_files.count, 'index file')} -> {target}"
+        f"{plural(result.index_files.count, 'index file')}"
+        + (
+            f" and {plural(result.advisories, 'advisory', 'advisories')}"
+            if result.advisories is not None
+            else ""
+        )
+        + f" -> {target}"
         + (f"; {plural(problems, 'crate')} left out (see above)" if problems else "")
     )
     return EXIT_FAILURE if problems else EXIT_OK

@@ -19,11 +19,11 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, overload
 from urllib.parse import urlsplit
 
 import ijson
@@ -33,8 +33,18 @@ from ijson.common import ObjectBuilder
 from cratemirror.config import ConfigError
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
+from cratemirror.policy.bundle import PREFIX as ADVISORY_PREFIX
+from cratemirror.policy.bundle import DbImport, import_advisory_db
+from cratemirror.registry import registry_cache_dir
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
-from cratemirror.tools.bundle import FORMAT, FORMAT_VERSION, MANIFEST, crate_member, index_member
+from cratemirror.tools.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    crate_member,
+    index_member,
+    registry_member,
+)
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -79,6 +89,7 @@ class ImportResult:
     index_loaded: int = 0
     index_kept: int = 0
     crates_listed: int = 0
+    advisory_db: DbImport = field(default_factory=DbImport)
 
     @property
     def refused(self) -> int:
@@ -136,14 +147,26 @@ class Members:
         self.db.execute("DELETE FROM members WHERE copies > 1")
         return [str(name) for (name,) in rows]
 
-    def pop(self, name: str) -> Member | None:
+    @overload
+    def pop(self, name: str) -> tarfile.TarInfo: ...
+    @overload
+    def pop(self, name: str, default: None) -> tarfile.TarInfo | None: ...
+
+    def pop(self, name: str, default: object = KeyError) -> tarfile.TarInfo | None:
+        """As dict.pop: the member (a header enough to read it), once; KeyError without a default."""
         row = self.db.execute(
             "SELECT tar_name, offset, size FROM members WHERE name = ? AND taken = 0", (name,)
         ).fetchone()
         if row is None:
+            if default is KeyError:
+                raise KeyError(name)
             return None
         self.db.execute("UPDATE members SET taken = 1 WHERE name = ?", (name,))
-        return Member(str(row[0]), int(row[1]), int(row[2]))
+        return Member(str(row[0]), int(row[1]), int(row[2])).info()
+
+    def __iter__(self) -> Iterator[str]:
+        """The names nobody has taken yet (a snapshot: popping while iterating is fine)."""
+        return iter(list(self.left_over()))
 
     def left_over(self) -> Iterator[str]:
         for (name,) in self.db.execute("SELECT name FROM members WHERE taken = 0 ORDER BY name"):
@@ -174,8 +197,8 @@ def safe_members(tar: tarfile.TarFile, result: ImportResult) -> Members:
     return members
 
 
-def _open_member(tar: tarfile.TarFile, member: Member) -> IO[bytes]:
-    handle = tar.extractfile(member.info())
+def _open_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    handle = tar.extractfile(member)
     assert handle is not None  # a regular file
     return handle
 
@@ -187,7 +210,7 @@ class Manifest:
     head: dict[str, Any]
     crate_count: int
     tar: tarfile.TarFile
-    member: Member
+    member: tarfile.TarInfo
 
     def crates(self) -> Iterator[object]:
         yield from ijson.items(_open_member(self.tar, self.member), "crates.item", use_float=True)
@@ -196,7 +219,7 @@ class Manifest:
         yield from ijson.items(_open_member(self.tar, self.member), "index_files.item", use_float=True)
 
 
-def read_manifest(tar: tarfile.TarFile, member: Member | None) -> Manifest:
+def read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> Manifest:
     """One streaming pass: every top-level value but the crate list is built, the crates are counted;
     the whole document is parsed, so a second pass over the crates cannot fail halfway."""
     if member is None:
@@ -284,7 +307,7 @@ class BundledIndexes:
             except (ValueError, InvalidRequest) as exc:
                 result.refused_index.append(f"index file entry {entry!r}: {exc}")
                 continue
-            member = members.pop(index_member(crate.name))
+            member = members.pop(index_member(crate.name), None)
             if member is None:
                 result.refused_index.append(
                     f"index file of {crate.name}: listed in the manifest but not in the bundle"
@@ -326,7 +349,7 @@ class BundledIndexes:
             return None
         name, expected, record, tar_name, offset, size, done = row
         entry = json.loads(record)
-        body = _open_member(self.tar, Member(tar_name, offset, size)).read(MAX_INDEX_BYTES)
+        body = _open_member(self.tar, Member(tar_name, offset, size).info()).read(MAX_INDEX_BYTES)
         digest = hashlib.sha256(body).hexdigest()
         first = not done
         self.db.execute("UPDATE listed SET done = 1 WHERE lower = ?", (lower,))
@@ -370,7 +393,7 @@ def import_crate(
         return _refuse(result, f"crate entry {entry!r}: {exc}")
     name, version = wanted.crate.name, wanted.version
     label = f"{name} {version}"
-    member = members.pop(crate_member(name, version))
+    member = members.pop(crate_member(name, version), None)
     if member is None:
         return _refuse(result, f"{label}: listed in the manifest but not in the bundle")
     index = indexes.get(wanted.crate.lower)
@@ -467,21 +490,58 @@ def store_upstream_config(store: Store, manifest: dict[str, Any]) -> None:
         store.put_json(UPSTREAM_CONFIG_KEY, {"dl": config["dl"]})
 
 
-def import_bundle(tar: tarfile.TarFile, store: Store) -> ImportResult:
+def import_nested(
+    tar: tarfile.TarFile,
+    members: Members,
+    registries: Mapping[str, Store],
+    result: ImportResult,
+) -> None:
+    """Each extra registry's bundle into that registry's cache, verified the same way; one for a
+    registry this mirror does not have is refused."""
+    for member_name in [name for name in members if name.startswith("registries/")]:
+        member = members.pop(member_name)
+        registry = next((name for name in registries if registry_member(name) == member_name), None)
+        if registry is None:
+            result.refused_members.append(f"{member_name!r}: no such registry in this mirror's config")
+            continue
+        handle = tar.extractfile(member)
+        assert handle is not None  # a regular file
+        with tarfile.open(fileobj=handle, mode="r:") as inner:
+            sub = import_bundle(inner, registries[registry])
+        result.loaded += sub.loaded
+        result.loaded_bytes += sub.loaded_bytes
+        result.already += sub.already
+        result.index_loaded += sub.index_loaded
+        result.index_kept += sub.index_kept
+        result.crates_listed += sub.crates_listed
+        result.refused_crates += [f"[{registry}] {line}" for line in sub.refused_crates]
+        result.refused_index += [f"[{registry}] {line}" for line in sub.refused_index]
+        result.refused_members += [f"[{registry}] {line}" for line in sub.refused_members]
+
+
+def import_bundle(
+    tar: tarfile.TarFile,
+    store: Store,
+    advisory_db: Path | None = None,
+    registries: Mapping[str, Store] | None = None,
+) -> ImportResult:
+    result = ImportResult()
+    members = safe_members(tar, result)
     result = ImportResult()
     members = safe_members(tar, result)
     try:
-        return _import_members(tar, store, members, result)
+        import_nested(tar, members, registries or {}, result)
+        return _import_members(tar, store, members, result, advisory_db)
     finally:
         members.close()
 
 
 def _import_members(
-    tar: tarfile.TarFile, store: Store, members: Members, result: ImportResult
+    tar: tarfile.TarFile, store: Store, members: Members, result: ImportResult, advisory_db: Path | None
 ) -> ImportResult:
-    manifest = read_manifest(tar, members.pop(MANIFEST))
+    manifest = read_manifest(tar, members.pop(MANIFEST, None))
     indexes = BundledIndexes(tar, members, manifest, store, result)
-    result.crates_listed = manifest.crate_count
+    result.crates_listed += manifest.crate_count
     progress = Progress("import", manifest.crate_count)
     batch: list[tuple[Path, CrateMeta]] = []
     try:
@@ -503,6 +563,9 @@ def _import_members(
                 temp.unlink()
     progress.finish()
     indexes.finish()
+    advisories = {name: members.pop(name) for name in members if name.startswith(ADVISORY_PREFIX)}
+    result.advisory_db = import_advisory_db(tar, advisories, manifest.head, advisory_db)
+    result.refused_members.extend(result.advisory_db.refused)
     for name in members.left_over():
         result.refused_members.append(f"{name!r}: not listed in the manifest")
     store_upstream_config(store, manifest.head)
@@ -516,11 +579,12 @@ def run_import(args: argparse.Namespace) -> int:
     config = tool_config(args)
     try:
         store = Store(config.cache.dir)
+        registries = {name: Store(registry_cache_dir(config.cache.dir, name)) for name in config.registries}
     except OSError as exc:
         return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
     try:
         with tarfile.open(bundle, "r:*") as tar:
-            result = import_bundle(tar, store)
+            result = import_bundle(tar, store, config.policy.advisory_db, registries)
         cached_bytes = store.crate_bytes()
     except (tarfile.TarError, BundleError) as exc:
         return error(f"{bundle}: {exc}")
@@ -528,6 +592,8 @@ def run_import(args: argparse.Namespace) -> int:
         return error(f"{bundle}: {exc.strerror or exc}")
     finally:
         store.close()
+        for extra in registries.values():
+            extra.close()
     for line in [*result.refused_index, *result.refused_members]:
         print(f"import: REFUSED {line}", file=sys.stderr)
     print(
@@ -541,6 +607,11 @@ def run_import(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    if result.advisory_db.installed:
+        print(
+            f"import: {plural(result.advisory_db.installed, 'advisory', 'advisories')} installed into "
+            f"{result.advisory_db.target}"
+        )
     if cached_bytes > config.cache.max_size:
         print(
             f"import: the cache now holds {format_size(cached_bytes)}, over cache.max_size "

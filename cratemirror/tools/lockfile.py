@@ -62,6 +62,13 @@ def accepted_sources(extra_index_urls: Iterable[str] = ()) -> tuple[str, ...]:
     return (*CRATES_IO_SOURCES, *extra)
 
 
+def registry_sources(index_url: str) -> tuple[str, ...]:
+    """The source ids a lockfile records for packages of the registry at `index_url` (source
+    replacement keeps the original URL, so these are what a build through the mirror writes too)."""
+    bare = index_url.rstrip("/")
+    return (f"sparse+{bare}/", f"registry+{bare}", f"registry+{bare}/")
+
+
 def parse_lockfile(text: str, origin: str, accepted: Sequence[str] = CRATES_IO_SOURCES) -> LockedSet:
     """The registry packages of one Cargo.lock; ConfigError (a usage error) if it is not one."""
     try:

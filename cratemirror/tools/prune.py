@@ -12,7 +12,15 @@ import time
 
 from cratemirror.eviction import EvictionReport, evict_to
 from cratemirror.store import Store
-from cratemirror.tools.common import EXIT_OK, Progress, format_size, open_existing_store, plural, tool_config
+from cratemirror.tools.common import (
+    EXIT_OK,
+    Progress,
+    extra_stores,
+    format_size,
+    open_existing_store,
+    plural,
+    tool_config,
+)
 
 
 async def _evict_locked(store: Store, max_size: int, dry_run: bool) -> EvictionReport:
@@ -33,30 +41,36 @@ async def _evict_locked(store: Store, max_size: int, dry_run: bool) -> EvictionR
 def run_prune(args: argparse.Namespace) -> int:
     # --max-size goes through the config loader: parse_size, and the usual one-line error (exit 2).
     config = tool_config(args, {"cache.max_size": args.max_size})
-    max_size = config.cache.max_size
-    store = open_existing_store(config)
+    # Each registry's crates are held to max_size on their own, as the server does.
+    stores = [("", open_existing_store(config)), *extra_stores(config)]
     try:
-        report = asyncio.run(_evict_locked(store, max_size, args.dry_run))
+        for name, store in stores:
+            _prune_one(store, f"prune [{name}]" if name else "prune", config.cache.max_size, args.dry_run)
     finally:
-        store.close()
-    verb = "would remove" if args.dry_run else "removed"
+        for _, store in stores:
+            store.close()
+    return EXIT_OK
+
+
+def _prune_one(store: Store, verb: str, max_size: int, dry_run: bool) -> None:
+    report = asyncio.run(_evict_locked(store, max_size, dry_run))
+    action = "would remove" if dry_run else "removed"
     removed = f"{plural(report.removed_count, 'crate')} ({format_size(report.removed_bytes)})"
     for item in report.removed:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(item.last_used))
-        print(f"prune: {verb} {item.name} {item.version} ({format_size(item.size)}, last used {used})")
+        print(f"{verb}: {action} {item.name} {item.version} ({format_size(item.size)}, last used {used})")
     if report.removed_count > len(report.removed):
-        print(f"prune: ... and {report.removed_count - len(report.removed)} more")
+        print(f"{verb}: ... and {report.removed_count - len(report.removed)} more")
     sizes = (
         f"{format_size(report.total_before)} -> {format_size(report.total_after)} "
         f"(max {format_size(max_size)})"
     )
     if not report.removed_count:
         print(
-            f"prune: nothing to remove: {format_size(report.total_before)} "
+            f"{verb}: nothing to remove: {format_size(report.total_before)} "
             f"is within max {format_size(max_size)}"
         )
-    elif args.dry_run:
-        print(f"prune: dry run: would remove {removed}: {sizes}; nothing was removed")
+    elif dry_run:
+        print(f"{verb}: dry run: would remove {removed}: {sizes}; nothing was removed")
     else:
-        print(f"prune: removed {removed}: {sizes}")
-    return EXIT_OK
+        print(f"{verb}: removed {removed}: {sizes}")

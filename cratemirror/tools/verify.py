@@ -18,6 +18,7 @@ from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     Progress,
+    extra_stores,
     open_existing_store,
     plural,
     tool_config,
@@ -146,31 +147,40 @@ def _recorded_since(store: Store, problem: Problem) -> bool:
 
 def run_verify(args: argparse.Namespace) -> int:
     config = tool_config(args)
-    store = open_existing_store(config)
+    stores = [("", open_existing_store(config)), *extra_stores(config)]
     try:
-        progress = Progress("verify", 0, every=QUIET_PROGRESS_EVERY)
-        report = verify_store(store, progress)
-        print(
-            f"verify: {plural(report.checked, 'crate file')} checked: {report.ok} ok, "
-            f"{report.count('corrupt')} corrupt, {report.count('orphaned')} orphaned; "
-            f"{report.count('missing')} missing (checksum recorded, no file)"
-        )
-        if not report.problems:
-            return EXIT_OK
-        if not args.fix:
-            print(
-                "verify: run `cratemirror verify --fix` to remove them "
-                "(they are fetched again on the next request)"
-            )
-            return EXIT_FAILURE
-        failures = fix(store, report)
-        for failure in failures:
-            print(f"verify: {failure}")
-        print(
-            f"verify: fixed {len(report.problems) - len(failures)} of {len(report.problems)}: removed "
-            f"{report.count('corrupt')} corrupt and {report.count('orphaned')} orphaned files, "
-            f"{report.count('missing')} stale checksum records"
-        )
-        return EXIT_FAILURE if failures else EXIT_OK
+        codes = [
+            _verify_one(store, f"verify [{name}]" if name else "verify", args.fix) for name, store in stores
+        ]
     finally:
-        store.close()
+        for _, store in stores:
+            store.close()
+    return max(codes)
+
+
+def _verify_one(store: Store, verb: str, fix_problems: bool) -> int:
+    """Verify one registry's cache (crates.io's at the top of cache.dir, or an extra registry's)."""
+    progress = Progress(verb, 0, every=QUIET_PROGRESS_EVERY)
+    report = verify_store(store, progress)
+    print(
+        f"{verb}: {plural(report.checked, 'crate file')} checked: {report.ok} ok, "
+        f"{report.count('corrupt')} corrupt, {report.count('orphaned')} orphaned; "
+        f"{report.count('missing')} missing (checksum recorded, no file)"
+    )
+    if not report.problems:
+        return EXIT_OK
+    if not fix_problems:
+        print(
+            f"{verb}: run `cratemirror verify --fix` to remove them "
+            "(they are fetched again on the next request)"
+        )
+        return EXIT_FAILURE
+    failures = fix(store, report)
+    for failure in failures:
+        print(f"{verb}: {failure}")
+    print(
+        f"{verb}: fixed {len(report.problems) - len(failures)} of {len(report.problems)}: removed "
+        f"{report.count('corrupt')} corrupt and {report.count('orphaned')} orphaned files, "
+        f"{report.count('missing')} stale checksum records"
+    )
+    return EXIT_FAILURE if failures else EXIT_OK

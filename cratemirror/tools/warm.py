@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import copy
 import hashlib
 import sys
 from collections.abc import Sequence
@@ -24,14 +25,24 @@ from cratemirror.app import create_app
 from cratemirror.config import Config, ConfigError
 from cratemirror.context import MIRROR
 from cratemirror.index import find_version
+from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import CrateName, parse_crate_version
-from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, Progress, error, plural, tool_config
+from cratemirror.tools.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    Progress,
+    error,
+    mirror_headers,
+    plural,
+    tool_config,
+)
 from cratemirror.tools.lockfile import (
     CRATES_IO_SOURCES,
     LockedCrate,
     LockedSet,
     accepted_sources,
     read_lockfiles,
+    registry_sources,
 )
 
 FETCHED = "fetched"
@@ -65,6 +76,13 @@ class DirectWarmer:
         self.config = config
         self.app = create_app(config)
         self.mirror = self.app[MIRROR]
+        self.registry = self.mirror.registries[DEFAULT_REGISTRY]
+
+    def for_registry(self, name: str) -> DirectWarmer:
+        """The same started app, warming the crates of another configured registry."""
+        view = copy.copy(self)
+        view.registry = self.mirror.registries[name]
+        return view
 
     async def __aenter__(self) -> DirectWarmer:
         self.app.freeze()
@@ -78,7 +96,7 @@ class DirectWarmer:
         await self.app.cleanup()
 
     async def warm(self, crate: LockedCrate) -> str:
-        crates, store = self.mirror.crates, self.mirror.store
+        crates, store = self.registry.crates, self.registry.store
         wanted = parse_crate_version(crate.name, crate.version)
         record = await crates.resolve(wanted)  # caches the index file too: cargo will ask for it
         check_lockfile(crate, record.cksum)
@@ -106,7 +124,7 @@ class MirrorWarmer:
     async def __aenter__(self) -> MirrorWarmer:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
-            headers={"User-Agent": f"cratemirror-warm/{__version__}"},
+            headers=mirror_headers(f"cratemirror-warm/{__version__}"),
         )
         return self
 
@@ -212,13 +230,21 @@ def mirror_base(text: str) -> str:
     return base.removesuffix("/index")
 
 
-async def _run(warmer: DirectWarmer | MirrorWarmer, locked: LockedSet, jobs: int) -> collections.Counter[str]:
+async def _run(
+    warmer: DirectWarmer | MirrorWarmer, locked: LockedSet, jobs: int, extras: dict[str, LockedSet]
+) -> tuple[collections.Counter[str], dict[str, collections.Counter[str]]]:
     async with warmer:
-        return await warm_all(warmer, locked.crates, jobs)
+        counts = await warm_all(warmer, locked.crates, jobs)
+        extra_counts = {}
+        for name, extra in extras.items():
+            assert isinstance(warmer, DirectWarmer)
+            extra_counts[name] = await warm_all(warmer.for_registry(name), extra.crates, jobs)
+        return counts, extra_counts
 
 
 def run_warm(args: argparse.Namespace) -> int:
     warmer: DirectWarmer | MirrorWarmer
+    extras: dict[str, LockedSet] = {}  # the packages of each extra registry (direct mode)
     if args.mirror is not None:
         base = mirror_base(args.mirror)
         locked = read_lockfiles(args.lockfiles, CRATES_IO_SOURCES)
@@ -226,15 +252,27 @@ def run_warm(args: argparse.Namespace) -> int:
     else:
         config = tool_config(args)
         locked = read_lockfiles(args.lockfiles, accepted_sources([config.upstream.index_url]))
+        for name, registry in config.registries.items():
+            extra = read_lockfiles(args.lockfiles, registry_sources(registry.index_url))
+            if extra.crates or extra.conflicts:
+                extras[name] = extra
+                # Not "skipped" any more: they are warmed through their own registry.
+                locked.skipped["other registry"] -= len(extra.crates)
+                locked.skipped = +locked.skipped  # drops a count that fell to 0
+                extra.skipped.clear()  # what it skips is counted on the crates.io line
         try:
             warmer = DirectWarmer(config)
         except OSError as exc:
             return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
-    for conflict in locked.conflicts:
+    for conflict in [*locked.conflicts, *(c for extra in extras.values() for c in extra.conflicts)]:
         print(f"warm: FAILED {conflict}", file=sys.stderr)
     try:
-        counts = asyncio.run(_run(warmer, locked, args.jobs))
+        counts, extra_counts = asyncio.run(_run(warmer, locked, args.jobs, extras))
     except OSError as exc:  # the cache dir itself failed (permissions, a full disk at start-up)
         return error(f"warm stopped: {exc.strerror or exc}")
     print(summary(locked, counts))
-    return EXIT_FAILURE if counts["failed"] or locked.conflicts else EXIT_OK
+    failed = bool(counts["failed"] or locked.conflicts)
+    for name, extra in extras.items():
+        print(summary(extra, extra_counts[name]).replace("warm:", f"warm [{name}]:", 1))
+        failed = failed or bool(extra_counts[name]["failed"] or extra.conflicts)
+    return EXIT_FAILURE if failed else EXIT_OK

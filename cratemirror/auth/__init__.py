@@ -1,0 +1,1 @@
+"""Who may use the mirror: client tokens (cargo's RFC 3139), their file and the request check."""

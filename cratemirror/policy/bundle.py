@@ -1,0 +1,132 @@
+"""The advisory database in an export bundle, for mirrors behind an air gap.
+
+Export (`cratemirror export --advisory-db`) adds `advisory-db/crates/<name>/RUSTSEC-YYYY-NNNN.md` for every
+advisory file of `policy.advisory_db` and lists them (path, sha256, size) under `advisory_db` in the
+manifest. Import checks every one strictly (the path rebuilt from a valid crate name and file name,
+size capped, sha256 as listed) and, only if all of them pass, replaces the `crates/` directory of the
+importing mirror's `policy.advisory_db` in one rename; a running server picks it up on its next check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cratemirror.names import InvalidRequest, parse_name
+from cratemirror.policy.advisories import ADVISORY_FILE_RE, MAX_ADVISORIES, MAX_ADVISORY_BYTES, scan
+
+PREFIX = "advisory-db/"
+MANIFEST_KEY = "advisory_db"
+
+
+def export_advisory_db(tar: tarfile.TarFile, root: Path) -> dict[str, Any]:
+    """Add the checkout's advisory files to the bundle; the manifest's `advisory_db` section."""
+    files = []
+    for item in scan(root):
+        if item.size > MAX_ADVISORY_BYTES:
+            continue
+        body = item.path.read_bytes()[: MAX_ADVISORY_BYTES + 1]
+        relative = f"crates/{item.crate_dir}/{item.path.name}"
+        info = tarfile.TarInfo(PREFIX + relative)
+        info.size = len(body)
+        info.mtime = item.mtime_ns // 1_000_000_000
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(body))
+        files.append({"path": relative, "sha256": hashlib.sha256(body).hexdigest(), "size": len(body)})
+    return {"files": files}
+
+
+@dataclass
+class DbImport:
+    installed: int = 0
+    target: Path | None = None
+    refused: list[str] = field(default_factory=list)
+
+
+def _relative_path(entry: object) -> tuple[str, str, str]:
+    """(crate dir, file name, sha256) of a manifest entry, or ValueError: the path is rebuilt from parts
+    that passed the name rules, never used as given."""
+    if not isinstance(entry, dict):
+        raise ValueError("not an object")
+    path, digest, size = entry.get("path"), entry.get("sha256"), entry.get("size")
+    parts = path.split("/") if isinstance(path, str) else []
+    if len(parts) != 3 or parts[0] != "crates" or not ADVISORY_FILE_RE.fullmatch(parts[2]):
+        raise ValueError(f"path {path!r} is not crates/<name>/RUSTSEC-YYYY-NNNN.md")
+    try:
+        parse_name(parts[1])
+    except InvalidRequest as exc:
+        raise ValueError(f"path {path!r}: {exc}") from None
+    if (
+        not isinstance(digest, str)
+        or len(digest) != 64
+        or not isinstance(size, int)
+        or size > MAX_ADVISORY_BYTES
+    ):
+        raise ValueError(f"path {path!r}: bad sha256 or size")
+    return parts[1], parts[2], digest
+
+
+def import_advisory_db(
+    tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], manifest: dict[str, Any], target: Path | None
+) -> DbImport:
+    """Verify and install the bundle's advisory db; pops its members from `members` either way."""
+    result = DbImport(target=target)
+    ours = {name: members.pop(name) for name in [name for name in members if name.startswith(PREFIX)]}
+    section = manifest.get(MANIFEST_KEY)
+    if section is None and not ours:
+        return result
+    entries = section.get("files") if isinstance(section, dict) else None
+    if not isinstance(entries, list) or len(entries) > MAX_ADVISORIES:
+        result.refused.append("advisory db: the manifest's advisory_db.files is missing or too long")
+        return result
+    if target is None:
+        result.refused.append("advisory db: policy.advisory_db is not set, so there is nowhere to install it")
+        return result
+    files: dict[tuple[str, str], bytes] = {}
+    for entry in entries:
+        try:
+            crate, name, digest = _relative_path(entry)
+            member = ours.pop(f"{PREFIX}crates/{crate}/{name}", None)
+            if member is None or member.size > MAX_ADVISORY_BYTES:
+                raise ValueError(f"crates/{crate}/{name}: missing from the bundle or too large")
+            handle = tar.extractfile(member)
+            assert handle is not None  # safe_members lets only regular files through
+            body = handle.read(MAX_ADVISORY_BYTES + 1)
+            if hashlib.sha256(body).hexdigest() != digest:
+                raise ValueError(f"crates/{crate}/{name}: does not hash to the manifest's sha256")
+        except ValueError as exc:
+            result.refused.append(f"advisory db: {exc}")
+            continue
+        files[(crate, name)] = body
+    result.refused.extend(f"advisory db: {name!r} is not listed in the manifest" for name in sorted(ours))
+    if result.refused:
+        result.refused.append("advisory db: not installed (every file must pass)")
+        return result
+    _install(target, files)
+    result.installed = len(files)
+    return result
+
+
+def _install(target: Path, files: dict[tuple[str, str], bytes]) -> None:
+    """Write the new crates/ beside the old one, then swap them with renames."""
+    target.mkdir(parents=True, exist_ok=True)
+    fresh = target / f".crates.import-{os.getpid()}"
+    old = target / f".crates.old-{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    for (crate, name), body in files.items():
+        path = fresh / crate / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+    fresh.mkdir(exist_ok=True)
+    current = target / "crates"
+    with contextlib.suppress(FileNotFoundError):
+        current.rename(old)
+    fresh.rename(current)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,253 @@
+"""PolicyService: the policy as one worker process applies it.
+
+It holds the rules, the advisory database (re-read when its files change, checked every POLL_SECONDS by
+a background task, so every worker and replica picks up an edit within seconds and without a restart),
+the licences learned from crates' Cargo.toml (a small shared side table in the store, one entry per
+crate: version -> licence), the index view cache, and the audit trail: one log line, one count in
+cratemirror_policy_decisions_total and one entry in the shared list of recent decisions per decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cachetools import LRUCache, TTLCache
+
+from cratemirror.config import Config
+from cratemirror.index import body_etag
+from cratemirror.metrics import Metrics
+from cratemirror.policy import advisories
+from cratemirror.policy.licenses import read_license
+from cratemirror.policy.rules import BLOCK, WARN, Decision, Rules, Verdict, check_policy
+from cratemirror.policy.semver import RequirementError, parse_version
+from cratemirror.policy.view import mark_yanked, versions
+from cratemirror.store import IndexEntry, Store
+
+log = logging.getLogger("cratemirror.policy")
+
+POLL_SECONDS = 2.0
+LICENSE_MEMO_SECONDS = 30.0  # another worker's newly learned licence shows in this one's index view by then
+LICENSE_KEY = "license:"
+RECENT_KEY = "policy-recent"
+RECENT_DECISIONS = 20
+VIEW_BYTES = 16 * 1024 * 1024
+VIEW_IN_THREAD = 256 * 1024
+
+
+class PolicyService:
+    def __init__(self, rules: Rules, advisory_db: Path | None, store: Store, metrics: Metrics) -> None:
+        self.rules = rules
+        self.root = advisory_db
+        self.store = store
+        self.metrics = metrics
+        self.db = advisories.AdvisoryDb(advisory_db)
+        self._licenses: TTLCache[str, dict[str, str]] = TTLCache(4096, LICENSE_MEMO_SECONDS)
+        self._views: LRUCache[tuple[Any, ...], IndexEntry] = LRUCache(VIEW_BYTES, getsizeof=_view_size)
+        self._watcher: asyncio.Task[None] | None = None
+        self._loaded = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.rules.mode != "off"
+
+    # --- the advisory database -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self.enabled or self.root is None:
+            return
+        if not self.root.is_dir():
+            log.warning("advisory database %s not found: no advisory applies until it appears", self.root)
+        await self.reload_if_changed()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                await self.reload_if_changed()
+            except Exception:  # a broken checkout must not end the watching; the old copy stays
+                log.exception("could not re-read the advisory database")
+
+    async def reload_if_changed(self) -> bool:
+        if self.root is None:
+            return False
+        current = await asyncio.to_thread(advisories.signature, self.root)
+        if self._loaded and current == self.db.signature:
+            return False
+        db = await asyncio.to_thread(advisories.load, self.root)
+        self._loaded = True
+        self.db = db
+        self._views.clear()
+        log.info(
+            "advisory database %s: %d advisories, newest %s%s",
+            self.root, db.count, db.newest_date or "-",
+            f"; {len(db.errors)} files left out, e.g. {db.errors[0]}" if db.errors else "",
+        )  # fmt: skip
+        return True
+
+    # --- licences learned from the crates ------------------------------------------------------
+
+    def known_licenses(self, lower: str) -> dict[str, str]:
+        """version -> licence expression ("" when the Cargo.toml declares none) of this crate's
+        versions the mirror has read."""
+        table = self._licenses.get(lower)
+        if table is None:
+            stored = self.store.get_json(LICENSE_KEY + lower)
+            table = {
+                str(version): str(text)
+                for version, text in (stored.items() if isinstance(stored, dict) else ())
+                if isinstance(version, str) and isinstance(text, str)
+            }
+            self._licenses[lower] = table
+        return table
+
+    def needs_license(self, name: str, version: str) -> bool:
+        """Whether the licence rule must see this version's Cargo.toml before deciding."""
+        return self.enabled and bool(self.rules.licenses) and version not in self.known_licenses(name.lower())
+
+    async def learn_license(self, name: str, version: str, crate: BinaryIO) -> None:
+        """Read the licence from the stored crate (already open: eviction cannot pull it away) once,
+        and remember it for every worker."""
+        text = await asyncio.to_thread(
+            read_license, io.BufferedReader(_Positional(crate.fileno())), name, version
+        )
+        lower = name.lower()
+        async with self.store.lock(LICENSE_KEY + lower):
+            self._licenses.pop(lower, None)
+            table = dict(self.known_licenses(lower))
+            table[version] = text or ""
+            try:
+                await asyncio.to_thread(self.store.put_json, LICENSE_KEY + lower, table)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("could not store the licence of %s %s: %s", name, version, exc)
+            self._licenses[lower] = table
+
+    # --- verdicts ------------------------------------------------------------------------------
+
+    def verdict(self, name: str, version: str) -> Verdict:
+        if not self.enabled:
+            return Verdict()
+        try:
+            parsed = parse_version(version)
+        except RequirementError:
+            return Verdict()
+        known = self.known_licenses(name.lower()) if self.rules.licenses else {}
+        license_text = known.get(version)
+        return self.rules.verdict(self.db, name, parsed, license_text or None, license_text is not None)
+
+    async def record(self, verdict: Verdict, name: str, version: str, client: str) -> Decision | None:
+        """Log and count a download's decisions; the block to enforce, if the mode enforces one."""
+        for warning in verdict.warnings:
+            await self._audit(warning, WARN, name, version, client)
+        block = verdict.block
+        if block is None:
+            return None
+        # In report mode a would-be block is a warning: logged and counted, nothing refused.
+        await self._audit(block, BLOCK if self.rules.enforcing else WARN, name, version, client)
+        return block if self.rules.enforcing else None
+
+    async def _audit(self, decision: Decision, action: str, name: str, version: str, client: str) -> None:
+        self.metrics.policy_decisions.labels(action, decision.rule).inc()
+        fields = {
+            "policy_action": action, "rule": decision.rule, "crate": name, "version": version,
+            "client": client, "reason": decision.reason,
+        }  # fmt: skip
+        log.log(
+            logging.WARNING if action == BLOCK else logging.INFO,
+            "policy %s %s: crate=%s version=%s client=%s mode=%s: %s",
+            action, decision.rule, name, version, client, self.rules.mode, decision.reason,
+            extra={"fields": fields},
+        )  # fmt: skip
+        entry = {**fields, "at": time.time()}
+        try:
+            async with self.store.lock(RECENT_KEY):
+                await asyncio.to_thread(self._remember_recent, entry)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not record a policy decision for the status page: %s", exc)
+
+    def _remember_recent(self, entry: dict[str, Any]) -> None:
+        recent = self.recent()
+        self.store.put_json(RECENT_KEY, [*recent[-(RECENT_DECISIONS - 1) :], entry])
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The newest decisions of every worker, oldest first."""
+        stored = self.store.get_json(RECENT_KEY)
+        return [item for item in stored if isinstance(item, dict)] if isinstance(stored, list) else []
+
+    # --- the index view ------------------------------------------------------------------------
+
+    async def view(self, lower: str, entry: IndexEntry) -> IndexEntry:
+        """The entry as clients see it: with `enforce`, blocked versions are yanked (and the ETag is
+        the view's own); anything else is the stored entry itself."""
+        if not self.rules.enforcing or entry.status != 200:
+            return entry
+        known = self.known_licenses(lower) if self.rules.licenses else {}
+        if not known and not self.db.for_crate(lower) and not self.rules.names_rules_for(lower):
+            return entry
+        key = (lower, entry.etag, self.db.signature, tuple(sorted(known.items())))
+        shown = self._views.get(key)
+        if shown is None:
+            if len(entry.body) > VIEW_IN_THREAD:  # parsing every line of a big file would stall the loop
+                shown = await asyncio.to_thread(self._make_view, lower, entry, known)
+            else:
+                shown = self._make_view(lower, entry, known)
+            with contextlib.suppress(ValueError):
+                self._views[key] = shown
+        return shown
+
+    def _make_view(self, lower: str, entry: IndexEntry, known: dict[str, str]) -> IndexEntry:
+        blocked = set()
+        for version in versions(entry.body):
+            try:
+                parsed = parse_version(version)
+            except RequirementError:
+                continue
+            license_text = known.get(version)
+            verdict = self.rules.verdict(
+                self.db, lower, parsed, license_text or None, license_text is not None
+            )
+            if verdict.block is not None:
+                blocked.add(version)
+        body = mark_yanked(entry.body, blocked)
+        return entry if body == entry.body else dataclasses.replace(entry, body=body, etag=body_etag(body))
+
+
+class _Positional(io.RawIOBase):
+    """Reads a descriptor with pread from its own position, leaving the descriptor's offset (which the
+    response will use) alone."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.pread(self.fd, len(buffer), self.position)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def _view_size(entry: IndexEntry) -> int:
+    return len(entry.body) + 256
+
+
+def create_policy(config: Config, store: Store, metrics: Metrics) -> PolicyService:
+    return PolicyService(check_policy(config), config.policy.advisory_db, store, metrics)
