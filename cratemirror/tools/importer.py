@@ -328,7 +328,7 @@ class BundledIndexes:
                     expected,
                     json.dumps(entry),
                     member.name,
-                    member.offset,
+                    member.offset_data,
                     member.size,
                 ),
             )
@@ -525,8 +525,6 @@ def import_bundle(
     advisory_db: Path | None = None,
     registries: Mapping[str, Store] | None = None,
 ) -> ImportResult:
-    result = ImportResult()
-    members = safe_members(tar, result)
     result = ImportResult()
     members = safe_members(tar, result)
     try:
