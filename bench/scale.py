@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import random
 import shutil
 import statistics
@@ -35,6 +34,7 @@ import aiohttp
 from bench import driver
 from bench.catalog import Params, scale_name, scale_version
 from bench.driver import Upstream, in_temp_dir, log
+from bench.procs import rss_bytes
 from tests.mirror_process import MirrorProcess, clean_env, metric_value
 
 DEFAULT_TIERS = (10_000, 50_000, 100_000)
@@ -147,22 +147,13 @@ def run_tool(argv: Sequence[str], cwd: Path) -> tuple[float, float]:
         )  # fmt: skip
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _high_water_mark(proc.pid))
+        peak = max(peak, rss_bytes(proc.pid, "VmHWM"))
         time.sleep(0.01)
     elapsed = time.perf_counter() - started
     if proc.returncode not in (0, 1):
         tail = errors.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"cratemirror {' '.join(argv)} exited {proc.returncode}: {tail}")
     return elapsed, peak / 1024 / 1024
-
-
-def _high_water_mark(pid: int) -> int:
-    """VmHWM of a process in bytes (0 once it is gone)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 async def tools(tmp: Path, config: Path, cache: Path, runs: int) -> dict[str, tuple[float, float]]:
