@@ -53,6 +53,8 @@ class Params:
     large_size: int = 3 * 1024 * 1024
     cold_rounds: int = 3
     cold_keys: int = 10
+    scale_crates: int = 0  # bench/scale.py: this many extra crates of scale_versions tiny versions each
+    scale_versions: int = 5
 
 
 @dataclass(frozen=True)
@@ -113,3 +115,11 @@ def build(params: Params) -> Catalog:
     )
     warmup = CrateSpec("coldwarm-up", ("0.1.0",), pad_to=params.small_size)
     return Catalog(tuple(mids), tuple(leaves), large, warmup, cold)
+
+
+def scale_name(i: int) -> str:
+    return f"scale{i:06d}"
+
+
+def scale_version(j: int) -> str:
+    return f"1.0.{j}"

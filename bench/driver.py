@@ -17,8 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 
@@ -28,6 +30,7 @@ from bench.nginx import Nginx, nginx_binary
 from bench.procs import Child, mirror_worker, nginx_worker
 from tests.mirror_process import MirrorProcess, clean_env
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = ("index", "small", "large", "cold", "cargo", "memory")
 UPSTREAM_START_TIMEOUT = 120.0
@@ -435,6 +438,30 @@ def render(s: Settings, raw: report.Raw, elapsed: float) -> str:
     return "\n".join(lines)
 
 
+def in_temp_dir(prefix: str, what: str, keep: bool, work: Callable[[Path], Awaitable[T]]) -> T | None:
+    """Run `work` in a fresh temp dir (removed afterwards unless `keep`); None if interrupted (Ctrl-C
+    or SIGTERM), after every process it started was stopped."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    log(f"{what}; temp dir {tmp}")
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await work(tmp)
+
+    try:
+        return asyncio.run(guarded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log("interrupted; every process started was stopped")
+        return None
+    finally:
+        if keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     s = parse_args(argv)
     missing = missing_tools(s.workloads)
@@ -442,25 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"missing: {', '.join(missing)}. Install them first, e.g.\n  {INSTALL_HINT}")
         return 2
     started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="cratemirror-bench-"))
-    log(f"benchmark ({s.mode}); temp dir {tmp}")
-
-    async def guarded() -> report.Raw:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await run(s, tmp)
-
-    try:
-        raw = asyncio.run(guarded())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log("interrupted; every process started was stopped")
+    raw = in_temp_dir("cratemirror-bench-", f"benchmark ({s.mode})", s.keep_tmp, lambda tmp: run(s, tmp))
+    if raw is None:
         return 130
-    finally:
-        if s.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
     text = render(s, raw, time.monotonic() - started)
     print(report.table(report.rows(raw)))
     s.output.write_text(text)

@@ -16,7 +16,7 @@ import threading
 
 from aiohttp import web
 
-from bench.catalog import DEP_REQ, Params, build
+from bench.catalog import DEP_REQ, Params, build, scale_name, scale_version
 from tests.fake_upstream import Dep, FakeRegistry
 
 
@@ -27,6 +27,10 @@ def populate(registry: FakeRegistry, params: Params) -> int:
         for version in spec.versions:
             pad = spec.pad_to if version == spec.newest else 0
             registry.add_crate(spec.name, version, deps=deps, pad_to=pad)
+            count += 1
+    for i in range(params.scale_crates):
+        for j in range(params.scale_versions):
+            registry.add_crate(scale_name(i), scale_version(j))
             count += 1
     return count
 

@@ -61,11 +61,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     ]
     try:
         for registry in mirror.registries.values():
-            crate_bytes = await asyncio.to_thread(registry.store.measure_crate_bytes)
-            registry.store.set_crate_bytes(crate_bytes)  # exact again, whatever a crash left
+            # What a crash left half done (a few rows, never a walk of the cache): totals exact again.
+            settled = await asyncio.to_thread(registry.store.settle)
+            if settled:
+                log.info("settled %d crate commits or evictions left by an earlier run", settled)
             registry.record_usage(registry.store.usage())
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
-        mirror.disk_trouble.report(f"could not count the cache at start-up: {exc}")
+        mirror.disk_trouble.report(f"could not settle the cache at start-up: {exc}")
     await mirror.policy.start()
     yield
     await mirror.policy.close()

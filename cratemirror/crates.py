@@ -24,7 +24,7 @@ import aiohttp
 from cachetools import LRUCache
 
 from cratemirror.coordination import Coordination, LocalCoordination
-from cratemirror.eviction import evict_to
+from cratemirror.eviction import evict_to, low_water
 from cratemirror.index import IndexService, VersionRecord, find_version_async
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName, CrateVersion, expand_dl_template
@@ -41,6 +41,7 @@ MEMO_LIMIT = 65536
 TOUCH_INTERVAL = 3600.0
 UPLOAD_SHUTDOWN_WAIT = 30.0  # seconds close() waits for uploads to the shared storage
 EVICTION_SHUTDOWN_WAIT = 30.0
+EVICTION_ROUNDS = 3
 
 
 class NotFound(Exception):
@@ -191,10 +192,24 @@ class CrateService:
             sha = self._sha_memo[key] = meta.sha256
         stat = os.fstat(handle.fileno())
         if time.time() - stat.st_mtime > TOUCH_INTERVAL:
-            # Recency for LRU eviction; at most hourly, so a hot crate costs no metadata write per hit.
+            # Recency for LRU eviction (the ledger's order; the mtime says when we last wrote it): at
+            # most hourly, so a hot crate costs no metadata write per hit.
             with contextlib.suppress(OSError):
                 os.utime(handle.fileno())
+            self._touch_later(name, version)
         return CachedCrate(handle, stat.st_size, sha)
+
+    def _touch_later(self, name: str, version: str) -> None:
+        """The ledger write off the event loop: it may wait for an eviction's short transaction."""
+
+        def touch() -> None:
+            with contextlib.suppress(sqlite3.Error):
+                self.store.touch_crate(name, version)
+
+        try:
+            asyncio.get_running_loop().run_in_executor(None, touch)
+        except RuntimeError:  # no loop (a tool): inline
+            touch()
 
     async def adopt_unrecorded(self, record: VersionRecord, version: str) -> CachedCrate | None:
         """A stored file whose metadata is gone (a crash between the two writes, or metadata lost to
@@ -404,14 +419,21 @@ class CrateService:
 
     async def _evict(self) -> None:
         try:
-            async with self.store.lock("evict"):  # one worker process at a time
-                report = await asyncio.to_thread(evict_to, self.store, self.max_size)
-            self._sha_memo.clear()
-            if report.removed:
-                log.info(
-                    "evicted %d crates (%d bytes) to stay under cache.max_size (%d bytes)",
-                    len(report.removed), report.removed_bytes, self.max_size,
-                )  # fmt: skip
+            if self.store.eviction_running():  # another worker process is at it
+                return
+            target = low_water(self.max_size)
+            # Fills that commit while a run ends see it still running and start none: look again.
+            for _ in range(EVICTION_ROUNDS):
+                async with self.store.eviction_lock():
+                    report = await asyncio.to_thread(evict_to, self.store, target)
+                self._sha_memo.clear()
+                if report.removed_count:
+                    log.info(
+                        "evicted %d crates (%d bytes) to %d bytes, below cache.max_size (%d bytes)",
+                        report.removed_count, report.removed_bytes, target, self.max_size,
+                    )  # fmt: skip
+                if self.store.crate_bytes() <= self.max_size:
+                    break
         except (OSError, sqlite3.Error) as exc:
             log.error("eviction failed: %s", exc)
 

@@ -1,10 +1,12 @@
 """The on-disk cache.
 
 Layout under `cache.dir`:
-  meta/                diskcache: index files (body + validators) and per-crate metadata
+  meta/                diskcache: index files (body + validators) and the upstream's config
+  crates.sqlite        the crate ledger: checksum, size, last use per crate, and running totals (ledger.py)
   crates/<name>/<name>-<version>.crate   verified tarballs, served with sendfile
   tmp/<pid>-<random>.part                fills in progress (same filesystem, so rename is atomic)
   locks/<key hash>.lock                  flock files that coalesce fills across worker processes
+  locks/evict.lock                       one eviction at a time (never one of the fill stripes)
 
 Every path is built from validated names (see names.py), never from raw request text.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -29,16 +32,21 @@ from typing import IO, Any
 
 import diskcache
 
+from cratemirror.ledger import STORED, Ledger, LedgerRow
 from cratemirror.names import CrateName, CrateVersion
 
 # Waiting on another process's flock blocks a thread; these threads do nothing else.
 log = logging.getLogger("cratemirror.store")
 
 LOCK_STRIPES = 4096
+EVICT_LOCK = "evict.lock"
 HASH_CHUNK = 1024 * 1024
 INDEX_PREFIX = "index:"
-CRATE_PREFIX = "crate:"
+CRATE_PREFIX = "crate:"  # crate checksums lived in diskcache before the ledger (migrated once)
 CRATE_BYTES_KEY = "stats:crate_bytes"
+LEDGER_FILE = "crates.sqlite"
+RENAME_ATTEMPTS = 3
+_LIBC = ctypes.CDLL(None, use_errno=True)
 GENERATION_FILE = "index-generation"
 _LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
 
@@ -84,9 +92,44 @@ class Store:
             self.degraded = f"cache metadata in {root / 'meta'} is unusable ({exc}); nothing is stored"
             log.error("%s", self.degraded)
             self.meta = _open_meta(Path(tempfile.mkdtemp(prefix="cratemirror-meta-")))
+        try:
+            self.ledger = Ledger(root / LEDGER_FILE, migrate=self._old_crate_rows)
+        except (sqlite3.Error, OSError) as exc:
+            self.degraded = self.degraded or f"crate ledger {root / LEDGER_FILE} is unusable ({exc})"
+            log.error("%s", self.degraded)
+            self.ledger = Ledger(Path(tempfile.mkdtemp(prefix="cratemirror-ledger-")) / LEDGER_FILE)
 
     def close(self) -> None:
+        self.ledger.close()
         self.meta.close()
+
+    def _old_crate_rows(self) -> list[LedgerRow]:
+        """A cache written before the ledger kept crate checksums in diskcache: carried over once, for
+        the files still present (the one start-up that walks them), and dropped from diskcache."""
+        rows: list[LedgerRow] = []
+        keys = self.meta._sql(
+            "SELECT key FROM Cache WHERE key >= ? AND key < ?", (CRATE_PREFIX, _prefix_end(CRATE_PREFIX))
+        ).fetchall()
+        for (key,) in keys:
+            value: Any = self.meta.get(key)
+            if isinstance(value, CrateMeta):
+                with contextlib.suppress(OSError):
+                    stat = self.crate_path(value.name, value.version).stat()
+                    last_used = max(value.fetched_at, stat.st_mtime)
+                    rows.append(
+                        LedgerRow(
+                            value.name,
+                            value.version,
+                            value.sha256,
+                            stat.st_size,
+                            value.fetched_at,
+                            last_used,
+                            STORED,
+                        )
+                    )
+            self.meta.delete(key)
+        self.meta.delete(CRATE_BYTES_KEY)
+        return rows
 
     # --- index files -------------------------------------------------------------------------
 
@@ -129,42 +172,75 @@ class Store:
         return self.crates_dir / key.crate.name / f"{key.crate.name}-{key.version}.crate"
 
     def get_crate_meta(self, name: str, version: str) -> CrateMeta | None:
-        value: Any = self.meta.get(f"{CRATE_PREFIX}{name}/{version}")
-        return value if isinstance(value, CrateMeta) else None
+        row = self.ledger.get(name, version)
+        return None if row is None else CrateMeta(row.name, row.version, row.sha256, row.size, row.fetched_at)
 
     def record_crate(self, meta: CrateMeta) -> None:
-        self.meta.set(f"{CRATE_PREFIX}{meta.name}/{meta.version}", meta)
+        """The checksum of a file already in place (adopted after a crash)."""
+        self.ledger.record(meta.name, meta.version, meta.sha256, meta.size, meta.fetched_at)
+
+    def touch_crate(self, name: str, version: str, at: float | None = None) -> None:
+        """Recency for least-recently-used eviction (callers do it at most hourly per crate)."""
+        self.ledger.touch(name, version, at)
 
     def new_temp_file(self) -> Path:
         return self.tmp_dir / f"{os.getpid()}-{os.urandom(8).hex()}.part"
 
     def commit_crate(self, temp: Path, meta: CrateMeta) -> Path:
-        """Move a verified, fsynced temp file into place. Metadata first: a crash in between leaves
-        metadata without a file (a plain miss), never a file without its checksum."""
+        """Move a verified, fsynced temp file into place. The ledger row first (PENDING, uncounted),
+        then the rename, then the row becomes STORED and counted: a crash anywhere in between leaves a
+        row that start-up settles from whether the file is there (it is verified if it is)."""
         final = self.crate_path(meta.name, meta.version)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.record_crate(meta)
-        os.replace(temp, final)
+        self.ledger.begin_commit(meta.name, meta.version, meta.sha256, meta.size, meta.fetched_at)
+        for attempt in range(RENAME_ATTEMPTS):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(temp, final)
+                break
+            except FileNotFoundError:
+                # An eviction removed the (then empty) crate folder between mkdir and rename.
+                if attempt + 1 >= RENAME_ATTEMPTS or not temp.exists():
+                    raise
         _fsync_dir(final.parent)
-        self.meta.incr(CRATE_BYTES_KEY, meta.size, default=0)
+        self.ledger.finish_commit(meta.name, meta.version)
         return final
 
-    # Running total of crate bytes, shared by all workers (diskcache's incr is atomic across processes);
-    # kept by commit_crate and remove_crate, recomputed exactly at start-up.
-    def crate_bytes(self) -> int:
-        value: Any = self.meta.get(CRATE_BYTES_KEY, 0)
-        return int(value)
+    def commit_crates(self, batch: list[tuple[Path, CrateMeta]]) -> None:
+        """`commit_crate` for many verified temp files (import): two ledger transactions and two
+        filesystem syncs for the whole batch instead of several fsyncs and writes per crate. The temp
+        files need not be fsynced: one syncfs makes their bytes durable before any rename."""
+        if not batch:
+            return
+        self.ledger.begin_commits(
+            (meta.name, meta.version, meta.sha256, meta.size, meta.fetched_at) for _, meta in batch
+        )
+        _sync_filesystem(self.tmp_dir, [temp for temp, _ in batch])
+        folders: set[Path] = set()
+        for temp, meta in batch:
+            final = self.crate_path(meta.name, meta.version)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
+            folders.add(final.parent)
+        _sync_filesystem(self.crates_dir, list(folders))
+        self.ledger.finish_commits((meta.name, meta.version) for _, meta in batch)
 
-    def set_crate_bytes(self, total: int) -> None:
-        self.meta.set(CRATE_BYTES_KEY, total)
+    def crate_bytes(self) -> int:
+        """Bytes of stored crates: a running total kept by the ledger, shared by every process."""
+        return self.ledger.totals()[0]
 
     def remove_crate(self, name: str, version: str) -> None:
+        """The file, then its row (a crash between leaves a row without a file: a plain miss)."""
         path = self.crate_path(name, version)
         with contextlib.suppress(FileNotFoundError):
-            size = path.stat().st_size
             path.unlink()
-            self.meta.incr(CRATE_BYTES_KEY, -size, default=0)
-        self.meta.delete(f"{CRATE_PREFIX}{name}/{version}")
+        self.ledger.delete(name, version)
+        remove_empty_dir(path.parent)
+
+    def settle(self) -> int:
+        """Finish the commits and evictions that dead processes left half done (start-up; cheap)."""
+        return self.ledger.settle(
+            lambda name, version: self.crate_path(name, version).exists(), _process_alive
+        )
 
     def clean_stale_temp_files(self) -> int:
         """Remove fills left by processes that no longer run (a crash or kill -9 mid-download)."""
@@ -180,30 +256,35 @@ class Store:
 
     # --- cross-process coalescing ------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def lock(self, key: str) -> AsyncIterator[None]:
-        """An exclusive flock on `key`, shared by every worker process using this cache dir."""
+    def _stripe_path(self, key: str) -> Path:
         # A fixed set of lock files (keys hash onto them) so the directory never grows; two keys that
         # share a stripe only wait for each other, and no code path holds two locks at once.
         stripe = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % LOCK_STRIPES
-        path = self.locks_dir / f"{stripe:04x}.lock"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
-        except OSError as exc:
-            # A read-only or full cache dir: coalesce within this process only, keep answering.
-            log.warning("no cross-process lock for %s: %s", key, exc)
+        return self.locks_dir / f"{stripe:04x}.lock"
+
+    @contextlib.asynccontextmanager
+    async def lock(self, key: str) -> AsyncIterator[None]:
+        """An exclusive flock on `key`, shared by every worker process using this cache dir."""
+        async with _flocked(self._stripe_path(key), key):
             yield
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                await asyncio.get_running_loop().run_in_executor(
-                    _LOCK_THREADS, fcntl.flock, fd, fcntl.LOCK_EX
-                )
+
+    @contextlib.asynccontextmanager
+    async def eviction_lock(self) -> AsyncIterator[None]:
+        """One eviction (server or prune) at a time, on a lock file of its own: no fill waits on it."""
+        async with _flocked(self.locks_dir / EVICT_LOCK, "eviction"):
             yield
-        finally:
-            os.close(fd)  # closing releases the lock
+
+    def eviction_running(self) -> bool:
+        """Whether another process holds the eviction lock now (the server then leaves it be)."""
+        with _try_flock(self.locks_dir / EVICT_LOCK) as held:
+            return not held
+
+    @contextlib.contextmanager
+    def try_lock_crate(self, name: str, version: str) -> Iterator[bool]:
+        """The fill lock of one crate if it is free at once (eviction skips a crate being filled);
+        held only for the few microseconds of an unlink, so a miss on the same stripe barely waits."""
+        with _try_flock(self._stripe_path(f"crate:{name}/{version}")) as held:
+            yield held
 
     def writable_problem(self) -> str | None:
         """None when the cache dir accepts writes, else a one-line reason (for /readyz)."""
@@ -219,44 +300,34 @@ class Store:
         return None
 
     def iter_crate_files(self) -> Iterator[Path]:
-        yield from self.crates_dir.glob("*/*.crate")
-
-    def measure_crate_bytes(self) -> int:
-        """The crate files' total size, walked on disk (slow on a big cache: start-up only, off the loop)."""
-        total = 0
-        for path in self.iter_crate_files():
-            with contextlib.suppress(FileNotFoundError):
-                total += path.stat().st_size
-        return total
+        """Every *.crate file under crates/, a folder at a time (folders may vanish meanwhile)."""
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.crates_dir) as folders:
+            for folder in folders:
+                if not folder.is_dir(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(FileNotFoundError), os.scandir(folder.path) as files:
+                    for entry in files:
+                        if entry.name.endswith(".crate"):
+                            yield Path(entry.path)
 
     def usage(self) -> dict[str, tuple[int, int]]:
-        """(bytes, entries) by kind from the shared running total and indexed key counts: a few SQLite
-        reads, never a walk over the files, so it can run on every scrape."""
-        return {
-            "crate": (self.crate_bytes(), self.count_keys(CRATE_PREFIX)),
-            "index": (int(self.meta.volume()), self.count_keys(INDEX_PREFIX)),
-        }
+        """(bytes, entries) by kind from running totals: O(1) per scrape, never a walk or a count."""
+        return {"crate": self.ledger.totals(), "index": (int(self.meta.volume()), self.index_entries())}
 
-    def count_keys(self, prefix: str) -> int:
-        """Live keys starting with `prefix` (ASCII, ending in ':'). diskcache has no prefix count and
-        iterating its keys takes seconds on a big cache; this is a range scan of its key index."""
-        rows = self.meta._sql(
-            "SELECT COUNT(*) FROM Cache WHERE key >= ? AND key < ?"
-            " AND (expire_time IS NULL OR expire_time > ?)",
-            (prefix, _prefix_end(prefix), time.time()),
-        ).fetchall()
-        return int(rows[0][0])
+    def index_entries(self) -> int:
+        """Index files stored: diskcache keeps the key count itself; subtract the few other keys."""
+        others = self.meta._sql(
+            "SELECT COUNT(*) FROM Cache WHERE key < ? OR key >= ?", (INDEX_PREFIX, _prefix_end(INDEX_PREFIX))
+        ).fetchone()[0]
+        return len(self.meta) - int(others)
 
     def iter_crate_metas(self) -> Iterator[CrateMeta]:
-        """Every crate with a recorded checksum (its file present or not)."""
-        rows = self.meta._sql(
-            "SELECT key FROM Cache WHERE key >= ? AND key < ?", (CRATE_PREFIX, _prefix_end(CRATE_PREFIX))
-        ).fetchall()
-        for (key,) in rows:
-            name, _, version = str(key)[len(CRATE_PREFIX) :].partition("/")
-            meta = self.get_crate_meta(name, version)
-            if meta is not None:
-                yield meta
+        """Every crate with a recorded checksum (its file present or not), by name, a page at a time."""
+        for row in self.ledger.iter_rows():
+            yield CrateMeta(row.name, row.version, row.sha256, row.size, row.fetched_at)
+
+    def iter_ledger(self) -> Iterator[LedgerRow]:
+        return self.ledger.iter_rows()
 
 
 def _prefix_end(prefix: str) -> str:
@@ -303,6 +374,65 @@ class DiskTrouble:
 
 def _open_meta(directory: Path) -> diskcache.Cache:
     return diskcache.Cache(str(directory), size_limit=2**40, eviction_policy="none")
+
+
+@contextlib.asynccontextmanager
+async def _flocked(path: Path, what: str) -> AsyncIterator[None]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
+    except OSError as exc:
+        # A read-only or full cache dir: coalesce within this process only, keep answering.
+        log.warning("no cross-process lock for %s: %s", what, exc)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            await asyncio.get_running_loop().run_in_executor(_LOCK_THREADS, fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def _try_flock(path: Path) -> Iterator[bool]:
+    """Yields whether the lock was free (and is now held until the block ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        yield True  # no cross-process locks on this dir (read-only): nothing to wait for
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def remove_empty_dir(directory: Path) -> None:
+    """Drop a crate folder its last file left (a scan or `ls` never wades through empty folders)."""
+    with contextlib.suppress(OSError):  # not empty (another version), or already gone
+        directory.rmdir()
+
+
+def _sync_filesystem(anchor: Path, fallback: list[Path]) -> None:
+    """syncfs(2) on the cache's filesystem (one call however many files); where it is missing, an
+    fsync of each path in `fallback` (files or folders)."""
+    syncfs = getattr(_LIBC, "syncfs", None)
+    if syncfs is not None:
+        fd = os.open(anchor, os.O_RDONLY)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in fallback:
+        _fsync_dir(path)  # an O_RDONLY fsync works for files and folders alike
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -400,6 +400,7 @@ async def test_lru_eviction_past_max_size(registry: FakeRegistry, mirror_factory
     now = time.time()
     for hours, name in zip((4, 3, 2), names[:3], strict=True):
         os.utime(store.crate_path(name, "1.0.0"), (now - hours * 3600, now - hours * 3600))
+        store.touch_crate(name, "1.0.0", now - hours * 3600)
     await fetch("eva", "HIT")  # the oldest, but just used
 
     await fetch("evd", "MISS")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -23,11 +22,14 @@ async def test_prune_keeps_the_most_recently_used(
         response = await client.get(f"/api/v1/crates/{cv.name}/{cv.vers}/download")
         assert response.status == 200
         await response.read()
-    # Last use is the file's mtime: an hour apart, "oldest" the longest ago.
+    # Last use is kept in the cache's ledger: an hour apart, "oldest" the longest ago.
     now = time.time()
-    for age, name in enumerate(reversed(names)):
-        stamp = now - 3600 * (age + 1)
-        os.utime(crate_file(cache, name, "1.0.0"), (stamp, stamp))
+    store = Store(cache)
+    try:
+        for age, name in enumerate(reversed(names)):
+            store.touch_crate(name, "1.0.0", now - 3600 * (age + 1))
+    finally:
+        store.close()
     sizes = {name: crate_file(cache, name, "1.0.0").stat().st_size for name in names}
     keep = sizes["recent"] + sizes["newest"]
     config = write_config(tmp_path / "mirror.yaml", registry.index_url, cache)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import TextIO
 
+from tqdm import tqdm
+
 from cratemirror.config import Config, ConfigError, find_config_path, load_config
 from cratemirror.logs import setup_logging
-from cratemirror.store import CrateMeta, Store
+from cratemirror.store import Store
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -61,11 +62,6 @@ def extra_stores(config: Config) -> list[tuple[str, Store]]:
     return stores
 
 
-def cached_crate_metas(store: Store) -> list[CrateMeta]:
-    """Every crate the store has a checksum for (file present or not)."""
-    return list(store.iter_crate_metas())
-
-
 def format_size(size: float) -> str:
     """1536 -> '1.5 KiB': binary units, as in cache.max_size."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -76,52 +72,51 @@ def format_size(size: float) -> str:
 
 
 class Progress:
-    """A progress bar redrawn in place on a terminal; plain lines (for logs and CI) otherwise."""
+    """A tqdm bar on a terminal; off one (logs, CI), plain lines: those worth one, a count now and then."""
 
     def __init__(self, verb: str, total: int, stream: TextIO | None = None, every: int = 0) -> None:
         self.verb = verb
-        self.total = total
         self.done = 0
         self.stream: TextIO = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
-        self.every = every  # off a terminal: a "checked N/M" line every this many quiet steps (0: never)
-        self._drawn = False
+        self.every = every  # off a terminal: a "verify: N/M" line every this many quiet steps (0: never)
+        self.bar = tqdm(
+            total=total, desc=verb, file=self.stream, disable=not self.tty, unit=" crates", leave=False,
+            dynamic_ncols=True, mininterval=0.2,
+        )  # fmt: skip
+
+    @property
+    def total(self) -> int:
+        return int(self.bar.total or 0)
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.bar.total = value
+        self.bar.refresh()
 
     def step(self, label: str, line: str | None = None) -> None:
         """One item done. `line` is worth a line of its own off a terminal; `label` names the item."""
-        self.done += 1
+        self.advance(1, label, line)
+
+    def advance(self, count: int, label: str = "", line: str | None = None) -> None:
+        self.done += count
         if self.tty:
-            self._draw(label)
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(count)
         elif line is not None:
             self._print(f"{self.verb}: [{self.done}/{self.total}] {line}")
-        elif self.every and self.done % self.every == 0:
+        elif self.every and self.done // self.every > (self.done - count) // self.every:
             self._print(f"{self.verb}: {self.done}/{self.total}")
 
     def note(self, line: str) -> None:
         """Something that must stay visible (a failure): printed as a line even on a terminal."""
         if self.tty:
-            self._clear()
-        self._print(f"{self.verb}: {line}")
+            self.bar.write(f"{self.verb}: {line}", file=self.stream)
+        else:
+            self._print(f"{self.verb}: {line}")
 
     def finish(self) -> None:
-        if self.tty:
-            self._clear()
-
-    def _draw(self, label: str) -> None:
-        width = shutil.get_terminal_size((80, 24)).columns
-        counter = f" {self.done}/{self.total} "
-        bar_width = max(10, min(40, width // 3))
-        filled = bar_width * self.done // max(self.total, 1)
-        text = f"{self.verb} [{'#' * filled}{'.' * (bar_width - filled)}]{counter}{label}"
-        self.stream.write("\r" + text[: width - 1] + "\x1b[K")
-        self.stream.flush()
-        self._drawn = True
-
-    def _clear(self) -> None:
-        if self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = False
+        self.bar.close()
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)

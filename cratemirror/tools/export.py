@@ -15,15 +15,17 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cratemirror import __version__
 from cratemirror.config import ConfigError, parse_duration
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
+from cratemirror.ledger import STORED
 from cratemirror.names import CrateName, InvalidRequest
 from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
@@ -32,7 +34,6 @@ from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     Progress,
-    cached_crate_metas,
     error,
     extra_stores,
     format_size,
@@ -45,47 +46,70 @@ from cratemirror.tools.lockfile import accepted_sources, read_lockfiles, registr
 
 @dataclass
 class Selection:
-    metas: list[CrateMeta] = field(default_factory=list)
+    metas: Iterator[CrateMeta] = field(default_factory=lambda: iter(()))  # by name, then version
     problems: list[str] = field(default_factory=list)  # wanted but not cached
+
+
+class Records:
+    """The manifest's entries of one kind, spooled to a temp file as JSON lines: memory stays flat."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.count = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.count += 1
+
+    def lines(self) -> Iterator[str]:
+        self.file.seek(0)
+        for line in self.file:
+            yield line.rstrip("\n")
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @dataclass
 class ExportResult:
-    crates: list[dict[str, Any]] = field(default_factory=list)
-    index_files: list[dict[str, Any]] = field(default_factory=list)
+    crates: Records = field(default_factory=Records)
+    index_files: Records = field(default_factory=Records)
     problems: list[str] = field(default_factory=list)
     crate_bytes: int = 0
     advisories: int | None = None  # advisory files carried (--advisory-db)
 
-
-def last_activity(store: Store, meta: CrateMeta) -> float:
-    """When a crate was last fetched or served (serving refreshes the file's mtime, at most hourly)."""
-    try:
-        return max(meta.fetched_at, store.crate_path(meta.name, meta.version).stat().st_mtime)
-    except FileNotFoundError:
-        return meta.fetched_at
+    def close(self) -> None:
+        self.crates.close()
+        self.index_files.close()
 
 
 def select(
     store: Store,
-    metas: list[CrateMeta],
     since: float | None,
     lockfiles: Sequence[str] | None,
     upstream: str,
     accepted: Sequence[str] | None = None,
 ) -> Selection:
-    """`accepted`: the lockfile source ids of this registry (default: crates.io's and `upstream`)."""
+    """What goes in: by last use (the ledger, streamed), by lockfile (one lookup per locked crate), or
+    everything (streamed). `accepted`: the lockfile source ids of this registry (default: crates.io's
+    and `upstream`)."""
     if since is not None:
         cutoff = time.time() - since
-        return Selection([meta for meta in metas if last_activity(store, meta) >= cutoff])
+        return Selection(
+            iter(
+                CrateMeta(row.name, row.version, row.sha256, row.size, row.fetched_at)
+                for row in store.iter_ledger()
+                if row.state == STORED and max(row.last_used, row.fetched_at) >= cutoff
+            )
+        )
     if not lockfiles:
-        return Selection(metas)
-    by_key = {(meta.name.lower(), meta.version): meta for meta in metas}
+        return Selection(store.iter_crate_metas())
     selection = Selection()
     locked = read_lockfiles(lockfiles, accepted or accepted_sources([upstream]))
     selection.problems.extend(locked.conflicts)
+    chosen: list[CrateMeta] = []
     for crate in locked.crates:
-        meta = by_key.get((crate.name.lower(), crate.version))
+        meta = _cached_meta(store, crate.name, crate.version)
         if meta is None:
             selection.problems.append(f"MISSING {crate.name} {crate.version}: not in the cache")
         elif crate.checksum is not None and crate.checksum != meta.sha256:
@@ -94,8 +118,24 @@ def select(
                 f"differs from the cached crate's {meta.sha256}"
             )
         else:
-            selection.metas.append(meta)
+            chosen.append(meta)
+    selection.metas = iter(sorted(chosen, key=lambda meta: (meta.name, meta.version)))
     return selection
+
+
+def _cached_meta(store: Store, name: str, version: str) -> CrateMeta | None:
+    """The lockfile spells the name as the registry does; the cache folder may differ only in case."""
+    meta = store.get_crate_meta(name, version)
+    if meta is not None:
+        return meta
+    entry = store.get_index(name.lower())
+    if entry is None or entry.status != 200:
+        return None
+    try:
+        record = find_version(entry.body, CrateName(name), version)
+    except (MalformedIndexLine, InvalidRequest):
+        return None
+    return store.get_crate_meta(record.name, version) if record is not None else None
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, body: bytes, mtime: float) -> None:
@@ -104,6 +144,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, body: bytes, mtime: float) -> No
     info.mtime = int(mtime)
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(body))
+    vars(tar)["members"].clear()  # tarfile keeps every header it wrote; nothing reads them
 
 
 def _add_crate(
@@ -136,6 +177,7 @@ def _add_crate(
             info.mtime = int(os.fstat(handle.fileno()).st_mtime)
             info.mode = 0o644
             tar.addfile(info, handle)
+            vars(tar)["members"].clear()
     except FileNotFoundError:
         result.problems.append(f"SKIPPED {label}: the file is not in the cache (evicted?)")
         return
@@ -169,51 +211,78 @@ def _cached_index(store: Store, lower: str) -> IndexEntry | None:
 
 
 def _write_members(
-    tar: tarfile.TarFile, store: Store, metas: list[CrateMeta], advisory_db: Path | None
+    tar: tarfile.TarFile, store: Store, metas: Iterator[CrateMeta], total: int, advisory_db: Path | None
 ) -> ExportResult:
-    """Crates, then the index files of the crates that made it, then the manifest (it lists both)."""
+    """Crates (each crate's index file right after its last version), then the manifest (it lists
+    both). `metas` come grouped by name, so only the current crate's index file is held."""
     result = ExportResult()
-    indexes: dict[str, IndexEntry | None] = {}
-    included: dict[str, str] = {}  # lowercased name -> name, for crates that went in
-    progress = Progress("export", len(metas))
-    for meta in sorted(metas, key=lambda item: (item.name.lower(), item.version)):
-        lower = meta.name.lower()
-        if lower not in indexes:
-            indexes[lower] = _cached_index(store, lower)
+    progress = Progress("export", total)
+    current: tuple[str, IndexEntry | None, bool] | None = None  # (name, its index file, any crate in)
+    for meta in metas:
+        if current is None or current[0] != meta.name:
+            _close_crate(tar, current, result)
+            current = (meta.name, _cached_index(store, meta.name.lower()), False)
         before = len(result.problems)
-        _add_crate(tar, store, meta, indexes[lower], result)
+        _add_crate(tar, store, meta, current[1], result)
         for problem in result.problems[before:]:
             progress.note(problem)
         if len(result.problems) == before:
-            included[lower] = meta.name
+            current = (current[0], current[1], True)
         progress.step(f"{meta.name} {meta.version}")
+    _close_crate(tar, current, result)
     progress.finish()
-    for lower, name in included.items():
-        entry = indexes[lower]
-        assert entry is not None  # a crate goes in only with its index line
-        _add_bytes(tar, index_member(name), entry.body, time.time())
-        result.index_files.append(_index_record(name, entry))
     config = store.get_json(UPSTREAM_CONFIG_KEY)
-    manifest = manifest_document(
+    head = manifest_document(
         datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         f"cratemirror {__version__}",
         config if isinstance(config, dict) else None,
-        result.crates,
-        result.index_files,
+        [],
+        [],
     )
     if advisory_db is not None:
-        manifest[MANIFEST_KEY] = export_advisory_db(tar, advisory_db)
-        result.advisories = len(manifest[MANIFEST_KEY]["files"])
-    _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=1).encode(), time.time())
+        head[MANIFEST_KEY] = export_advisory_db(tar, advisory_db)
+        result.advisories = len(head[MANIFEST_KEY]["files"])
+    with tempfile.TemporaryFile("w+b") as manifest:
+        _write_manifest(manifest, head, {"crates": result.crates, "index_files": result.index_files})
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = manifest.tell()
+        info.mtime = int(time.time())
+        info.mode = 0o644
+        manifest.seek(0)
+        tar.addfile(info, manifest)
     return result
+
+
+def _write_manifest(out: IO[bytes], head: dict[str, Any], lists: dict[str, Records]) -> None:
+    """The manifest document, its long lists streamed from their spools."""
+    text = json.dumps({key: value for key, value in head.items() if key not in lists}, indent=1)
+    out.write(text[: -len("\n}")].encode())
+    for key, records in lists.items():
+        out.write(f',\n "{key}": ['.encode())
+        for number, line in enumerate(records.lines()):
+            out.write(("," if number else "").encode() + b"\n  " + line.encode())
+        out.write(b"\n ]")
+    out.write(b"\n}")
+
+
+def _close_crate(
+    tar: tarfile.TarFile, current: tuple[str, IndexEntry | None, bool] | None, result: ExportResult
+) -> None:
+    if current is None or not current[2]:
+        return
+    name, entry, _ = current
+    assert entry is not None  # a crate goes in only with its index line
+    _add_bytes(tar, index_member(name), entry.body, time.time())
+    result.index_files.append(_index_record(name, entry))
 
 
 def write_bundle(
     store: Store,
-    metas: list[CrateMeta],
+    metas: Iterator[CrateMeta],
     target: Path,
     advisory_db: Path | None = None,
     nested: Sequence[tuple[str, Path]] = (),
+    total: int = 0,
 ) -> ExportResult:
     """Write the tar next to `target`, then rename it into place: no half-written bundle is left.
     `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar."""
@@ -226,7 +295,8 @@ def write_bundle(
                     info.size, info.mtime, info.mode = path.stat().st_size, int(time.time()), 0o644
                     with open(path, "rb") as handle:
                         tar.addfile(info, handle)
-                result = _write_members(tar, store, metas, advisory_db)
+                result = _write_members(tar, store, metas, total, advisory_db)
+            result.close()  # the spooled manifest entries; their counts stay
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, target)
@@ -259,25 +329,27 @@ def run_export(args: argparse.Namespace) -> int:
         # Each extra registry's working set as a bundle of its own, carried inside this one.
         for name, extra in extras:
             accepted = registry_sources(config.registries[name].index_url)
-            chosen = select(extra, cached_crate_metas(extra), since, args.lockfile, "", accepted)
+            chosen = select(extra, since, args.lockfile, "", accepted)
             for problem in chosen.problems:
                 print(f"export [{name}]: {problem}", file=sys.stderr)
             path = target.with_name(f".{target.name}.{name}.{os.getpid()}.part")
             try:
-                written = write_bundle(extra, chosen.metas, path)
+                written = write_bundle(extra, chosen.metas, path, total=extra.ledger.totals()[1])
             except OSError as exc:
                 return error(f"cannot write bundle {target}: {exc.strerror or exc}")
             nested.append((name, path))
             problems += len(chosen.problems) + len(written.problems)
             print(
-                f"export [{name}]: {plural(len(written.crates), 'crate')} "
-                f"({format_size(written.crate_bytes)}) and {plural(len(written.index_files), 'index file')}"
+                f"export [{name}]: {plural(written.crates.count, 'crate')} "
+                f"({format_size(written.crate_bytes)}) and {plural(written.index_files.count, 'index file')}"
             )
-        selection = select(store, cached_crate_metas(store), since, args.lockfile, config.upstream.index_url)
+        selection = select(store, since, args.lockfile, config.upstream.index_url)
         for problem in selection.problems:
             print(f"export: {problem}", file=sys.stderr)
         try:
-            result = write_bundle(store, selection.metas, target, advisory_db, nested)
+            result = write_bundle(
+                store, selection.metas, target, advisory_db, nested, store.ledger.totals()[1]
+            )
         except OSError as exc:
             return error(f"cannot write bundle {target}: {exc.strerror or exc}")
     finally:
@@ -289,8 +361,8 @@ def run_export(args: argparse.Namespace) -> int:
                 path.unlink()
     problems += len(selection.problems) + len(result.problems)
     print(
-        f"export: {plural(len(result.crates), 'crate')} ({format_size(result.crate_bytes)}) and "
-        f"{plural(len(result.index_files), 'index file')}"
+        f"export: {plural(result.crates.count, 'crate')} ({format_size(result.crate_bytes)}) and "
+        f"{plural(result.index_files.count, 'index file')}"
         + (
             f" and {plural(result.advisories, 'advisory', 'advisories')}"
             if result.advisories is not None

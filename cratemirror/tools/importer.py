@@ -13,21 +13,27 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
+import sqlite3
 import sys
 import tarfile
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any, overload
 from urllib.parse import urlsplit
+
+import ijson
+from cachetools import LRUCache
+from ijson.common import ObjectBuilder
 
 from cratemirror.config import ConfigError
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
+from cratemirror.policy.bundle import PREFIX as ADVISORY_PREFIX
 from cratemirror.policy.bundle import DbImport, import_advisory_db
 from cratemirror.registry import registry_cache_dir
 from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
@@ -55,6 +61,10 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024  # as upstream.max_index_size's default
 MAX_HEADER_TEXT = 256
 # What may go into an ETag / Last-Modified header: visible ASCII and spaces, no CR/LF.
 _HEADER_SAFE = re.compile(rf"[\x20-\x7e]{{1,{MAX_HEADER_TEXT}}}")
+COMMIT_BATCH = 500  # crates per store.commit_crates: two filesystem syncs and two transactions each
+INDEX_BODIES_HELD = 64
+STREAMED = ("crates", "index_files")  # the manifest's long lists: read an entry at a time
+MAX_MANIFEST_DEPTH = 32  # a manifest nests 3 deep; the crate list is streamed only after this check
 
 
 class BundleError(Exception):
@@ -93,12 +103,86 @@ def _path_problem(name: str) -> str | None:
     return None
 
 
-def safe_members(tar: tarfile.TarFile, result: ImportResult) -> dict[str, tarfile.TarInfo]:
-    """Regular members with plain relative names; everything else is refused. A name that appears
-    twice is refused entirely: which copy is "the" member would be ambiguous."""
-    members: dict[str, tarfile.TarInfo] = {}
-    duplicates: set[str] = set()
-    for member in tar.getmembers():
+@dataclass(frozen=True, slots=True)
+class Member:
+    """Where a regular member's bytes are: all that is kept of its header."""
+
+    name: str
+    offset: int
+    size: int
+
+    def info(self) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(self.name)
+        info.offset_data, info.size, info.type = self.offset, self.size, tarfile.REGTYPE
+        return info
+
+
+class Members:
+    """Where each regular member's bytes are, in a throwaway SQLite file rather than in memory: a
+    bundle of 100,000 crates costs the importer no more memory than one of ten. `pop` hands a member
+    out once; what nobody asked for is left over for the report."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="cratemirror-import-")
+        self.db = sqlite3.connect(Path(self._dir.name) / "members.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode = OFF")
+        self.db.execute("PRAGMA synchronous = OFF")
+        self.db.execute(
+            "CREATE TABLE members (name TEXT PRIMARY KEY, tar_name TEXT, offset INTEGER, size INTEGER,"
+            " copies INTEGER NOT NULL DEFAULT 1, taken INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
+        )
+        self.db.execute("BEGIN")
+
+    def add(self, name: str, member: tarfile.TarInfo) -> None:
+        self.db.execute(
+            "INSERT INTO members (name, tar_name, offset, size) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET copies = copies + 1",
+            (name, member.name, member.offset_data, member.size),
+        )
+
+    def drop_duplicates(self) -> list[str]:
+        """A name that appears twice is refused entirely: which copy is "the" member is ambiguous."""
+        self.db.execute("COMMIT")
+        rows = self.db.execute("SELECT name FROM members WHERE copies > 1 ORDER BY name").fetchall()
+        self.db.execute("DELETE FROM members WHERE copies > 1")
+        return [str(name) for (name,) in rows]
+
+    @overload
+    def pop(self, name: str) -> tarfile.TarInfo: ...
+    @overload
+    def pop(self, name: str, default: None) -> tarfile.TarInfo | None: ...
+
+    def pop(self, name: str, default: object = KeyError) -> tarfile.TarInfo | None:
+        """As dict.pop: the member (a header enough to read it), once; KeyError without a default."""
+        row = self.db.execute(
+            "SELECT tar_name, offset, size FROM members WHERE name = ? AND taken = 0", (name,)
+        ).fetchone()
+        if row is None:
+            if default is KeyError:
+                raise KeyError(name)
+            return None
+        self.db.execute("UPDATE members SET taken = 1 WHERE name = ?", (name,))
+        return Member(str(row[0]), int(row[1]), int(row[2])).info()
+
+    def __iter__(self) -> Iterator[str]:
+        """The names nobody has taken yet (a snapshot: popping while iterating is fine)."""
+        return iter(list(self.left_over()))
+
+    def left_over(self) -> Iterator[str]:
+        for (name,) in self.db.execute("SELECT name FROM members WHERE taken = 0 ORDER BY name"):
+            yield str(name)
+
+    def close(self) -> None:
+        self.db.close()
+        self._dir.cleanup()
+
+
+def safe_members(tar: tarfile.TarFile, result: ImportResult) -> Members:
+    """Regular members with plain relative names; everything else is refused. One pass over the
+    headers (tarfile's own list of them is emptied as it goes)."""
+    members = Members()
+    while (member := tar.next()) is not None:
+        vars(tar)["members"].clear()  # tarfile keeps every header it read; memory stays flat without
         problem = _path_problem(member.name)
         if problem is None and member.isdir():
             continue  # a bundle re-packed with `tar` may list directories; they carry nothing
@@ -107,41 +191,88 @@ def safe_members(tar: tarfile.TarFile, result: ImportResult) -> dict[str, tarfil
         if problem is not None:
             result.refused_members.append(f"{member.name!r}: {problem}")
             continue
-        name = member.name.removeprefix("./")
-        if name in members or name in duplicates:
-            duplicates.add(name)
-            members.pop(name, None)
-            continue
-        members[name] = member
-    for name in sorted(duplicates):
+        members.add(member.name.removeprefix("./"), member)
+    for name in members.drop_duplicates():
         result.refused_members.append(f"{name!r}: appears more than once in the bundle")
     return members
 
 
-def read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> dict[str, Any]:
+def _open_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    handle = tar.extractfile(member)
+    assert handle is not None  # a regular file
+    return handle
+
+
+@dataclass
+class Manifest:
+    """The manifest without its crate list, which `crates()` streams (it may hold 100,000 entries)."""
+
+    head: dict[str, Any]
+    crate_count: int
+    tar: tarfile.TarFile
+    member: tarfile.TarInfo
+
+    def crates(self) -> Iterator[object]:
+        yield from ijson.items(_open_member(self.tar, self.member), "crates.item", use_float=True)
+
+    def index_files(self) -> Iterator[object]:
+        yield from ijson.items(_open_member(self.tar, self.member), "index_files.item", use_float=True)
+
+
+def read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> Manifest:
+    """One streaming pass: every top-level value but the crate list is built, the crates are counted;
+    the whole document is parsed, so a second pass over the crates cannot fail halfway."""
     if member is None:
         raise BundleError(f"no {MANIFEST}: not a cratemirror bundle")
     if member.size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{MANIFEST} is implausibly large ({format_size(member.size)})")
-    handle = tar.extractfile(member)
-    assert handle is not None  # a regular file
+    head: dict[str, Any] = {}
+    kinds: dict[str, str] = {}  # top-level key -> the first event of its value (start_array: a list)
+    crate_count = 0
+    key = ""
+    builder: ObjectBuilder | None = None
+    depth = 0
     try:
-        document = json.loads(handle.read(MAX_MANIFEST_BYTES + 1))
-    except ValueError as exc:
+        # basic_parse: no prefix strings, so a deeply nested document costs linear time.
+        for event, value in ijson.basic_parse(_open_member(tar, member), use_float=True):
+            outer = depth
+            if event in ("start_map", "start_array"):
+                depth += 1
+                if depth > MAX_MANIFEST_DEPTH:
+                    raise RecursionError
+            elif event in ("end_map", "end_array"):
+                depth -= 1
+            if outer == 0:
+                if event != "start_map":
+                    raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
+                continue
+            if outer == 1 and event == "map_key":
+                key = str(value)
+                builder = None if key in STREAMED else ObjectBuilder()
+                continue
+            if outer == 1:
+                kinds.setdefault(key, event)
+            elif key == "crates" and outer == 2 and event not in ("end_array", "end_map", "map_key"):
+                crate_count += 1
+            if builder is not None and depth >= 1:
+                builder.event(event, value)
+                if depth == 1:  # the value is complete
+                    head[key] = builder.value
+    except ijson.JSONError as exc:
         raise BundleError(f"{MANIFEST} is not valid JSON: {' '.join(str(exc).split())[:200]}") from None
     except RecursionError:
         raise BundleError(f"{MANIFEST} is nested too deeply to be a manifest") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
+    if head.get("format") != FORMAT:
         raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
-    if document.get("format_version") != FORMAT_VERSION:
+    if head.get("format_version") != FORMAT_VERSION:
         raise BundleError(
-            f"bundle format version {document.get('format_version')!r}; "
+            f"bundle format version {head.get('format_version')!r}; "
             f"this cratemirror reads version {FORMAT_VERSION}"
         )
-    for key in ("crates", "index_files"):
-        if not isinstance(document.get(key), list):
-            raise BundleError(f"{MANIFEST}: {key!r} is not a list")
-    return document
+    for name in ("crates", "index_files"):
+        if kinds.get(name) != "start_array":
+            raise BundleError(f"{MANIFEST}: {name!r} is not a list")
+    return Manifest(head, crate_count, tar, member)
 
 
 def _sha256_field(entry: dict[str, Any]) -> str:
@@ -151,51 +282,106 @@ def _sha256_field(entry: dict[str, Any]) -> str:
     return value
 
 
-def read_index_files(
-    tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], manifest: dict[str, Any], result: ImportResult
-) -> dict[str, BundledIndex]:
-    """The bundled index files whose bodies match the manifest, keyed by lowercased crate name."""
-    found: dict[str, BundledIndex] = {}
-    for entry in manifest["index_files"]:
-        try:
-            if not isinstance(entry, dict):
-                raise ValueError("not an object")
-            crate = parse_name(str(entry.get("name")))
-            expected = _sha256_field(entry)
-        except (ValueError, InvalidRequest) as exc:
-            result.refused_index.append(f"index file entry {entry!r}: {exc}")
-            continue
-        member = members.pop(index_member(crate.name), None)
-        if member is None:
-            result.refused_index.append(
-                f"index file of {crate.name}: listed in the manifest but not in the bundle"
+class BundledIndexes:
+    """The bundle's index files, each read and checked against the manifest when first needed (the
+    crates come grouped by name, so only a few bodies are held at a time), and stored into the cache
+    before any crate of its name: a crate in the cache always has its index line there too."""
+
+    def __init__(
+        self, tar: tarfile.TarFile, members: Members, manifest: Manifest, store: Store, result: ImportResult
+    ) -> None:
+        self.tar, self.store, self.result = tar, store, result
+        self.db = members.db  # the listed index files go next to the members, not into memory
+        self.db.execute(
+            "CREATE TABLE listed (lower TEXT PRIMARY KEY, name TEXT, sha256 TEXT, record TEXT,"
+            " tar_name TEXT, offset INTEGER, size INTEGER, done INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
+        )
+        self.recent: LRUCache[str, BundledIndex | None] = LRUCache(INDEX_BODIES_HELD)
+        self.db.execute("BEGIN")
+        for entry in manifest.index_files():
+            try:
+                if not isinstance(entry, dict):
+                    raise ValueError("not an object")
+                crate = parse_name(str(entry.get("name")))
+                expected = _sha256_field(entry)
+            except (ValueError, InvalidRequest) as exc:
+                result.refused_index.append(f"index file entry {entry!r}: {exc}")
+                continue
+            member = members.pop(index_member(crate.name), None)
+            if member is None:
+                result.refused_index.append(
+                    f"index file of {crate.name}: listed in the manifest but not in the bundle"
+                )
+                continue
+            if member.size > MAX_INDEX_BYTES:
+                result.refused_index.append(
+                    f"index file of {crate.name}: {format_size(member.size)}, "
+                    f"over {format_size(MAX_INDEX_BYTES)}"
+                )
+                continue
+            self.db.execute(
+                "INSERT OR REPLACE INTO listed (lower, name, sha256, record, tar_name, offset, size)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    crate.lower,
+                    crate.name,
+                    expected,
+                    json.dumps(entry),
+                    member.name,
+                    member.offset_data,
+                    member.size,
+                ),
             )
-            continue
-        if member.size > MAX_INDEX_BYTES:
-            result.refused_index.append(
-                f"index file of {crate.name}: {format_size(member.size)}, over {format_size(MAX_INDEX_BYTES)}"
-            )
-            continue
-        handle = tar.extractfile(member)
-        assert handle is not None
-        body = handle.read(MAX_INDEX_BYTES)
+        self.db.execute("COMMIT")
+
+    def get(self, lower: str) -> BundledIndex | None:
+        if lower in self.recent:
+            return self.recent[lower]
+        found = self._load(lower)
+        self.recent[lower] = found
+        return found
+
+    def _load(self, lower: str) -> BundledIndex | None:
+        row = self.db.execute(
+            "SELECT name, sha256, record, tar_name, offset, size, done FROM listed WHERE lower = ?", (lower,)
+        ).fetchone()
+        if row is None:
+            return None
+        name, expected, record, tar_name, offset, size, done = row
+        entry = json.loads(record)
+        body = _open_member(self.tar, Member(tar_name, offset, size).info()).read(MAX_INDEX_BYTES)
         digest = hashlib.sha256(body).hexdigest()
+        first = not done
+        self.db.execute("UPDATE listed SET done = 1 WHERE lower = ?", (lower,))
         if digest != expected:
-            result.refused_index.append(
-                f"index file of {crate.name}: body hashes to {digest}, the manifest says {expected}"
-            )
-            continue
-        found[crate.lower] = BundledIndex(crate.name, body, entry)
-    return found
+            if first:
+                self.result.refused_index.append(
+                    f"index file of {name}: body hashes to {digest}, the manifest says {expected}"
+                )
+            return None
+        index = BundledIndex(name, body, entry)
+        if first:
+            store_index_file(self.store, lower, index, self.result)
+        return index
+
+    def finish(self) -> None:
+        """Index files no crate in the bundle needed are loaded too."""
+        while True:
+            rows = self.db.execute("SELECT lower FROM listed WHERE done = 0 LIMIT 1000").fetchall()
+            if not rows:
+                return
+            for (lower,) in rows:
+                self.get(lower)
 
 
 def import_crate(
     tar: tarfile.TarFile,
-    members: dict[str, tarfile.TarInfo],
+    members: Members,
     entry: object,
-    indexes: dict[str, BundledIndex],
+    indexes: BundledIndexes,
     store: Store,
     result: ImportResult,
+    batch: list[tuple[Path, CrateMeta]],
 ) -> str:
     """Verify one crate and load it. Returns a progress line; refusals go to result.refused."""
     try:
@@ -224,23 +410,22 @@ def import_crate(
         result.already += 1
         return f"already cached {label}"
     temp = store.new_temp_file()
+    verified = False
     try:
-        source = tar.extractfile(member)
-        assert source is not None
-        with open(temp, "wb") as out:
-            digest, size = sha256_stream(source, out)
-            out.flush()
-            os.fsync(out.fileno())
+        with open(temp, "wb") as out:  # made durable by the batch's filesystem sync
+            digest, size = sha256_stream(_open_member(tar, member), out)
         if digest != expected:
             return _refuse(result, f"{label}: bytes hash to {digest}, the manifest says {expected}")
         if digest != record.cksum:
             return _refuse(
                 result, f"{label}: bytes hash to {digest}, its index line's cksum is {record.cksum}"
             )
-        store.commit_crate(temp, CrateMeta(name, version, digest, size, time.time()))
+        batch.append((temp, CrateMeta(name, version, digest, size, time.time())))
+        verified = True
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()  # still there only if refused or failed
+        if not verified:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()  # refused or failed
     result.loaded += 1
     result.loaded_bytes += size
     return f"loaded {label}"
@@ -251,25 +436,22 @@ def _refuse(result: ImportResult, reason: str) -> str:
     return f"REFUSED {reason}"
 
 
-def store_index_files(store: Store, indexes: dict[str, BundledIndex], result: ImportResult) -> None:
-    """Load index files, unless the cache holds a copy checked more recently than the bundle's."""
+def store_index_file(store: Store, lower: str, index: BundledIndex, result: ImportResult) -> None:
+    """Load an index file, unless the cache holds a copy checked more recently than the bundle's."""
     now = time.time()
-    for lower, index in indexes.items():
-        # The manifest is input from another network: a date in the future would keep a forged file
-        # "fresh" forever, so it counts as checked no later than now (an old date: revalidated soon).
-        checked_at = min(_number(index.record.get("checked_at")), now)
-        held = store.get_index(lower)
-        if held is not None and held.status == 200 and held.checked_at >= checked_at:
-            result.index_kept += 1
-            continue
-        last_modified = _http_date(index.record.get("last_modified"), now) or formatdate(
-            checked_at, usegmt=True
-        )
-        # The upstream's validators are not carried over: a forged body with the upstream's real ETag
-        # would be confirmed by a 304 forever. Once online, the first revalidation fetches the file.
-        entry = IndexEntry(200, index.body, body_etag(index.body), last_modified, checked_at)
-        store.put_index(lower, entry)
-        result.index_loaded += 1
+    # The manifest is input from another network: a date in the future would keep a forged file
+    # "fresh" forever, so it counts as checked no later than now (an old date: revalidated soon).
+    checked_at = min(_number(index.record.get("checked_at")), now)
+    held = store.get_index(lower)
+    if held is not None and held.status == 200 and held.checked_at >= checked_at:
+        result.index_kept += 1
+        return
+    last_modified = _http_date(index.record.get("last_modified"), now) or formatdate(checked_at, usegmt=True)
+    # The upstream's validators are not carried over: a forged body with the upstream's real ETag
+    # would be confirmed by a 304 forever. Once online, the first revalidation fetches the file.
+    entry = IndexEntry(200, index.body, body_etag(index.body), last_modified, checked_at)
+    store.put_index(lower, entry)
+    result.index_loaded += 1
 
 
 def _number(value: object) -> float:
@@ -310,7 +492,7 @@ def store_upstream_config(store: Store, manifest: dict[str, Any]) -> None:
 
 def import_nested(
     tar: tarfile.TarFile,
-    members: dict[str, tarfile.TarInfo],
+    members: Members,
     registries: Mapping[str, Store],
     result: ImportResult,
 ) -> None:
@@ -345,27 +527,46 @@ def import_bundle(
 ) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
-    import_nested(tar, members, registries or {}, result)
+    try:
+        import_nested(tar, members, registries or {}, result)
+        return _import_members(tar, store, members, result, advisory_db)
+    finally:
+        members.close()
+
+
+def _import_members(
+    tar: tarfile.TarFile, store: Store, members: Members, result: ImportResult, advisory_db: Path | None
+) -> ImportResult:
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
-    indexes = read_index_files(tar, members, manifest, result)
-    # Index files first, as a fill does: a crate in the cache always has its index line there too.
-    store_index_files(store, indexes, result)
-    crates = manifest["crates"]
-    result.crates_listed += len(crates)
-    progress = Progress("import", len(crates))
-    for entry in crates:
-        line = import_crate(tar, members, entry, indexes, store, result)
-        if line.startswith("REFUSED"):
-            progress.note(line)  # stays visible on a terminal too
-            progress.step("refused")
-        else:
-            progress.step(line, line)
+    indexes = BundledIndexes(tar, members, manifest, store, result)
+    result.crates_listed += manifest.crate_count
+    progress = Progress("import", manifest.crate_count)
+    batch: list[tuple[Path, CrateMeta]] = []
+    try:
+        for entry in manifest.crates():
+            line = import_crate(tar, members, entry, indexes, store, result, batch)
+            if line.startswith("REFUSED"):
+                progress.note(line)  # stays visible on a terminal too
+                progress.step("refused")
+            else:
+                progress.step(line, line)
+            if len(batch) >= COMMIT_BATCH:
+                store.commit_crates(batch)
+                batch.clear()
+        store.commit_crates(batch)
+        batch.clear()
+    finally:
+        for temp, _ in batch:  # a failure mid-batch: nothing half-loaded stays behind
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
     progress.finish()
-    result.advisory_db = import_advisory_db(tar, members, manifest, advisory_db)
+    indexes.finish()
+    advisories = {name: members.pop(name) for name in members if name.startswith(ADVISORY_PREFIX)}
+    result.advisory_db = import_advisory_db(tar, advisories, manifest.head, advisory_db)
     result.refused_members.extend(result.advisory_db.refused)
-    for name in sorted(members):
+    for name in members.left_over():
         result.refused_members.append(f"{name!r}: not listed in the manifest")
-    store_upstream_config(store, manifest)
+    store_upstream_config(store, manifest.head)
     return result
 
 

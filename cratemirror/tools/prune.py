@@ -14,6 +14,7 @@ from cratemirror.eviction import EvictionReport, evict_to
 from cratemirror.store import Store
 from cratemirror.tools.common import (
     EXIT_OK,
+    Progress,
     extra_stores,
     format_size,
     open_existing_store,
@@ -23,8 +24,18 @@ from cratemirror.tools.common import (
 
 
 async def _evict_locked(store: Store, max_size: int, dry_run: bool) -> EvictionReport:
-    async with store.lock("evict"):  # the lock the server's eviction takes
-        return await asyncio.to_thread(evict_to, store, max_size, dry_run=dry_run)
+    async with store.eviction_lock():  # the lock the server's eviction takes
+        excess = max(0, store.crate_bytes() - max_size)
+        progress = Progress("prune", 0)
+        progress.bar.unit = "B"
+        progress.bar.unit_scale = True
+        progress.total = excess
+        try:
+            return await asyncio.to_thread(
+                evict_to, store, max_size, dry_run=dry_run, on_batch=lambda _, size: progress.advance(size)
+            )
+        finally:
+            progress.finish()
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -44,15 +55,17 @@ def run_prune(args: argparse.Namespace) -> int:
 def _prune_one(store: Store, verb: str, max_size: int, dry_run: bool) -> None:
     report = asyncio.run(_evict_locked(store, max_size, dry_run))
     action = "would remove" if dry_run else "removed"
-    removed = f"{plural(len(report.removed), 'crate')} ({format_size(report.removed_bytes)})"
+    removed = f"{plural(report.removed_count, 'crate')} ({format_size(report.removed_bytes)})"
     for item in report.removed:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(item.last_used))
         print(f"{verb}: {action} {item.name} {item.version} ({format_size(item.size)}, last used {used})")
+    if report.removed_count > len(report.removed):
+        print(f"{verb}: ... and {report.removed_count - len(report.removed)} more")
     sizes = (
         f"{format_size(report.total_before)} -> {format_size(report.total_after)} "
         f"(max {format_size(max_size)})"
     )
-    if not report.removed:
+    if not report.removed_count:
         print(
             f"{verb}: nothing to remove: {format_size(report.total_before)} "
             f"is within max {format_size(max_size)}"

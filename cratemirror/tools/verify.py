@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cratemirror.eviction import scan_crates
-from cratemirror.store import CrateMeta, Store, sha256_stream
+from cratemirror.ledger import STORED
+from cratemirror.store import Store, sha256_stream
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     Progress,
-    cached_crate_metas,
     extra_stores,
     open_existing_store,
     plural,
@@ -51,35 +51,49 @@ class VerifyReport:
 
 
 def verify_store(store: Store, progress: Progress) -> VerifyReport:
+    """The ledger a page at a time (each recorded crate re-hashed, or found missing), then one walk for
+    files nobody recorded: memory stays flat however many crates the cache holds."""
     report = VerifyReport()
-    files = scan_crates(store)
-    known_paths = {item.path for item in files}
-    progress.total = len(files)
-    for item in files:
+    progress.total = store.ledger.totals()[1]
+    for row in store.iter_ledger():
+        if row.state != STORED:
+            continue  # a commit or an eviction in flight right now
+        path = store.crate_path(row.name, row.version)
+        if _is_missing(store, row.name, row.version):
+            gone = Problem("missing", path, "checksum recorded but no file", row.name, row.version)
+            _found(report, progress, gone, store.root)
+            continue
         report.checked += 1
-        problem = _check_file(store, item.name, item.version, item.path)
-        if problem is None:
+        bad = _check_file(store, row.name, row.version, path)
+        if bad is None:
             report.ok += 1
         else:
-            report.problems.append(problem)
-            progress.note(problem.describe(store.root))
-        progress.step(f"{item.name} {item.version}")
-    for path in store.iter_crate_files():  # files named in no way this mirror writes
-        if path not in known_paths and path.exists():
+            _found(report, progress, bad, store.root)
+        progress.step(f"{row.name} {row.version}")
+    for path, parsed in _crate_files(store):
+        if parsed is None:
+            problem: Problem | None = Problem("orphaned", path, "not a file this mirror wrote")
+        elif store.get_crate_meta(*parsed) is None:
+            problem = _check_file(store, parsed[0], parsed[1], path)
+        else:
+            continue  # recorded: checked above (or committed since)
+        if problem is not None:
             report.checked += 1
-            problem = Problem("orphaned", path, "not a file this mirror wrote")
-            report.problems.append(problem)
-            progress.note(problem.describe(store.root))
-    for meta in cached_crate_metas(store):
-        if _is_missing(store, meta):
-            problem = Problem(
-                "missing", store.crate_path(meta.name, meta.version), "checksum recorded but no file",
-                meta.name, meta.version,
-            )  # fmt: skip
-            report.problems.append(problem)
-            progress.note(problem.describe(store.root))
+            _found(report, progress, problem, store.root)
     progress.finish()
     return report
+
+
+def _found(report: VerifyReport, progress: Progress, problem: Problem, root: Path) -> None:
+    report.problems.append(problem)
+    progress.note(problem.describe(root))
+
+
+def _crate_files(store: Store) -> Iterator[tuple[Path, tuple[str, str] | None]]:
+    """Every crate file, with (name, version) if it is named the way this mirror names its files."""
+    for path in store.iter_crate_files():
+        name, stem = path.parent.name, path.name[: -len(".crate")]
+        yield path, (name, stem[len(name) + 1 :]) if stem.startswith(f"{name}-") else None
 
 
 def _check_file(store: Store, name: str, version: str, path: Path) -> Problem | None:
@@ -101,12 +115,12 @@ def _check_file(store: Store, name: str, version: str, path: Path) -> Problem | 
     return None
 
 
-def _is_missing(store: Store, meta: CrateMeta) -> bool:
-    if store.crate_path(meta.name, meta.version).exists():
+def _is_missing(store: Store, name: str, version: str) -> bool:
+    if store.crate_path(name, version).exists():
         return False
-    # A fill records the checksum just before renaming its file into place: look again.
-    again = store.get_crate_meta(meta.name, meta.version)
-    return again is not None and not store.crate_path(meta.name, meta.version).exists()
+    # A fill or an eviction may be at work on it this moment: look again.
+    again = store.ledger.get(name, version)
+    return again is not None and again.state == STORED and not store.crate_path(name, version).exists()
 
 
 def fix(store: Store, report: VerifyReport) -> list[str]:
