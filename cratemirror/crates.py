@@ -337,6 +337,7 @@ class CrateService:
             return False
         fill.stored_elsewhere = fill.from_shared = True
         fill.succeed(size)
+        self._evict_if_full()  # the hot copy stays within cache.max_size
         return True
 
     async def _share(self, fill: Fill) -> None:
@@ -414,6 +415,9 @@ class CrateService:
             except (OSError, sqlite3.Error) as exc:
                 self._store_failed(f"could not store {fill.name} {fill.version}: {exc}")
         fill.succeed(size)
+        self._evict_if_full()
+
+    def _evict_if_full(self) -> None:
         if self.store.crate_bytes() > self.max_size and (self._eviction is None or self._eviction.done()):
             self._eviction = asyncio.get_running_loop().create_task(self._evict())
 
