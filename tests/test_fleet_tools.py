@@ -1,0 +1,83 @@
+"""The operator tools against storage.backend s3: moto's real S3 server on loopback, driven through the
+same aiobotocore client code a MinIO or AWS bucket would see."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from cratemirror.config import S3Config
+from cratemirror.index import body_etag
+from cratemirror.names import parse_crate_version, parse_name
+from cratemirror.storage.s3 import S3Shared
+from cratemirror.store import IndexEntry
+from tests.fake_upstream import FakeRegistry
+from tests.fleet_support import MotoS3
+from tests.tools_support import run_cli, write_config
+
+
+def s3_config(moto: MotoS3, bucket: str | None = None) -> S3Config:
+    return S3Config(
+        bucket=bucket or moto.bucket, endpoint_url=moto.endpoint, region="us-east-1",
+        access_key_id=moto.ACCESS_KEY, secret_access_key=moto.SECRET_KEY,
+    )  # fmt: skip
+
+
+async def seed_bucket(moto: MotoS3, registry: FakeRegistry, crates: list[tuple[str, str]], tmp: Path) -> None:
+    """Store crates and their index files as a replica's fill does: S3Shared.put_crate / put_index."""
+    shared = S3Shared(s3_config(moto), 64 * 1024 * 1024)
+    await shared.start()
+    try:
+        for name, version in crates:
+            cv = registry.get_version(name, version)
+            temp = tmp / f"{name}-{version}.crate"
+            temp.write_bytes(cv.data)
+            await shared.put_crate(parse_crate_version(name, version), temp, cv.cksum)
+            body = registry.index_file(name)
+            now = time.time()
+            entry = IndexEntry(200, body, body_etag(body), "Tue, 01 Dec 2026 00:00:00 GMT", now)
+            await shared.put_index(parse_name(name), entry)
+    finally:
+        await shared.close()
+
+
+def tool_config(tmp_path: Path, registry: FakeRegistry, moto: MotoS3, name: str = "tools") -> Path:
+    config = write_config(tmp_path / f"{name}.yaml", registry.index_url, tmp_path / f"{name}-cache")
+    config.write_text(config.read_text() + moto.yaml())
+    return config
+
+
+async def test_verify_finds_a_replaced_object_and_fix_deletes_it(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path
+) -> None:
+    crates = [("serde", "1.0.0"), ("rand", "0.8.5"), ("libc", "0.2.1")]
+    for name, version in crates:
+        registry.add_crate(name, version)
+    await seed_bucket(moto, registry, crates, tmp_path)
+    config = tool_config(tmp_path, registry, moto)
+
+    clean = await run_cli("verify", "--config", str(config), cwd=tmp_path)
+    assert clean.code == 0, clean.output
+    assert "verify: 3 crate objects in the bucket checked: 3 ok, 0 corrupt" in clean.stdout, clean.output
+
+    # Bytes replaced behind the mirror's back (the recorded sha256 kept), with the raw client.
+    good = registry.get_version("rand", "0.8.5")
+    await asyncio.to_thread(
+        moto.client().put_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate",
+        Body=good.data[:20] + bytes([good.data[20] ^ 0xFF]) + good.data[21:], Metadata={"sha256": good.cksum},
+    )  # fmt: skip
+    found = await run_cli("verify", "--config", str(config), cwd=tmp_path)
+    assert found.code == 1, found.output
+    assert "CORRUPT rand 0.8.5: bytes hash to" in found.output, found.output
+    assert "3 ok" not in found.stdout and "2 ok, 1 corrupt" in found.stdout, found.output
+
+    fixed = await run_cli("verify", "--fix", "--config", str(config), cwd=tmp_path)
+    assert fixed.code == 0, fixed.output
+    keys = await asyncio.to_thread(moto.object_keys)
+    assert sorted(k for k in keys if k.startswith("crates/")) == [
+        "crates/libc/0.2.1.crate",
+        "crates/serde/1.0.0.crate",
+    ]
+    again = await run_cli("verify", "--config", str(config), cwd=tmp_path)
+    assert again.code == 0 and "2 ok, 0 corrupt" in again.stdout, again.output
