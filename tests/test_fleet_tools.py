@@ -4,6 +4,7 @@ same aiobotocore client code a MinIO or AWS bucket would see."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 from pathlib import Path
 
@@ -81,3 +82,51 @@ async def test_verify_finds_a_replaced_object_and_fix_deletes_it(
     ]
     again = await run_cli("verify", "--config", str(config), cwd=tmp_path)
     assert again.code == 0 and "2 ok, 0 corrupt" in again.stdout, again.output
+
+
+def set_stored_at(moto: MotoS3, key: str, when: float) -> None:
+    """Back-date an object's LastModified in moto's in-process backend: S3 stamps whole seconds, and a
+    test should not wait seconds for distinct ones."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    bucket = s3_backends[DEFAULT_ACCOUNT_ID]["global"].buckets[moto.bucket]
+    bucket.keys[key].last_modified = datetime.datetime.fromtimestamp(when, datetime.UTC).replace(tzinfo=None)
+
+
+async def test_prune_deletes_the_oldest_objects_down_to_the_size(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path
+) -> None:
+    # Ages run against name order, so a prune by key would pick the wrong ones.
+    crates = [("a", "1.0.0"), ("b", "1.0.0"), ("c", "1.0.0"), ("d", "1.0.0")]
+    days_old = {"a": 1, "b": 3, "c": 4, "d": 2}
+    for name, version in crates:
+        registry.add_crate(name, version)
+    await seed_bucket(moto, registry, crates, tmp_path)
+    for name, age in days_old.items():
+        await asyncio.to_thread(set_stored_at, moto, f"crates/{name}/1.0.0.crate", time.time() - age * 86400)
+    sizes = {name: len(registry.get_version(name, "1.0.0").data) for name, _ in crates}
+    config = tool_config(tmp_path, registry, moto)
+    max_size = str(sizes["a"] + sizes["d"])  # room for the two newest only
+
+    dry = await run_cli("prune", "--config", str(config), "--max-size", max_size, "--dry-run", cwd=tmp_path)
+    assert dry.code == 0, dry.output
+    assert [line.split()[3] for line in dry.stdout.splitlines() if "would remove c" in line or
+            "would remove b" in line] == ["c", "b"], dry.output  # fmt: skip
+    assert "dry run: would remove 2 crates" in dry.stdout, dry.output
+    assert len([k for k in await asyncio.to_thread(moto.object_keys) if k.startswith("crates/")]) == 4
+
+    pruned = await run_cli("prune", "--config", str(config), "--max-size", max_size, cwd=tmp_path)
+    assert pruned.code == 0, pruned.output
+    assert "removed 2 crates" in pruned.stdout, pruned.output
+    keys = await asyncio.to_thread(moto.object_keys)
+    assert sorted(k for k in keys if k.startswith("crates/")) == [
+        "crates/a/1.0.0.crate",
+        "crates/d/1.0.0.crate",
+    ]
+    assert sum(k.startswith("index/") for k in keys) == 4  # index files stay
+
+    again = await run_cli("prune", "--config", str(config), "--max-size", max_size, cwd=tmp_path)
+    assert again.code == 0 and "nothing to remove" in again.stdout, again.output
+    unbounded = await run_cli("prune", "--config", str(config), cwd=tmp_path)
+    assert unbounded.code == 2 and "--max-size" in unbounded.stderr, unbounded.output
