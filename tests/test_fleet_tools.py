@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import tarfile
 import time
 from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
 
 from cratemirror.config import S3Config
 from cratemirror.index import body_etag
@@ -14,7 +18,7 @@ from cratemirror.names import parse_crate_version, parse_name
 from cratemirror.storage.s3 import S3Shared
 from cratemirror.store import IndexEntry
 from tests.fake_upstream import FakeRegistry
-from tests.fleet_support import MotoS3
+from tests.fleet_support import MotoS3, replicas
 from tests.tools_support import run_cli, write_config
 
 
@@ -130,3 +134,60 @@ async def test_prune_deletes_the_oldest_objects_down_to_the_size(
     assert again.code == 0 and "nothing to remove" in again.stdout, again.output
     unbounded = await run_cli("prune", "--config", str(config), cwd=tmp_path)
     assert unbounded.code == 2 and "--max-size" in unbounded.stderr, unbounded.output
+
+
+async def test_export_from_a_bucket_import_into_another_then_a_replica_serves_hits_offline(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path
+) -> None:
+    crates = [("serde", "1.0.0"), ("serde", "1.0.1"), ("Inflect", "0.1.0"), ("b", "0.2.1+build.5")]
+    for name, version in crates:
+        registry.add_crate(name, version)
+    registry.add_crate("junk", "1.0.0")
+    await seed_bucket(moto, registry, [*crates, ("junk", "1.0.0")], tmp_path)
+    junk = registry.get_version("junk", "1.0.0")
+    await asyncio.to_thread(
+        moto.client().put_object, Bucket=moto.bucket, Key="crates/junk/1.0.0.crate",
+        Body=junk.data[:20] + bytes([junk.data[20] ^ 0xFF]) + junk.data[21:], Metadata={"sha256": junk.cksum},
+    )  # fmt: skip
+    source = tool_config(tmp_path, registry, moto, "source")
+    bundle = tmp_path / "working-set.tar"
+    exported = await run_cli("export", str(bundle), "--config", str(source), cwd=tmp_path)
+    assert exported.code == 1, exported.output  # one crate left out
+    assert "SKIPPED junk 1.0.0: the object is corrupt" in exported.stderr, exported.output
+    assert "export: 4 crates (" in exported.stdout and "and 3 index files" in exported.stdout, exported.output
+    with tarfile.open(bundle) as tar:
+        names = set(tar.getnames())
+    assert {
+        "crates/serde/serde-1.0.0.crate", "crates/Inflect/Inflect-0.1.0.crate",
+        "crates/b/b-0.2.1+build.5.crate", "index/se/rd/serde", "index/in/fl/inflect", "index/1/b",
+    } <= names and not any("junk" in name for name in names), names  # fmt: skip
+
+    second = f"{moto.bucket}-2"
+    await asyncio.to_thread(moto.client().create_bucket, Bucket=second)
+    target_yaml = moto.yaml().replace(moto.bucket, second)
+    target = write_config(tmp_path / "target.yaml", registry.index_url, tmp_path / "target-cache")
+    target.write_text(target.read_text() + target_yaml)
+    imported = await run_cli("import", str(bundle), "--config", str(target), cwd=tmp_path)
+    assert imported.code == 0, imported.output
+    assert "4 loaded" in imported.stdout and "3 index files loaded" in imported.stdout, imported.output
+    listing = await asyncio.to_thread(moto.client().list_objects_v2, Bucket=second)
+    keys = sorted(item["Key"] for item in listing["Contents"])
+    assert [key for key in keys if key.startswith("crates/")] == [
+        "crates/Inflect/0.1.0.crate", "crates/b/0.2.1%2Bbuild.5.crate",
+        "crates/serde/1.0.0.crate", "crates/serde/1.0.1.crate",
+    ]  # fmt: skip
+
+    registry.down = True
+    registry.reset_counts()
+    (tmp_path / "fleet").mkdir()
+    async with (
+        replicas(registry.index_url, tmp_path / "fleet", 1, config_text=target_yaml) as (mirror,),
+        aiohttp.ClientSession() as session,
+    ):
+        for name, version in crates:
+            url = f"{mirror.url}/api/v1/crates/{name}/{quote(version, safe='')}/download"
+            async with session.get(url) as response:
+                body = await response.read()
+                assert (response.status, response.headers.get("X-Cache")) == (200, "HIT"), (name, body[:200])
+            assert body == registry.get_version(name, version).data, name
+    assert registry.requests.total() == 0, dict(registry.requests)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
@@ -158,3 +159,18 @@ async def shared_storages(config: Config) -> AsyncIterator[list[tuple[str, Share
 def uses_bucket(config: Config) -> bool:
     """storage.backend s3: the tools work on the bucket every replica shares, not on a cache dir."""
     return config.storage.backend == "s3"
+
+
+def run_on_bucket(work: Coroutine[Any, Any, int]) -> int:
+    """Run a tool's work on the bucket; a store that fails or refuses is one line on stderr, exit 1."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return asyncio.run(work)
+    except (BotoCoreError, ClientError) as exc:
+        return error(bucket_failure(exc))
+
+
+def bucket_failure(exc: Exception) -> str:
+    """An S3 client error as one line."""
+    return f"storage.s3: {' '.join(str(exc).split())[:300]}"

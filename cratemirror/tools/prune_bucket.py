@@ -16,7 +16,7 @@ import time
 
 from cratemirror.config import Config
 from cratemirror.storage import SharedStorage, StoredCrate
-from cratemirror.tools.common import EXIT_OK, format_size, plural, shared_storages
+from cratemirror.tools.common import EXIT_OK, format_size, plural, run_on_bucket, shared_storages
 
 JOBS = 8  # deletes at once
 PRINT_LIMIT = 100  # crates named one per line; the rest are counted
@@ -75,4 +75,4 @@ async def _prune_all(config: Config, dry_run: bool) -> int:
 
 
 def run_prune_bucket(config: Config, dry_run: bool) -> int:
-    return asyncio.run(_prune_all(config, dry_run))
+    return run_on_bucket(_prune_all(config, dry_run))

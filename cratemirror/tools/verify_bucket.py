@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cratemirror.config import Config
 from cratemirror.names import CrateVersion
 from cratemirror.storage import SharedStorage, StoredCrate
-from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, Progress, plural, shared_storages
+from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, Progress, plural, run_on_bucket, shared_storages
 
 JOBS = 8  # objects re-hashed at once
 QUIET_PROGRESS_EVERY = 1000
@@ -126,4 +126,4 @@ async def _verify_one(shared: SharedStorage, verb: str, limit: int, fix_problems
 
 
 def run_verify_bucket(config: Config, fix_problems: bool) -> int:
-    return asyncio.run(_verify_all(config, fix_problems))
+    return run_on_bucket(_verify_all(config, fix_problems))
