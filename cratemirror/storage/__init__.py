@@ -15,8 +15,10 @@ the checksum the index gives.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import CrateName, CrateVersion
@@ -25,7 +27,26 @@ if TYPE_CHECKING:
     from cratemirror.config import StorageConfig
     from cratemirror.store import IndexEntry
 
-__all__ = ["LocalShared", "SharedStorage", "make_shared_storage"]
+__all__ = ["CrateCopy", "LocalShared", "SharedStorage", "StoredCrate", "make_shared_storage"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCrate:
+    """A crate object as listed by the store (for the operator tools: verify, prune, export)."""
+
+    key: CrateVersion
+    size: int
+    stored_at: float  # when it was written (S3: LastModified; the store keeps no access time)
+
+
+@dataclass(frozen=True, slots=True)
+class CrateCopy:
+    """What `read_crate` saw: the sha256 recorded with the object and what its bytes hash to."""
+
+    recorded: str | None
+    sha256: str
+    size: int
+    too_large: bool  # stopped reading past the limit: `sha256` covers only a prefix
 
 
 class SharedStorage(Protocol):
@@ -57,6 +78,17 @@ class SharedStorage(Protocol):
     async def usage(self) -> tuple[int, int]:
         """(bytes, crate files) stored."""
         ...
+
+    def iter_crates(self) -> AsyncIterator[StoredCrate]:
+        """Every stored crate object whose key this mirror would have written, a listing page at a time;
+        `skipped` then counts the others."""
+        ...
+
+    async def read_crate(self, key: CrateVersion, out: IO[bytes] | None, limit: int) -> CrateCopy | None:
+        """Stream the stored crate through SHA-256 (into `out` if given): None if it is not stored."""
+        ...
+
+    async def delete_crate(self, key: CrateVersion) -> None: ...
 
     async def problem(self) -> str | None:
         """None while the store answers, else a one-line reason (/readyz: degraded)."""
@@ -91,6 +123,17 @@ class LocalShared:
 
     async def usage(self) -> tuple[int, int]:
         return 0, 0
+
+    async def iter_crates(self) -> AsyncIterator[StoredCrate]:
+        nothing: tuple[StoredCrate, ...] = ()
+        for crate in nothing:
+            yield crate
+
+    async def read_crate(self, key: CrateVersion, out: IO[bytes] | None, limit: int) -> CrateCopy | None:
+        return None
+
+    async def delete_crate(self, key: CrateVersion) -> None:
+        return None
 
     async def problem(self) -> str | None:
         return None

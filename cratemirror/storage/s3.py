@@ -19,11 +19,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import IO, Any, TypeVar
+from urllib.parse import quote, unquote
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -31,7 +31,8 @@ from botocore.exceptions import ClientError
 from cachetools import LRUCache
 
 from cratemirror.config import S3Config
-from cratemirror.names import CrateName, CrateVersion
+from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum, parse_crate_version
+from cratemirror.storage import CrateCopy, StoredCrate
 from cratemirror.store import IndexEntry
 
 log = logging.getLogger("cratemirror.storage")
@@ -52,6 +53,18 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def _parse_crate_key(rest: str) -> CrateVersion | None:
+    """`<name>/<version, percent-encoded>.crate` back into a CrateVersion; None for any other key."""
+    name, slash, file = rest.partition("/")
+    if not slash or not file.endswith(".crate") or "/" in file:
+        return None
+    try:
+        parsed = parse_crate_version(name, unquote(file[: -len(".crate")]))
+    except InvalidRequest:
+        return None
+    return parsed if quote(parsed.version, safe="") == file[: -len(".crate")] else None
+
+
 def _ascii(value: str | None) -> str | None:
     """Object metadata travels in HTTP headers: ASCII only (an odd upstream validator is dropped)."""
     return value if value is not None and value.isascii() and value.isprintable() else None
@@ -69,6 +82,7 @@ class S3Shared:
         self._known: LRUCache[str, bool] = LRUCache(KNOWN_LIMIT)
         self._failed_at: float | None = None  # monotonic time of the last failed call, None after a success
         self._failure = ""
+        self.skipped = 0  # objects iter_crates listed under crates/ but this mirror would not have written
 
     async def start(self) -> None:
         endpoint = str(self.config.endpoint_url) if self.config.endpoint_url is not None else None
@@ -116,6 +130,16 @@ class S3Shared:
 
     async def usage(self) -> tuple[int, int]:
         return await self._tracked(self._usage())
+
+    def iter_crates(self) -> AsyncIterator[StoredCrate]:
+        return self._iter_crates()
+
+    async def read_crate(self, key: CrateVersion, out: IO[bytes] | None, limit: int) -> CrateCopy | None:
+        return await self._tracked(self._read_crate(key, out, limit))
+
+    async def delete_crate(self, key: CrateVersion) -> None:
+        await self._tracked(self._client.delete_object(Bucket=self.bucket, Key=self._crate_key(key)))
+        self._known.pop(self._crate_key(key), None)
 
     async def _tracked(self, work: Awaitable[T]) -> T:
         try:
@@ -198,6 +222,46 @@ class S3Shared:
             "get_object", Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=PRESIGN_SECONDS
         )
         return str(url)
+
+    async def _read_crate(self, key: CrateVersion, out: IO[bytes] | None, limit: int) -> CrateCopy | None:
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=self._crate_key(key))
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        recorded = response.get("Metadata", {}).get("sha256")
+        hasher = hashlib.sha256()
+        size = 0
+        async with response["Body"] as stream:
+            while chunk := await stream.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    break
+                hasher.update(chunk)
+                if out is not None:
+                    out.write(chunk)
+        recorded = recorded if is_cksum(recorded) else None
+        return CrateCopy(recorded, hasher.hexdigest(), size, size > limit)
+
+    async def _iter_crates(self) -> AsyncIterator[StoredCrate]:
+        """ListObjectsV2 a page (1000 keys) at a time; keys parse back into validated names."""
+        self.skipped = 0
+        start = f"{self.prefix}crates/"
+        paginator = self._client.get_paginator("list_objects_v2")
+        number = 0
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+            for item in page.get("Contents", []):
+                key = _parse_crate_key(str(item.get("Key", ""))[len(start) :])
+                if key is None:
+                    self.skipped += 1
+                    continue
+                modified = item.get("LastModified")
+                stored_at = modified.timestamp() if modified is not None else 0.0
+                yield StoredCrate(key, int(item.get("Size", 0)), stored_at)
+            number += 1
+            if number >= MAX_LIST_PAGES:
+                break
 
     # ---- index files ------------------------------------------------------------------------------
 

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import sys
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
 from cratemirror.config import Config, ConfigError, find_config_path, load_config
 from cratemirror.logs import setup_logging
+from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.store import Store
+
+if TYPE_CHECKING:
+    from cratemirror.storage import SharedStorage
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -130,3 +137,40 @@ def error(message: str) -> int:
     """A one-line runtime failure on stderr; exit 1."""
     print(f"cratemirror: {message}", file=sys.stderr)
     return EXIT_FAILURE
+
+
+@contextlib.asynccontextmanager
+async def shared_storages(config: Config) -> AsyncIterator[list[tuple[str, SharedStorage]]]:
+    """(registry name, its shared storage) for storage.backend s3: crates.io's ("") first, then each
+    extra registry's (registries/NAME/ in the bucket), started and closed here."""
+    from cratemirror.storage import make_shared_storage
+
+    names = [DEFAULT_REGISTRY, *config.registries]
+    async with contextlib.AsyncExitStack() as stack:
+        opened: list[tuple[str, SharedStorage]] = []
+        for name in names:
+            shared = make_shared_storage(config.storage, config.upstream.max_index_size, registry=name)
+            await shared.start()
+            stack.push_async_callback(shared.close)
+            opened.append(("" if name == DEFAULT_REGISTRY else name, shared))
+        yield opened
+
+
+def uses_bucket(config: Config) -> bool:
+    """storage.backend s3: the tools work on the bucket every replica shares, not on a cache dir."""
+    return config.storage.backend == "s3"
+
+
+def run_on_bucket(work: Coroutine[Any, Any, int]) -> int:
+    """Run a tool's work on the bucket; a store that fails or refuses is one line on stderr, exit 1."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return asyncio.run(work)
+    except (BotoCoreError, ClientError) as exc:
+        return error(bucket_failure(exc))
+
+
+def bucket_failure(exc: Exception) -> str:
+    """An S3 client error as one line."""
+    return f"storage.s3: {' '.join(str(exc).split())[:300]}"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cratemirror import __version__
-from cratemirror.config import ConfigError, parse_duration
+from cratemirror.config import Config, ConfigError, parse_duration
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
 from cratemirror.ledger import STORED
 from cratemirror.names import CrateName, InvalidRequest
@@ -34,12 +34,14 @@ from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     Progress,
+    bucket_failure,
     error,
     extra_stores,
     format_size,
     open_existing_store,
     plural,
     tool_config,
+    uses_bucket,
 )
 from cratemirror.tools.lockfile import accepted_sources, read_lockfiles, registry_sources
 
@@ -231,7 +233,14 @@ def _write_members(
         progress.step(f"{meta.name} {meta.version}")
     _close_crate(tar, current, result)
     progress.finish()
-    config = store.get_json(UPSTREAM_CONFIG_KEY)
+    finish_bundle(tar, result, store.get_json(UPSTREAM_CONFIG_KEY), advisory_db)
+    return result
+
+
+def finish_bundle(
+    tar: tarfile.TarFile, result: ExportResult, config: object, advisory_db: Path | None
+) -> None:
+    """The advisory files (--advisory-db), then the manifest: last, as it lists everything before it."""
     head = manifest_document(
         datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         f"cratemirror {__version__}",
@@ -250,7 +259,6 @@ def _write_members(
         info.mode = 0o644
         manifest.seek(0)
         tar.addfile(info, manifest)
-    return result
 
 
 def _write_manifest(out: IO[bytes], head: dict[str, Any], lists: dict[str, Records]) -> None:
@@ -286,24 +294,31 @@ def write_bundle(
 ) -> ExportResult:
     """Write the tar next to `target`, then rename it into place: no half-written bundle is left.
     `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar."""
+    with bundle_file(target) as tar:
+        for name, path in nested:
+            info = tarfile.TarInfo(registry_member(name))
+            info.size, info.mtime, info.mode = path.stat().st_size, int(time.time()), 0o644
+            with open(path, "rb") as handle:
+                tar.addfile(info, handle)
+        result = _write_members(tar, store, metas, total, advisory_db)
+    result.close()  # the spooled manifest entries; their counts stay
+    return result
+
+
+@contextlib.contextmanager
+def bundle_file(target: Path) -> Iterator[tarfile.TarFile]:
+    """A tar written next to `target`, synced and renamed into place only if the block ends well."""
     partial = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         with open(partial, "wb") as out:
             with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for name, path in nested:
-                    info = tarfile.TarInfo(registry_member(name))
-                    info.size, info.mtime, info.mode = path.stat().st_size, int(time.time()), 0o644
-                    with open(path, "rb") as handle:
-                        tar.addfile(info, handle)
-                result = _write_members(tar, store, metas, total, advisory_db)
-            result.close()  # the spooled manifest entries; their counts stay
+                yield tar
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
-    return result
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -320,8 +335,10 @@ def run_export(args: argparse.Namespace) -> int:
             f"{config.source}: policy.advisory_db: expected an advisory-db checkout for --advisory-db, "
             f"got {str(advisory_db) if advisory_db else None!r}"
         )
-    store = open_existing_store(config)
     target = Path(args.bundle)
+    if uses_bucket(config):
+        return _export_bucket(config, target, since, args.lockfile, advisory_db)
+    store = open_existing_store(config)
     extras = extra_stores(config)
     nested: list[tuple[str, Path]] = []
     problems = 0
@@ -360,6 +377,10 @@ def run_export(args: argparse.Namespace) -> int:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     problems += len(selection.problems) + len(result.problems)
+    return _summary(result, target, problems)
+
+
+def _summary(result: ExportResult, target: Path, problems: int) -> int:
     print(
         f"export: {plural(result.crates.count, 'crate')} ({format_size(result.crate_bytes)}) and "
         f"{plural(result.index_files.count, 'index file')}"
@@ -372,3 +393,28 @@ def run_export(args: argparse.Namespace) -> int:
         + (f"; {plural(problems, 'crate')} left out (see above)" if problems else "")
     )
     return EXIT_FAILURE if problems else EXIT_OK
+
+
+def _export_bucket(
+    config: Config,
+    target: Path,
+    since: float | None,
+    lockfiles: Sequence[str] | None,
+    advisory_db: Path | None,
+) -> int:
+    if lockfiles:
+        raise ConfigError(
+            f"{config.source}: storage.backend: --lockfile works on a cache dir (backend local); "
+            "with s3, export everything or use --since"
+        )
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from cratemirror.tools.export_bucket import export_from_bucket
+
+    try:
+        result = export_from_bucket(config, target, since, advisory_db)
+    except OSError as exc:
+        return error(f"cannot write bundle {target}: {exc.strerror or exc}")
+    except (BotoCoreError, ClientError) as exc:
+        return error(bucket_failure(exc))
+    return _summary(result, target, len(result.problems))

@@ -23,14 +23,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, overload
+from typing import IO, Any, Protocol, overload
 from urllib.parse import urlsplit
 
 import ijson
 from cachetools import LRUCache
 from ijson.common import ObjectBuilder
 
-from cratemirror.config import ConfigError
+from cratemirror.config import Config, ConfigError
 from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
 from cratemirror.policy.bundle import PREFIX as ADVISORY_PREFIX
@@ -53,6 +53,7 @@ from cratemirror.tools.common import (
     format_size,
     plural,
     tool_config,
+    uses_bucket,
 )
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -65,6 +66,27 @@ COMMIT_BATCH = 500  # crates per store.commit_crates: two filesystem syncs and t
 INDEX_BODIES_HELD = 64
 STREAMED = ("crates", "index_files")  # the manifest's long lists: read an entry at a time
 MAX_MANIFEST_DEPTH = 32  # a manifest nests 3 deep; the crate list is streamed only after this check
+
+
+class ImportTarget(Protocol):
+    """Where `import` loads verified crates and index files: a cache dir's Store, or the shared bucket
+    (import_bucket.BucketTarget)."""
+
+    def get_crate_meta(self, name: str, version: str) -> CrateMeta | None: ...
+
+    def crate_path(self, name: str, version: str) -> Path: ...
+
+    def new_temp_file(self) -> Path: ...
+
+    def commit_crates(self, batch: list[tuple[Path, CrateMeta]]) -> None: ...
+
+    def get_index(self, lower_name: str) -> IndexEntry | None: ...
+
+    def put_index(self, lower_name: str, entry: IndexEntry) -> None: ...
+
+    def get_json(self, key: str) -> Any: ...
+
+    def put_json(self, key: str, value: Any) -> None: ...
 
 
 class BundleError(Exception):
@@ -288,7 +310,12 @@ class BundledIndexes:
     before any crate of its name: a crate in the cache always has its index line there too."""
 
     def __init__(
-        self, tar: tarfile.TarFile, members: Members, manifest: Manifest, store: Store, result: ImportResult
+        self,
+        tar: tarfile.TarFile,
+        members: Members,
+        manifest: Manifest,
+        store: ImportTarget,
+        result: ImportResult,
     ) -> None:
         self.tar, self.store, self.result = tar, store, result
         self.db = members.db  # the listed index files go next to the members, not into memory
@@ -379,7 +406,7 @@ def import_crate(
     members: Members,
     entry: object,
     indexes: BundledIndexes,
-    store: Store,
+    store: ImportTarget,
     result: ImportResult,
     batch: list[tuple[Path, CrateMeta]],
 ) -> str:
@@ -436,7 +463,7 @@ def _refuse(result: ImportResult, reason: str) -> str:
     return f"REFUSED {reason}"
 
 
-def store_index_file(store: Store, lower: str, index: BundledIndex, result: ImportResult) -> None:
+def store_index_file(store: ImportTarget, lower: str, index: BundledIndex, result: ImportResult) -> None:
     """Load an index file, unless the cache holds a copy checked more recently than the bundle's."""
     now = time.time()
     # The manifest is input from another network: a date in the future would keep a forged file
@@ -479,7 +506,7 @@ def _plain_http_url(value: object) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
 
 
-def store_upstream_config(store: Store, manifest: dict[str, Any]) -> None:
+def store_upstream_config(store: ImportTarget, manifest: dict[str, Any]) -> None:
     """Where tarballs live upstream: lets the mirror start offline; never overrides what it knows."""
     config = manifest.get("upstream_config")
     if (
@@ -493,7 +520,7 @@ def store_upstream_config(store: Store, manifest: dict[str, Any]) -> None:
 def import_nested(
     tar: tarfile.TarFile,
     members: Members,
-    registries: Mapping[str, Store],
+    registries: Mapping[str, ImportTarget],
     result: ImportResult,
 ) -> None:
     """Each extra registry's bundle into that registry's cache, verified the same way; one for a
@@ -521,9 +548,9 @@ def import_nested(
 
 def import_bundle(
     tar: tarfile.TarFile,
-    store: Store,
+    store: ImportTarget,
     advisory_db: Path | None = None,
-    registries: Mapping[str, Store] | None = None,
+    registries: Mapping[str, ImportTarget] | None = None,
 ) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
@@ -535,7 +562,11 @@ def import_bundle(
 
 
 def _import_members(
-    tar: tarfile.TarFile, store: Store, members: Members, result: ImportResult, advisory_db: Path | None
+    tar: tarfile.TarFile,
+    store: ImportTarget,
+    members: Members,
+    result: ImportResult,
+    advisory_db: Path | None,
 ) -> ImportResult:
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
     indexes = BundledIndexes(tar, members, manifest, store, result)
@@ -575,6 +606,15 @@ def run_import(args: argparse.Namespace) -> int:
     if not bundle.is_file():
         raise ConfigError(f"{args.bundle}: expected a bundle file written by `cratemirror export`")
     config = tool_config(args)
+    if uses_bucket(config):
+        from cratemirror.tools.import_bucket import import_into_bucket
+
+        try:
+            return _report(import_into_bucket(config, bundle), config, None)
+        except (tarfile.TarError, BundleError) as exc:
+            return error(f"{bundle}: {exc}")
+        except OSError as exc:
+            return error(f"{bundle}: {exc.strerror or exc}")
     try:
         store = Store(config.cache.dir)
         registries = {name: Store(registry_cache_dir(config.cache.dir, name)) for name in config.registries}
@@ -592,6 +632,11 @@ def run_import(args: argparse.Namespace) -> int:
         store.close()
         for extra in registries.values():
             extra.close()
+    return _report(result, config, cached_bytes)
+
+
+def _report(result: ImportResult, config: Config, cached_bytes: int | None) -> int:
+    """The summary lines; `cached_bytes`: the cache dir's crate bytes after (None: loaded into the bucket)."""
     for line in [*result.refused_index, *result.refused_members]:
         print(f"import: REFUSED {line}", file=sys.stderr)
     print(
@@ -610,7 +655,7 @@ def run_import(args: argparse.Namespace) -> int:
             f"import: {plural(result.advisory_db.installed, 'advisory', 'advisories')} installed into "
             f"{result.advisory_db.target}"
         )
-    if cached_bytes > config.cache.max_size:
+    if cached_bytes is not None and cached_bytes > config.cache.max_size:
         print(
             f"import: the cache now holds {format_size(cached_bytes)}, over cache.max_size "
             f"({format_size(config.cache.max_size)}): the server evicts least-recently-used crates on its "

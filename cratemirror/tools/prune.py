@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import time
 
+from cratemirror.config import ConfigError
 from cratemirror.eviction import EvictionReport, evict_to
 from cratemirror.store import Store
 from cratemirror.tools.common import (
@@ -20,6 +21,7 @@ from cratemirror.tools.common import (
     open_existing_store,
     plural,
     tool_config,
+    uses_bucket,
 )
 
 
@@ -41,6 +43,15 @@ async def _evict_locked(store: Store, max_size: int, dry_run: bool) -> EvictionR
 def run_prune(args: argparse.Namespace) -> int:
     # --max-size goes through the config loader: parse_size, and the usual one-line error (exit 2).
     config = tool_config(args, {"cache.max_size": args.max_size})
+    if uses_bucket(config):
+        if args.max_size is None:  # cache.max_size bounds each replica's hot copy, not the bucket
+            raise ConfigError(
+                f"{config.source}: --max-size: expected a size like 100GiB for the bucket "
+                "(storage.backend s3 has no size bound of its own)"
+            )
+        from cratemirror.tools.prune_bucket import run_prune_bucket
+
+        return run_prune_bucket(config, args.dry_run)
     # Each registry's crates are held to max_size on their own, as the server does.
     stores = [("", open_existing_store(config)), *extra_stores(config)]
     try:

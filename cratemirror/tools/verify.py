@@ -22,6 +22,7 @@ from cratemirror.tools.common import (
     open_existing_store,
     plural,
     tool_config,
+    uses_bucket,
 )
 
 QUIET_PROGRESS_EVERY = 1000
@@ -147,6 +148,10 @@ def _recorded_since(store: Store, problem: Problem) -> bool:
 
 def run_verify(args: argparse.Namespace) -> int:
     config = tool_config(args)
+    if uses_bucket(config):
+        from cratemirror.tools.verify_bucket import run_verify_bucket
+
+        return run_verify_bucket(config, args.fix)
     stores = [("", open_existing_store(config)), *extra_stores(config)]
     try:
         codes = [
