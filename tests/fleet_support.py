@@ -20,10 +20,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
-from tests.mirror_process import MirrorProcess, clean_env, free_port, wait_until
+from tests.mirror_process import MirrorProcess, Service, clean_env, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -36,25 +35,6 @@ def require(tool: str, package: str) -> str:
     path = shutil.which(tool)
     assert path is not None, f"{tool} is required (Debian package {package}; .ci/run installs it)"
     return path
-
-
-class _Service:
-    """A server the test starts and stops: `async with` does both."""
-
-    async def start(self) -> None:
-        raise NotImplementedError
-
-    async def stop(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
 
 # ---- TLS --------------------------------------------------------------------------------------------
@@ -121,7 +101,7 @@ def plain_tls_front_cfg(server: tuple[str, int], stats_socket: Path) -> str:
     )
 
 
-class HAProxy(_Service):
+class HAProxy(Service):
     """The real haproxy in the foreground (-db) with the shipped config, on a free loopback port
     (`bare=True`: plain_tls_front_cfg for the first server instead)."""
 
@@ -222,7 +202,7 @@ class HAProxy(_Service):
 # ---- Redis ----------------------------------------------------------------------------------------------
 
 
-class RedisServer(_Service):
+class RedisServer(Service):
     """A real redis-server on a free loopback port, no persistence, in its own session."""
 
     def __init__(self, workdir: Path) -> None:

@@ -11,9 +11,10 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 
 from aiohttp import web
+
+from tests.mirror_process import Service
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -28,7 +29,7 @@ def index_line(name: str, vers: str, cksum: str, **extra: object) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-class HostileUpstream:
+class HostileUpstream(Service):
     """Routes are exact paths (`/index/3/f/foo`, `/dl/foo/1.0.0/download`); anything else is 404.
     config.json is served by default with `dl` pointing at `/dl` on this server."""
 
@@ -77,7 +78,7 @@ class HostileUpstream:
             return web.json_response({"dl": f"{self.url}/dl"})
         return web.Response(status=404, text="not found")
 
-    async def start(self) -> str:
+    async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -88,18 +89,8 @@ class HostileUpstream:
         assert isinstance(server, asyncio.Server)
         port = server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        return self.url
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def __aenter__(self) -> HostileUpstream:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

@@ -20,12 +20,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import aiohttp
 from yarl import URL
 
 __all__ = [
     "MirrorProcess",
+    "Service",
     "clean_env",
     "free_port",
     "listening_sockets",
@@ -160,10 +162,29 @@ async def _complete(data: bytes) -> bool:
     return True
 
 
+class Service:
+    """A server the test starts and stops: `async with` does both."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
 # ---- the mirror as a subprocess ----------------------------------------------------------------------
 
 
-class MirrorProcess:
+class MirrorProcess(Service):
     """``python -m cratemirror serve`` on a free loopback port, in its own session (process group)."""
 
     def __init__(
@@ -276,18 +297,6 @@ class MirrorProcess:
                 os.killpg(proc.pid, signal.SIGKILL)
         assert proc.returncode is not None
         return proc.returncode
-
-    async def __aenter__(self) -> MirrorProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def _group_alive(pgid: int) -> bool:
