@@ -97,3 +97,25 @@ async def test_a_manifest_that_is_nested_deeply_or_not_json_is_refused_in_one_li
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "Traceback" not in result.stderr and "manifest.json" in result.stderr
     assert not (tmp_path / "cache" / "crates").exists() or not any((tmp_path / "cache" / "crates").iterdir())
+
+
+async def test_index_members_over_the_configured_cap_are_refused(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    for minor in range(12):
+        registry.add_crate("wide", f"1.{minor}.0")
+    assert len(registry.index_file("wide")) > 1024
+    source = tmp_path / "source"
+    seed_cache(source, registry, {"wide": "1.11.0"}, fetched_at=time.time())
+    bundle = tmp_path / "bundle.tar"
+    config = write_config(tmp_path / "source.yaml", registry.index_url, source)
+    assert (await run_cli("export", str(bundle), "--config", str(config), cwd=tmp_path)).code == 0
+
+    target_config = write_config(tmp_path / "target.yaml", registry.index_url, tmp_path / "target")
+    target_config.write_text(
+        target_config.read_text().replace("upstream:\n", "upstream:\n  max_index_size: 1KiB\n")
+    )
+    result = await run_cli("import", str(bundle), "--config", str(target_config), cwd=tmp_path)
+    assert result.code == 1, result.output
+    assert "REFUSED index file of wide:" in result.stderr and "over 1.0 KiB" in result.stderr, result.stderr
+    assert "0 loaded" in result.stdout, result.stdout

@@ -98,7 +98,10 @@ async def _import(config: Config, bundle: Path) -> ImportResult:
 
                 def work() -> ImportResult:
                     with tarfile.open(bundle, "r:*") as tar:
-                        return import_bundle(tar, main, config.policy.advisory_db, targets)
+                        return import_bundle(
+                            tar, main, config.policy.advisory_db, targets,
+                            max_index_size=config.upstream.max_index_size,
+                        )  # fmt: skip
 
                 return await asyncio.to_thread(work)
     finally:

@@ -58,7 +58,6 @@ from cratemirror.tools.common import (
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # about 300,000 crate entries
-MAX_INDEX_BYTES = 64 * 1024 * 1024  # as upstream.max_index_size's default
 MAX_HEADER_TEXT = 256
 # What may go into an ETag / Last-Modified header: visible ASCII and spaces, no CR/LF.
 _HEADER_SAFE = re.compile(rf"[\x20-\x7e]{{1,{MAX_HEADER_TEXT}}}")
@@ -316,8 +315,10 @@ class BundledIndexes:
         manifest: Manifest,
         store: ImportTarget,
         result: ImportResult,
+        max_index_size: int,
     ) -> None:
         self.tar, self.store, self.result = tar, store, result
+        self.max_index_size = max_index_size  # the server's own cap (upstream.max_index_size)
         self.db = members.db  # the listed index files go next to the members, not into memory
         self.db.execute(
             "CREATE TABLE listed (lower TEXT PRIMARY KEY, name TEXT, sha256 TEXT, record TEXT,"
@@ -340,10 +341,10 @@ class BundledIndexes:
                     f"index file of {crate.name}: listed in the manifest but not in the bundle"
                 )
                 continue
-            if member.size > MAX_INDEX_BYTES:
+            if member.size > max_index_size:
                 result.refused_index.append(
                     f"index file of {crate.name}: {format_size(member.size)}, "
-                    f"over {format_size(MAX_INDEX_BYTES)}"
+                    f"over {format_size(max_index_size)}"
                 )
                 continue
             self.db.execute(
@@ -376,7 +377,7 @@ class BundledIndexes:
             return None
         name, expected, record, tar_name, offset, size, done = row
         entry = json.loads(record)
-        body = _open_member(self.tar, Member(tar_name, offset, size).info()).read(MAX_INDEX_BYTES)
+        body = _open_member(self.tar, Member(tar_name, offset, size).info()).read(self.max_index_size)
         digest = hashlib.sha256(body).hexdigest()
         first = not done
         self.db.execute("UPDATE listed SET done = 1 WHERE lower = ?", (lower,))
@@ -522,6 +523,7 @@ def import_nested(
     members: Members,
     registries: Mapping[str, ImportTarget],
     result: ImportResult,
+    max_index_size: int,
 ) -> None:
     """Each extra registry's bundle into that registry's cache, verified the same way; one for a
     registry this mirror does not have is refused."""
@@ -534,7 +536,7 @@ def import_nested(
         handle = tar.extractfile(member)
         assert handle is not None  # a regular file
         with tarfile.open(fileobj=handle, mode="r:") as inner:
-            sub = import_bundle(inner, registries[registry])
+            sub = import_bundle(inner, registries[registry], max_index_size=max_index_size)
         result.loaded += sub.loaded
         result.loaded_bytes += sub.loaded_bytes
         result.already += sub.already
@@ -551,12 +553,14 @@ def import_bundle(
     store: ImportTarget,
     advisory_db: Path | None = None,
     registries: Mapping[str, ImportTarget] | None = None,
+    *,
+    max_index_size: int,
 ) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
     try:
-        import_nested(tar, members, registries or {}, result)
-        return _import_members(tar, store, members, result, advisory_db)
+        import_nested(tar, members, registries or {}, result, max_index_size)
+        return _import_members(tar, store, members, result, advisory_db, max_index_size)
     finally:
         members.close()
 
@@ -567,9 +571,10 @@ def _import_members(
     members: Members,
     result: ImportResult,
     advisory_db: Path | None,
+    max_index_size: int,
 ) -> ImportResult:
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
-    indexes = BundledIndexes(tar, members, manifest, store, result)
+    indexes = BundledIndexes(tar, members, manifest, store, result, max_index_size)
     result.crates_listed += manifest.crate_count
     progress = Progress("import", manifest.crate_count)
     batch: list[tuple[Path, CrateMeta]] = []
@@ -622,7 +627,10 @@ def run_import(args: argparse.Namespace) -> int:
         return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
     try:
         with tarfile.open(bundle, "r:*") as tar:
-            result = import_bundle(tar, store, config.policy.advisory_db, registries)
+            result = import_bundle(
+                tar, store, config.policy.advisory_db, registries,
+                max_index_size=config.upstream.max_index_size,
+            )  # fmt: skip
         cached_bytes = store.crate_bytes()
     except (tarfile.TarError, BundleError) as exc:
         return error(f"{bundle}: {exc}")
