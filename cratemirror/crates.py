@@ -23,6 +23,7 @@ from urllib.parse import quote
 import aiohttp
 from cachetools import LRUCache
 
+from cratemirror.commits import CommitQueue
 from cratemirror.coordination import Coordination, LocalCoordination
 from cratemirror.eviction import evict_to, low_water
 from cratemirror.index import IndexService, VersionRecord, find_version_async
@@ -154,6 +155,7 @@ class CrateService:
         self.coordination = coordination or LocalCoordination(store)
         self.shared = shared or LocalShared()
         self._uploads: set[asyncio.Task[None]] = set()  # to the shared storage; finished at close
+        self._commits = CommitQueue(store)
         self.max_size = max_size
         self._eviction: asyncio.Task[None] | None = None  # at most one per process
         self.index = index
@@ -172,6 +174,7 @@ class CrateService:
         if self._uploads:  # what was stored here reaches the other replicas (warm exits right after)
             await asyncio.wait(self._uploads, timeout=UPLOAD_SHUTDOWN_WAIT)
         await self._fills.cancel_all()
+        await self._commits.close()
         if self._eviction is not None:
             # Its thread cannot be cancelled: give it a bounded time to finish (warm exits right after).
             await asyncio.wait({self._eviction}, timeout=EVICTION_SHUTDOWN_WAIT)
@@ -402,16 +405,16 @@ class CrateService:
         return f"{fill.name} {fill.version} is larger than upstream.max_crate_size ({limit} bytes)"
 
     async def _commit(self, fill: Fill, spool: Spool) -> None:
-        """fsync, then rename into place; a disk that fails here costs the cache, not the answer."""
+        """Make the file durable and rename it into place, in a batch with the fills that finished
+        meanwhile, then answer; a disk that fails here costs the cache, not the answer."""
         size = spool.size
         if spool.disk_error is not None:
             self._store_failed(f"cannot write {fill.name} {fill.version} to the cache: {spool.disk_error}")
         if spool.on_disk:
             meta = CrateMeta(fill.name, fill.version, fill.cksum, size, time.time())
             try:
-                await asyncio.to_thread(spool.fsync)
                 spool.close()
-                await asyncio.to_thread(self.store.commit_crate, spool.temp, meta)
+                await self._commits.commit(spool.temp, meta)
             except (OSError, sqlite3.Error) as exc:
                 self._store_failed(f"could not store {fill.name} {fill.version}: {exc}")
         fill.succeed(size)

@@ -69,10 +69,6 @@ class Spool:
             self._out.seek(0)
             self._out.truncate()
 
-    def fsync(self) -> None:
-        if self._out is not None:
-            os.fsync(self._out.fileno())
-
     def close(self) -> None:
         """Close the writer; the reader stays usable (clients may still be sending) until release()."""
         if self._out is not None:
