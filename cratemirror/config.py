@@ -303,6 +303,14 @@ Text = Annotated[str, BeforeValidator(_text), StringConstraints(min_length=1)]
 Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole)]
 Count0 = Annotated[int, Field(ge=0), BeforeValidator(_whole)]
 Count1 = Annotated[int, Field(ge=1), BeforeValidator(_whole)]
+
+
+def _yaml_off(value: object) -> object:
+    # YAML 1.1 reads a bare `off` as false: `prefetch: off` means the word.
+    return "off" if value is False else value
+
+
+PrefetchSetting = Annotated[Literal["off", "index", "crates"], BeforeValidator(_yaml_off)]
 Size = Annotated[int, BeforeValidator(_size), WithJsonSchema(_SIZE_SCHEMA)]
 Duration = Annotated[float, BeforeValidator(_duration()), WithJsonSchema(_DURATION_SCHEMA)]
 PositiveDuration = Annotated[
@@ -398,6 +406,10 @@ class UpstreamConfig(_Section):
     """A larger index file is refused (502) and not stored."""
     max_crate_size: Annotated[Size, Field(ge=1), Expected("a positive size like 1GiB")] = GiB
     """A larger .crate is refused (502) and not stored."""
+    prefetch: Annotated[PrefetchSetting, Expected("off, index or crates")] = "index"
+    """When an index file first arrives, fetch what cargo will ask for next: index = the index files of
+    its newest release's dependencies; crates = also the .crate of the version cargo's resolver picks
+    for each (a lockfile pinning an older one makes that download a waste); off = nothing."""
 
 
 class CacheConfig(_Section):

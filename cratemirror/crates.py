@@ -258,6 +258,15 @@ class CrateService:
         self._missing_checked[key] = now
         return True
 
+    async def prefetch(self, crate: CrateName, body: bytes, version: str) -> None:
+        """Fetch and store a version before a client asks (upstream.prefetch: crates); a client that
+        asks meanwhile joins the fill."""
+        record = await find_version_async(body, crate, version)
+        if record is None or self.store.crate_path(record.name, version).exists():
+            return
+        fill, _ = self.fill(record, version)
+        await asyncio.shield(fill.finished)
+
     def fill(self, record: VersionRecord, version: str) -> tuple[Fill, bool]:
         """Start (or join) the download of a crate; returns the fill and whether it was joined."""
         key = f"{record.name}/{version}"

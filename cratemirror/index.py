@@ -22,6 +22,7 @@ from cratemirror.config import CacheConfig
 from cratemirror.coordination import Coordination, LocalCoordination
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum
+from cratemirror.prefetch import Prefetcher, PrefetchMode
 from cratemirror.singleflight import SingleFlight
 from cratemirror.storage import LocalShared, SharedStorage
 from cratemirror.store import DiskTrouble, IndexEntry, Store
@@ -77,6 +78,7 @@ class IndexService:
         disk_trouble: DiskTrouble,
         coordination: Coordination | None = None,
         shared: SharedStorage | None = None,
+        prefetch: PrefetchMode = "off",
     ) -> None:
         self.store = store
         self.coordination = coordination or LocalCoordination(store)
@@ -97,8 +99,10 @@ class IndexService:
         # Revalidations running behind stale answers (kept so they are not garbage-collected).
         self._background: set[asyncio.Task[tuple[IndexResult, bool]]] = set()
         self._generation = store.index_generation()
+        self.prefetch = Prefetcher(self._prefetch_one, "off" if offline else prefetch)
 
     async def close(self) -> None:
+        await self.prefetch.close()
         for task in self._background:
             task.cancel()
         await self._flights.cancel_all()
@@ -131,6 +135,10 @@ class IndexService:
                 served = "hit" if result.entry.status == 200 else "negative"
                 result = dataclasses.replace(result, result=served)
         return result
+
+    async def _prefetch_one(self, crate: CrateName) -> bytes | None:
+        result = await self.get(crate, count=False)
+        return result.entry.body if result.entry.status == 200 else None
 
     async def refresh(self, crate: CrateName) -> IndexResult:
         """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`); every worker
@@ -261,6 +269,7 @@ class IndexService:
                 )  # fmt: skip
                 await self._put(crate.lower, fresh)
                 await self._share(crate, fresh)
+                self.prefetch.after_fetch(crate, fresh.body)
                 return IndexResult(fresh, "MISS", "miss")
             # 404 (or a 304 we did not ask for): remember "not found" for negative_ttl.
             missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)

@@ -84,12 +84,14 @@ def _bundle(
     index = IndexService(
         store, upstream, metrics, cache,
         offline=config.offline, disk_trouble=disk_trouble, coordination=coordination, shared=shared,
+        prefetch=upstream_config.prefetch,
     )  # fmt: skip
     crates = CrateService(
         store, index, upstream, metrics,
         offline=config.offline, max_size=cache.max_size, disk_trouble=disk_trouble,
         coordination=coordination, shared=shared,
     )  # fmt: skip
+    index.prefetch.fetch_crate = crates.prefetch
     return Registry(
         name, mount, upstream_config.index_url, cache, store, upstream, index, crates, metrics,
         coordination, shared,

@@ -245,6 +245,7 @@ CONTRACT_KEYS = {
             "ca_bundle",
             "max_index_size",
             "max_crate_size",
+            "prefetch",  # an addition this round (README); contract.md is read-only here
         ]
     ),
     *(
@@ -1212,3 +1213,18 @@ def test_frozen_hashable_keyword_construction(tmp_path: Path) -> None:
 def test_config_built_directly_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRATEMIRROR_SERVER_PORT", "9999")
     assert Config().server.port == 8080
+
+
+# --- upstream.prefetch -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [("off", "off"), ("index", "index"), ("crates", "crates")])
+def test_prefetch_words_including_yaml_off(tmp_path: Path, text: str, expected: str) -> None:
+    # YAML 1.1 reads a bare `off` as false: it still means the word
+    assert load_text(tmp_path, f"upstream:\n  prefetch: {text}\n").upstream.prefetch == expected
+
+
+@pytest.mark.parametrize("text", ["sometimes", "true", "1"])
+def test_prefetch_other_values_name_the_key_and_the_words(tmp_path: Path, text: str) -> None:
+    message = error_of(tmp_path, f"upstream:\n  prefetch: {text}\n")
+    assert "upstream.prefetch: expected off, index or crates" in message, message

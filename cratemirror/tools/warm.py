@@ -73,7 +73,9 @@ class DirectWarmer:
     stopped by its lifecycle (upstream session, stale temp files, closing), as `serve` does."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        # warm fetches exactly what the lockfile names: no guessing what cargo would pick
+        upstream = config.upstream.model_copy(update={"prefetch": "off"})
+        self.config = config = config.model_copy(update={"upstream": upstream})
         self.app = create_app(config)
         self.mirror = self.app[MIRROR]
         self.registry = self.mirror.registries[DEFAULT_REGISTRY]
