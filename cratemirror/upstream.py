@@ -20,6 +20,7 @@ from yarl import URL
 from cratemirror import PROJECT_URL, __version__
 from cratemirror.config import UpstreamConfig
 from cratemirror.metrics import Metrics
+from cratemirror.proxies import ProxyChoice
 from cratemirror.redact import split_userinfo
 
 log = logging.getLogger("cratemirror.upstream")
@@ -82,6 +83,7 @@ class Upstream:
         self.user_agent = config.user_agent or f"cratemirror/{__version__} (+{PROJECT_URL})"
         self.health = Health(metrics)
         self._session: aiohttp.ClientSession | None = None
+        self._proxies = ProxyChoice(config.proxy)
 
     async def start(self) -> None:
         ssl_context: ssl.SSLContext | bool = True
@@ -96,7 +98,7 @@ class Upstream:
                 total=None, sock_connect=self.config.timeout, sock_read=self.config.timeout
             ),
             headers={"User-Agent": self.user_agent},
-            trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY
+            trust_env=False,  # the proxy environment is read once, by ProxyChoice
         )
 
     async def close(self) -> None:
@@ -229,7 +231,7 @@ class Upstream:
             if self._authorization is not None and url.origin() in trusted:
                 hop_headers, auth = {**headers, "Authorization": self._authorization}, None
             response = await self.session.get(
-                url, headers=hop_headers, proxy=self.config.proxy, auth=auth, allow_redirects=False
+                url, headers=hop_headers, proxy=self._proxies.for_url(url), auth=auth, allow_redirects=False
             )
             if response.status not in (301, 302, 303, 307, 308):
                 return response
