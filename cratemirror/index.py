@@ -99,7 +99,9 @@ class IndexService:
         # Revalidations running behind stale answers (kept so they are not garbage-collected).
         self._background: set[asyncio.Task[tuple[IndexResult, bool]]] = set()
         self._generation = store.index_generation()
-        self.prefetch = Prefetcher(self._prefetch_one, "off" if offline else prefetch)
+        self.prefetch = Prefetcher(
+            self._prefetch_one, "off" if offline else prefetch, upstream.config.max_connections
+        )
 
     async def close(self) -> None:
         await self.prefetch.close()

@@ -34,7 +34,6 @@ MAX_REQ_LENGTH = 200
 MAX_VERSIONS = 4096  # lines read to pick a version for a crate prefetch
 PICK_IN_THREAD = 64 * 1024
 MAX_PENDING = 256  # names queued or being fetched, per worker and registry; beyond it cargo asks itself
-CONCURRENCY = 16  # prefetches talking to upstream at once, per worker and registry
 
 
 PrefetchMode = Literal["off", "index", "crates"]
@@ -158,14 +157,22 @@ class Prefetcher:
     in `crates` mode also `fetch_crate` for the version cargo will pick, once its index file is in."""
 
     def __init__(
-        self, fetch_index: Callable[[CrateName], Awaitable[bytes | None]], mode: PrefetchMode
+        self,
+        fetch_index: Callable[[CrateName], Awaitable[bytes | None]],
+        mode: PrefetchMode,
+        concurrency: int,
     ) -> None:
+        """`concurrency`: index files (and, apart, crates) fetched at once; the upstream connection
+        pool's size, so prefetches neither wait behind each other nor crowd out clients for long."""
         self.mode = mode
         self._fetch_index = fetch_index
         self.fetch_crate: Callable[[CrateName, bytes, str], Awaitable[None]] | None = None
         self._pending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._index_slots = asyncio.Semaphore(concurrency)
+        # Apart: cargo asks for the next round's index files before any crate, so they never queue
+        # behind crate downloads.
+        self._crate_slots = asyncio.Semaphore(concurrency)
 
     def after_fetch(self, crate: CrateName, body: bytes) -> None:
         """`crate`'s index file just came from upstream with `body`: prefetch what it depends on."""
@@ -188,15 +195,16 @@ class Prefetcher:
     async def _run(self, dependency: Dependency) -> None:
         name = dependency.name
         try:
-            async with self._slots:
+            async with self._index_slots:
                 body = await self._fetch_index(name)
-                if body is None or self.mode != "crates" or self.fetch_crate is None:
-                    return
-                if len(body) > PICK_IN_THREAD:  # a big file's lines would hold up the event loop
-                    version = await asyncio.to_thread(newest_matching, body, dependency.req)
-                else:
-                    version = newest_matching(body, dependency.req)
-                if version is not None:
+            if body is None or self.mode != "crates" or self.fetch_crate is None:
+                return
+            if len(body) > PICK_IN_THREAD:  # a big file's lines would hold up the event loop
+                version = await asyncio.to_thread(newest_matching, body, dependency.req)
+            else:
+                version = newest_matching(body, dependency.req)
+            if version is not None:
+                async with self._crate_slots:
                     await self.fetch_crate(name, body, version)
         except asyncio.CancelledError:
             raise
