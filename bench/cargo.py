@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.fake_upstream import run_cargo, write_cargo_home, write_cargo_project
@@ -12,10 +12,15 @@ CARGO_TIMEOUT = 300.0
 
 
 async def cargo_fetch(
-    index_url: str, workdir: Path, deps: Mapping[str, str], expect_packages: int, cainfo: Path | None = None
+    index_url: str,
+    workdir: Path,
+    deps: Mapping[str, str],
+    expect_packages: int,
+    cainfo: Path | None = None,
+    prefix: Sequence[str] = (),
 ) -> float:
     """Seconds `cargo fetch` took (resolution + every index file + every crate); fails loudly.
-    `cainfo`: the CA that signed an https front's certificate."""
+    `cainfo`: the CA that signed an https front's certificate; `prefix`: a command to run cargo under."""
     home = workdir / "cargo-home"
     project = workdir / "project"
     write_cargo_home(home, index_url)
@@ -24,7 +29,7 @@ async def cargo_fetch(
             config.write(f'\n[http]\ncainfo = "{cainfo}"\n')
     write_cargo_project(project, deps)
     started = time.perf_counter()
-    code, output = await run_cargo(["fetch"], project, home, timeout=CARGO_TIMEOUT)
+    code, output = await run_cargo(["fetch"], project, home, timeout=CARGO_TIMEOUT, prefix=prefix)
     elapsed = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"cargo fetch via {index_url} failed ({code}):\n{output[-4000:]}")

@@ -806,11 +806,13 @@ async def run_cargo(
     cargo_home: Path,
     timeout: float = 240,  # noqa: ASYNC109 - part of the shared interface
     env: Mapping[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> tuple[int, str]:
     """Run the real ``cargo`` without blocking the event loop (so a server in the same loop keeps
     answering).  Returns (exit code, combined stdout+stderr).  On timeout the process group is
     killed and the exit code is negative.  Raises FileNotFoundError if cargo is not on PATH.
-    ``env`` adds variables (e.g. ``CARGO_REGISTRIES_MIRROR_TOKEN``) after the CARGO_* ones are cleared."""
+    ``env`` adds variables (e.g. ``CARGO_REGISTRIES_MIRROR_TOKEN``) after the CARGO_* ones are cleared.
+    ``prefix``: a command cargo runs under (the fleet bench pins it to a CPU with ``taskset``)."""
     cargo = shutil.which("cargo")
     if cargo is None:
         raise FileNotFoundError("cargo not found on PATH")
@@ -824,6 +826,7 @@ async def run_cargo(
         CARGO_HTTP_TIMEOUT="60",
     )
     proc = await asyncio.create_subprocess_exec(
+        *prefix,
         cargo,
         *args,
         cwd=str(cwd),
