@@ -13,11 +13,9 @@ Every path is built from validated names (see names.py), never from raw request 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -25,7 +23,6 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -33,13 +30,11 @@ from typing import IO, Any
 import diskcache
 
 from cratemirror.ledger import STORED, Ledger, LedgerRow
+from cratemirror.locks import EVICT_LOCK, KeyLocks, flocked, try_flock
 from cratemirror.names import CrateName, CrateVersion
 
-# Waiting on another process's flock blocks a thread; these threads do nothing else.
 log = logging.getLogger("cratemirror.store")
 
-LOCK_STRIPES = 4096
-EVICT_LOCK = "evict.lock"
 HASH_CHUNK = 1024 * 1024
 INDEX_PREFIX = "index:"
 CRATE_PREFIX = "crate:"  # crate checksums lived in diskcache before the ledger (migrated once)
@@ -48,7 +43,6 @@ LEDGER_FILE = "crates.sqlite"
 RENAME_ATTEMPTS = 3
 _LIBC = ctypes.CDLL(None, use_errno=True)
 GENERATION_FILE = "index-generation"
-_LOCK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cratemirror-lock")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +73,7 @@ class Store:
         self.crates_dir = root / "crates"
         self.tmp_dir = root / "tmp"
         self.locks_dir = root / "locks"
+        self.key_locks = KeyLocks(self.locks_dir)
         self._generation_path = str(root / GENERATION_FILE)  # stat'ed per index request: built once
         for directory in (root, self.crates_dir, self.tmp_dir, self.locks_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -256,34 +251,28 @@ class Store:
 
     # --- cross-process coalescing ------------------------------------------------------------
 
-    def _stripe_path(self, key: str) -> Path:
-        # A fixed set of lock files (keys hash onto them) so the directory never grows; two keys that
-        # share a stripe only wait for each other, and no code path holds two locks at once.
-        stripe = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % LOCK_STRIPES
-        return self.locks_dir / f"{stripe:04x}.lock"
-
     @contextlib.asynccontextmanager
     async def lock(self, key: str) -> AsyncIterator[None]:
-        """An exclusive flock on `key`, shared by every worker process using this cache dir."""
-        async with _flocked(self._stripe_path(key), key):
+        """An exclusive lock on `key`, shared by every worker process using this cache dir."""
+        async with self.key_locks.lock(key):
             yield
 
     @contextlib.asynccontextmanager
     async def eviction_lock(self) -> AsyncIterator[None]:
         """One eviction (server or prune) at a time, on a lock file of its own: no fill waits on it."""
-        async with _flocked(self.locks_dir / EVICT_LOCK, "eviction"):
+        async with flocked(self.locks_dir / EVICT_LOCK, "eviction"):
             yield
 
     def eviction_running(self) -> bool:
         """Whether another process holds the eviction lock now (the server then leaves it be)."""
-        with _try_flock(self.locks_dir / EVICT_LOCK) as held:
+        with try_flock(self.locks_dir / EVICT_LOCK) as held:
             return not held
 
     @contextlib.contextmanager
     def try_lock_crate(self, name: str, version: str) -> Iterator[bool]:
         """The fill lock of one crate if it is free at once (eviction skips a crate being filled);
         held only for the few microseconds of an unlink, so a miss on the same stripe barely waits."""
-        with _try_flock(self._stripe_path(f"crate:{name}/{version}")) as held:
+        with self.key_locks.try_lock(f"crate:{name}/{version}") as held:
             yield held
 
     def writable_problem(self) -> str | None:
@@ -374,44 +363,6 @@ class DiskTrouble:
 
 def _open_meta(directory: Path) -> diskcache.Cache:
     return diskcache.Cache(str(directory), size_limit=2**40, eviction_policy="none")
-
-
-@contextlib.asynccontextmanager
-async def _flocked(path: Path, what: str) -> AsyncIterator[None]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
-    except OSError as exc:
-        # A read-only or full cache dir: coalesce within this process only, keep answering.
-        log.warning("no cross-process lock for %s: %s", what, exc)
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            await asyncio.get_running_loop().run_in_executor(_LOCK_THREADS, fcntl.flock, fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-@contextlib.contextmanager
-def _try_flock(path: Path) -> Iterator[bool]:
-    """Yields whether the lock was free (and is now held until the block ends)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-    except OSError:
-        yield True  # no cross-process locks on this dir (read-only): nothing to wait for
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def remove_empty_dir(directory: Path) -> None:

@@ -183,7 +183,7 @@ async def test_a_miss_completes_while_thousands_are_evicted(
     name = next(
         f"newcomer{i}"
         for i in range(1_000_000)
-        if store._stripe_path(f"crate:newcomer{i}/1.0.0") == store._stripe_path("evict")
+        if store.key_locks.stripe(f"crate:newcomer{i}/1.0.0") == store.key_locks.stripe("evict")
     )
     cv = registry.add_crate(name, "1.0.0")
     loop = asyncio.get_running_loop()
