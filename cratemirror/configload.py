@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from cratemirror.config import (
     MirrorSchema,
     with_source,
 )
+from cratemirror.redact import redact
 
 # Overrides usually come from these flags; naming the flag tells the user which input was wrong.
 FLAGS = {
@@ -271,12 +271,11 @@ def loading_sources(settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSetti
 
 # --- errors ----------------------------------------------------------------------------------------------
 
-_URL_PASSWORD = re.compile(r"(//[^/@\s:]*:)[^/@\s]*@")
-
 
 def show(value: object) -> str:
-    """A value for a one-line message: repr, bounded, with any password in a URL masked."""
-    text = _URL_PASSWORD.sub(r"\1***@", repr(value))
+    """A value for a one-line message: repr, bounded, with a URL's userinfo (a token is often all of
+    it: https://TOKEN@host) and other secret-looking parts masked."""
+    text = redact(repr(value))
     # One line, bounded: a whole nested mapping pasted into an error would bury the point.
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -481,7 +480,7 @@ def plain(value: object) -> str:
         return "[" + ", ".join(plain(item) for item in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key}: {plain(item)}" for key, item in value.items()) + "}"
-    return _URL_PASSWORD.sub(r"\1***@", str(value))
+    return redact(str(value))
 
 
 def effective_values(loaded: Loaded) -> Iterator[tuple[str, str, str]]:

@@ -1124,7 +1124,11 @@ def test_secrets_never_in_errors(tmp_path: Path) -> None:
     )
     message = error_of(tmp_path, "coordination:\n  redis_url: http://user:redis-password@r:6379\n")
     assert "redis-password" not in message
-    assert message.endswith("got 'http://user:***@r:6379'")
+    assert message.endswith("got 'http://***@r:6379'")
+    # a token is often the whole userinfo: masked as well
+    message = error_of(tmp_path, "coordination:\n  redis_url: http://only-a-token@r:6379/x/y\n")
+    assert "only-a-token" not in message
+    assert message.endswith("got 'http://***@r:6379/x/y'")
 
 
 # --- environment and flags for the nested keys -----------------------------------------------------------

@@ -68,6 +68,7 @@ def test_show_prints_every_key_with_its_origin_and_masks_secrets(tmp_path: Path)
     config = tmp_path / "custom.yaml"
     config.write_text(
         "server:\n  port: 9001\n"
+        "upstream:\n  index_url: 'https://only-a-token-value@index.example/'\n"
         "storage:\n  s3: {secret_access_key: s3-secret-value}\n"
         "registries:\n  internal: {index_url: 'https://x.example', token: registry-secret-value}\n",
         encoding="utf-8",
@@ -78,6 +79,7 @@ def test_show_prints_every_key_with_its_origin_and_masks_secrets(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert "s3-secret-value" not in result.stdout
     assert "registry-secret-value" not in result.stdout
+    assert "only-a-token-value" not in result.stdout  # a token that is the whole userinfo
     rows = {}
     for line in result.stdout.splitlines()[1:]:
         setting, _, origin = line.partition("  # ")
@@ -90,6 +92,7 @@ def test_show_prints_every_key_with_its_origin_and_masks_secrets(tmp_path: Path)
     assert rows["storage.s3.secret_access_key"] == ("'**********'", str(config))
     assert rows["registries.internal.token"] == ("'**********'", str(config))
     assert rows["registries.internal.index_url"] == ("https://x.example/", str(config))
+    assert rows["upstream.index_url"] == ("https://***@index.example/", str(config))
     expected = {key for key, _ in schema_keys() if key != "registries"}
     assert expected <= set(rows)
 
