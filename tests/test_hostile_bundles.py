@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, index_path
-from tests.tools_support import run_cli, seed_cache, write_config
+from tests.tools_support import CliResult, run_cli, seed_cache, write_config
 
 YEAR = 365 * 86400.0
 
@@ -99,23 +99,44 @@ async def test_a_manifest_that_is_nested_deeply_or_not_json_is_refused_in_one_li
     assert not (tmp_path / "cache" / "crates").exists() or not any((tmp_path / "cache" / "crates").iterdir())
 
 
+async def export_then_import_capped(
+    registry: FakeRegistry, tmp_path: Path, crates: dict[str, str], cap: str
+) -> CliResult:
+    """Export `crates` from a seeded cache, import the bundle into tmp_path/target with `cap` (an
+    `upstream:` line) in its config."""
+    source = tmp_path / "source"
+    seed_cache(source, registry, crates, fetched_at=time.time())
+    bundle = tmp_path / "bundle.tar"
+    config = write_config(tmp_path / "source.yaml", registry.index_url, source)
+    assert (await run_cli("export", str(bundle), "--config", str(config), cwd=tmp_path)).code == 0
+    target_config = write_config(tmp_path / "target.yaml", registry.index_url, tmp_path / "target")
+    target_config.write_text(target_config.read_text().replace("upstream:\n", f"upstream:\n  {cap}\n"))
+    return await run_cli("import", str(bundle), "--config", str(target_config), cwd=tmp_path)
+
+
 async def test_index_members_over_the_configured_cap_are_refused(
     registry: FakeRegistry, tmp_path: Path
 ) -> None:
     for minor in range(12):
         registry.add_crate("wide", f"1.{minor}.0")
     assert len(registry.index_file("wide")) > 1024
-    source = tmp_path / "source"
-    seed_cache(source, registry, {"wide": "1.11.0"}, fetched_at=time.time())
-    bundle = tmp_path / "bundle.tar"
-    config = write_config(tmp_path / "source.yaml", registry.index_url, source)
-    assert (await run_cli("export", str(bundle), "--config", str(config), cwd=tmp_path)).code == 0
-
-    target_config = write_config(tmp_path / "target.yaml", registry.index_url, tmp_path / "target")
-    target_config.write_text(
-        target_config.read_text().replace("upstream:\n", "upstream:\n  max_index_size: 1KiB\n")
-    )
-    result = await run_cli("import", str(bundle), "--config", str(target_config), cwd=tmp_path)
+    result = await export_then_import_capped(registry, tmp_path, {"wide": "1.11.0"}, "max_index_size: 1KiB")
     assert result.code == 1, result.output
     assert "REFUSED index file of wide:" in result.stderr and "over 1.0 KiB" in result.stderr, result.stderr
     assert "0 loaded" in result.stdout, result.stdout
+
+
+async def test_crate_members_over_the_configured_cap_are_refused_before_a_copy(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    registry.add_crate("small", "1.0.0")
+    registry.add_crate("big", "1.0.0", pad_to=64 * 1024)
+    crates = {"small": "1.0.0", "big": "1.0.0"}
+    result = await export_then_import_capped(registry, tmp_path, crates, "max_crate_size: 32KiB")
+    target = tmp_path / "target"
+    assert result.code == 1, result.output
+    assert "REFUSED big 1.0.0:" in result.stderr and "over 32.0 KiB" in result.stderr, result.stderr
+    assert "1 loaded" in result.stdout, result.stdout
+    assert (target / "crates" / "small" / "small-1.0.0.crate").is_file()
+    assert not (target / "crates" / "big").exists()
+    assert list((target / "tmp").iterdir()) == []  # nothing was copied for it

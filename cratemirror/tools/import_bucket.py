@@ -26,7 +26,7 @@ from cratemirror.names import CrateName, parse_crate_version
 from cratemirror.storage import SharedStorage
 from cratemirror.store import CrateMeta, IndexEntry, Store
 from cratemirror.tools.common import bucket_failure, shared_storages
-from cratemirror.tools.importer import ImportResult, import_bundle
+from cratemirror.tools.importer import Caps, ImportResult, import_bundle
 
 T = TypeVar("T")
 JOBS = 8  # uploads at once
@@ -99,9 +99,8 @@ async def _import(config: Config, bundle: Path) -> ImportResult:
                 def work() -> ImportResult:
                     with tarfile.open(bundle, "r:*") as tar:
                         return import_bundle(
-                            tar, main, config.policy.advisory_db, targets,
-                            max_index_size=config.upstream.max_index_size,
-                        )  # fmt: skip
+                            tar, main, config.policy.advisory_db, targets, caps=Caps.of(config)
+                        )
 
                 return await asyncio.to_thread(work)
     finally:

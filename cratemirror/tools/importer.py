@@ -93,6 +93,19 @@ class BundleError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Caps:
+    """The server's own caps on what enters the cache (upstream.max_index_size / max_crate_size): a
+    bundle is another way in, held to the same sizes, checked against the tar header before a copy."""
+
+    index: int
+    crate: int
+
+    @classmethod
+    def of(cls, config: Config) -> Caps:
+        return cls(config.upstream.max_index_size, config.upstream.max_crate_size)
+
+
+@dataclass(frozen=True, slots=True)
 class BundledIndex:
     name: str
     body: bytes
@@ -318,7 +331,7 @@ class BundledIndexes:
         max_index_size: int,
     ) -> None:
         self.tar, self.store, self.result = tar, store, result
-        self.max_index_size = max_index_size  # the server's own cap (upstream.max_index_size)
+        self.max_index_size = max_index_size
         self.db = members.db  # the listed index files go next to the members, not into memory
         self.db.execute(
             "CREATE TABLE listed (lower TEXT PRIMARY KEY, name TEXT, sha256 TEXT, record TEXT,"
@@ -410,6 +423,7 @@ def import_crate(
     store: ImportTarget,
     result: ImportResult,
     batch: list[tuple[Path, CrateMeta]],
+    max_crate_size: int,
 ) -> str:
     """Verify one crate and load it. Returns a progress line; refusals go to result.refused."""
     try:
@@ -424,6 +438,8 @@ def import_crate(
     member = members.pop(crate_member(name, version), None)
     if member is None:
         return _refuse(result, f"{label}: listed in the manifest but not in the bundle")
+    if member.size > max_crate_size:
+        return _refuse(result, f"{label}: {format_size(member.size)}, over {format_size(max_crate_size)}")
     index = indexes.get(wanted.crate.lower)
     try:
         record = find_version(index.body, wanted.crate, version) if index is not None else None
@@ -523,7 +539,7 @@ def import_nested(
     members: Members,
     registries: Mapping[str, ImportTarget],
     result: ImportResult,
-    max_index_size: int,
+    caps: Caps,
 ) -> None:
     """Each extra registry's bundle into that registry's cache, verified the same way; one for a
     registry this mirror does not have is refused."""
@@ -536,7 +552,7 @@ def import_nested(
         handle = tar.extractfile(member)
         assert handle is not None  # a regular file
         with tarfile.open(fileobj=handle, mode="r:") as inner:
-            sub = import_bundle(inner, registries[registry], max_index_size=max_index_size)
+            sub = import_bundle(inner, registries[registry], caps=caps)
         result.loaded += sub.loaded
         result.loaded_bytes += sub.loaded_bytes
         result.already += sub.already
@@ -554,13 +570,13 @@ def import_bundle(
     advisory_db: Path | None = None,
     registries: Mapping[str, ImportTarget] | None = None,
     *,
-    max_index_size: int,
+    caps: Caps,
 ) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
     try:
-        import_nested(tar, members, registries or {}, result, max_index_size)
-        return _import_members(tar, store, members, result, advisory_db, max_index_size)
+        import_nested(tar, members, registries or {}, result, caps)
+        return _import_members(tar, store, members, result, advisory_db, caps)
     finally:
         members.close()
 
@@ -571,16 +587,16 @@ def _import_members(
     members: Members,
     result: ImportResult,
     advisory_db: Path | None,
-    max_index_size: int,
+    caps: Caps,
 ) -> ImportResult:
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
-    indexes = BundledIndexes(tar, members, manifest, store, result, max_index_size)
+    indexes = BundledIndexes(tar, members, manifest, store, result, caps.index)
     result.crates_listed += manifest.crate_count
     progress = Progress("import", manifest.crate_count)
     batch: list[tuple[Path, CrateMeta]] = []
     try:
         for entry in manifest.crates():
-            line = import_crate(tar, members, entry, indexes, store, result, batch)
+            line = import_crate(tar, members, entry, indexes, store, result, batch, caps.crate)
             if line.startswith("REFUSED"):
                 progress.note(line)  # stays visible on a terminal too
                 progress.step("refused")
@@ -628,8 +644,7 @@ def run_import(args: argparse.Namespace) -> int:
     try:
         with tarfile.open(bundle, "r:*") as tar:
             result = import_bundle(
-                tar, store, config.policy.advisory_db, registries,
-                max_index_size=config.upstream.max_index_size,
+                tar, store, config.policy.advisory_db, registries, caps=Caps.of(config)
             )  # fmt: skip
         cached_bytes = store.crate_bytes()
     except (tarfile.TarError, BundleError) as exc:
