@@ -11,9 +11,10 @@ A real `cargo fetch` of the bench's 100-crate tree on a fresh CARGO_HOME, the up
   `upstream.prefetch: crates`;
 - cargo's own floor: direct over HTTP/2 with the upstream answering at once.
 
-Medians over `--rounds` (3). cargo runs on one CPU and the servers on the others (`--shared-cpus`: all on
-all), as a client and its servers are separate machines in real use. Needs cargo, haproxy, openssl and
-taskset; everything on 127.0.0.1, stopped at the end; prints one table.
+Medians over `--rounds` (3). `--split-cpus` runs cargo on CPU 0 and the servers on the others (a client
+and its servers are separate machines in real use; here the servers then share one CPU of two). Needs
+cargo, haproxy and openssl (and taskset to split); everything on 127.0.0.1, stopped at the end; prints
+one table.
 """
 
 from __future__ import annotations
@@ -152,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument(
-        "--shared-cpus", action="store_true", help="cargo on the same CPUs as the servers (default: apart)"
+        "--split-cpus", action="store_true", help="cargo on CPU 0, the servers on the rest (default: shared)"
     )
     args = parser.parse_args(argv)
     missing = [tool for tool in ("cargo", "haproxy", "openssl") if shutil.which(tool) is None]
     if missing:
         log(f"missing: {', '.join(missing)} (apt-get install -y haproxy openssl; cargo from rustup)")
         return 2
-    cargo_prefix = () if args.shared_cpus else split_cpus()
+    cargo_prefix = split_cpus() if args.split_cpus else ()
     tmp = Path(tempfile.mkdtemp(prefix="cratemirror-bench-fleet-"))
     try:
         results = asyncio.run(run(args.rounds, args.latency_ms / 1000, tmp, cargo_prefix))
