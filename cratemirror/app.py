@@ -29,6 +29,8 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     registries = build_registries(config, metrics, disk_trouble)
     default = registries[DEFAULT_REGISTRY]
     policy = create_policy(config, default.store, metrics)  # the policy gates crates.io's crates
+    if policy.enabled:  # what cargo sees yanked in the policy's view is never prefetched either
+        default.index.prefetch.allowed = lambda name, version: policy.verdict(name, version).block is None
     mirror = Mirror(
         config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
         policy, registries=registries,

@@ -89,25 +89,31 @@ def dependencies(body: bytes) -> list[Dependency]:
     return list(wanted.values())
 
 
-def newest_matching(body: bytes, req: str) -> str | None:
+def newest_matching(body: bytes, req: str, allowed: Callable[[str], bool] | None = None) -> str | None:
     """The version cargo's resolver picks for `req` from an index file on its own: the highest
-    non-yanked one that matches (pre-releases only when the requirement names one)."""
+    non-yanked one that matches (pre-releases only when the requirement names one). `allowed`: the
+    versions the policy lets through (the others cargo sees yanked)."""
     try:
         requirement = CargoRequirement.parse(req)
     except RequirementError:
         return None
-    best: Version | None = None
+    best: tuple[Version, str] | None = None
     for line in body.splitlines()[-MAX_VERSIONS:]:
         record = _parse(line)
         if record is None or record.get("yanked") is True:
             continue
+        text = str(record.get("vers"))
         try:
-            version = Version(str(record.get("vers")))
+            version = Version(text)
         except ValueError:
             continue
-        if (best is None or version > best) and requirement.matches(version):
-            best = version
-    return None if best is None else str(best)
+        if (
+            (best is None or version > best[0])
+            and requirement.matches(version)
+            and (allowed is None or allowed(text))
+        ):
+            best = (version, text)
+    return None if best is None else best[1]
 
 
 def _default_optional_deps(record: dict[str, object]) -> set[str]:
@@ -167,6 +173,8 @@ class Prefetcher:
         self.mode = mode
         self._fetch_index = fetch_index
         self.fetch_crate: Callable[[CrateName, bytes, str], Awaitable[None]] | None = None
+        #: (name, version) -> whether the policy lets it through: a blocked version is never fetched
+        self.allowed: Callable[[str, str], bool] | None = None
         self._pending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._index_slots = asyncio.Semaphore(concurrency)
@@ -199,10 +207,12 @@ class Prefetcher:
                 body = await self._fetch_index(name)
             if body is None or self.mode != "crates" or self.fetch_crate is None:
                 return
+            policy = self.allowed
+            allowed = None if policy is None else lambda version: policy(name.name, version)
             if len(body) > PICK_IN_THREAD:  # a big file's lines would hold up the event loop
-                version = await asyncio.to_thread(newest_matching, body, dependency.req)
+                version = await asyncio.to_thread(newest_matching, body, dependency.req, allowed)
             else:
-                version = newest_matching(body, dependency.req)
+                version = newest_matching(body, dependency.req, allowed)
             if version is not None:
                 async with self._crate_slots:
                     await self.fetch_crate(name, body, version)

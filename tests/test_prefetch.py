@@ -24,6 +24,7 @@ from tests.fake_upstream import (
     write_cargo_project,
 )
 from tests.mirror_process import MirrorProcess
+from tests.policy_support import write_advisory
 
 
 def real(name: str) -> bytes:
@@ -227,3 +228,19 @@ async def test_crates_mode_stores_the_picked_versions_before_cargo_asks(
     assert response.status == 200 and response.headers["X-Cache"] == "HIT"
     assert await response.read() == registry.get_version("leaf", "1.1.0").data
     assert registry.requests.total() == 0
+
+
+async def test_crates_mode_never_fetches_what_the_policy_blocks(
+    registry: FakeRegistry, mirror_factory: MirrorFactory, tmp_path: Path
+) -> None:
+    """cargo sees a blocked version yanked in the policy's view and picks the next one: so does the
+    prefetch, and the blocked one is never downloaded from upstream."""
+    publish_tree(registry)
+    registry.add_crate("leaf", "1.1.0")
+    db = tmp_path / "advisory-db"
+    write_advisory(db, "leaf", "RUSTSEC-2099-0007", patched=[">= 1.2.0"], unaffected=["< 1.1.0"])
+    mirror = await mirror_factory(upstream__prefetch="crates", policy__mode="enforce", policy__advisory_db=db)
+    assert (await mirror.get(f"/index/{index_path('top')}")).status == 200
+    await prefetched(mirror)
+    assert registry.count("/crates/leaf/1.1.0/") == 0
+    assert registry.count("/crates/leaf/1.0.0/download") == 1
