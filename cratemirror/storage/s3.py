@@ -181,30 +181,20 @@ class S3Shared:
 
     async def _fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
         name = self._crate_key(key)
-        try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=name)
-        except ClientError as exc:
-            if _code(exc) in _MISSING:
+        with open(into, "wb") as out:
+            copy = await self._read_crate(key, out, limit)
+            if copy is None:
                 return None
-            raise
-        hasher = hashlib.sha256()
-        size = 0
-        async with response["Body"] as stream:
-            with open(into, "wb") as out:
-                while chunk := await stream.read(CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        log.error("%s in the bucket is larger than %d bytes: ignored", name, limit)
-                        return None
-                    hasher.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())  # the caller renames it into the cache: durable first
-        if hasher.hexdigest() != sha256:
-            log.error("%s in the bucket does not hash to the index cksum %s: ignored", name, sha256)
-            return None
+            if copy.too_large:
+                log.error("%s in the bucket is larger than %d bytes: ignored", name, limit)
+                return None
+            if copy.sha256 != sha256:
+                log.error("%s in the bucket does not hash to the index cksum %s: ignored", name, sha256)
+                return None
+            out.flush()
+            os.fsync(out.fileno())  # the caller renames it into the cache: durable first
         self._known[name] = True
-        return size
+        return copy.size
 
     async def _crate_url(self, key: CrateVersion, sha256: str) -> str | None:
         name = self._crate_key(key)
