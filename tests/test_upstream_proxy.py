@@ -14,9 +14,10 @@ from aiohttp import web
 from cratemirror.proxies import bypassed
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, index_path
+from tests.mirror_process import Service
 
 
-class ForwardProxy:
+class ForwardProxy(Service):
     """Forwards each absolute-form GET and counts it by the URL it was asked for."""
 
     def __init__(self) -> None:
@@ -33,7 +34,7 @@ class ForwardProxy:
             body = await upstream.read()
             return web.Response(status=upstream.status, body=body, content_type=upstream.content_type)
 
-    async def __aenter__(self) -> ForwardProxy:
+    async def start(self) -> None:
         self._client = aiohttp.ClientSession(trust_env=False)
         app = web.Application()
         app.router.add_route("GET", "/{tail:.*}", self._forward)
@@ -43,12 +44,12 @@ class ForwardProxy:
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None and self._client is not None
-        await self._runner.cleanup()
-        await self._client.close()
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._client is not None:
+            await self._client.close()
 
 
 @pytest.fixture
@@ -90,6 +91,7 @@ async def test_no_proxy_skips_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.delenv("no_proxy", raising=False)  # the lower-case one would win
     monkeypatch.setenv("NO_PROXY", "example.com, 127.0.0.1")
     mirror = await mirror_factory()
     await fetch_serde(registry, mirror)
