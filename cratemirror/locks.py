@@ -52,11 +52,10 @@ class KeyLocks:
             async with flocked(self._stripe_path(key), key):
                 yield
             return
+        stripe = self.stripe(key)
         try:
-            if not _range_lock(fd, self.stripe(key), wait=False):
-                await asyncio.get_running_loop().run_in_executor(
-                    _LOCK_THREADS, _range_lock, fd, self.stripe(key), True
-                )
+            if not _range_lock(fd, stripe, wait=False):
+                await asyncio.get_running_loop().run_in_executor(_LOCK_THREADS, _range_lock, fd, stripe, True)
             yield
         finally:
             os.close(fd)  # closing releases the lock

@@ -16,7 +16,7 @@ import asyncio
 import contextvars
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,23 +50,15 @@ def dependencies(body: bytes) -> list[Dependency]:
     normal and build dependencies (never dev), optional ones only if a default feature turns them on,
     of the same registry; deduplicated, at most MAX_DEPENDENCIES. Lines that do not parse or validate
     are skipped: a prefetch never fails a request."""
-    newest: tuple[Version, dict[str, object]] | None = None
-    for line in body.rsplit(b"\n", TAIL_LINES)[-TAIL_LINES:]:
-        record = _parse(line)
-        if record is None or record.get("yanked") is True or not isinstance(record.get("deps"), list):
-            continue
-        try:
-            version = Version(str(record.get("vers")))
-        except ValueError:
-            continue
-        if not version.prerelease and (newest is None or version > newest[0]):
-            newest = (version, record)
+    newest: tuple[Version, dict[str, object], list[object]] | None = None
+    for version, _, record in _releases(body.rsplit(b"\n", TAIL_LINES)[-TAIL_LINES:]):
+        deps = record.get("deps")
+        if isinstance(deps, list) and not version.prerelease and (newest is None or version > newest[0]):
+            newest = (version, record, deps)
     if newest is None:
         return []
-    record = newest[1]
+    _, record, deps = newest
     enabled = _default_optional_deps(record)
-    deps = record["deps"]
-    assert isinstance(deps, list)
     wanted: dict[str, Dependency] = {}
     for dep in deps:
         if not isinstance(dep, dict) or dep.get("registry") is not None:
@@ -98,15 +90,7 @@ def newest_matching(body: bytes, req: str, allowed: Callable[[str], bool] | None
     except RequirementError:
         return None
     best: tuple[Version, str] | None = None
-    for line in body.splitlines()[-MAX_VERSIONS:]:
-        record = _parse(line)
-        if record is None or record.get("yanked") is True:
-            continue
-        text = str(record.get("vers"))
-        try:
-            version = Version(text)
-        except ValueError:
-            continue
+    for version, text, _ in _releases(body.splitlines()[-MAX_VERSIONS:]):
         if (
             (best is None or version > best[0])
             and requirement.matches(version)
@@ -145,6 +129,20 @@ def _default_optional_deps(record: dict[str, object]) -> set[str]:
             else:
                 enabled.add(item)
     return enabled
+
+
+def _releases(lines: Iterable[bytes]) -> Iterator[tuple[Version, str, dict[str, object]]]:
+    """(version, its text, the record) of each non-yanked line whose JSON and version parse."""
+    for line in lines:
+        record = _parse(line)
+        if record is None or record.get("yanked") is True:
+            continue
+        text = str(record.get("vers"))
+        try:
+            version = Version(text)
+        except ValueError:
+            continue
+        yield version, text, record
 
 
 def _parse(line: bytes) -> dict[str, object] | None:

@@ -201,9 +201,10 @@ class Store:
         return final
 
     def commit_crates(self, batch: list[tuple[Path, CrateMeta]]) -> None:
-        """`commit_crate` for many verified temp files (import): two ledger transactions and two
-        filesystem syncs for the whole batch instead of several fsyncs and writes per crate. The temp
-        files need not be fsynced: one syncfs makes their bytes durable before any rename."""
+        """`commit_crate` for many verified temp files (the server's group commit, and import): two
+        ledger transactions and two filesystem syncs for the whole batch instead of several fsyncs
+        and writes per crate. The temp files need not be fsynced: one syncfs makes their bytes
+        durable before any rename."""
         if not batch:
             return
         self.ledger.begin_commits(
