@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cratemirror import __version__
-from cratemirror.config import ConfigError
+from cratemirror.config.schema import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -19,20 +19,20 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cratemirror.serve import serve  # imported late: it may set up multiprocess metrics first
+    from cratemirror.server.serve import serve  # imported late: it may set up multiprocess metrics first
 
     return serve(args)
 
 
 def _client_config(args: argparse.Namespace) -> int:
-    from cratemirror.clientconfig import (
+    from cratemirror.config.client import (
         BadBaseURL,
         cargo_ci_snippet,
         cargo_config_snippet,
         checked_base,
         client_setup,
     )
-    from cratemirror.config import find_config_path, load_config
+    from cratemirror.config.schema import find_config_path, load_config
 
     try:
         base = checked_base("http://127.0.0.1:8080" if args.url is None else args.url)
@@ -94,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client_config.set_defaults(run=_client_config)
 
-    from cratemirror.configcmd import add_config_command
+    from cratemirror.config.command import add_config_command
     from cratemirror.tools.cli import add_tool_commands
 
     add_tool_commands(commands)
     add_config_command(commands)
 
-    from cratemirror.auth.cli import add_token_command
+    from cratemirror.tools.tokens import add_token_command
 
     add_token_command(commands)
     return parser

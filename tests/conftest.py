@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from cratemirror.app import create_app
-from cratemirror.config import CacheConfig, Config, ServerConfig, UpstreamConfig
+from cratemirror.config.schema import CacheConfig, Config, ServerConfig, UpstreamConfig
+from cratemirror.http.app import create_app
 from tests.fake_upstream import FakeRegistry
 from tests.fleet_support import MotoS3, RedisServer
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from cratemirror.clientconfig import cargo_config_snippet
+from cratemirror.config.client import cargo_config_snippet
 from tests.fake_upstream import (
     SMALL_TREE_DEPS,
     FakeRegistry,

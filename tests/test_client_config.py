@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from cratemirror.clientconfig import BadBaseURL, cargo_ci_snippet, cargo_config_snippet
+from cratemirror.config.client import BadBaseURL, cargo_ci_snippet, cargo_config_snippet
 from tests.fake_upstream import FakeRegistry, run_cargo, write_cargo_project
 
 

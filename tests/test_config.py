@@ -1,4 +1,4 @@
-"""Tests for cratemirror.config: parsing, layering (defaults < file < env < flags) and error messages."""
+"""Tests for the config schema: parsing, layering (defaults < file < env < flags) and error messages."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cratemirror import config as config_module
-from cratemirror.config import (
+from cratemirror.config import schema as config_module
+from cratemirror.config.load import effective_values, load, schema_keys
+from cratemirror.config.schema import (
     AuthConfig,
     CacheConfig,
     Config,
@@ -27,7 +28,6 @@ from cratemirror.config import (
     parse_size,
     with_source,
 )
-from cratemirror.configload import effective_values, load, schema_keys
 
 REPO_MIRROR_YAML = Path(__file__).resolve().parent.parent / "mirror.yaml"
 GiB = 1024**3

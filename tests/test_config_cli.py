@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cratemirror.configload import schema_keys
+from cratemirror.config.load import schema_keys
 from tests.mirror_process import clean_env
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from cratemirror.context import MIRROR
-from cratemirror.store import Store
+from cratemirror.fleet.storage.disk import Store
+from cratemirror.http.context import MIRROR
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, index_path
 

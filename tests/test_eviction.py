@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from cratemirror.context import MIRROR
-from cratemirror.eviction import LOW_WATER, evict_to
-from cratemirror.store import CRATE_PREFIX, LEDGER_FILE, CrateMeta, Store
+from cratemirror.cache.eviction import LOW_WATER, evict_to
+from cratemirror.fleet.storage.disk import CRATE_PREFIX, LEDGER_FILE, CrateMeta, Store
+from cratemirror.http.context import MIRROR
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
 from tests.mirror_process import metric_value
@@ -103,7 +103,7 @@ CRASH_CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from cratemirror.store import Store
+    from cratemirror.fleet.storage.disk import Store
 
     store = Store(Path(sys.argv[1]))
     marked = store.ledger.mark_evicting(store.ledger.oldest(int(sys.argv[2])))
@@ -142,7 +142,7 @@ COMMIT_CRASH_CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from cratemirror.store import Store
+    from cratemirror.fleet.storage.disk import Store
 
     store = Store(Path(sys.argv[1]))
     for name, rename in (("renamed", True), ("unrenamed", False)):

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from cratemirror.coordination import Coordination, make_coordination
+from cratemirror.fleet.coordination import Coordination, make_coordination
+from cratemirror.fleet.storage.disk import Store
 from cratemirror.metrics import Metrics
-from cratemirror.store import Store
 from tests.fake_upstream import FakeRegistry, index_path
 from tests.fleet_support import RedisServer, replicas
 from tests.mirror_process import MirrorProcess, metric_value, wait_until

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cratemirror import config as config_module
-from cratemirror.config import load_config
+from cratemirror.config import schema as config_module
+from cratemirror.config.schema import load_config
 from tests.fleet_support import HAPROXY_CFG, make_tls, require
 
 REPO = Path(__file__).resolve().parents[1]

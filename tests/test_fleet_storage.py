@@ -11,10 +11,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cratemirror.config import StorageConfig
+from cratemirror.config.schema import StorageConfig
+from cratemirror.fleet.storage import SharedStorage, make_shared_storage
+from cratemirror.fleet.storage.disk import IndexEntry
 from cratemirror.names import CrateName, CrateVersion
-from cratemirror.storage import SharedStorage, make_shared_storage
-from cratemirror.store import IndexEntry
 from tests.fleet_support import MotoS3
 
 LIMIT = 1 << 20

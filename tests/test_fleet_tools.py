@@ -12,11 +12,11 @@ from urllib.parse import quote
 
 import aiohttp
 
-from cratemirror.config import S3Config
-from cratemirror.index import body_etag
+from cratemirror.cache.index import body_etag
+from cratemirror.config.schema import S3Config
+from cratemirror.fleet.storage.disk import IndexEntry
+from cratemirror.fleet.storage.s3 import S3Shared
 from cratemirror.names import parse_crate_version, parse_name
-from cratemirror.storage.s3 import S3Shared
-from cratemirror.store import IndexEntry
 from tests.fake_upstream import FakeRegistry
 from tests.fleet_support import MotoS3, replicas
 from tests.tools_support import run_cli, write_config

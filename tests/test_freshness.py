@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from cratemirror.app import create_app
-from cratemirror.context import MIRROR
+from cratemirror.http.app import create_app
+from cratemirror.http.context import MIRROR
 from tests.conftest import MirrorFactory, make_config
 from tests.fake_upstream import FakeRegistry, run_cargo, write_cargo_home, write_cargo_project
 from tests.mirror_process import MirrorProcess, metric_value, wait_until

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cratemirror.ratelimit import BURST, PER_SECOND
+from cratemirror.cache.ratelimit import BURST, PER_SECOND
 from tests.fake_upstream import make_crate_tarball
 from tests.hostile_upstream import HostileUpstream, index_line, sha256
 from tests.mirror_process import MirrorProcess, raw_http, wait_until

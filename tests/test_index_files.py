@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from cratemirror.config import ServerConfig
+from cratemirror.config.schema import ServerConfig
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import REAL_INDEX, FakeRegistry, index_path
 

@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cratemirror.locks import KEYS_LOCK, KeyLocks
+from cratemirror.fleet.storage.locks import KEYS_LOCK, KeyLocks
 
 HOLD_IN_CHILD = """
 import sys, time
 from pathlib import Path
-from cratemirror.locks import KeyLocks
+from cratemirror.fleet.storage.locks import KeyLocks
 with KeyLocks(Path(sys.argv[1])).try_lock(sys.argv[2]) as held:
     print("held" if held else "busy", flush=True)
     sys.stdin.readline()  # until the test says so

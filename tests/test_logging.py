@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from cratemirror.app import create_app
-from cratemirror.logs import ACCESS_LOGGER, TEXT_FORMAT, AccessLogger
+from cratemirror.http.app import create_app
+from cratemirror.server.logs import ACCESS_LOGGER, TEXT_FORMAT, AccessLogger
 from tests.conftest import make_config
 from tests.fake_upstream import FakeRegistry, index_path
 from tests.mirror_process import MirrorProcess

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from cratemirror.index import body_etag
+from cratemirror.cache.index import body_etag
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
 from tests.mirror_process import metric_value

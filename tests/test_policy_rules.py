@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from cratemirror.config import ConfigError, PolicyConfig, load_config
+from cratemirror.config.schema import ConfigError, PolicyConfig, load_config
 from cratemirror.policy import advisories
 from cratemirror.policy.licenses import MAX_MANIFEST_BYTES, Allowlist, read_license
 from cratemirror.policy.rules import BLOCK, WARN, Rules, check_policy
-from cratemirror.policy.semver import CargoRequirement, RequirementError, parse_version, unaffected_ranges
 from cratemirror.policy.view import mark_yanked
+from cratemirror.versions import CargoRequirement, RequirementError, parse_version, unaffected_ranges
 from tests.fake_upstream import REAL_INDEX, make_crate_tarball
 from tests.policy_support import (
     LEAF_ADVISORY,

@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from cratemirror.context import MIRROR
-from cratemirror.prefetch import MAX_DEPENDENCIES, dependencies, newest_matching
+from cratemirror.cache.prefetch import MAX_DEPENDENCIES, dependencies, newest_matching
+from cratemirror.http.context import MIRROR
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import (
     REAL_INDEX,

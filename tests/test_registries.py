@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cratemirror.auth.tokens import TokenRecord, hash_token, utcnow, write_records
-from cratemirror.config import RegistryConfig
+from cratemirror.config.schema import RegistryConfig
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import (
     Dep,

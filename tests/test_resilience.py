@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from cratemirror.context import MIRROR
-from cratemirror.eviction import evict_to
-from cratemirror.store import Store
+from cratemirror.cache.eviction import evict_to
+from cratemirror.fleet.storage.disk import Store
+from cratemirror.http.context import MIRROR
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import CHUNK_SIZE, FakeRegistry, index_path
 from tests.mirror_process import metric_value, wait_until

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from cratemirror.clientconfig import cargo_ci_snippet, cargo_config_snippet
-from cratemirror.config import ServerConfig
+from cratemirror.config.client import cargo_ci_snippet, cargo_config_snippet
+from cratemirror.config.schema import ServerConfig
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, index_path
 from tests.mirror_process import metric_value

@@ -10,8 +10,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from cratemirror.index import UPSTREAM_CONFIG_KEY
-from cratemirror.store import Store
+from cratemirror.cache.index import UPSTREAM_CONFIG_KEY
+from cratemirror.fleet.storage.disk import Store
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
 from tests.tools_support import (

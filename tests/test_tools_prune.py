@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cratemirror.store import Store
+from cratemirror.fleet.storage.disk import Store
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
 from tests.tools_support import crate_file, run_cli, write_config

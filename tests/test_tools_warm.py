@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
-from cratemirror.store import Store
+from cratemirror.fleet.storage.disk import Store
 from cratemirror.tools.common import Progress
 from cratemirror.tools.lockfile import parse_lockfile
 from tests.conftest import MirrorFactory

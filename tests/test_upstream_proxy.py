@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from cratemirror.proxies import bypassed
+from cratemirror.upstream.proxies import bypassed
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, index_path
 from tests.mirror_process import Service

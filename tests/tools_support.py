@@ -18,8 +18,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from cratemirror.index import body_etag
-from cratemirror.store import CrateMeta, IndexEntry, Store
+from cratemirror.cache.index import body_etag
+from cratemirror.fleet.storage.disk import CrateMeta, IndexEntry, Store
 from tests.fake_upstream import FakeRegistry, run_cargo, write_cargo_home, write_cargo_project
 from tests.mirror_process import clean_env
 

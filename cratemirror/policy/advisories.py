@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cratemirror.names import InvalidRequest, parse_name
-from cratemirror.policy.semver import (
+from cratemirror.versions import (
     RequirementError,
     UnaffectedRange,
     Version,

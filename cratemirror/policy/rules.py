@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cratemirror.config import Config, ConfigError, PolicyConfig
+from cratemirror.config.schema import Config, ConfigError, PolicyConfig
 from cratemirror.names import InvalidRequest, parse_name
 from cratemirror.policy.advisories import Advisory, AdvisoryDb
 from cratemirror.policy.licenses import Allowlist
-from cratemirror.policy.semver import CargoRequirement, RequirementError, Version
+from cratemirror.versions import CargoRequirement, RequirementError, Version
 
 BLOCK = "block"
 WARN = "warn"

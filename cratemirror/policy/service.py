@@ -22,15 +22,15 @@ from typing import Any, BinaryIO
 
 from cachetools import LRUCache, TTLCache
 
-from cratemirror.config import Config
-from cratemirror.index import body_etag
+from cratemirror.cache.index import body_etag
+from cratemirror.config.schema import Config
+from cratemirror.fleet.storage.disk import IndexEntry, Store
 from cratemirror.metrics import Metrics
 from cratemirror.policy import advisories
 from cratemirror.policy.licenses import read_license
 from cratemirror.policy.rules import BLOCK, WARN, Decision, Rules, Verdict, check_policy
-from cratemirror.policy.semver import RequirementError, parse_version
 from cratemirror.policy.view import mark_yanked, versions
-from cratemirror.store import IndexEntry, Store
+from cratemirror.versions import RequirementError, parse_version
 
 log = logging.getLogger("cratemirror.policy")
 

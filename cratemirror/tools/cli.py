@@ -53,7 +53,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _policy_check(args: argparse.Namespace) -> int:
-    from cratemirror.policy.check import run_check
+    from cratemirror.tools.policy_check import run_check
 
     return run_check(args)
 

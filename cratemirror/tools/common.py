@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
-from cratemirror.config import Config, ConfigError, find_config_path, load_config
-from cratemirror.logs import setup_logging
+from cratemirror.config.schema import Config, ConfigError, find_config_path, load_config
+from cratemirror.fleet.storage.disk import Store
 from cratemirror.metrics import DEFAULT_REGISTRY
-from cratemirror.store import Store
+from cratemirror.server.logs import setup_logging
 
 if TYPE_CHECKING:
-    from cratemirror.storage import SharedStorage
+    from cratemirror.fleet.storage import SharedStorage
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -59,7 +59,7 @@ def open_existing_store(config: Config) -> Store:
 def extra_stores(config: Config) -> list[tuple[str, Store]]:
     """(name, store) of each configured extra registry that has a cache yet (one never asked for has
     nothing to verify, prune or export)."""
-    from cratemirror.registry import registry_cache_dir
+    from cratemirror.cache.registry import registry_cache_dir
 
     stores = []
     for name in config.registries:
@@ -143,7 +143,7 @@ def error(message: str) -> int:
 async def shared_storages(config: Config) -> AsyncIterator[list[tuple[str, SharedStorage]]]:
     """(registry name, its shared storage) for storage.backend s3: crates.io's ("") first, then each
     extra registry's (registries/NAME/ in the bucket), started and closed here."""
-    from cratemirror.storage import make_shared_storage
+    from cratemirror.fleet.storage import make_shared_storage
 
     names = [DEFAULT_REGISTRY, *config.registries]
     async with contextlib.AsyncExitStack() as stack:

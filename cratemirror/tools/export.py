@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from cratemirror import __version__
-from cratemirror.config import Config, ConfigError, parse_duration
-from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
-from cratemirror.ledger import STORED
+from cratemirror.cache.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
+from cratemirror.config.schema import Config, ConfigError, parse_duration
+from cratemirror.fleet.storage.disk import CrateMeta, IndexEntry, Store, sha256_stream
+from cratemirror.fleet.storage.ledger import STORED
 from cratemirror.names import CrateName, InvalidRequest
 from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
-from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document, registry_member
 from cratemirror.tools.common import (
     EXIT_FAILURE,

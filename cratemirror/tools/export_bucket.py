@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from cratemirror.config import Config
-from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
+from cratemirror.cache.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
+from cratemirror.config.schema import Config
+from cratemirror.fleet.storage import SharedStorage, StoredCrate
+from cratemirror.fleet.storage.disk import IndexEntry, Store
 from cratemirror.names import CrateName, InvalidRequest
-from cratemirror.storage import SharedStorage, StoredCrate
-from cratemirror.store import IndexEntry, Store
 from cratemirror.tools.bundle import crate_member, index_member
 from cratemirror.tools.common import Progress
 from cratemirror.tools.export import ExportResult, _add_bytes, _index_record, bundle_file, finish_bundle

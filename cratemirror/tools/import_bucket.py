@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from cratemirror.config import Config
+from cratemirror.config.schema import Config
+from cratemirror.fleet.storage import SharedStorage
+from cratemirror.fleet.storage.disk import CrateMeta, IndexEntry, Store
 from cratemirror.names import CrateName, parse_crate_version
-from cratemirror.storage import SharedStorage
-from cratemirror.store import CrateMeta, IndexEntry, Store
 from cratemirror.tools.common import bucket_failure, shared_storages
 from cratemirror.tools.importer import Caps, ImportResult, import_bundle
 

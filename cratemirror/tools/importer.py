@@ -30,13 +30,13 @@ import ijson
 from cachetools import LRUCache
 from ijson.common import ObjectBuilder
 
-from cratemirror.config import Config, ConfigError
-from cratemirror.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
+from cratemirror.cache.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
+from cratemirror.cache.registry import registry_cache_dir
+from cratemirror.config.schema import Config, ConfigError
+from cratemirror.fleet.storage.disk import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
 from cratemirror.policy.bundle import PREFIX as ADVISORY_PREFIX
 from cratemirror.policy.bundle import DbImport, import_advisory_db
-from cratemirror.registry import registry_cache_dir
-from cratemirror.store import CrateMeta, IndexEntry, Store, sha256_stream
 from cratemirror.tools.bundle import (
     FORMAT,
     FORMAT_VERSION,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cratemirror.config import ConfigError
+from cratemirror.config.schema import ConfigError
 from cratemirror.names import InvalidRequest, parse_crate_version
 
 # Cargo.lock keeps crates.io's source id even when cargo fetched through a mirror (source replacement).

@@ -1,6 +1,6 @@
 """`cratemirror prune [--max-size SIZE] [--dry-run]`: evict least-recently-used crates down to a size.
 
-The same eviction the server runs past cache.max_size (cratemirror.eviction), under the same lock, so a
+The same eviction the server runs past cache.max_size (cratemirror.cache.eviction), under the same lock, so a
 prune and a server eviction never race each other. Index files are small and stay.
 """
 
@@ -10,9 +10,9 @@ import argparse
 import asyncio
 import time
 
-from cratemirror.config import ConfigError
-from cratemirror.eviction import EvictionReport, evict_to
-from cratemirror.store import Store
+from cratemirror.cache.eviction import EvictionReport, evict_to
+from cratemirror.config.schema import ConfigError
+from cratemirror.fleet.storage.disk import Store
 from cratemirror.tools.common import (
     EXIT_OK,
     Progress,

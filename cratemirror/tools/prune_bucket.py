@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from cratemirror.config import Config
-from cratemirror.storage import SharedStorage, StoredCrate
+from cratemirror.config.schema import Config
+from cratemirror.fleet.storage import SharedStorage, StoredCrate
 from cratemirror.tools.common import EXIT_OK, format_size, plural, run_on_bucket, shared_storages
 
 JOBS = 8  # deletes at once

@@ -17,11 +17,11 @@ from urllib.parse import quote
 import aiohttp
 
 from cratemirror import __version__
-from cratemirror.config import ConfigError
+from cratemirror.config.schema import ConfigError
 from cratemirror.names import CrateName, InvalidRequest, parse_name
 from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, error, mirror_headers, tool_config
 from cratemirror.tools.warm import DirectWarmer, mirror_base
-from cratemirror.upstream import UpstreamError
+from cratemirror.upstream.client import UpstreamError
 
 MAX_NAMES = 1000  # one invocation, one bounded batch: refreshing "everything" is what index_ttl is for
 JOBS = 8

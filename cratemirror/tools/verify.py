@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cratemirror.ledger import STORED
-from cratemirror.store import Store, sha256_stream
+from cratemirror.fleet.storage.disk import Store, sha256_stream
+from cratemirror.fleet.storage.ledger import STORED
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,

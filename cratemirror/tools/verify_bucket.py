@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from cratemirror.config import Config
+from cratemirror.config.schema import Config
+from cratemirror.fleet.storage import SharedStorage, StoredCrate
 from cratemirror.names import CrateVersion
-from cratemirror.storage import SharedStorage, StoredCrate
 from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, Progress, plural, run_on_bucket, shared_storages
 
 JOBS = 8  # objects re-hashed at once

@@ -21,10 +21,10 @@ from typing import Protocol
 import aiohttp
 
 from cratemirror import __version__
-from cratemirror.app import create_app
-from cratemirror.config import Config, ConfigError
-from cratemirror.context import MIRROR
-from cratemirror.index import find_version
+from cratemirror.cache.index import find_version
+from cratemirror.config.schema import Config, ConfigError
+from cratemirror.http.app import create_app
+from cratemirror.http.context import MIRROR
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import CrateName, parse_crate_version
 from cratemirror.tools.common import (

@@ -1,0 +1,416 @@
+"""IndexService: sparse-index files with a freshness TTL, ETag revalidation, stale-if-error and a
+negative cache, plus the upstream's config.json (where its tarballs live)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import TypeVar
+
+from cachetools import LRUCache
+
+from cratemirror.cache.prefetch import Prefetcher, PrefetchMode
+from cratemirror.cache.singleflight import SingleFlight
+from cratemirror.config.schema import CacheConfig
+from cratemirror.fleet.coordination import Coordination, LocalCoordination
+from cratemirror.fleet.storage import LocalShared, SharedStorage
+from cratemirror.fleet.storage.disk import DiskTrouble, IndexEntry, Store
+from cratemirror.metrics import Metrics
+from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum
+from cratemirror.upstream.client import Upstream, UpstreamError, UpstreamNotFound
+
+log = logging.getLogger("cratemirror.index")
+
+V = TypeVar("V")
+
+UPSTREAM_CONFIG_KEY = "upstream-config"
+HOT_BYTES = 64 * 1024 * 1024  # per worker: the index files of a typical CI working set fit many times
+GZIP_BYTES = 16 * 1024 * 1024
+GZIP_MIN = 1024  # smaller bodies gain too little to be worth a Content-Encoding
+GZIP_IN_THREAD = 64 * 1024  # compressing a larger body would hold up the event loop for milliseconds
+# A remembered 404 outlives its TTL a little so it can still answer while upstream is failing.
+NEGATIVE_GRACE = 3600.0
+
+
+class OfflineMiss(Exception):
+    """Offline mode and the file is not cached: the client gets 503."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexResult:
+    entry: IndexEntry  # status 200 (a file) or 404 (not found upstream)
+    x_cache: str  # HIT | MISS | REVALIDATED | STALE
+    result: str  # the metric label: hit | miss | revalidated | stale | negative
+    shared: bool = False  # another worker process fetched it while this one waited on the lock
+
+
+def _remember(cache: LRUCache[str, V], key: str, value: V) -> None:
+    with contextlib.suppress(ValueError):  # larger than the whole budget: just not kept
+        cache[key] = value
+
+
+def _entry_size(entry: IndexEntry) -> int:
+    return len(entry.body) + 256  # body plus a rough allowance for the rest
+
+
+def body_etag(body: bytes) -> str:
+    return f'"{hashlib.sha256(body).hexdigest()[:40]}"'
+
+
+class IndexService:
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream,
+        metrics: Metrics,
+        cache: CacheConfig,
+        *,
+        offline: bool,
+        disk_trouble: DiskTrouble,
+        coordination: Coordination | None = None,
+        shared: SharedStorage | None = None,
+        prefetch: PrefetchMode = "off",
+    ) -> None:
+        self.store = store
+        self.coordination = coordination or LocalCoordination(store)
+        self.shared = shared or LocalShared()
+        self.upstream = upstream
+        self.metrics = metrics
+        self.cache = cache
+        self.offline = offline
+        self._flights: SingleFlight[IndexResult] = SingleFlight()
+        # Recently used entries in memory, least-recently-used out beyond a byte budget.
+        self._hot: LRUCache[str, IndexEntry] = LRUCache(HOT_BYTES, getsizeof=_entry_size)
+        # Gzipped bodies by ETag, made on the first request that accepts gzip (cargo's curl does).
+        self._gzipped: LRUCache[str, bytes] = LRUCache(GZIP_BYTES, getsizeof=len)
+        self._dl_template: str | None = None
+        self._dl_checked_at = 0.0
+        self._config_flight: SingleFlight[str] = SingleFlight()
+        self.disk_trouble = disk_trouble
+        # Revalidations running behind stale answers (kept so they are not garbage-collected).
+        self._background: set[asyncio.Task[tuple[IndexResult, bool]]] = set()
+        self._generation = store.index_generation()
+        self.prefetch = Prefetcher(
+            self._prefetch_one, "off" if offline else prefetch, upstream.config.max_connections
+        )
+
+    async def close(self) -> None:
+        await self.prefetch.close()
+        for task in self._background:
+            task.cancel()
+        await self._flights.cancel_all()
+        await self._config_flight.cancel_all()
+
+    # --- index files -------------------------------------------------------------------------
+
+    async def get(
+        self, crate: CrateName, *, newer_than: float | None = None, count: bool = True
+    ) -> IndexResult:
+        """The index file for `crate`. `newer_than`: a wall-clock time the copy must have been checked
+        after (a download asking for a version the cached copy lacks). `count`: whether coalescing
+        counts in metrics (False for the lookup a download does internally)."""
+        entry = self._lookup(crate.lower)
+        if entry is not None and (self.offline or self._is_fresh(entry, newer_than)):
+            return self._cached_result(entry)
+        if self.offline:
+            raise OfflineMiss(f"offline and index file {crate.index_path!r} is not cached")
+        if entry is not None and newer_than is None and self._may_serve_stale(entry):
+            # RFC 5861 stale-while-revalidate: a warm client never waits on upstream inside the window.
+            self._revalidate_behind(crate)
+            return IndexResult(entry, "STALE", "stale")
+        key = f"index:{crate.lower}"
+        result, joined = await self._flights.run(key, lambda: self._refresh(crate, newer_than))
+        if joined or result.shared:
+            # Served by someone else's fetch: one upstream request is one miss, however many waited.
+            if count:
+                self.metrics.coalesced.labels("index").inc()
+            if result.result in ("miss", "revalidated"):
+                served = "hit" if result.entry.status == 200 else "negative"
+                result = dataclasses.replace(result, result=served)
+        return result
+
+    async def _prefetch_one(self, crate: CrateName) -> bytes | None:
+        result = await self.get(crate, count=False)
+        return result.entry.body if result.entry.status == 200 else None
+
+    async def refresh(self, crate: CrateName) -> IndexResult:
+        """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`); every worker
+        process then drops its in-memory copies."""
+        result = await self.get(crate, newer_than=time.time(), count=False)
+        await asyncio.to_thread(self.store.bump_index_generation)
+        return result
+
+    def _may_serve_stale(self, entry: IndexEntry) -> bool:
+        # Only files: a remembered 404 is asked again at once, so a new crate is visible immediately.
+        age = time.time() - entry.checked_at
+        return entry.status == 200 and age < self.cache.index_ttl + self.cache.stale_while_revalidate
+
+    def _revalidate_behind(self, crate: CrateName) -> None:
+        """One background revalidation per key: in this process through the flight, across worker
+        processes through the store lock (a waiter finds the copy fresh and does not fetch)."""
+        key = f"index:{crate.lower}"
+        if self._flights.active(key):
+            return
+        task = asyncio.ensure_future(self._flights.run(key, lambda: self._refresh(crate, None)))
+        self._background.add(task)
+        task.add_done_callback(self._revalidated)
+
+    def _revalidated(self, task: asyncio.Task[tuple[IndexResult, bool]]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background revalidation failed: %s", task.exception())
+
+    def is_cached(self, crate: CrateName) -> bool:
+        """Whether any copy (fresh or not, found or remembered as missing) is held."""
+        return crate.lower in self._hot or self.store.get_index(crate.lower) is not None
+
+    def _lookup(self, lower: str) -> IndexEntry | None:
+        """The hot copy while it is fresh (no SQLite read, no unpickling on a warm hit), else the
+        store's, which another worker process may have refreshed meanwhile."""
+        generation = self.store.index_generation()
+        if generation != self._generation:  # `cratemirror refresh` rewrote stored entries
+            self._generation = generation
+            self._hot.clear()
+        entry = self._hot.get(lower)
+        if entry is not None and self._is_fresh(entry, None):
+            return entry
+        entry = self.store.get_index(lower)
+        if entry is not None:
+            _remember(self._hot, lower, entry)
+        return entry
+
+    async def gzipped(self, entry: IndexEntry) -> bytes:
+        """The entry's body gzipped, deterministically (every worker sends the same bytes), made once
+        per version of the file and worker."""
+        compressed = self._gzipped.get(entry.etag)
+        if compressed is None:
+            if len(entry.body) >= GZIP_IN_THREAD:
+                compressed = await asyncio.to_thread(gzip.compress, entry.body, 6, mtime=0)
+            else:
+                compressed = gzip.compress(entry.body, 6, mtime=0)
+            _remember(self._gzipped, entry.etag, compressed)
+        return compressed
+
+    def _is_fresh(self, entry: IndexEntry, newer_than: float | None) -> bool:
+        if newer_than is not None:
+            return entry.checked_at >= newer_than
+        ttl = self.cache.index_ttl if entry.status == 200 else self.cache.negative_ttl
+        return time.time() - entry.checked_at < ttl
+
+    def _cached_result(self, entry: IndexEntry) -> IndexResult:
+        if entry.status != 200:
+            return IndexResult(entry, "HIT", "negative")
+        if time.time() - entry.checked_at < self.cache.index_ttl:
+            return IndexResult(entry, "HIT", "hit")
+        return IndexResult(entry, "STALE", "stale")  # offline: served however old
+
+    async def _refresh(self, crate: CrateName, newer_than: float | None) -> IndexResult:
+        async with self.coordination.lock(f"index:{crate.lower}"):
+            # Another worker process may have refreshed it while we waited for the lock.
+            entry = self.store.get_index(crate.lower)
+            if entry is not None and self._is_fresh(entry, newer_than):
+                _remember(self._hot, crate.lower, entry)
+                return dataclasses.replace(self._cached_result(entry), shared=True)
+            shared = await self._shared_entry(crate)
+            if shared is not None and (entry is None or shared.checked_at > entry.checked_at):
+                # Another replica checked it more recently: take its copy (and its validators).
+                await self._put(crate.lower, shared)
+                entry = shared
+                if self._is_fresh(entry, newer_than):
+                    return IndexResult(entry, "HIT", "hit", shared=True)
+            missing_since = await self.coordination.missing_since(f"index:{crate.lower}")
+            if missing_since is not None and (newer_than is None or missing_since >= newer_than):
+                # Another replica asked upstream a moment ago: "not found" holds here too.
+                known = IndexEntry(404, b"", "", formatdate(missing_since, usegmt=True), missing_since)
+                await self._put(crate.lower, known, expire=self.cache.negative_ttl + NEGATIVE_GRACE)
+                return IndexResult(known, "HIT", "negative", shared=True)
+            held = entry if entry is not None and entry.status == 200 else None
+            try:
+                fetched = await self.upstream.fetch_index(
+                    crate.index_path,
+                    held.upstream_etag if held else None,
+                    held.upstream_last_modified if held else None,
+                )
+            except UpstreamError as exc:
+                if held is not None and self._within_stale_window(held):
+                    log.warning("serving stale %s: %s", crate.index_path, exc)
+                    return IndexResult(held, "STALE", "stale")
+                raise
+            checked_at = time.time()
+            if held is not None and (
+                fetched.status == 304 or (fetched.status == 200 and fetched.body == held.body)
+            ):
+                # Confirmed (or re-sent identical bytes when upstream ignored our validators): keep our
+                # ETag and date, remember the upstream's newest validators.
+                renewed = dataclasses.replace(
+                    held,
+                    checked_at=checked_at,
+                    upstream_etag=fetched.etag or held.upstream_etag,
+                    upstream_last_modified=fetched.last_modified or held.upstream_last_modified,
+                )
+                await self._put(crate.lower, renewed)
+                await self._share(crate, renewed)
+                return IndexResult(renewed, "REVALIDATED", "revalidated")
+            if fetched.status == 200:
+                # Hashing a file of many MiB would hold up every other request on this worker.
+                big = len(fetched.body) > FIND_IN_THREAD
+                etag = await asyncio.to_thread(body_etag, fetched.body) if big else body_etag(fetched.body)
+                fresh = IndexEntry(
+                    200, fetched.body, etag,
+                    fetched.last_modified or formatdate(checked_at, usegmt=True), checked_at,
+                    fetched.etag, fetched.last_modified,
+                )  # fmt: skip
+                await self._put(crate.lower, fresh)
+                await self._share(crate, fresh)
+                self.prefetch.after_fetch(crate, fresh.body)
+                return IndexResult(fresh, "MISS", "miss")
+            # 404 (or a 304 we did not ask for): remember "not found" for negative_ttl.
+            missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)
+            await self._put(crate.lower, missing, expire=self.cache.negative_ttl + NEGATIVE_GRACE)
+            await self.coordination.remember_missing(
+                f"index:{crate.lower}", checked_at, self.cache.negative_ttl
+            )
+            return IndexResult(missing, "MISS", "miss")
+
+    def _within_stale_window(self, entry: IndexEntry) -> bool:
+        age = time.time() - entry.checked_at
+        return age < self.cache.index_ttl + self.cache.stale_if_error
+
+    async def _shared_entry(self, crate: CrateName) -> IndexEntry | None:
+        try:
+            return await self.shared.get_index(crate)
+        except Exception as exc:  # the bucket failing: go on as a lone replica
+            log.warning("shared storage: could not read the index file of %s: %s", crate.name, exc)
+            return None
+
+    async def _share(self, crate: CrateName, entry: IndexEntry) -> None:
+        try:
+            await self.shared.put_index(crate, entry)
+        except Exception as exc:
+            log.warning("shared storage: could not store the index file of %s: %s", crate.name, exc)
+
+    async def _put(self, lower: str, entry: IndexEntry, expire: float | None = None) -> None:
+        """Store an entry; a full or read-only disk costs the cache, never the answer."""
+        _remember(self._hot, lower, entry)
+        try:
+            await asyncio.to_thread(self.store.put_index, lower, entry, expire)
+        except (OSError, sqlite3.Error) as exc:
+            self._store_failed(f"could not store index file for {lower}: {exc}")
+
+    def _store_failed(self, reason: str) -> None:
+        self.disk_trouble.report(reason)
+
+    # --- the upstream's config.json ------------------------------------------------------------
+
+    async def dl_template(self) -> str:
+        """The upstream's `dl` value, re-read every index_ttl; the last known one while it fails."""
+        if self._dl_template is not None and (
+            self.offline or time.time() - self._dl_checked_at < self.cache.index_ttl
+        ):
+            return self._dl_template
+        template, _ = await self._config_flight.run("config", self._load_dl_template)
+        return template
+
+    async def _load_dl_template(self) -> str:
+        stored = self.store.get_json(UPSTREAM_CONFIG_KEY)
+        known = stored.get("dl") if isinstance(stored, dict) else None
+        if self.offline:
+            if not isinstance(known, str):
+                raise OfflineMiss("offline and the upstream's config.json was never fetched")
+            self._dl_template = known
+            return known
+        try:
+            document = await self.upstream.fetch_json("config.json")
+        except (UpstreamError, UpstreamNotFound) as exc:
+            if isinstance(known, str):
+                log.warning("upstream config.json unavailable, using the stored one: %s", exc)
+                self._dl_template = known
+                return known
+            raise UpstreamError(f"upstream config.json: {exc}") from exc
+        dl = document.get("dl") if isinstance(document, dict) else None
+        if not isinstance(dl, str) or not dl:
+            raise UpstreamError(f"upstream config.json has no 'dl': {json.dumps(document)[:200]}")
+        dl = dl.rstrip("/")
+        try:
+            await asyncio.to_thread(self.store.put_json, UPSTREAM_CONFIG_KEY, {"dl": dl})
+        except (OSError, sqlite3.Error) as exc:
+            self._store_failed(f"could not store upstream config.json: {exc}")
+        self._dl_template = dl
+        self._dl_checked_at = time.time()
+        return dl
+
+
+class MalformedIndexLine(UpstreamError):
+    """The upstream's line for a requested version cannot be trusted: the client gets 502."""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """A version's index line, validated: its name is the requested crate's (as the registry spells
+    it: case matters in download URLs), its version passed the version rules, its cksum is 64 hex."""
+
+    key: CrateVersion
+    cksum: str
+
+    @property
+    def name(self) -> str:
+        return self.key.crate.name
+
+
+# Above this many bytes, a lookup runs in a thread so the event loop keeps serving.
+FIND_IN_THREAD = 256 * 1024
+
+
+async def find_version_async(body: bytes, crate: CrateName, version: str) -> VersionRecord | None:
+    if len(body) > FIND_IN_THREAD:
+        return await asyncio.to_thread(find_version, body, crate, version)
+    return find_version(body, crate, version)
+
+
+def find_version(body: bytes, crate: CrateName, version: str) -> VersionRecord | None:
+    """The record of `version` in the index file of `crate`, or None if the file has no such version.
+
+    Index lines are upstream (or bundle) input: a line for this version is used only if it parses,
+    names this crate (case-folded), and carries a valid version and a 64-hex cksum; otherwise
+    MalformedIndexLine, so a hostile line can neither poison another crate nor pick a path. Only
+    candidate lines are parsed: a download should not JSON-decode a 500 KB file."""
+    needle = f'"vers":"{version}"'.encode()
+    candidates = [line for line in body.splitlines() if needle in line]
+    if not candidates:
+        # Lines written by another registry may space their JSON differently.
+        candidates = [line for line in body.splitlines() if version.encode() in line]
+    problem: str | None = None
+    for line in candidates:
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # deep nesting raises RecursionError, not ValueError
+            problem = "a line that is not valid JSON"
+            continue
+        if not isinstance(record, dict) or record.get("vers") != version:
+            continue
+        name, cksum = record.get("name"), record.get("cksum")
+        if not isinstance(name, str) or name.lower() != crate.lower:
+            problem = f"a line for {version} that names another crate"
+            continue
+        if not is_cksum(cksum):
+            problem = f"a line for {version} whose cksum is not 64 lowercase hex digits"
+            continue
+        try:
+            key = CrateVersion(CrateName(name), version)
+        except InvalidRequest:
+            problem = f"a line for {version} with an invalid name or version"
+            continue
+        return VersionRecord(key, str(cksum))
+    if problem is not None:
+        log.warning("index file of %s: ignoring %s", crate.name, problem)
+        raise MalformedIndexLine(f"the upstream index file of {crate.name} has {problem}")
+    return None

@@ -1,0 +1,114 @@
+"""create_app(config) -> web.Application: wires the store, upstream client and services together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from cratemirror.cache.registry import build_registries
+from cratemirror.config.schema import Config
+from cratemirror.fleet.storage.disk import DiskTrouble
+from cratemirror.http import routes, status_page
+from cratemirror.http.auth import auth_middleware
+from cratemirror.http.context import MIRROR, Mirror, RecentMiss
+from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
+from cratemirror.policy.service import create_policy
+
+log = logging.getLogger("cratemirror")
+
+
+def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+    metrics = metrics or Metrics()
+    disk_trouble = DiskTrouble()
+    registries = build_registries(config, metrics, disk_trouble)
+    default = registries[DEFAULT_REGISTRY]
+    policy = create_policy(config, default.store, metrics)  # the policy gates crates.io's crates
+    if policy.enabled:  # what cargo sees yanked in the policy's view is never prefetched either
+        default.index.prefetch.allowed = lambda name, version: policy.verdict(name, version).block is None
+    mirror = Mirror(
+        config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
+        policy, registries=registries,
+    )  # fmt: skip
+
+    middlewares: list[Middleware] = [_instrument]
+    if config.auth.required:
+        middlewares.append(auth_middleware(config.auth, metrics))
+    app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
+    app[MIRROR] = mirror
+    app.add_routes(routes.routes)
+    app.add_routes(status_page.routes)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    mirror = app[MIRROR]
+    for registry in mirror.registries.values():
+        removed = registry.store.clean_stale_temp_files()
+        if removed:
+            log.info("removed %d partial downloads left by an earlier run", removed)
+        if not mirror.config.offline:
+            await registry.upstream.start()
+        await registry.shared.start()
+    # Each registry's upstream health, shared with the other replicas (a no-op without Redis).
+    health = [
+        asyncio.create_task(registry.coordination.share_health(registry.upstream.health))
+        for registry in mirror.registries.values()
+    ]
+    try:
+        for registry in mirror.registries.values():
+            # What a crash left half done (a few rows, never a walk of the cache): totals exact again.
+            settled = await asyncio.to_thread(registry.store.settle)
+            if settled:
+                log.info("settled %d crate commits or evictions left by an earlier run", settled)
+            registry.record_usage(registry.store.usage())
+    except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
+        mirror.disk_trouble.report(f"could not settle the cache at start-up: {exc}")
+    await mirror.policy.start()
+    yield
+    await mirror.policy.close()
+    for task in health:
+        task.cancel()
+    await asyncio.gather(*health, return_exceptions=True)
+    for registry in mirror.registries.values():
+        await registry.crates.close()
+        await registry.index.close()
+        await registry.upstream.close()
+        await registry.coordination.close()
+        await registry.shared.close()
+        registry.store.close()
+
+
+@web.middleware
+async def _instrument(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts client requests by kind and cache result, times them (the contract's metrics), and keeps
+    the request's upstream time for the access log and the status page's recent misses."""
+    timing = request[TIMING] = start_request_timing()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        kind = request.get(routes.KIND)
+        if kind is not None:
+            mirror = request.app[MIRROR]
+            elapsed = time.perf_counter() - timing.started
+            result = request.get(routes.RESULT, "error")
+            sent = 0 if request.method == "HEAD" else request.get(routes.BYTES, 0)
+            registry = mirror.registries.get(request.get(routes.REGISTRY, DEFAULT_REGISTRY))
+            metrics = registry.metrics if registry is not None else mirror.metrics
+            metrics.observe_request(kind, result, elapsed, sent)
+            if result == "miss":
+                mirror.recent_misses.append(
+                    RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)
+                )

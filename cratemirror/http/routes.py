@@ -1,0 +1,420 @@
+"""Thin handlers: validate the request into value objects, call a service, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+
+from aiohttp import web
+
+from cratemirror.cache.crates import CachedCrate, Fill, NotFound
+from cratemirror.cache.index import GZIP_MIN, OfflineMiss
+from cratemirror.cache.registry import Registry
+from cratemirror.http.context import MIRROR
+from cratemirror.http.policy import client_of, refusal
+from cratemirror.http.responses import error, not_modified, send_file
+from cratemirror.metrics import DEFAULT_REGISTRY
+from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path, parse_name
+from cratemirror.upstream.client import UpstreamError, UpstreamNotFound
+
+# Keys on the request that the instrumentation middleware reads.
+KIND = web.RequestKey("cratemirror.kind", str)
+RESULT = web.RequestKey("cratemirror.result", str)
+BYTES = web.RequestKey("cratemirror.bytes", int)
+REGISTRY = web.RequestKey("cratemirror.registry", str)
+
+CRATE_HEADERS = {
+    "Content-Type": "application/gzip",
+    "Cache-Control": "public, max-age=31536000, immutable",
+}
+# Crates up to this size are verified before the first byte goes out, so a checksum mismatch is a clean
+# 502; larger ones stream (cargo gives up on a silent connection) and a mismatch cuts the connection.
+VERIFY_BEFORE_SENDING = 4 * 1024 * 1024
+
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+
+routes = web.RouteTableDef()
+
+
+def _mark(request: web.Request, kind: str, result: str) -> None:
+    request[KIND] = kind
+    request[RESULT] = result
+
+
+def base_url(request: web.Request) -> str:
+    """`server.public_url`, else what the client used (honouring a reverse proxy's X-Forwarded-*)."""
+    public = request.app[MIRROR].config.server.public_url
+    if public:
+        return public
+    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip().lower()
+    if proto not in ("http", "https"):
+        proto = request.scheme
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    if not _HOST_RE.fullmatch(host):
+        # Never the raw header (it reaches config.json and copyable shell lines): the address the
+        # client connected to.
+        host = _listening_address(request)
+    return f"{proto}://{host}"
+
+
+def _listening_address(request: web.Request) -> str:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        config = request.app[MIRROR].config.server
+        sockname = (config.host, config.port)
+    host, port = str(sockname[0]), int(sockname[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def mirror_auth_required(request: web.Request) -> bool:
+    return request.app[MIRROR].config.auth.required
+
+
+def _registry(request: web.Request) -> Registry | None:
+    """The registry bundle a request is for: crates-io on /index/ and /api/, else the extra registry
+    named in the path (looked up among the configured names, never used to build a path)."""
+    registries = request.app[MIRROR].registries
+    name = request.match_info.get("registry")
+    if name is None:
+        return registries[DEFAULT_REGISTRY]
+    registry = registries.get(name)
+    if registry is None or registry.is_default:
+        return None
+    request[REGISTRY] = name
+    return registry
+
+
+def _no_registry() -> web.Response:
+    return error(404, "no such registry on this mirror")
+
+
+@routes.get("/index/config.json")
+@routes.get("/registries/{registry}/index/config.json")
+async def config_json(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    if registry is None:
+        return _no_registry()
+    _mark(request, "config", "hit")
+    base = base_url(request)
+    document: dict[str, object] = {
+        "dl": f"{base}{registry.download_path()}",
+        "api": f"{base}{registry.mount}",
+    }
+    if mirror_auth_required(request):
+        document["auth-required"] = True  # so cargo sends the token on every request (RFC 3139)
+    body = json.dumps(document).encode()
+    request[BYTES] = len(body)
+    # no-store: its `dl` follows the request's host, so no shared cache may hand it to another client.
+    headers = {"X-Cache": "HIT", "Cache-Control": "no-store"}
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+@routes.get("/index/{path:.+}")
+@routes.get("/registries/{registry}/index/{path:.+}")
+async def index_file(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    if registry is None:
+        return _no_registry()
+    _mark(request, "index", "error")
+    try:
+        crate = parse_index_path(request.match_info["path"])
+    except InvalidRequest as exc:
+        return error(400, str(exc))
+    mirror = request.app[MIRROR]
+    client = request.remote or "-"
+    wait = mirror.unknown_names.retry_after(client)
+    if wait is not None and not registry.index.is_cached(crate):
+        return error(
+            429, f"too many lookups of crates that do not exist from {client}; retry in {wait}s",
+            headers={"Retry-After": str(wait)},
+        )  # fmt: skip
+    try:
+        result = await registry.index.get(crate)
+    except OfflineMiss as exc:
+        return error(503, str(exc), "MISS")
+    except UpstreamError as exc:
+        return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}", "MISS")
+    request[RESULT] = result.result
+    entry = result.entry
+    if registry.is_default:  # the policy gates crates.io's crates (its advisories name crates.io's)
+        entry = await mirror.policy.view(crate.lower, entry)  # blocked versions yanked, with enforce
+    if entry.status != 200:
+        if result.result == "miss":  # this client's lookup went upstream for nothing
+            mirror.unknown_names.charge(client)
+        return error(404, "crate not found", result.x_cache)
+    headers = {
+        "Content-Type": "text/plain",
+        "ETag": entry.etag,
+        "Last-Modified": entry.last_modified,
+        "Vary": "Accept-Encoding",
+        "X-Cache": result.x_cache,
+    }
+    send_gzip = len(entry.body) >= GZIP_MIN and "gzip" in request.headers.get("Accept-Encoding", "")
+    if send_gzip:
+        headers["ETag"] = f"W/{entry.etag}"  # the same bytes once decoded, but another representation
+    if not_modified(request, entry.etag, entry.last_modified):
+        return web.Response(status=304, headers=headers)
+    body = entry.body
+    if send_gzip:
+        body = await registry.index.gzipped(entry)
+        headers["Content-Encoding"] = "gzip"
+    request[BYTES] = len(body)
+    return web.Response(body=body, headers=headers)
+
+
+@routes.get("/api/v1/crates/{name}/{version}/download")
+@routes.get("/registries/{registry}/api/v1/crates/{name}/{version}/download")
+async def download(request: web.Request) -> web.StreamResponse:
+    registry = _registry(request)
+    if registry is None:
+        return _no_registry()
+    _mark(request, "crate", "error")
+    mirror = request.app[MIRROR]
+    crates = registry.crates
+    try:
+        wanted = parse_crate_version(request.match_info["name"], request.match_info["version"])
+    except InvalidRequest as exc:
+        return error(400, str(exc))
+    # storage.s3.serve: redirect sends clients to the store; with a policy the bytes pass through us.
+    redirecting = registry.shared.redirects and not (mirror.policy.enabled and registry.is_default)
+    if not redirecting:
+        cached = crates.open_cached(wanted.crate.name, wanted.version)
+        if cached is not None:
+            request[RESULT] = "hit"
+            return await _send_checked(request, registry, cached, wanted.crate.name, wanted.version)
+    try:
+        record = await crates.resolve(wanted)
+    except NotFound as exc:
+        request[RESULT] = "negative"  # answered "not found": the registry has no such crate or version
+        return error(404, str(exc), "MISS")
+    except OfflineMiss as exc:
+        return error(503, str(exc), "MISS")
+    except UpstreamError as exc:
+        return error(exc.status, f"upstream error for the index of {wanted.crate.name}: {exc}", "MISS")
+    if redirecting:
+        location = await crates.shared_url(record, wanted.version)
+        if location is not None:
+            request[RESULT] = "hit"
+            return web.Response(status=302, headers={"Location": location, "X-Cache": "HIT"})
+    cached = crates.open_cached(record.name, wanted.version)  # asked with another case?
+    if cached is None:
+        cached = await crates.adopt_unrecorded(record, wanted.version)
+    if cached is not None:
+        request[RESULT] = "hit"
+        return await _send_checked(request, registry, cached, record.name, wanted.version)
+    # The licence rule needs the crate's Cargo.toml: fetch and verify it whole before deciding. A block
+    # known from name and version alone is decided (and counted) now, and nothing is fetched.
+    policy = mirror.policy
+    licence_first = False
+    if registry.is_default:
+        verdict = policy.verdict(record.name, wanted.version)
+        licence_first = request.method != "HEAD" and policy.needs_license(record.name, wanted.version)
+        if verdict.block is not None or not licence_first:
+            licence_first = False
+            block = await policy.record(verdict, record.name, wanted.version, client_of(request))
+            if block is not None:
+                return refusal(block, "MISS")
+    if mirror.config.offline:
+        return error(503, f"offline and {record.name} {wanted.version} is not cached", "MISS")
+    headers = {**CRATE_HEADERS, "ETag": f'"{record.cksum}"', "X-Cache": "MISS"}
+    if request.method == "HEAD":  # headers only: no reason to download the tarball now
+        request[RESULT] = "miss"
+        return web.Response(headers=headers)
+    fill, joined = crates.fill(record, wanted.version)
+    if joined:
+        registry.metrics.coalesced.labels("crate").inc()
+    fill.hold()  # keeps the spool readable until this client is done, even after the fill ends
+    try:
+        return await _answer_from_fill(
+            request, registry, fill, record.name, wanted.version, headers, joined, licence_first
+        )
+    finally:
+        fill.release()
+
+
+async def _send_checked(
+    request: web.Request,
+    registry: Registry,
+    cached: CachedCrate,
+    name: str,
+    version: str,
+    x_cache: str = "HIT",
+) -> web.StreamResponse:
+    """A stored crate, unless the policy blocks it (its licence is read from it the first time)."""
+    policy = request.app[MIRROR].policy
+    if policy.enabled and registry.is_default:
+        if policy.needs_license(name, version):
+            await policy.learn_license(name, version, cached.file)
+        block = await policy.record(policy.verdict(name, version), name, version, client_of(request))
+        if block is not None:
+            cached.file.close()
+            return refusal(block, x_cache)
+    return await _send_cached(request, cached, x_cache)
+
+
+async def _answer_from_fill(
+    request: web.Request,
+    registry: Registry,
+    fill: Fill,
+    name: str,
+    version: str,
+    headers: dict[str, str],
+    joined: bool,
+    licence_first: bool,
+) -> web.StreamResponse:
+    try:
+        # Shielded: these futures are shared, and a client that leaves must not cancel them for all.
+        await asyncio.shield(fill.started)
+        if fill.content_length is None or fill.content_length <= VERIFY_BEFORE_SENDING or licence_first:
+            await asyncio.shield(fill.finished)
+    except UpstreamNotFound:
+        return error(404, f"upstream has no tarball for {name} {version}", "MISS")
+    except UpstreamError as exc:
+        return error(exc.status, f"upstream error for {name} {version}: {exc}", "MISS")
+    except Exception as exc:  # checksum mismatch, disk trouble: one line, never a traceback
+        return error(502, str(exc), "MISS")
+    # One upstream fetch is one miss; whoever joined it (here, or by waiting on another worker
+    # process's lock) is a coalesced hit.
+    request[RESULT] = "hit" if joined or fill.stored_elsewhere else "miss"
+    # Stored by another worker process, or to be checked against the licence rule first: from the file.
+    if fill.stored_elsewhere or licence_first:
+        if fill.stored_elsewhere and not joined:
+            registry.metrics.coalesced.labels("crate").inc()
+        cached = registry.crates.open_cached(name, version)
+        if cached is None:
+            if licence_first:  # not stored (a full disk): its licence cannot be read
+                return error(503, f"{name} {version} could not be stored to read its licence", "MISS")
+            return error(502, f"{name} {version} vanished from the cache", "MISS")
+        if licence_first:
+            x_cache = "HIT" if joined or fill.stored_elsewhere else "MISS"
+            return await _send_checked(request, registry, cached, name, version, x_cache)
+        return await _send_cached(request, cached)
+    return await _stream_fill(request, fill, headers)
+
+
+async def _send_cached(request: web.Request, cached: CachedCrate, x_cache: str = "HIT") -> web.StreamResponse:
+    headers = {**CRATE_HEADERS, "ETag": f'"{cached.sha256}"', "X-Cache": x_cache}
+    if not_modified(request, headers["ETag"], ""):
+        cached.file.close()
+        return web.Response(status=304, headers=headers)
+    request[BYTES] = cached.size if request.method != "HEAD" else 0
+    return await send_file(request, cached.file, cached.size, headers)
+
+
+async def _stream_fill(request: web.Request, fill: Fill, headers: dict[str, str]) -> web.StreamResponse:
+    """Send the fill's temp file as it grows; the final chunk is released only after verification."""
+    response = web.StreamResponse(headers=headers)
+    if fill.content_length is not None:
+        response.content_length = fill.content_length
+    sent = 0
+    try:
+        await response.prepare(request)
+        while True:
+            if sent < fill.published:
+                chunk = fill.read_at(sent, 256 * 1024)
+                await response.write(chunk)
+                sent += len(chunk)
+                continue
+            if fill.finished.done():
+                if fill.finished.exception() is not None:
+                    _cut(request)  # the client must not see a complete body that failed verification
+                    return response
+                break
+            await fill.wait_beyond(sent)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client left; the fill goes on and is stored for the next request
+    finally:
+        request[BYTES] = sent
+    return response
+
+
+# The web API (search, publish, yank, owners, login) is crates.io's, not the mirror's. cargo shows the
+# `detail` of a crates.io-style JSON error, so the user learns what to run instead.
+_API_HINTS = (
+    (re.compile(r"crates/?"), "search", "cargo search --registry crates-io NAME"),
+    (re.compile(r"crates/new/?"), "publish", "cargo publish --registry crates-io"),
+    (re.compile(r"crates/[^/]+/[^/]+/(un)?yank/?"), "yank", "cargo yank --registry crates-io"),
+    (re.compile(r"crates/[^/]+/owners/?"), "owners", "cargo owner --registry crates-io"),
+    (re.compile(r"me/?"), "login", "cargo login --registry crates-io"),
+)
+_DOWNLOAD_RE = re.compile(r"crates/[^/]+/[^/]+/download")
+GET_HEAD = {"Allow": "GET, HEAD"}
+
+
+@routes.route("*", "/api/v1/{tail:.*}")
+async def web_api(request: web.Request) -> web.Response:
+    tail = request.match_info["tail"]
+    if _DOWNLOAD_RE.fullmatch(tail):  # the one route served here, asked with another method
+        return _api_error(405, f"{request.method} is not allowed here: downloads are GET or HEAD", GET_HEAD)
+    what, instead = "this", "the same cargo command with --registry crates-io"
+    for pattern, operation, command in _API_HINTS:
+        if pattern.fullmatch(tail):
+            what, instead = operation, f"`{command}`"
+            break
+    return _api_error(
+        404,
+        f"this is a crates.io mirror (cratemirror): it serves the index and crate downloads but does not "
+        f"proxy the crates.io web API, so {what} does not work through it; use {instead} "
+        f"(or https://crates.io/) instead",
+    )
+
+
+def _api_error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = json.dumps({"errors": [{"detail": detail}]})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+@routes.post("/-/refresh/{name}")
+async def refresh(request: web.Request) -> web.Response:
+    """Revalidate one index file now (`cratemirror refresh --mirror URL`); one name per request."""
+    mirror = request.app[MIRROR]
+    try:
+        crate = parse_name(request.match_info["name"])
+    except InvalidRequest as exc:
+        return error(400, str(exc))
+    if mirror.config.offline:
+        return error(503, "offline: the mirror does not contact upstream")
+    try:
+        result = await mirror.index.refresh(crate)
+    except UpstreamError as exc:
+        return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}")
+    body = {"name": crate.name, "found": result.entry.status == 200, "etag": result.entry.etag}
+    return web.json_response(body)
+
+
+def _cut(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.abort()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    mirror = request.app[MIRROR]
+    stores = [registry.store for registry in mirror.registries.values()] or [mirror.store]
+    problem = next(filter(None, (store.writable_problem() for store in stores)), None)
+    problem = problem or mirror.disk_trouble.recent()
+    if problem:
+        return error(503, problem)
+    # A fleet without Redis still serves (each replica coalesces its own fills): ready, but say so.
+    degraded = None
+    for registry in mirror.registries.values():
+        degraded = degraded or await registry.coordination.problem() or await registry.shared.problem()
+    return web.Response(text=f"ready ({degraded})\n" if degraded else "ready\n")
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    mirror = request.app[MIRROR]
+    await mirror.refresh_usage()
+    body = mirror.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
