@@ -61,7 +61,7 @@ async def mirror(mirror_factory: MirrorFactory) -> TestClient[Any, Any]:
     return await mirror_factory()
 
 
-# ---- the fleet's services (tests/test_fleet_*.py) -----------------------------------------------------
+# ---- the fleet's services (tests/fleet/) ---------------------------------------------------------------
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Helpers for the fleet tests (tests/test_fleet_*.py); holds no tests itself.
+"""Helpers for the fleet tests (tests/fleet/); holds no tests itself.
 
 A throwaway certificate authority and server certificate (the `openssl` CLI), the real HAProxy running
 deploy/haproxy/haproxy.cfg with the replicas' loopback addresses rendered in, and a real redis-server.

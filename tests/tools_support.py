@@ -1,4 +1,4 @@
-"""Helpers for the operator-tool tests (tests/test_tools_*.py); holds no tests itself.
+"""Helpers for the operator-tool tests (tests/tools/); holds no tests itself.
 
 The commands run as real subprocesses (`python -m cratemirror ...`) started with asyncio, so a fake
 upstream or a mirror running in the test's event loop keeps answering while they work.

@@ -29,7 +29,7 @@ from cratemirror.config.schema import (
     with_source,
 )
 
-REPO_MIRROR_YAML = Path(__file__).resolve().parent.parent / "mirror.yaml"
+REPO_MIRROR_YAML = Path(__file__).resolve().parents[2] / "mirror.yaml"
 GiB = 1024**3
 NO_ENV: dict[str, str] = {}
 

@@ -17,6 +17,7 @@ import yaml
 from cratemirror.auth.tokens import TokenRecord, hash_token, utcnow, write_records
 from cratemirror.config.schema import RegistryConfig
 from tests.conftest import MirrorFactory
+from tests.e2e.test_client_config import run_shell
 from tests.fake_upstream import (
     Dep,
     FakeRegistry,
@@ -24,9 +25,8 @@ from tests.fake_upstream import (
     publish_small_tree,
     run_cargo,
 )
+from tests.http.test_auth import client_home, printed_client_config, token_add
 from tests.mirror_process import MirrorProcess, metric_value
-from tests.test_auth import client_home, printed_client_config, token_add
-from tests.test_client_config import run_shell
 from tests.tools_support import run_cli, write_config
 
 CRATES_IO_INDEX = "https://github.com/rust-lang/crates.io-index"

@@ -16,7 +16,7 @@ from cratemirror.config import schema as config_module
 from cratemirror.config.schema import load_config
 from tests.fleet_support import HAPROXY_CFG, make_tls, require
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO / "deploy" / "compose"
 COMPOSE = COMPOSE_DIR / "docker-compose.fleet.yml"
 K8S_FLEET = REPO / "deploy" / "kubernetes" / "fleet"

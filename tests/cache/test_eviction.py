@@ -18,10 +18,10 @@ from aiohttp.test_utils import TestClient
 from cratemirror.cache.eviction import LOW_WATER, evict_to
 from cratemirror.fleet.storage.disk import CRATE_PREFIX, LEDGER_FILE, CrateMeta, Store
 from cratemirror.http.context import MIRROR
+from tests.cache.test_resilience import crate_url, store_of
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
 from tests.mirror_process import metric_value
-from tests.test_resilience import crate_url, store_of
 
 EVENT_TIMEOUT = 30.0
 

@@ -14,7 +14,7 @@ import yaml
 from cratemirror.config.load import schema_keys
 from tests.mirror_process import clean_env
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = REPO / "mirror.schema.json"
 MIRROR_YAML = REPO / "mirror.yaml"
 TIMEOUT = 60.0

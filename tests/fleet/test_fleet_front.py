@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from tests.e2e.test_e2e_cargo import assert_lockfile, tarball_fetches
 from tests.fake_upstream import (
     SMALL_TREE_DEPS,
     SMALL_TREE_RESOLVED,
@@ -29,7 +30,6 @@ from tests.fake_upstream import (
 )
 from tests.fleet_support import FrontTLS, HAProxy, MotoS3, RedisServer, connected_to, make_tls, replicas
 from tests.mirror_process import MirrorProcess, wait_until
-from tests.test_e2e_cargo import assert_lockfile, tarball_fetches
 
 
 @dataclass

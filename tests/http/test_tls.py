@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.e2e.test_e2e_cargo import assert_lockfile
 from tests.fake_upstream import (
     SMALL_TREE_DEPS,
     FakeRegistry,
@@ -22,7 +23,6 @@ from tests.fake_upstream import (
     write_cargo_project,
 )
 from tests.mirror_process import MirrorProcess, clean_env, free_port
-from tests.test_e2e_cargo import assert_lockfile
 
 
 def _openssl(*args: str, cwd: Path) -> None:

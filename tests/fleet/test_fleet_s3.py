@@ -14,6 +14,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from tests.e2e.test_e2e_cargo import assert_lockfile
 from tests.fake_upstream import (
     SMALL_TREE_DEPS,
     SMALL_TREE_RESOLVED,
@@ -25,7 +26,6 @@ from tests.fake_upstream import (
 )
 from tests.fleet_support import MotoS3, RedisServer, replicas
 from tests.mirror_process import wait_until
-from tests.test_e2e_cargo import assert_lockfile
 from tests.tools_support import publish_sample, real_lockfile, run_cli, write_config
 
 CLIENTS = 60
