@@ -465,6 +465,8 @@ class S3Config(_Section):
         Literal["proxy", "redirect"], BeforeValidator(_lower), Expected("one of proxy, redirect")
     ] = "proxy"
     """proxy: the mirror streams the bytes | redirect: 302 to a short-lived presigned URL."""
+    timeout: Annotated[PositiveDuration, Expected("a positive duration like 3s")] = 3.0
+    """Per bucket call: connect, an answer, or a stall mid-body; past it the bucket is degraded."""
 
     def secret_key(self) -> str | None:
         """The secret access key in plain text, for the S3 client only."""
@@ -492,6 +494,8 @@ class CoordinationConfig(_Section):
         Expected("a redis URL like redis://host:6379/0, or null"),
     ] = None
     """redis://host:6379/0: one upstream fetch per key across all replicas."""
+    timeout: Annotated[PositiveDuration, Expected("a positive duration like 1s")] = 1.0
+    """Per Redis call (connect or answer); past it the replica coalesces on its own until Redis answers."""
 
 
 class AuthConfig(_Section):

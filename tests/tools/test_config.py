@@ -260,7 +260,9 @@ CONTRACT_KEYS = {
         f"storage.s3.{k}"
         for k in ["bucket", "prefix", "endpoint_url", "region", "access_key_id", "secret_access_key", "serve"]
     ),
+    "storage.s3.timeout",  # issue 22: every bucket call bounded
     "coordination.redis_url",
+    "coordination.timeout",  # issue 22: every Redis call bounded
     "auth.required",
     "auth.tokens_file",
     "auth.protect_status",
