@@ -1032,7 +1032,7 @@ def test_bad_values_of_new_keys(tmp_path: Path, text: str, key: str, expected: s
 def test_unknown_key_in_nested_section_and_registry(tmp_path: Path) -> None:
     assert error_of(tmp_path, "storage:\n  s3:\n    buckett: x\n") == (
         f"{tmp_path / 'mirror.yaml'}: storage.s3.buckett: unknown key (did you mean 'bucket'?); "
-        "allowed keys: bucket, prefix, endpoint_url, region, access_key_id, secret_access_key, serve"
+        "allowed keys: bucket, prefix, endpoint_url, region, access_key_id, secret_access_key, serve, timeout"
     )
     assert error_of(tmp_path, "registries:\n  a: {index_url: 'https://x.example', tokn: x}\n") == (
         f"{tmp_path / 'mirror.yaml'}: registries.a.tokn: unknown key (did you mean 'token'?); "
