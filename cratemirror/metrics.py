@@ -181,6 +181,11 @@ class Metrics:
             registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.coordination_up.set(1)
+        self.storage_up = Gauge(
+            "cratemirror_storage_up", "1 while the shared storage (bucket) answers, 0 while it is degraded",
+            registry=r, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self.storage_up.set(1)
         self.auth_failures = Counter(
             "cratemirror_auth_failures_total", "Requests refused for want of a valid token", ["reason"],
             registry=r,

@@ -20,6 +20,7 @@ from cachetools import LRUCache
 
 from cratemirror.cache.prefetch import Prefetcher, PrefetchMode
 from cratemirror.cache.singleflight import SingleFlight
+from cratemirror.conditions import LastingCondition
 from cratemirror.config.schema import CacheConfig
 from cratemirror.fleet.coordination import Coordination, LocalCoordination
 from cratemirror.fleet.storage import LocalShared, SharedStorage
@@ -98,6 +99,9 @@ class IndexService:
         self.disk_trouble = disk_trouble
         # Revalidations running behind stale answers (kept so they are not garbage-collected).
         self._background: set[asyncio.Task[tuple[IndexResult, bool]]] = set()
+        # Lasting conditions: one log line a minute with a count, not one per request.
+        self._stale = LastingCondition(log, "serving stale index files while upstream fails")
+        self._revalidation_failed = LastingCondition(log, "background revalidation failing")
         self._generation = store.index_generation()
         self.prefetch = Prefetcher(
             self._prefetch_one, "off" if offline else prefetch, upstream.config.max_connections
@@ -167,7 +171,9 @@ class IndexService:
     def _revalidated(self, task: asyncio.Task[tuple[IndexResult, bool]]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("background revalidation failed: %s", task.exception())
+            self._revalidation_failed.happened(str(task.exception()))
+        elif not task.cancelled():
+            self._revalidation_failed.ended()
 
     def is_cached(self, crate: CrateName) -> bool:
         """Whether any copy (fresh or not, found or remembered as missing) is held."""
@@ -242,9 +248,10 @@ class IndexService:
                 )
             except UpstreamError as exc:
                 if held is not None and self._within_stale_window(held):
-                    log.warning("serving stale %s: %s", crate.index_path, exc)
+                    self._stale.happened(f"{crate.index_path}: {exc}")
                     return IndexResult(held, "STALE", "stale")
                 raise
+            self._stale.ended()
             checked_at = time.time()
             if held is not None and (
                 fetched.status == 304 or (fetched.status == 200 and fetched.body == held.body)

@@ -14,6 +14,7 @@ from cratemirror.config.schema import CacheConfig, Config, ConfigError, Registry
 from cratemirror.fleet.coordination import Coordination, make_coordination
 from cratemirror.fleet.storage import SharedStorage, make_shared_storage
 from cratemirror.fleet.storage.disk import DiskTrouble, Store
+from cratemirror.fleet.storage.guarded import GuardedShared
 from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
 from cratemirror.upstream.client import Upstream
 
@@ -79,8 +80,12 @@ def _bundle(
     store = Store(cache.dir)
     upstream = Upstream(upstream_config, metrics, authorization=authorization)
     # Fleet seams, per registry: its own lock and key namespace in Redis, its own prefix in the bucket.
-    coordination = make_coordination(config.coordination.redis_url, store, metrics, namespace=name)
+    coordination = make_coordination(
+        config.coordination.redis_url, store, metrics, namespace=name, timeout=config.coordination.timeout
+    )
     shared = make_shared_storage(config.storage, upstream_config.max_index_size, registry=name)
+    if config.storage.backend != "local":  # a stalled bucket costs seconds: bounded calls and a breaker
+        shared = GuardedShared(shared, config.storage.s3.timeout, store, metrics.storage_up.set)
     index = IndexService(
         store, upstream, metrics, cache,
         offline=config.offline, disk_trouble=disk_trouble, coordination=coordination, shared=shared,

@@ -71,7 +71,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     except (OSError, sqlite3.Error) as exc:  # a full disk: keep serving, /readyz says why
         mirror.disk_trouble.report(f"could not settle the cache at start-up: {exc}")
     await mirror.policy.start()
+    readiness = asyncio.create_task(mirror.readiness.run())
     yield
+    readiness.cancel()
     await mirror.policy.close()
     for task in health:
         task.cancel()

@@ -12,6 +12,7 @@ from aiohttp import web
 from cratemirror.cache.crates import CrateService
 from cratemirror.cache.index import IndexService
 from cratemirror.cache.ratelimit import UnknownNameBudget
+from cratemirror.cache.readiness import ReadinessWatch
 from cratemirror.cache.registry import Registry
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble, Store
@@ -50,6 +51,10 @@ class Mirror:
     unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
+    readiness: ReadinessWatch = field(init=False)  # what /readyz says, kept up to date in the background
+
+    def __post_init__(self) -> None:
+        self.readiness = ReadinessWatch(self.registries, self.disk_trouble, self.config.offline)
 
     def record_usage(self, usage: dict[str, tuple[int, int]]) -> None:
         for kind, (size, entries) in usage.items():

@@ -399,17 +399,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    mirror = request.app[MIRROR]
-    stores = [registry.store for registry in mirror.registries.values()] or [mirror.store]
-    problem = next(filter(None, (store.writable_problem() for store in stores)), None)
-    problem = problem or mirror.disk_trouble.recent()
-    if problem:
-        return error(503, problem)
-    # A fleet without Redis still serves (each replica coalesces its own fills): ready, but say so.
-    degraded = None
-    for registry in mirror.registries.values():
-        degraded = degraded or await registry.coordination.problem() or await registry.shared.problem()
-    return web.Response(text=f"ready ({degraded})\n" if degraded else "ready\n")
+    """From state kept up to date in the background (cache/readiness.py): never waits on a dependency."""
+    verdict = await request.app[MIRROR].readiness.verdict()
+    return web.Response(status=200 if verdict.ready else 503, text=verdict.text())
 
 
 @routes.get("/metrics")

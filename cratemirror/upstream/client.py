@@ -18,6 +18,7 @@ import aiohttp
 from yarl import URL
 
 from cratemirror import PROJECT_URL, __version__
+from cratemirror.conditions import LastingCondition
 from cratemirror.config.schema import UpstreamConfig
 from cratemirror.metrics import Metrics
 from cratemirror.redact import split_userinfo
@@ -29,8 +30,6 @@ T = TypeVar("T")
 
 MAX_BACKOFF = 10.0
 FAILURES_BEFORE_DOWN = 3
-DOWN_INTERVAL_BASE = 1.0  # seconds of failing fast after the upstream is marked down; doubles
-DOWN_INTERVAL_CAP = 60.0
 MAX_REDIRECTS = 5
 MAX_CONFIG_JSON = 64 * 1024  # a registry's config.json is a few hundred bytes
 READ_CHUNK = 256 * 1024
@@ -258,8 +257,14 @@ class Upstream:
         raise UpstreamError(reason)
 
     async def _with_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        self.health.check()
-        attempts = self.config.retries + 1
+        if not self.health.check():
+            return await self._attempts(attempt, self.config.retries + 1)
+        try:  # the half-open probe: one attempt, no backoff
+            return await self._attempts(attempt, 1)
+        finally:
+            self.health.probe_done()
+
+    async def _attempts(self, attempt: Callable[[], Awaitable[T]], attempts: int) -> T:
         for number in range(attempts):
             try:
                 result = await attempt()
@@ -299,31 +304,40 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int, what: str) -
 
 class Health:
     """Marks the upstream down after consecutive failures. While down, requests fail at once (callers
-    serve stale copies) until a growing interval has passed; then one request probes it again."""
+    serve stale copies), except one at a time: that one probes the upstream with a single attempt
+    (half-open), so the first request after the upstream recovers gets through, with no backoff to wait
+    out. Recovery, like failure, is shared with the other replicas through coordination."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.consecutive_failures = 0
         self.last_error: str | None = None
-        self._probe_at: float | None = None  # monotonic time of the next probe while down
+        self._probing = False  # a request is probing the down upstream now
         self.adopted = False  # down because another replica said so (coordination), not our own failures
         self.last_failure_at = 0.0  # wall clock, for the other replicas to weigh against their own
         self.last_success_at = 0.0
+        self.recovered_at = 0.0  # wall clock of the first success after being down
+        self._down = LastingCondition(log, "upstream down, failing fast (one request at a time probes it)")
 
     @property
     def is_up(self) -> bool:
         return self.consecutive_failures < FAILURES_BEFORE_DOWN
 
-    def check(self) -> None:
-        if self._probe_at is None:
-            return
-        now = time.monotonic()
-        if now < self._probe_at:
+    def check(self) -> bool:
+        """Whether the request may go upstream as the probe; raises (fail fast) if another probes."""
+        if self.is_up:
+            return False
+        if self._probing:
+            self._down.happened(self.last_error or "")
             raise UpstreamError(
                 f"upstream is down after {self.consecutive_failures} failures in a row "
-                f"(last: {self.last_error}); next try in {self._probe_at - now:.0f}s"
+                f"(last: {self.last_error}); another request is probing it"
             )
-        self._probe_at = now + self._interval()  # this request probes; the others keep failing fast
+        self._probing = True
+        return True
+
+    def probe_done(self) -> None:
+        self._probing = False
 
     def adopt_down(self, reason: str, failed_at: float) -> None:
         """Another replica found the upstream down: fail fast here too, until our own probe answers
@@ -335,30 +349,36 @@ class Health:
         self.last_error = f"{reason} (seen by another replica)"
         self.adopted = True
         self.metrics.upstream_up.set(0)
-        self._probe_at = time.monotonic() + self._interval()
+
+    def adopt_up(self, answered_at: float) -> None:
+        """Another replica saw the upstream answer after our last failure: up here too."""
+        if self.is_up or answered_at <= self.last_failure_at:
+            return
+        log.info("upstream answering again (seen by another replica)")
+        self._up(answered_at)
 
     def failure(self, reason: str) -> None:
         self.adopted = False
         self.last_failure_at = time.time()
         self.consecutive_failures += 1
         self.last_error = reason
-        log.warning("upstream failure (%d in a row): %s", self.consecutive_failures, reason)
-        if not self.is_up:
+        if self.is_up:
+            log.warning("upstream failure (%d in a row): %s", self.consecutive_failures, reason)
+        else:
+            self._down.happened(reason)
             self.metrics.upstream_up.set(0)
-            self._probe_at = time.monotonic() + self._interval()
 
     def success(self) -> None:
-        if not self.is_up:
-            log.info("upstream is answering again")
-        self.consecutive_failures = 0
-        self._probe_at = None
-        self.adopted = False
-        self.last_success_at = time.time()
-        self.metrics.upstream_up.set(1)
+        self._up(time.time())
 
-    def _interval(self) -> float:
-        extra = max(0, self.consecutive_failures - FAILURES_BEFORE_DOWN)
-        return float(min(DOWN_INTERVAL_CAP, DOWN_INTERVAL_BASE * 2.0 ** min(extra, 16)))
+    def _up(self, now: float) -> None:
+        if not self.is_up:
+            self._down.ended("upstream is answering again")
+            self.recovered_at = now
+        self.consecutive_failures = 0
+        self.adopted = False
+        self.last_success_at = max(self.last_success_at, now)
+        self.metrics.upstream_up.set(1)
 
 
 def _parse_retry_after(value: str | None) -> float | None:

@@ -42,16 +42,22 @@ class Coordination(Protocol):
         ...
 
     async def problem(self) -> str | None:
-        """None when coordination works as configured, else a one-line reason (/readyz: degraded)."""
+        """None when coordination works as configured, else a one-line reason (/readyz: degraded).
+        Answers from what the last calls and the background health loop saw: never waits on Redis."""
         ...
 
     async def close(self) -> None: ...
 
 
 def make_coordination(
-    redis_url: str | None, store: Store, metrics: Metrics, namespace: str = DEFAULT_REGISTRY
+    redis_url: str | None,
+    store: Store,
+    metrics: Metrics,
+    namespace: str = DEFAULT_REGISTRY,
+    timeout: float = 1.0,
 ) -> Coordination:
-    """`namespace`: the registry whose keys these are (registries never share a lock or a note)."""
+    """`namespace`: the registry whose keys these are (registries never share a lock or a note);
+    `timeout`: coordination.timeout, per Redis call."""
     local = LocalCoordination(store)
     metrics.coordination_up.set(1)
     if redis_url is None:
@@ -61,4 +67,4 @@ def make_coordination(
         raise RuntimeError("coordination.redis_url needs the extra cratemirror[fleet]")
     from cratemirror.fleet.coordination.with_redis import RedisCoordination
 
-    return RedisCoordination(redis_url, local, metrics, namespace)
+    return RedisCoordination(redis_url, local, metrics, namespace, timeout)

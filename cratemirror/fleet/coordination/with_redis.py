@@ -8,7 +8,11 @@ in storage. Negative entries are plain keys with an expiry.
 
 Redis unreachable: every call falls back to the local flock at once (per-replica coalescing), the
 `cratemirror_coordination_up` gauge drops to 0 and /readyz says degraded; after RETRY_AFTER seconds
-the next lock or readiness check tries Redis again, so it recovers by itself.
+the next lock or the health loop (once a second) tries Redis again, so it recovers by itself. Every
+call is bounded by coordination.timeout; /readyz never waits on Redis (problem() reads the state).
+
+Upstream health is shared both ways: a replica whose own requests fail writes `upstream-down`, one
+that sees the upstream answer again after that writes `upstream-up`; the others adopt the newer.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ PREFIX = "cratemirror:"
 LOCK_TTL = 15.0  # seconds a lock outlives a holder that died without releasing it
 RENEW_EVERY = LOCK_TTL / 3
 RETRY_AFTER = 2.0  # seconds between attempts to reach a Redis that failed
-IO_TIMEOUT = 1.0  # per Redis call: a hung Redis must not hold up cargo
+IO_TIMEOUT = 1.0  # per Redis call (coordination.timeout): a hung Redis must not hold up cargo
 WAIT_POLL_MAX = 0.1
 WAIT_LIMIT = 900.0  # a loser never waits longer than this for another replica's fill
 HEALTH_EVERY = 1.0  # seconds between looks at the fleet's view of the upstream
@@ -74,14 +78,21 @@ class _Held:
 
 
 class RedisCoordination:
-    def __init__(self, url: str, local: LocalCoordination, metrics: Metrics, namespace: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        local: LocalCoordination,
+        metrics: Metrics,
+        namespace: str,
+        timeout: float = IO_TIMEOUT,
+    ) -> None:
         self.local = local
         self.prefix = f"{PREFIX}{namespace}:"
         self.metrics = metrics
         self.client = Redis.from_url(
             url,
-            socket_timeout=IO_TIMEOUT,
-            socket_connect_timeout=IO_TIMEOUT,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
         )
@@ -112,12 +123,6 @@ class RedisCoordination:
             self.metrics.coordination_up.set(1)
 
     async def problem(self) -> str | None:
-        if self._down_since is not None and self._usable():
-            try:
-                await self.client.ping()
-                self._worked()
-            except _FAILURES as exc:
-                self._failed(exc)
         if self._down_since is None:
             return None
         return f"coordination degraded: redis unreachable ({self._down_reason}); coalescing per replica"
@@ -183,7 +188,9 @@ class RedisCoordination:
     # ---- shared upstream health ------------------------------------------------------------------
 
     async def share_health(self, health: Health) -> None:
+        """Also the loop that notices a hung or returned Redis: it makes one call a second at least."""
         name = self.prefix + "upstream-down"
+        up_name = self.prefix + "upstream-up"
         while True:
             await asyncio.sleep(HEALTH_EVERY)
             if not self._usable():
@@ -195,13 +202,27 @@ class RedisCoordination:
                         reason = (health.last_error or "failing")[:REASON_LIMIT]
                         value = f"{health.last_failure_at!r} {reason}"
                         await self.client.set(name, value, px=int(HEALTH_EVERY * 3 * 1000))
-                elif health.is_up and (said := await self.client.get(name)) is not None:
-                    heard = _heard_down(said)
-                    if heard is not None:
-                        health.adopt_down(heard[1], heard[0])
+                    await self._take_recovery(health, up_name)
+                elif health.is_up:
+                    if time.time() - health.recovered_at < HEALTH_FRESH:
+                        # We saw it answer again after it failed: the replicas still failing fast try now.
+                        value = f"{health.recovered_at!r} answering again"
+                        await self.client.set(up_name, value, px=int(HEALTH_FRESH * 1000))
+                    if (said := await self.client.get(name)) is not None:
+                        heard = _heard_down(said)
+                        if heard is not None:
+                            health.adopt_down(heard[1], heard[0])
+                else:
+                    await self._take_recovery(health, up_name)
                 self._worked()
             except _FAILURES as exc:
                 self._failed(exc)
+
+    async def _take_recovery(self, health: Health, up_name: str) -> None:
+        said = await self.client.get(up_name)
+        heard = _heard_down(said) if said is not None else None
+        if heard is not None:
+            health.adopt_up(heard[0])
 
     # ---- shared facts ---------------------------------------------------------------------------
 

@@ -88,9 +88,10 @@ class S3Shared:
         endpoint = str(self.config.endpoint_url) if self.config.endpoint_url is not None else None
         settings = AioConfig(
             signature_version="s3v4",
-            connect_timeout=5,
-            read_timeout=30,
-            retries={"max_attempts": 3, "mode": "standard"},
+            # storage.s3.timeout per connect and per read (a stall mid-body too); one retry at most
+            connect_timeout=self.config.timeout,
+            read_timeout=self.config.timeout,
+            retries={"max_attempts": 2, "mode": "standard"},
             # MinIO, Ceph and moto serve buckets under the path; AWS picks its own style.
             s3={"addressing_style": "path"} if endpoint else {},
             request_checksum_calculation="when_required",
