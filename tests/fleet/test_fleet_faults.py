@@ -13,8 +13,17 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.fake_upstream import FakeRegistry, index_path
+from tests.e2e.test_e2e_cargo import assert_lockfile
+from tests.fake_upstream import (
+    SMALL_TREE_DEPS,
+    FakeRegistry,
+    index_path,
+    publish_small_tree,
+    run_cargo,
+    write_cargo_project,
+)
 from tests.faultproxy import FaultProxy, Mode
+from tests.fleet.test_fleet_front import cargo_home, fleet
 from tests.fleet_support import MotoS3, RedisServer, replicas
 from tests.mirror_process import MirrorProcess, metric_value, wait_until
 
@@ -140,3 +149,38 @@ async def test_a_hung_redis_never_holds_up_readyz_or_a_fill(
             return (status, body) == (200, "ready\n")
 
         await wait_until(ready, "readyz to say ready once Redis answers", timeout=5, interval=0.05)
+
+
+async def test_a_hung_replica_behind_the_front_costs_cargo_seconds(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    """One replica SIGSTOP'd (hung, not dead: the kernel still accepts its connections) right before a
+    cold cargo fetch through HAProxy: the checks mark it down and its requests go elsewhere."""
+    publish_small_tree(registry)
+    project = tmp_path / "app"
+    write_cargo_project(project, SMALL_TREE_DEPS)
+    async with fleet(registry, tmp_path) as f:
+        started = time.monotonic()
+        code, output = await run_cargo(["fetch"], project, cargo_home(tmp_path / "first", f))
+        normal = time.monotonic() - started
+        assert code == 0, output
+        stats = await f.front.server_stats()
+        number = max(range(1, 4), key=lambda n: int(stats[f"mirror{n}"]["stot"]))
+        victim = f.replicas[number - 1]
+        assert victim.proc is not None
+        (project / "Cargo.lock").unlink()
+        os.killpg(victim.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            code, output = await run_cargo(["fetch"], project, cargo_home(tmp_path / "second", f), timeout=60)
+            took = time.monotonic() - started
+            after = await f.front.server_stats()
+        finally:
+            os.killpg(victim.proc.pid, signal.SIGCONT)
+        assert code == 0, f"{output}\n{f.front.output()}"
+        assert took <= 5.0, (took, normal)
+        assert after[f"mirror{number}"]["status"] == "DOWN", after[f"mirror{number}"]
+        # It was asked (its share of the keys) and what it held was sent again to another replica.
+        row = after[f"mirror{number}"]
+        assert int(row["stot"]) > int(stats[f"mirror{number}"]["stot"]) or int(row["wredis"]) > 0, row
+        assert_lockfile(project, registry)
