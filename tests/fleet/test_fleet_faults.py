@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -184,3 +185,43 @@ async def test_a_hung_replica_behind_the_front_costs_cargo_seconds(
         row = after[f"mirror{number}"]
         assert int(row["stot"]) > int(stats[f"mirror{number}"]["stot"]) or int(row["wredis"]) > 0, row
         assert_lockfile(project, registry)
+
+
+async def test_upstream_recovery_is_prompt_and_shared(
+    registry: FakeRegistry, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The upstream resets every connection until replica A marks it down, and B adopts that through
+    Redis; when it answers again, A's next request gets through at once (half-open, no backoff to wait
+    out) and B hears of the recovery through Redis without a request of its own."""
+    for name in ("alpha", "bravo", "charlie", "delta"):
+        registry.add_crate(name, "1.0.0")
+    upstream = urlsplit(registry.url)
+    assert upstream.port is not None
+    async with FaultProxy("127.0.0.1", upstream.port) as proxy:
+        text = f"coordination:\n  redis_url: {redis_server.url}\n"
+        async with (
+            replicas(f"{proxy.url}/index/", tmp_path, 2, config_text=text) as (a, b),
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+        ):
+            await fetch_crate(session, a, "alpha")
+            proxy.set(Mode.RESET)
+            for name in ("bravo", "charlie"):
+                async with session.get(f"{a.url}/index/{index_path(name)}") as response:
+                    assert response.status == 502
+
+            async def b_adopted_down() -> bool:
+                return await metric(session, b, "cratemirror_upstream_up") == 0
+
+            await wait_until(b_adopted_down, "B to hear through Redis that upstream is down", 10, 0.05)
+            assert await metric(session, a, "cratemirror_upstream_up") == 0
+
+            proxy.set(Mode.PASS)
+            # The first request after the recovery goes through at once.
+            assert await fetch_crate(session, a, "delta") < 2.0
+            assert await metric(session, a, "cratemirror_upstream_up") == 1
+
+            async def b_recovered() -> bool:
+                return await metric(session, b, "cratemirror_upstream_up") == 1
+
+            await wait_until(b_recovered, "B to hear through Redis that upstream is back", 5, 0.05)
+            assert await fetch_crate(session, b, "bravo") < 2.0
