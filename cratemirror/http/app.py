@@ -17,6 +17,7 @@ from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, status_page
 from cratemirror.http.auth import auth_middleware
 from cratemirror.http.context import MIRROR, Mirror, RecentMiss
+from cratemirror.http.disconnects import quiet_disconnects
 from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
 from cratemirror.policy.service import create_policy
 
@@ -36,7 +37,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         policy, registries=registries,
     )  # fmt: skip
 
-    middlewares: list[Middleware] = [_instrument]
+    middlewares: list[Middleware] = [_instrument, quiet_disconnects]
     if config.auth.required:
         middlewares.append(auth_middleware(config.auth, metrics))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
