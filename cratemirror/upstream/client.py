@@ -31,6 +31,7 @@ T = TypeVar("T")
 MAX_BACKOFF = 10.0
 FAILURES_BEFORE_DOWN = 3
 MAX_REDIRECTS = 5
+PROBE_JOIN = 2.0  # seconds a request waits for the half-open probe's verdict before failing fast
 MAX_CONFIG_JSON = 64 * 1024  # a registry's config.json is a few hundred bytes
 READ_CHUNK = 256 * 1024
 
@@ -257,7 +258,7 @@ class Upstream:
         raise UpstreamError(reason)
 
     async def _with_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        if not self.health.check():
+        if not await self.health.admit():
             return await self._attempts(attempt, self.config.retries + 1)
         try:  # the half-open probe: one attempt, no backoff
             return await self._attempts(attempt, 1)
@@ -306,13 +307,15 @@ class Health:
     """Marks the upstream down after consecutive failures. While down, requests fail at once (callers
     serve stale copies), except one at a time: that one probes the upstream with a single attempt
     (half-open), so the first request after the upstream recovers gets through, with no backoff to wait
-    out. Recovery, like failure, is shared with the other replicas through coordination."""
+    out. Requests that come while a probe is out wait up to PROBE_JOIN seconds for its verdict (a build
+    after a recovery asks for many files at once: they all go through with the probe), then fail fast.
+    Recovery, like failure, is shared with the other replicas through coordination."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.consecutive_failures = 0
         self.last_error: str | None = None
-        self._probing = False  # a request is probing the down upstream now
+        self._probe: asyncio.Future[None] | None = None  # set while a request probes the down upstream
         self.adopted = False  # down because another replica said so (coordination), not our own failures
         self.last_failure_at = 0.0  # wall clock, for the other replicas to weigh against their own
         self.last_success_at = 0.0
@@ -323,21 +326,28 @@ class Health:
     def is_up(self) -> bool:
         return self.consecutive_failures < FAILURES_BEFORE_DOWN
 
-    def check(self) -> bool:
-        """Whether the request may go upstream as the probe; raises (fail fast) if another probes."""
+    async def admit(self) -> bool:
+        """Whether the request goes upstream as the probe (one attempt); False: as usual (up, or the
+        probe it waited for got an answer). Raises (fail fast) while the upstream stays down."""
         if self.is_up:
             return False
-        if self._probing:
-            self._down.happened(self.last_error or "")
-            raise UpstreamError(
-                f"upstream is down after {self.consecutive_failures} failures in a row "
-                f"(last: {self.last_error}); another request is probing it"
-            )
-        self._probing = True
-        return True
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().create_future()
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._probe), PROBE_JOIN)
+        if self.is_up:
+            return False
+        self._down.happened(self.last_error or "")
+        raise UpstreamError(
+            f"upstream is down after {self.consecutive_failures} failures in a row "
+            f"(last: {self.last_error}); one request at a time probes it"
+        )
 
     def probe_done(self) -> None:
-        self._probing = False
+        probe, self._probe = self._probe, None
+        if probe is not None and not probe.done():
+            probe.set_result(None)
 
     def adopt_down(self, reason: str, failed_at: float) -> None:
         """Another replica found the upstream down: fail fast here too, until our own probe answers

@@ -522,3 +522,21 @@ async def test_client_disconnect_mid_body_does_not_cancel_the_fill(
     assert await hit.read() == cv.data
     assert registry.count(upstream_crate("halfway", "1.0.0")) == 1
     assert temp_files(store) == []
+
+
+async def test_the_first_build_after_upstream_recovers_goes_through_with_the_probe(
+    registry: FakeRegistry, mirror_factory: MirrorFactory
+) -> None:
+    """A build asks for many uncached files at once: while one request probes the recovered upstream
+    (half-open), the others wait for its verdict instead of failing fast, so none of them fails."""
+    names = [f"after{n}" for n in range(12)]
+    for name in ["before", *names]:
+        registry.add_crate(name, "1.0.0")
+    client = await mirror_factory(upstream__retries=2, upstream__timeout=0.5)
+    registry.down = True
+    assert (await client.get(index_url("before"))).status == 502
+    assert await metric(client, "cratemirror_upstream_up") == 0
+    registry.down = False
+    answers = await asyncio.gather(*(client.get(index_url(name)) for name in names))
+    assert [response.status for response in answers] == [200] * len(names)
+    assert await metric(client, "cratemirror_upstream_up") == 1
