@@ -32,10 +32,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     if policy.enabled:  # the policy gates crates.io's downloads, and what it blocks is never prefetched
         default.crates.gate = policy
         default.index.prefetch.allowed = lambda name, version: not policy.blocks(name, version)
-    mirror = Mirror(
-        config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
-        policy, registries=registries,
-    )  # fmt: skip
+    mirror = Mirror(config, metrics, disk_trouble, policy, registries)
 
     middlewares: list[Middleware] = [_instrument]
     if config.auth.required:

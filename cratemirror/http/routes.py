@@ -269,7 +269,7 @@ async def refresh(request: web.Request) -> web.Response:
     if mirror.config.offline:
         return error(503, "offline: the mirror does not contact upstream")
     try:
-        result = await mirror.index.refresh(crate)
+        result = await mirror.default.index.refresh(crate)
     except UpstreamError as exc:
         return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}")
     body = {"name": crate.name, "found": result.entry.status == 200, "etag": result.entry.etag}
@@ -291,7 +291,7 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
-    stores = [registry.store for registry in mirror.registries.values()] or [mirror.store]
+    stores = [registry.store for registry in mirror.registries.values()]
     problem = next(filter(None, (store.writable_problem() for store in stores)), None)
     problem = problem or mirror.disk_trouble.recent()
     if problem:
