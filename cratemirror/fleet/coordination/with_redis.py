@@ -30,9 +30,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from cratemirror.fleet.coordination.health import UpstreamHealth
 from cratemirror.fleet.coordination.local import LocalCoordination
 from cratemirror.metrics import Metrics
-from cratemirror.upstream.client import Health
 
 log = logging.getLogger("cratemirror.coordination")
 
@@ -187,7 +187,7 @@ class RedisCoordination:
 
     # ---- shared upstream health ------------------------------------------------------------------
 
-    async def share_health(self, health: Health) -> None:
+    async def share_health(self, health: UpstreamHealth) -> None:
         """Also the loop that notices a hung or returned Redis: it makes one call a second at least."""
         name = self.prefix + "upstream-down"
         up_name = self.prefix + "upstream-up"
@@ -218,7 +218,7 @@ class RedisCoordination:
             except _FAILURES as exc:
                 self._failed(exc)
 
-    async def _take_recovery(self, health: Health, up_name: str) -> None:
+    async def _take_recovery(self, health: UpstreamHealth, up_name: str) -> None:
         said = await self.client.get(up_name)
         heard = _heard_down(said) if said is not None else None
         if heard is not None:
