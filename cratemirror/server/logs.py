@@ -114,10 +114,12 @@ def setup_logging(config: LoggingConfig) -> None:
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path, status, body bytes, duration, X-Cache, upstream time; for an
-    error answer also its one-line reason. 5xx answers are logged as warnings so they stand out."""
+    error answer also its one-line reason. 5xx answers are logged as warnings so they stand out; the
+    front's health checks (several a second, a 200 each) only at debug level."""
 
     def log(self, request: BaseRequest, response: StreamResponse, duration: float) -> None:
-        if not self.logger.isEnabledFor(logging.WARNING if response.status >= 500 else logging.INFO):
+        level = _access_level(request.path, response.status)
+        if not self.logger.isEnabledFor(level):
             return
         fields = access_fields(request, response, duration)
         text = '{remote} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms {cache}'.format(
@@ -130,11 +132,19 @@ class AccessLogger(AbstractAccessLogger):
             text += f" token={fields['token']}"
         if "error" in fields:
             text += f" error={json.dumps(fields['error'])}"
-        level = logging.WARNING if response.status >= 500 else logging.INFO
         if _access_sink is not None:
             _access_sink.write(level, self.logger.name, text, fields)
         else:
             self.logger.log(level, "%s", text, extra={"fields": fields})
+
+
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
+def _access_level(path: str, status: int) -> int:
+    if status >= 500:
+        return logging.WARNING
+    return logging.DEBUG if path in PROBES else logging.INFO
 
 
 def access_fields(request: BaseRequest, response: StreamResponse, duration: float) -> dict[str, Any]:
