@@ -4,7 +4,8 @@ Wraps any SharedStorage (the S3 one) for the server's fills:
 
 - Every lookup (get_index, crate_url) has `storage.s3.timeout` in all; crate bodies are bounded by the
   same timeout per stall (the S3 client's connect and read timeouts) rather than in total.
-- The first failure or timeout trips the breaker: the bucket is *degraded*. Until a background probe
+- The first failure or timeout trips the breaker: the bucket is *degraded*, and the calls still in
+  flight give up at once. Until a background probe
   (one small GET a second, bounded by the timeout) gets an answer, nothing waits on it: lookups answer
   "not there" at once (the replica serves its hot copy and fetches from upstream), index files are not
   shared, and verified fills stay in the hot copy with their key remembered.
@@ -115,10 +116,24 @@ class GuardedShared:
             return await work
 
     async def _guarded(self, work: Callable[[], Awaitable[T]], default: T, total: bool = True) -> T:
+        """`work` unless the bucket is degraded; a call in flight when another one trips the breaker
+        gives up at once rather than wait out its own timeout."""
         if self._down_since is not None:
             return default
+        call = asyncio.ensure_future(self._bounded(work(), total))
+        tripped = asyncio.ensure_future(self._tripped.wait())
         try:
-            return await self._bounded(work(), total)
+            await asyncio.wait({call, tripped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            tripped.cancel()
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await call
+        if call.cancelled():
+            return default
+        try:
+            return call.result()
         except Exception as exc:
             self._trip(exc)
             return default
