@@ -88,7 +88,8 @@ async def test_json_log_lines_never_carry_lone_surrogates(upstream: HostileUpstr
             "127.0.0.1", mirror.port, b"GET /index/\xff\xfe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
         agent = (
-            b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: \xed\xa0\x80\xff\r\nConnection: close\r\n\r\n"
+            # (not /healthz: a health check's 200 is logged at debug level only)
+            b"GET /nosuch HTTP/1.1\r\nHost: x\r\nUser-Agent: \xed\xa0\x80\xff\r\nConnection: close\r\n\r\n"
         )
         await raw_http("127.0.0.1", mirror.port, agent)
     finally:
