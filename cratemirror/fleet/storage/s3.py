@@ -13,14 +13,17 @@ bucket is storage, not a trusted source.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import quote, unquote
@@ -31,7 +34,7 @@ from botocore.exceptions import ClientError
 from cachetools import LRUCache
 
 from cratemirror.config.schema import S3Config
-from cratemirror.fleet.storage import CrateCopy, StoredCrate
+from cratemirror.fleet.storage import CrateCopy, CrateRecord, StoredCrate, Stray, VerifiedCrate
 from cratemirror.fleet.storage.disk import IndexEntry
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum, parse_crate_version
 
@@ -42,6 +45,7 @@ CHUNK = 256 * 1024
 PRESIGN_SECONDS = 300  # a redirect's URL is good for this long: enough to start the download
 KNOWN_LIMIT = 100_000  # crates known to be in the bucket (they never change once stored)
 MAX_LIST_PAGES = 100_000
+JOBS = 8  # deletes or uploads at once (the operator tools)
 PROBLEM_MEMORY = (
     60.0  # seconds /readyz reports a failed call, unless one succeeds meanwhile  # usage(): 1000 keys a page
 )
@@ -140,6 +144,73 @@ class S3Shared:
     async def delete_crate(self, key: CrateVersion) -> None:
         await self._tracked(self._client.delete_object(Bucket=self.bucket, Key=self._crate_key(key)))
         self._known.pop(self._crate_key(key), None)
+
+    # ---- the operator tools' view (ArtifactStore) --------------------------------------------------
+
+    async def list_crates(self, oldest_first: bool = False) -> AsyncIterator[StoredCrate]:
+        """By key (grouped by name); oldest first needs the whole listing: about 100 bytes a crate."""
+        if not oldest_first:
+            async for item in self._iter_crates():
+                yield item
+            return
+        listed = [item async for item in self._iter_crates()]
+        listed.sort(key=lambda item: (item.recency, item.key.crate.name, item.key.version))
+        for item in listed:
+            yield item
+
+    async def list_strays(self) -> AsyncIterator[Stray]:
+        start = f"{self.prefix}crates/"
+        async for key in self._list_keys(start):
+            if _parse_crate_key(key[len(start) :]) is None:
+                yield Stray(key[len(start) :], None)
+
+    async def stat_crate(self, key: CrateVersion) -> CrateRecord | None:
+        try:
+            head = await self._tracked(self._client.head_object(Bucket=self.bucket, Key=self._crate_key(key)))
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        recorded = head.get("Metadata", {}).get("sha256")
+        return CrateRecord(key, recorded if is_cksum(recorded) else None, True)
+
+    async def delete_crates(self, keys: Sequence[CrateVersion]) -> list[CrateVersion]:
+        for start in range(0, len(keys), JOBS):
+            await asyncio.gather(*(self.delete_crate(key) for key in keys[start : start + JOBS]))
+        return list(keys)
+
+    async def delete_stray(self, stray: Stray) -> bool:
+        name = f"{self.prefix}crates/{stray.name}"
+        await self._tracked(self._client.delete_object(Bucket=self.bucket, Key=name))
+        return True
+
+    def new_temp_file(self) -> Path:
+        handle, name = tempfile.mkstemp(prefix="cratemirror-put-", suffix=".part")
+        os.close(handle)  # the caller opens it by name
+        return Path(name)
+
+    async def put_crates(self, batch: Sequence[VerifiedCrate]) -> None:
+        try:
+            for start in range(0, len(batch), JOBS):
+                chunk = batch[start : start + JOBS]
+                await asyncio.gather(*(self.put_crate(item.key, item.path, item.sha256) for item in chunk))
+        finally:
+            for item in batch:
+                with contextlib.suppress(FileNotFoundError):
+                    item.path.unlink()
+
+    def pruning(self) -> AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()  # the bucket has no eviction of its own to keep out
+
+    async def _list_keys(self, start: str) -> AsyncIterator[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        number = 0
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+            for item in page.get("Contents", []):
+                yield str(item.get("Key", ""))
+            number += 1
+            if number >= MAX_LIST_PAGES:
+                break
 
     async def _tracked(self, work: Awaitable[T]) -> T:
         try:
