@@ -31,6 +31,7 @@ from cratemirror.names import CrateName, CrateVersion
 if TYPE_CHECKING:
     from cratemirror.config.schema import StorageConfig
     from cratemirror.fleet.storage.disk import IndexEntry
+    from cratemirror.fleet.storage.s3 import S3Shared
 
 __all__ = [
     "ArtifactStore",
@@ -41,6 +42,7 @@ __all__ = [
     "StoredCrate",
     "Stray",
     "VerifiedCrate",
+    "make_bucket_store",
     "make_shared_storage",
 ]
 
@@ -67,6 +69,7 @@ class CrateRecord:
     key: CrateVersion
     sha256: str | None  # the checksum recorded when it was stored (None: nobody recorded one)
     present: bool  # its bytes are there (a cache dir's ledger may outlive its file)
+    stored_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +251,13 @@ def make_shared_storage(
     """crates.io's objects sit at the top of storage.s3.prefix, an extra registry's in registries/NAME/."""
     if config.backend == "local":
         return LocalShared()
+    return make_bucket_store(config, max_index_size, registry)
+
+
+def make_bucket_store(
+    config: StorageConfig, max_index_size: int, registry: str = DEFAULT_REGISTRY
+) -> S3Shared:
+    """One registry's part of the bucket (storage.backend s3): its SharedStorage and its ArtifactStore."""
     # The config refuses backend s3 when the `fleet` extra is missing; this is for direct callers.
     if importlib.util.find_spec("aiobotocore") is None:
         raise RuntimeError("storage.backend s3 needs the extra cratemirror[fleet]")

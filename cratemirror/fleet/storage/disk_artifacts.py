@@ -82,14 +82,19 @@ class DiskArtifacts:
 
     def _stat(self, key: CrateVersion) -> CrateRecord | None:
         path = self.store.crate_path(key.crate.name, key.version)
-        if path.exists():
-            row = self.store.ledger.get(key.crate.name, key.version)
-            return CrateRecord(key, row.sha256 if row is not None else None, True)
-        # A fill or an eviction may be at work on it this moment: the record, then the file again.
+        try:
+            modified: float | None = path.stat().st_mtime
+        except FileNotFoundError:
+            modified = None
         row = self.store.ledger.get(key.crate.name, key.version)
+        if modified is not None:
+            if row is None:
+                return CrateRecord(key, None, True, modified)
+            return CrateRecord(key, row.sha256, True, row.fetched_at)
         if row is None or row.state != STORED:
             return None
-        return CrateRecord(key, row.sha256, path.exists())
+        # A fill or an eviction may be at work on it this moment: the file again, after its record.
+        return CrateRecord(key, row.sha256, path.exists(), row.fetched_at)
 
     async def read_crate(self, key: CrateVersion, out: IO[bytes] | None, limit: int) -> CrateCopy | None:
         return await asyncio.to_thread(self._read, key, out, limit)

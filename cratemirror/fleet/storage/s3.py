@@ -172,7 +172,9 @@ class S3Shared:
                 return None
             raise
         recorded = head.get("Metadata", {}).get("sha256")
-        return CrateRecord(key, recorded if is_cksum(recorded) else None, True)
+        modified = head.get("LastModified")
+        stored_at = modified.timestamp() if modified is not None else 0.0
+        return CrateRecord(key, recorded if is_cksum(recorded) else None, True, stored_at)
 
     async def delete_crates(self, keys: Sequence[CrateVersion]) -> list[CrateVersion]:
         for start in range(0, len(keys), JOBS):
