@@ -9,6 +9,7 @@ path is built from validated names. Absolute or `..` member names are refused an
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -19,11 +20,11 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Protocol, overload
+from typing import IO, Any, TypeVar, overload
 from urllib.parse import urlsplit
 
 import ijson
@@ -31,10 +32,10 @@ from cachetools import LRUCache
 from ijson.common import ObjectBuilder
 
 from cratemirror.cache.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
-from cratemirror.cache.registry import registry_cache_dir
 from cratemirror.config.schema import Config, ConfigError
-from cratemirror.fleet.storage.disk import CrateMeta, IndexEntry, Store, sha256_stream
-from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
+from cratemirror.fleet.storage import ArtifactStore, VerifiedCrate
+from cratemirror.fleet.storage.disk import IndexEntry, Store, sha256_stream
+from cratemirror.names import CrateName, CrateVersion, InvalidRequest, parse_crate_version, parse_name
 from cratemirror.policy.bundle import PREFIX as ADVISORY_PREFIX
 from cratemirror.policy.bundle import DbImport, import_advisory_db
 from cratemirror.tools.bundle import (
@@ -49,13 +50,16 @@ from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     Progress,
+    backend_of,
     error,
     format_size,
+    open_stores,
     plural,
+    run_tool,
     tool_config,
-    uses_bucket,
 )
 
+T = TypeVar("T")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # about 300,000 crate entries
 MAX_HEADER_TEXT = 256
@@ -67,25 +71,40 @@ STREAMED = ("crates", "index_files")  # the manifest's long lists: read an entry
 MAX_MANIFEST_DEPTH = 32  # a manifest nests 3 deep; the crate list is streamed only after this check
 
 
-class ImportTarget(Protocol):
-    """Where `import` loads verified crates and index files: a cache dir's Store, or the shared bucket
-    (import_bucket.BucketTarget)."""
+class ImportTarget:
+    """Where `import` loads verified crates and index files: a registry's ArtifactStore (the cache dir,
+    or with storage.backend s3 the bucket), whose calls run on the event loop while the importer reads
+    the tar in a worker thread. `local`: the cache dir that keeps the upstream's dl config, if any."""
 
-    def get_crate_meta(self, name: str, version: str) -> CrateMeta | None: ...
+    def __init__(self, store: ArtifactStore, loop: asyncio.AbstractEventLoop, local: Store | None) -> None:
+        self.store, self.loop, self.local = store, loop, local
 
-    def crate_path(self, name: str, version: str) -> Path: ...
+    def _run(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
 
-    def new_temp_file(self) -> Path: ...
+    def holds(self, key: CrateVersion, sha256: str) -> bool:
+        """Whether the store already holds these exact bytes (recorded with this checksum)."""
+        record = self._run(self.store.stat_crate(key))
+        return record is not None and record.present and record.sha256 == sha256
 
-    def commit_crates(self, batch: list[tuple[Path, CrateMeta]]) -> None: ...
+    def new_temp_file(self) -> Path:
+        return self.store.new_temp_file()
 
-    def get_index(self, lower_name: str) -> IndexEntry | None: ...
+    def put_crates(self, batch: list[VerifiedCrate]) -> None:
+        self._run(self.store.put_crates(batch))
 
-    def put_index(self, lower_name: str, entry: IndexEntry) -> None: ...
+    def get_index(self, crate: CrateName) -> IndexEntry | None:
+        return self._run(self.store.get_index(crate))
 
-    def get_json(self, key: str) -> Any: ...
+    def put_index(self, crate: CrateName, entry: IndexEntry) -> None:
+        self._run(self.store.put_index(crate, entry))
 
-    def put_json(self, key: str, value: Any) -> None: ...
+    def get_json(self, key: str) -> Any:
+        return self.local.get_json(key) if self.local is not None else None
+
+    def put_json(self, key: str, value: Any) -> None:
+        if self.local is not None:
+            self.local.put_json(key, value)
 
 
 class BundleError(Exception):
@@ -422,7 +441,7 @@ def import_crate(
     indexes: BundledIndexes,
     store: ImportTarget,
     result: ImportResult,
-    batch: list[tuple[Path, CrateMeta]],
+    batch: list[VerifiedCrate],
     max_crate_size: int,
 ) -> str:
     """Verify one crate and load it. Returns a progress line; refusals go to result.refused."""
@@ -449,8 +468,7 @@ def import_crate(
         return _refuse(result, f"{label}: no line for it in a verified index file from the bundle")
     if record.name != name:
         return _refuse(result, f"{label}: the index file spells the crate {record.name!r}")
-    existing = store.get_crate_meta(name, version)
-    if existing is not None and existing.sha256 == record.cksum and store.crate_path(name, version).exists():
+    if store.holds(wanted, record.cksum):
         result.already += 1
         return f"already cached {label}"
     temp = store.new_temp_file()
@@ -464,7 +482,7 @@ def import_crate(
             return _refuse(
                 result, f"{label}: bytes hash to {digest}, its index line's cksum is {record.cksum}"
             )
-        batch.append((temp, CrateMeta(name, version, digest, size, time.time())))
+        batch.append(VerifiedCrate(wanted, temp, digest, size, time.time()))
         verified = True
     finally:
         if not verified:
@@ -486,7 +504,7 @@ def store_index_file(store: ImportTarget, lower: str, index: BundledIndex, resul
     # The manifest is input from another network: a date in the future would keep a forged file
     # "fresh" forever, so it counts as checked no later than now (an old date: revalidated soon).
     checked_at = min(_number(index.record.get("checked_at")), now)
-    held = store.get_index(lower)
+    held = store.get_index(CrateName(index.name))
     if held is not None and held.status == 200 and held.checked_at >= checked_at:
         result.index_kept += 1
         return
@@ -494,7 +512,7 @@ def store_index_file(store: ImportTarget, lower: str, index: BundledIndex, resul
     # The upstream's validators are not carried over: a forged body with the upstream's real ETag
     # would be confirmed by a 304 forever. Once online, the first revalidation fetches the file.
     entry = IndexEntry(200, index.body, body_etag(index.body), last_modified, checked_at)
-    store.put_index(lower, entry)
+    store.put_index(CrateName(index.name), entry)
     result.index_loaded += 1
 
 
@@ -593,7 +611,7 @@ def _import_members(
     indexes = BundledIndexes(tar, members, manifest, store, result, caps.index)
     result.crates_listed += manifest.crate_count
     progress = Progress("import", manifest.crate_count)
-    batch: list[tuple[Path, CrateMeta]] = []
+    batch: list[VerifiedCrate] = []
     try:
         for entry in manifest.crates():
             line = import_crate(tar, members, entry, indexes, store, result, batch, caps.crate)
@@ -603,14 +621,14 @@ def _import_members(
             else:
                 progress.step(line, line)
             if len(batch) >= COMMIT_BATCH:
-                store.commit_crates(batch)
+                store.put_crates(batch)
                 batch.clear()
-        store.commit_crates(batch)
+        store.put_crates(batch)
         batch.clear()
     finally:
-        for temp, _ in batch:  # a failure mid-batch: nothing half-loaded stays behind
+        for item in batch:  # a failure mid-batch: nothing half-loaded stays behind
             with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
+                item.path.unlink()
     progress.finish()
     indexes.finish()
     advisories = {name: members.pop(name) for name in members if name.startswith(ADVISORY_PREFIX)}
@@ -627,34 +645,27 @@ def run_import(args: argparse.Namespace) -> int:
     if not bundle.is_file():
         raise ConfigError(f"{args.bundle}: expected a bundle file written by `cratemirror export`")
     config = tool_config(args)
-    if uses_bucket(config):
-        from cratemirror.tools.import_bucket import import_into_bucket
+    return run_tool(config, _import(config, bundle))
+
+
+async def _import(config: Config, bundle: Path) -> int:
+    loop = asyncio.get_running_loop()
+    async with open_stores(config, create=True) as opened:
+        targets = {one.name: ImportTarget(one.store, loop, one.local) for one in opened}
+        main = targets.pop("")
+
+        def work() -> ImportResult:
+            with tarfile.open(bundle, "r:*") as tar:
+                return import_bundle(tar, main, config.policy.advisory_db, targets, caps=Caps.of(config))
 
         try:
-            return _report(import_into_bucket(config, bundle), config, None)
+            result = await asyncio.to_thread(work)
         except (tarfile.TarError, BundleError) as exc:
             return error(f"{bundle}: {exc}")
         except OSError as exc:
             return error(f"{bundle}: {exc.strerror or exc}")
-    try:
-        store = Store(config.cache.dir)
-        registries = {name: Store(registry_cache_dir(config.cache.dir, name)) for name in config.registries}
-    except OSError as exc:
-        return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
-    try:
-        with tarfile.open(bundle, "r:*") as tar:
-            result = import_bundle(
-                tar, store, config.policy.advisory_db, registries, caps=Caps.of(config)
-            )  # fmt: skip
-        cached_bytes = store.crate_bytes()
-    except (tarfile.TarError, BundleError) as exc:
-        return error(f"{bundle}: {exc}")
-    except OSError as exc:
-        return error(f"{bundle}: {exc.strerror or exc}")
-    finally:
-        store.close()
-        for extra in registries.values():
-            extra.close()
+        # A cache dir is held to cache.max_size; the bucket has no bound of its own.
+        cached_bytes = (await opened[0].store.usage())[0] if backend_of(config).bounded else None
     return _report(result, config, cached_bytes)
 
 
