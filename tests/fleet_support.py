@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import datetime
 import io
 import os
 import shutil
@@ -300,6 +301,16 @@ def connected_to(pgid: int, port: int) -> bool:
 
 
 # ---- S3 (moto's real S3 server) ---------------------------------------------------------------------
+
+
+def set_stored_at(moto: MotoS3, key: str, when: float) -> None:
+    """Back-date an object's LastModified in moto's in-process backend: S3 stamps whole seconds, and a
+    test should not wait seconds for distinct ones."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    bucket = s3_backends[DEFAULT_ACCOUNT_ID]["global"].buckets[moto.bucket]
+    bucket.keys[key].last_modified = datetime.datetime.fromtimestamp(when, datetime.UTC).replace(tzinfo=None)
 
 
 class MotoS3:

@@ -98,4 +98,3 @@ def evict_to(
         report.total_after = store.crate_bytes()
         time.sleep(BATCH_PAUSE)
     return report
-

@@ -108,12 +108,13 @@ async def select(
     upstream: str,
     accepted: Sequence[str] | None = None,
 ) -> Selection:
-    """What goes in: by recency (the listing, streamed), by lockfile (one lookup per locked crate), or
-    everything (streamed). `accepted`: the lockfile source ids of this registry (default: crates.io's
-    and `upstream`)."""
+    """What goes in: by last use or store (the listing, streamed), by lockfile (one lookup per locked
+    crate), or everything (streamed). `accepted`: the lockfile source ids of this registry (default:
+    crates.io's and `upstream`)."""
     if since is not None:
         cutoff = time.time() - since
-        return Selection(item async for item in store.list_crates() if item.recency >= cutoff)
+        crates = store.list_crates()
+        return Selection(item async for item in crates if max(item.recency, item.stored_at) >= cutoff)
     if not lockfiles:
         return Selection(store.list_crates())
     selection = Selection()

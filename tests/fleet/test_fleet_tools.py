@@ -4,7 +4,6 @@ same aiobotocore client code a MinIO or AWS bucket would see."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import tarfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from cratemirror.fleet.storage.disk import IndexEntry
 from cratemirror.fleet.storage.s3 import S3Shared
 from cratemirror.names import parse_crate_version, parse_name
 from tests.fake_upstream import FakeRegistry
-from tests.fleet_support import MotoS3, replicas
+from tests.fleet_support import MotoS3, replicas, set_stored_at
 from tests.tools_support import run_cli, write_config
 
 
@@ -86,16 +85,6 @@ async def test_verify_finds_a_replaced_object_and_fix_deletes_it(
     ]
     again = await run_cli("verify", "--config", str(config), cwd=tmp_path)
     assert again.code == 0 and "2 ok, 0 corrupt" in again.stdout, again.output
-
-
-def set_stored_at(moto: MotoS3, key: str, when: float) -> None:
-    """Back-date an object's LastModified in moto's in-process backend: S3 stamps whole seconds, and a
-    test should not wait seconds for distinct ones."""
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-
-    bucket = s3_backends[DEFAULT_ACCOUNT_ID]["global"].buckets[moto.bucket]
-    bucket.keys[key].last_modified = datetime.datetime.fromtimestamp(when, datetime.UTC).replace(tzinfo=None)
 
 
 async def test_prune_deletes_the_oldest_objects_down_to_the_size(

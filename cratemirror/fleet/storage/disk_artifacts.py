@@ -44,7 +44,7 @@ class DiskArtifacts:
                 key = parse_crate_version(row.name, row.version)
             except InvalidRequest:
                 continue  # a row no fill could have written
-            yield StoredCrate(key, row.size, row.fetched_at, max(row.last_used, row.fetched_at))
+            yield StoredCrate(key, row.size, row.fetched_at, row.last_used)
 
     def _oldest_rows(self) -> Iterator[LedgerRow]:
         for offset in itertools.count(0, PAGE):
