@@ -14,17 +14,15 @@ import argparse
 import contextlib
 import datetime
 import hashlib
-import io
-import json
 import os
 import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from cratemirror import __version__
 from cratemirror.cache.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
@@ -33,7 +31,17 @@ from cratemirror.fleet.storage import ArtifactStore, CrateRecord, StoredCrate
 from cratemirror.fleet.storage.disk import IndexEntry
 from cratemirror.names import CrateName, InvalidRequest, parse_crate_version
 from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
-from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document, registry_member
+from cratemirror.tools.bundle import (
+    MANIFEST,
+    Records,
+    add_bytes,
+    bundle_file,
+    crate_member,
+    index_member,
+    manifest_document,
+    registry_member,
+    write_manifest,
+)
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -66,26 +74,6 @@ def _none() -> AsyncIterator[StoredCrate]:
 async def _listed(items: list[StoredCrate]) -> AsyncIterator[StoredCrate]:
     for item in items:
         yield item
-
-
-class Records:
-    """The manifest's entries of one kind, spooled to a temp file as JSON lines: memory stays flat."""
-
-    def __init__(self) -> None:
-        self.file = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        self.count = 0
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.count += 1
-
-    def lines(self) -> Iterator[str]:
-        self.file.seek(0)
-        for line in self.file:
-            yield line.rstrip("\n")
-
-    def close(self) -> None:
-        self.file.close()
 
 
 @dataclass
@@ -157,15 +145,6 @@ async def _stored(store: ArtifactStore, name: str, version: str) -> CrateRecord 
         return None
     record = await store.stat_crate(parse_crate_version(line.name, version))
     return record if record is not None and record.present and record.sha256 is not None else None
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, body: bytes, mtime: float) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(body)
-    info.mtime = int(mtime)
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(body))
-    vars(tar)["members"].clear()  # tarfile keeps every header it wrote; nothing reads them
 
 
 async def _add_crate(
@@ -257,7 +236,7 @@ def _add_index(
 ) -> None:
     if crate is None or entry is None:
         return
-    _add_bytes(tar, index_member(crate.name), entry.body, time.time())
+    add_bytes(tar, index_member(crate.name), entry.body, time.time())
     result.index_files.append(_index_record(crate.name, entry))
 
 
@@ -276,25 +255,13 @@ def finish_bundle(
         head[MANIFEST_KEY] = export_advisory_db(tar, advisory_db)
         result.advisories = len(head[MANIFEST_KEY]["files"])
     with tempfile.TemporaryFile("w+b") as manifest:
-        _write_manifest(manifest, head, {"crates": result.crates, "index_files": result.index_files})
+        write_manifest(manifest, head, {"crates": result.crates, "index_files": result.index_files})
         info = tarfile.TarInfo(MANIFEST)
         info.size = manifest.tell()
         info.mtime = int(time.time())
         info.mode = 0o644
         manifest.seek(0)
         tar.addfile(info, manifest)
-
-
-def _write_manifest(out: IO[bytes], head: dict[str, Any], lists: dict[str, Records]) -> None:
-    """The manifest document, its long lists streamed from their spools."""
-    text = json.dumps({key: value for key, value in head.items() if key not in lists}, indent=1)
-    out.write(text[: -len("\n}")].encode())
-    for key, records in lists.items():
-        out.write(f',\n "{key}": ['.encode())
-        for number, line in enumerate(records.lines()):
-            out.write(("," if number else "").encode() + b"\n  " + line.encode())
-        out.write(b"\n ]")
-    out.write(b"\n}")
 
 
 async def write_bundle(
@@ -322,22 +289,6 @@ async def write_bundle(
         finish_bundle(tar, result, upstream_config, advisory_db)
     result.close()  # the spooled manifest entries; their counts stay
     return result
-
-
-@contextlib.contextmanager
-def bundle_file(target: Path) -> Iterator[tarfile.TarFile]:
-    """A tar written next to `target`, synced and renamed into place only if the block ends well."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
-    try:
-        with open(partial, "wb") as out:
-            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                yield tar
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -1,9 +1,13 @@
-"""`cratemirror import BUNDLE`: verify every checksum in a bundle, then load what matched into the cache.
+"""`cratemirror import BUNDLE`: verify every checksum in a bundle, then load what matched into the store.
 
-A crate is loaded only if its bytes hash to the manifest's sha256 AND to the `cksum` of its line in the
-bundled index file (the check cargo itself makes). Nothing is extracted with tarfile: each member is read
-and copied into a temp file from Store.new_temp_file(), then committed like a fill, and every destination
-path is built from validated names. Absolute or `..` member names are refused and never written anywhere.
+Written once against the storage seam (ArtifactStore): into the cache dir, or with storage.backend s3
+into the bucket every replica shares. A crate is loaded only if its bytes hash to the manifest's sha256
+AND to the `cksum` of its line in the bundled index file (the check cargo itself makes). Nothing is
+extracted with tarfile: each member is read and copied into a temp file from the store's
+new_temp_file(), then put through put_crates (a cache dir: committed like a fill; the bucket: uploaded
+with its SHA-256 as the object checksum, a copy already there kept), and every destination is built
+from validated names. Absolute or `..` member names are refused and never written anywhere. The tar is
+read in a worker thread; the store's calls run on the event loop (ImportTarget).
 """
 
 from __future__ import annotations
@@ -15,21 +19,17 @@ import hashlib
 import json
 import math
 import re
-import sqlite3
 import sys
 import tarfile
-import tempfile
 import time
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
-from pathlib import Path, PurePosixPath
-from typing import IO, Any, TypeVar, overload
+from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import ijson
 from cachetools import LRUCache
-from ijson.common import ObjectBuilder
 
 from cratemirror.cache.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
 from cratemirror.config.schema import Config, ConfigError
@@ -39,12 +39,18 @@ from cratemirror.names import CrateName, CrateVersion, InvalidRequest, parse_cra
 from cratemirror.policy.bundle import PREFIX as ADVISORY_PREFIX
 from cratemirror.policy.bundle import DbImport, import_advisory_db
 from cratemirror.tools.bundle import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
+    BundleError,
+    Caps,
+    Manifest,
+    Member,
+    Members,
     crate_member,
     index_member,
+    open_member,
+    read_manifest,
     registry_member,
+    safe_members,
 )
 from cratemirror.tools.common import (
     EXIT_FAILURE,
@@ -61,14 +67,11 @@ from cratemirror.tools.common import (
 
 T = TypeVar("T")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # about 300,000 crate entries
 MAX_HEADER_TEXT = 256
 # What may go into an ETag / Last-Modified header: visible ASCII and spaces, no CR/LF.
 _HEADER_SAFE = re.compile(rf"[\x20-\x7e]{{1,{MAX_HEADER_TEXT}}}")
-COMMIT_BATCH = 500  # crates per store.commit_crates: two filesystem syncs and two transactions each
+COMMIT_BATCH = 500  # crates per put_crates (a cache dir: two filesystem syncs and two transactions)
 INDEX_BODIES_HELD = 64
-STREAMED = ("crates", "index_files")  # the manifest's long lists: read an entry at a time
-MAX_MANIFEST_DEPTH = 32  # a manifest nests 3 deep; the crate list is streamed only after this check
 
 
 class ImportTarget:
@@ -107,23 +110,6 @@ class ImportTarget:
             self.local.put_json(key, value)
 
 
-class BundleError(Exception):
-    """The file is not a bundle this version can read."""
-
-
-@dataclass(frozen=True, slots=True)
-class Caps:
-    """The server's own caps on what enters the cache (upstream.max_index_size / max_crate_size): a
-    bundle is another way in, held to the same sizes, checked against the tar header before a copy."""
-
-    index: int
-    crate: int
-
-    @classmethod
-    def of(cls, config: Config) -> Caps:
-        return cls(config.upstream.max_index_size, config.upstream.max_crate_size)
-
-
 @dataclass(frozen=True, slots=True)
 class BundledIndex:
     name: str
@@ -147,185 +133,6 @@ class ImportResult:
     @property
     def refused(self) -> int:
         return len(self.refused_crates) + len(self.refused_index) + len(self.refused_members)
-
-
-def _path_problem(name: str) -> str | None:
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or "\\" in name:
-        return "path outside the bundle (absolute, '..' or '\\'): nothing written"
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """Where a regular member's bytes are: all that is kept of its header."""
-
-    name: str
-    offset: int
-    size: int
-
-    def info(self) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(self.name)
-        info.offset_data, info.size, info.type = self.offset, self.size, tarfile.REGTYPE
-        return info
-
-
-class Members:
-    """Where each regular member's bytes are, in a throwaway SQLite file rather than in memory: a
-    bundle of 100,000 crates costs the importer no more memory than one of ten. `pop` hands a member
-    out once; what nobody asked for is left over for the report."""
-
-    def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="cratemirror-import-")
-        self.db = sqlite3.connect(Path(self._dir.name) / "members.sqlite", isolation_level=None)
-        self.db.execute("PRAGMA journal_mode = OFF")
-        self.db.execute("PRAGMA synchronous = OFF")
-        self.db.execute(
-            "CREATE TABLE members (name TEXT PRIMARY KEY, tar_name TEXT, offset INTEGER, size INTEGER,"
-            " copies INTEGER NOT NULL DEFAULT 1, taken INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
-        )
-        self.db.execute("BEGIN")
-
-    def add(self, name: str, member: tarfile.TarInfo) -> None:
-        self.db.execute(
-            "INSERT INTO members (name, tar_name, offset, size) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET copies = copies + 1",
-            (name, member.name, member.offset_data, member.size),
-        )
-
-    def drop_duplicates(self) -> list[str]:
-        """A name that appears twice is refused entirely: which copy is "the" member is ambiguous."""
-        self.db.execute("COMMIT")
-        rows = self.db.execute("SELECT name FROM members WHERE copies > 1 ORDER BY name").fetchall()
-        self.db.execute("DELETE FROM members WHERE copies > 1")
-        return [str(name) for (name,) in rows]
-
-    @overload
-    def pop(self, name: str) -> tarfile.TarInfo: ...
-    @overload
-    def pop(self, name: str, default: None) -> tarfile.TarInfo | None: ...
-
-    def pop(self, name: str, default: object = KeyError) -> tarfile.TarInfo | None:
-        """As dict.pop: the member (a header enough to read it), once; KeyError without a default."""
-        row = self.db.execute(
-            "SELECT tar_name, offset, size FROM members WHERE name = ? AND taken = 0", (name,)
-        ).fetchone()
-        if row is None:
-            if default is KeyError:
-                raise KeyError(name)
-            return None
-        self.db.execute("UPDATE members SET taken = 1 WHERE name = ?", (name,))
-        return Member(str(row[0]), int(row[1]), int(row[2])).info()
-
-    def __iter__(self) -> Iterator[str]:
-        """The names nobody has taken yet (a snapshot: popping while iterating is fine)."""
-        return iter(list(self.left_over()))
-
-    def left_over(self) -> Iterator[str]:
-        for (name,) in self.db.execute("SELECT name FROM members WHERE taken = 0 ORDER BY name"):
-            yield str(name)
-
-    def close(self) -> None:
-        self.db.close()
-        self._dir.cleanup()
-
-
-def safe_members(tar: tarfile.TarFile, result: ImportResult) -> Members:
-    """Regular members with plain relative names; everything else is refused. One pass over the
-    headers (tarfile's own list of them is emptied as it goes)."""
-    members = Members()
-    while (member := tar.next()) is not None:
-        vars(tar)["members"].clear()  # tarfile keeps every header it read; memory stays flat without
-        problem = _path_problem(member.name)
-        if problem is None and member.isdir():
-            continue  # a bundle re-packed with `tar` may list directories; they carry nothing
-        if problem is None and not member.isfile():
-            problem = "not a regular file (a link or device): nothing written"
-        if problem is not None:
-            result.refused_members.append(f"{member.name!r}: {problem}")
-            continue
-        members.add(member.name.removeprefix("./"), member)
-    for name in members.drop_duplicates():
-        result.refused_members.append(f"{name!r}: appears more than once in the bundle")
-    return members
-
-
-def _open_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
-    handle = tar.extractfile(member)
-    assert handle is not None  # a regular file
-    return handle
-
-
-@dataclass
-class Manifest:
-    """The manifest without its crate list, which `crates()` streams (it may hold 100,000 entries)."""
-
-    head: dict[str, Any]
-    crate_count: int
-    tar: tarfile.TarFile
-    member: tarfile.TarInfo
-
-    def crates(self) -> Iterator[object]:
-        yield from ijson.items(_open_member(self.tar, self.member), "crates.item", use_float=True)
-
-    def index_files(self) -> Iterator[object]:
-        yield from ijson.items(_open_member(self.tar, self.member), "index_files.item", use_float=True)
-
-
-def read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> Manifest:
-    """One streaming pass: every top-level value but the crate list is built, the crates are counted;
-    the whole document is parsed, so a second pass over the crates cannot fail halfway."""
-    if member is None:
-        raise BundleError(f"no {MANIFEST}: not a cratemirror bundle")
-    if member.size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{MANIFEST} is implausibly large ({format_size(member.size)})")
-    head: dict[str, Any] = {}
-    kinds: dict[str, str] = {}  # top-level key -> the first event of its value (start_array: a list)
-    crate_count = 0
-    key = ""
-    builder: ObjectBuilder | None = None
-    depth = 0
-    try:
-        # basic_parse: no prefix strings, so a deeply nested document costs linear time.
-        for event, value in ijson.basic_parse(_open_member(tar, member), use_float=True):
-            outer = depth
-            if event in ("start_map", "start_array"):
-                depth += 1
-                if depth > MAX_MANIFEST_DEPTH:
-                    raise RecursionError
-            elif event in ("end_map", "end_array"):
-                depth -= 1
-            if outer == 0:
-                if event != "start_map":
-                    raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
-                continue
-            if outer == 1 and event == "map_key":
-                key = str(value)
-                builder = None if key in STREAMED else ObjectBuilder()
-                continue
-            if outer == 1:
-                kinds.setdefault(key, event)
-            elif key == "crates" and outer == 2 and event not in ("end_array", "end_map", "map_key"):
-                crate_count += 1
-            if builder is not None and depth >= 1:
-                builder.event(event, value)
-                if depth == 1:  # the value is complete
-                    head[key] = builder.value
-    except ijson.JSONError as exc:
-        raise BundleError(f"{MANIFEST} is not valid JSON: {' '.join(str(exc).split())[:200]}") from None
-    except RecursionError:
-        raise BundleError(f"{MANIFEST} is nested too deeply to be a manifest") from None
-    if head.get("format") != FORMAT:
-        raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
-    if head.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle format version {head.get('format_version')!r}; "
-            f"this cratemirror reads version {FORMAT_VERSION}"
-        )
-    for name in ("crates", "index_files"):
-        if kinds.get(name) != "start_array":
-            raise BundleError(f"{MANIFEST}: {name!r} is not a list")
-    return Manifest(head, crate_count, tar, member)
 
 
 def _sha256_field(entry: dict[str, Any]) -> str:
@@ -409,7 +216,7 @@ class BundledIndexes:
             return None
         name, expected, record, tar_name, offset, size, done = row
         entry = json.loads(record)
-        body = _open_member(self.tar, Member(tar_name, offset, size).info()).read(self.max_index_size)
+        body = open_member(self.tar, Member(tar_name, offset, size).info()).read(self.max_index_size)
         digest = hashlib.sha256(body).hexdigest()
         first = not done
         self.db.execute("UPDATE listed SET done = 1 WHERE lower = ?", (lower,))
@@ -475,7 +282,7 @@ def import_crate(
     verified = False
     try:
         with open(temp, "wb") as out:  # made durable by the batch's filesystem sync
-            digest, size = sha256_stream(_open_member(tar, member), out)
+            digest, size = sha256_stream(open_member(tar, member), out)
         if digest != expected:
             return _refuse(result, f"{label}: bytes hash to {digest}, the manifest says {expected}")
         if digest != record.cksum:
@@ -591,7 +398,7 @@ def import_bundle(
     caps: Caps,
 ) -> ImportResult:
     result = ImportResult()
-    members = safe_members(tar, result)
+    members = safe_members(tar, result.refused_members)
     try:
         import_nested(tar, members, registries or {}, result, caps)
         return _import_members(tar, store, members, result, advisory_db, caps)
