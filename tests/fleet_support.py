@@ -13,7 +13,6 @@ import csv
 import datetime
 import io
 import os
-import shutil
 import signal
 import subprocess
 import uuid
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from tests.mirror_process import MirrorProcess, Service, clean_env, free_port, wait_until
+from tests.system_tools import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -32,10 +32,8 @@ STOP_TIMEOUT = 10.0
 
 
 def require(tool: str, package: str) -> str:
-    """The tool's path; a missing tool fails the test (never a skip): .ci/run installs it."""
-    path = shutil.which(tool)
-    assert path is not None, f"{tool} is required (Debian package {package}; .ci/run installs it)"
-    return path
+    """The tool's path; a missing tool skips the test naming it (fails in CI, where .ci/run installs it)."""
+    return require_tool(tool, f"Debian package {package}")
 
 
 # ---- TLS --------------------------------------------------------------------------------------------
