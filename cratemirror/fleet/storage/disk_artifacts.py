@@ -17,9 +17,9 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path, PurePosixPath
 from typing import IO, TypeVar
 
-from cratemirror.fleet.storage import CrateCopy, CrateRecord, StoredCrate, Stray, VerifiedCrate
 from cratemirror.fleet.storage.disk import CrateMeta, IndexEntry, Store, remove_empty_dir
 from cratemirror.fleet.storage.ledger import STORED, LedgerRow
+from cratemirror.fleet.storage.seam import CrateCopy, CrateRecord, StoredCrate, Stray, VerifiedCrate
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, parse_crate_version
 
 T = TypeVar("T")

@@ -34,8 +34,8 @@ from botocore.exceptions import ClientError
 from cachetools import LRUCache
 
 from cratemirror.config.schema import S3Config
-from cratemirror.fleet.storage import CrateCopy, CrateRecord, StoredCrate, Stray, VerifiedCrate
 from cratemirror.fleet.storage.disk import IndexEntry
+from cratemirror.fleet.storage.seam import CrateCopy, CrateRecord, StoredCrate, Stray, VerifiedCrate
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum, parse_crate_version
 
 log = logging.getLogger("cratemirror.storage")
