@@ -80,7 +80,8 @@ class Verifier:
         self.progress.finish()
         return self.report
 
-    async def check_crate(self, key: CrateVersion) -> None:
+    async def check_crate(self, item: StoredCrate) -> None:
+        key = item.key
         label = f"{key.crate.name} {key.version}"
         copy = await self.store.read_crate(key, None, self.limit)
         if copy is None:
@@ -96,7 +97,8 @@ class Verifier:
         elif copy.recorded is None:
             problem = Problem("unrecorded", label, self.unrecorded, key)
         elif copy.sha256 != copy.recorded:
-            detail = f"bytes hash to {copy.sha256}, expected {copy.recorded} ({copy.size} B)"
+            sizes = f"{copy.size} of {item.size} bytes"
+            detail = f"bytes hash to {copy.sha256}, expected {copy.recorded} ({sizes})"
             problem = Problem("corrupt", label, detail, key)
         if problem is None:
             self.report.ok += 1
@@ -131,7 +133,7 @@ class Verifier:
 
 async def _bounded(
     listing: AsyncIterator[StoredCrate],
-    check: Callable[[CrateVersion], Coroutine[Any, Any, None]],
+    check: Callable[[StoredCrate], Coroutine[Any, Any, None]],
     progress: Progress,
 ) -> None:
     """`check` every listed crate, JOBS at once; the first failure ends the run."""
@@ -143,7 +145,7 @@ async def _bounded(
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()
-            pending.add(asyncio.create_task(check(item.key)))
+            pending.add(asyncio.create_task(check(item)))
         await asyncio.gather(*pending)
     finally:
         for task in pending:
