@@ -18,7 +18,7 @@ from cratemirror.fleet.storage.s3 import S3Shared
 from cratemirror.names import parse_crate_version, parse_name
 from tests.fake_upstream import FakeRegistry
 from tests.fleet_support import MotoS3, replicas, set_stored_at
-from tests.tools_support import run_cli, write_config
+from tests.tools_support import CRATES_IO, run_cli, write_config
 
 
 def s3_config(moto: MotoS3, bucket: str | None = None) -> S3Config:
@@ -159,6 +159,8 @@ async def test_export_from_a_bucket_import_into_another_then_a_replica_serves_hi
     imported = await run_cli("import", str(bundle), "--config", str(target), cwd=tmp_path)
     assert imported.code == 0, imported.output
     assert "4 loaded" in imported.stdout and "3 index files loaded" in imported.stdout, imported.output
+    again = await run_cli("import", str(bundle), "--config", str(target), cwd=tmp_path)
+    assert again.code == 0 and "0 loaded (0 B), 4 already cached" in again.stdout, again.output
     listing = await asyncio.to_thread(moto.client().list_objects_v2, Bucket=second)
     keys = sorted(item["Key"] for item in listing["Contents"])
     assert [key for key in keys if key.startswith("crates/")] == [
@@ -180,3 +182,42 @@ async def test_export_from_a_bucket_import_into_another_then_a_replica_serves_hi
                 assert (response.status, response.headers.get("X-Cache")) == (200, "HIT"), (name, body[:200])
             assert body == registry.get_version(name, version).data, name
     assert registry.requests.total() == 0, dict(registry.requests)
+
+
+async def test_export_from_a_bucket_by_lockfile_and_verify_leaves_other_objects_alone(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path
+) -> None:
+    """One export and one verify for both backends: --lockfile selects from the bucket as from a cache
+    dir (case-folded names included), and an object this mirror never wrote is counted, never deleted."""
+    crates = [("Inflect", "0.1.0"), ("serde", "1.0.0"), ("rand", "0.8.5")]
+    for name, version in crates:
+        registry.add_crate(name, version)
+    await seed_bucket(moto, registry, crates, tmp_path)
+    inflect = registry.get_version("Inflect", "0.1.0")
+    lockfile = tmp_path / "Cargo.lock"
+    lockfile.write_text(
+        f'version = 4\n\n[[package]]\nname = "inflect"\nversion = "0.1.0"\nsource = "{CRATES_IO}"\n'
+        f'checksum = "{inflect.cksum}"\n\n'
+        f'[[package]]\nname = "absent"\nversion = "2.0.0"\nsource = "{CRATES_IO}"\n'
+    )
+    config = tool_config(tmp_path, registry, moto)
+    bundle = tmp_path / "locked.tar"
+    exported = await run_cli(
+        "export", str(bundle), "--config", str(config), "--lockfile", str(lockfile), cwd=tmp_path
+    )
+    assert exported.code == 1, exported.output
+    assert "export: MISSING absent 2.0.0" in exported.stderr, exported.output
+    with tarfile.open(bundle) as tar:
+        names = set(tar.getnames())
+    assert names == {"crates/Inflect/Inflect-0.1.0.crate", "index/in/fl/inflect", "manifest.json"}, names
+
+    await asyncio.to_thread(
+        moto.client().put_object, Bucket=moto.bucket, Key="crates/notes/README.txt", Body=b"someone else's"
+    )
+    found = await run_cli("verify", "--fix", "--config", str(config), cwd=tmp_path)
+    assert found.code == 0, found.output
+    assert (
+        "verify: 3 crate objects in the bucket checked: 3 ok, 0 corrupt, 0 without a recorded checksum; "
+        "1 other object under crates/ left alone"
+    ) in found.stdout, found.output
+    assert "crates/notes/README.txt" in await asyncio.to_thread(moto.object_keys)
