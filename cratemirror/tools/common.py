@@ -161,7 +161,14 @@ class Backend:
     owns_strays: bool  # a cache dir is the mirror's own; a bucket prefix may hold others' objects
     bounded: bool  # cache.max_size bounds it (a bucket has no bound of its own)
 
+    def read_limit(self, config: Config) -> int:
+        """How much of one stored crate a tool reads: a bucket's objects are held to
+        upstream.max_crate_size (anyone with write access may have put them there); a cache dir's
+        files are the mirror's own, kept even if the cap was lowered since they were stored."""
+        return config.upstream.max_crate_size if self.bucket else UNCAPPED
 
+
+UNCAPPED = 2**63 - 1
 LOCAL = Backend(False, "file", "cached", "", owns_strays=True, bounded=True)
 BUCKET = Backend(True, "object", "in the bucket", " from the bucket", owns_strays=False, bounded=False)
 

@@ -315,7 +315,8 @@ async def _export(
     lockfiles: Sequence[str] | None,
     advisory_db: Path | None,
 ) -> int:
-    backend, limit = backend_of(config), config.upstream.max_crate_size
+    backend = backend_of(config)
+    limit = backend.read_limit(config)
     nested: list[tuple[str, Path]] = []
     problems = 0
     async with open_stores(config) as opened:

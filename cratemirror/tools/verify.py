@@ -4,10 +4,10 @@ Written once against the storage seam (ArtifactStore): the cache dir's crate fil
 storage.backend s3 the bucket's crate objects. Each crate is streamed through SHA-256 (nothing is kept),
 a listing page at a time and JOBS at once, so memory stays flat however many crates are stored.
 
-Found: CORRUPT (bytes that do not hash to the record, or larger than upstream.max_crate_size), a crate
-without a recorded checksum (ORPHANED in a cache dir, UNRECORDED in the bucket), MISSING (a record
-without its file), and in a cache dir files this mirror would not have written (ORPHANED; in a bucket
-such objects are counted and left alone: its prefix may hold others' objects).
+Found: CORRUPT (bytes that do not hash to the record, or a bucket object larger than
+upstream.max_crate_size), a crate without a recorded checksum (ORPHANED in a cache dir, UNRECORDED in
+the bucket), MISSING (a record without its file), and in a cache dir files this mirror would not have
+written (ORPHANED; in a bucket such objects are counted and left alone: its prefix may hold others').
 
 Safe while the server runs: without --fix nothing is written. With --fix, what is bad is removed
 (lock-safe beside the server's fills); the next request for one fetches it from upstream again.
@@ -172,7 +172,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 async def _verify_all(config: Config, fix_problems: bool) -> int:
-    backend, limit = backend_of(config), config.upstream.max_crate_size
+    backend = backend_of(config)
+    limit = backend.read_limit(config)
     async with open_stores(config) as opened:
         return max([await _verify_one(one, backend, limit, fix_problems) for one in opened])
 
