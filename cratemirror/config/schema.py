@@ -673,10 +673,8 @@ class MirrorSchema(BaseModel):
     def _integrity_key(self, info: ValidationInfo) -> MirrorSchema:
         # After _fleet_extra: without the extra, naming it is the first thing to say.
         if _whole_config(info) and self.storage.backend == "s3" and self.storage.s3.integrity_key is None:
-            raise _cross_field(
-                "storage.s3.integrity_key",
-                f"a secret shared by the replicas when storage.backend is s3 (make one: {MAKE_INTEGRITY_KEY})",
-            )
+            expected = "a secret shared by the replicas when storage.backend is s3"
+            raise _cross_field("storage.s3.integrity_key", f"{expected} (make one: {MAKE_INTEGRITY_KEY})")
         return self
 
 

@@ -27,6 +27,7 @@ def storage_config(moto: MotoS3, serve: str = "proxy", prefix: str = "m/") -> St
             "s3": {
                 "bucket": moto.bucket, "prefix": prefix, "endpoint_url": moto.endpoint, "region": "us-east-1",
                 "access_key_id": moto.ACCESS_KEY, "secret_access_key": moto.SECRET_KEY, "serve": serve,
+                "integrity_key": moto.INTEGRITY_KEY,
             },
         }
     )  # fmt: skip
