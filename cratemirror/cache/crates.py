@@ -31,6 +31,7 @@ from cratemirror.cache.spool import MemorySpoolFull, Spool
 from cratemirror.fleet.coordination import Coordination, LocalCoordination
 from cratemirror.fleet.storage import LocalShared, SharedStorage
 from cratemirror.fleet.storage.disk import CrateMeta, DiskTrouble, Store, sha256_stream
+from cratemirror.keys import crate_key
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName, CrateVersion, expand_dl_template
 from cratemirror.upstream.client import TooLarge, Upstream, UpstreamError
@@ -292,7 +293,7 @@ class CrateService:
 
     async def _run_fill(self, fill: Fill) -> None:
         try:
-            async with self.coordination.lock(f"crate:{fill.name}/{fill.version}"):
+            async with self.coordination.lock(crate_key(fill.name, fill.version)):
                 cached = self.open_cached(fill.name, fill.version)
                 if cached is not None:  # another worker process stored it while we waited
                     cached.file.close()

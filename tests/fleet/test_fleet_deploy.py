@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from cratemirror.config import schema as config_module
-from cratemirror.config.schema import ConfigError, load_config
+from cratemirror.config.load import load_config
+from cratemirror.config.schema import ConfigError
 from tests.fleet_support import HAPROXY_CFG, make_tls, require
 
 REPO = Path(__file__).resolve().parents[2]

@@ -24,8 +24,6 @@ from tests.fleet_support import MotoS3, replicas
 from tests.mirror_process import MirrorProcess, metric_value, wait_until
 from tests.tools_support import run_cli
 
-pytestmark = pytest.mark.fleet
-
 FAILURES = "cratemirror_storage_integrity_failures_total"
 # Quick to give up on an upstream that is down; nothing else differs from a deployment.
 UPSTREAM = "upstream:\n  retries: 0\n  timeout: 5s\n"
