@@ -363,9 +363,14 @@ class S3Shared:
             response["Body"].close()
             self._failed("index", name, f"more than upstream.max_index_size ({self.max_index_size} bytes)")
             return None
+        parts: list[bytes] = []
+        size = 0
         async with response["Body"] as stream:
-            body = await stream.read(self.max_index_size + 1)
-        if len(body) > self.max_index_size:
+            while (chunk := await stream.read(CHUNK)) and size <= self.max_index_size:
+                size += len(chunk)  # read(n) returns at most n bytes: loop to the end
+                parts.append(chunk)
+        body = b"".join(parts)
+        if size > self.max_index_size:
             self._failed("index", name, f"more than upstream.max_index_size ({self.max_index_size} bytes)")
             return None
         problem = self._sealer.problem("index", name, hashlib.sha256(body).hexdigest(), meta)
