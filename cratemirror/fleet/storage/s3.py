@@ -221,11 +221,12 @@ class S3Shared:
             except ClientError as exc:
                 if _code(exc) not in _MISSING:
                     raise
-                head = {}
-            recorded, problem = self._crate_record(name, head.get("Metadata", {}))
+                head = None  # deleted meanwhile (a prune, verify --fix)
+            recorded, problem = self._crate_record(name, head.get("Metadata", {}) if head else {})
             if recorded != sha256:
-                self._failed("crate", name, problem or f"a record for other bytes ({recorded})")
-                self._replace.pop(name, None)
+                if head is not None:
+                    self._failed("crate", name, problem or f"a record for other bytes ({recorded})")
+                    self._replace.pop(name, None)
                 await self._upload_crate(name, verified, sha256, overwrite=True)
         self._passed(name)
         self._known[name] = True
