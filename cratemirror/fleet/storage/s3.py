@@ -183,8 +183,6 @@ class S3Shared:
     def _index_key(self, crate: CrateName) -> str:
         return f"{self.prefix}index/{crate.lower}"
 
-    # ---- crates -----------------------------------------------------------------------------------
-
     # ---- authentication ---------------------------------------------------------------------------
 
     def _failed(self, kind: ObjectKind, name: str, reason: str) -> None:
