@@ -17,6 +17,7 @@ import pytest
 from cratemirror.cache.index import body_etag
 from cratemirror.config.schema import S3Config
 from cratemirror.fleet.storage.disk import IndexEntry
+from cratemirror.fleet.storage.integrity import Sealer
 from cratemirror.fleet.storage.s3 import S3Shared
 from cratemirror.names import parse_name
 from tests.fake_upstream import FakeRegistry
@@ -31,6 +32,36 @@ CRATE_KEY = "crates/serde/1.0.0.crate"
 UPSTREAM_DOWNLOAD = "/crates/serde/1.0.0/download"  # the fake upstream's path for it
 INDEX_KEY = "index/serde"
 TEN_YEARS = 10 * 365 * 86400.0
+
+
+def test_a_mac_covers_kind_key_body_and_every_validator() -> None:
+    """The record format itself: any field changed, the kind swapped, or bytes moved from one field to
+    the next (length-prefixed), and the MAC no longer verifies; another secret says so."""
+    sealer = Sealer(b"k" * 40)
+    meta = {
+        "etag": '"e"',
+        "last-modified": "lm",
+        "checked-at": "1.5",
+        "upstream-etag": "u",
+        "upstream-last-modified": "",
+    }
+    sealed = sealer.seal("index", "index/serde", "ab" * 32, meta)
+    assert sealer.problem("index", "index/serde", "ab" * 32, sealed) is None
+    assert sealer.problem("crate", "index/serde", "ab" * 32, sealed) is not None
+    assert sealer.problem("index", "index/serd", "ab" * 32, sealed) is not None
+    assert sealer.problem("index", "index/serde", "cd" * 32, sealed) is not None
+    for field in meta:
+        assert sealer.problem("index", "index/serde", "ab" * 32, {**sealed, field: "x"}) is not None, field
+    moved = {**sealed, "etag": '"e"l', "last-modified": "m"}
+    assert sealer.problem("index", "index/serde", "ab" * 32, moved) is not None
+    assert sealer.problem("index", "index/serde", "ab" * 32, meta) == (
+        "no MAC (written by an older version, or not by a replica)"
+    )
+    other = Sealer(b"o" * 40)
+    assert other.problem("index", "index/serde", "ab" * 32, sealed) == (
+        "a MAC made with another integrity_key (rotated?)"
+    )
+    assert sealed["mac"].startswith("v1:") and str(b"k" * 40) not in str(sealed)
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, bytes]:
