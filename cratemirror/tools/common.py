@@ -160,6 +160,8 @@ class Backend:
     from_place: str  # appended to "removed N crates"
     owns_strays: bool  # a cache dir is the mirror's own; a bucket prefix may hold others' objects
     bounded: bool  # cache.max_size bounds it (a bucket has no bound of its own)
+    unrecorded: str  # what a crate without a (trusted) record is called
+    unrecorded_detail: str
 
     def read_limit(self, config: Config) -> int:
         """How much of one stored crate a tool reads: a bucket's objects are held to
@@ -169,8 +171,16 @@ class Backend:
 
 
 UNCAPPED = 2**63 - 1
-LOCAL = Backend(False, "file", "cached", "", owns_strays=True, bounded=True)
-BUCKET = Backend(True, "object", "in the bucket", " from the bucket", owns_strays=False, bounded=False)
+LOCAL = Backend(
+    False, "file", "cached", "", owns_strays=True, bounded=True,
+    unrecorded="orphaned", unrecorded_detail="no checksum recorded for this file",
+)  # fmt: skip
+# A bucket object's own metadata is trusted only if it authenticates with storage.s3.integrity_key.
+BUCKET = Backend(
+    True, "object", "in the bucket", " from the bucket", owns_strays=False, bounded=False,
+    unrecorded="unauthenticated",
+    unrecorded_detail="no sha256 recorded with the object that authenticates with storage.s3.integrity_key",
+)  # fmt: skip
 
 
 def backend_of(config: Config) -> Backend:

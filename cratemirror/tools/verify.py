@@ -5,9 +5,10 @@ storage.backend s3 the bucket's crate objects. Each crate is streamed through SH
 a listing page at a time and JOBS at once, so memory stays flat however many crates are stored.
 
 Found: CORRUPT (bytes that do not hash to the record, or a bucket object larger than
-upstream.max_crate_size), a crate without a recorded checksum (ORPHANED in a cache dir, UNRECORDED in
-the bucket), MISSING (a record without its file), and in a cache dir files this mirror would not have
-written (ORPHANED; in a bucket such objects are counted and left alone: its prefix may hold others').
+upstream.max_crate_size), a crate without a recorded checksum (ORPHANED in a cache dir; in the bucket
+UNAUTHENTICATED: only a record that authenticates with storage.s3.integrity_key counts), MISSING (a
+record without its file), and in a cache dir files this mirror would not have written (ORPHANED; in a
+bucket such objects are counted and left alone: its prefix may hold others').
 
 Safe while the server runs: without --fix nothing is written. With --fix, what is bad is removed
 (lock-safe beside the server's fills); the next request for one fetches it from upstream again.
@@ -50,9 +51,7 @@ class Problem:
     stray: Stray | None = None  # removed with delete_stray
 
     def describe(self, backend: Backend) -> str:
-        kind = self.kind
-        if kind == "stray" or (kind == "unrecorded" and backend.owns_strays):
-            kind = "orphaned"
+        kind = {"stray": "orphaned", "unrecorded": backend.unrecorded}.get(self.kind, self.kind)
         return f"{kind.upper()} {self.label}: {self.detail}"
 
 
@@ -124,7 +123,7 @@ class Verifier:
 
     @property
     def unrecorded(self) -> str:
-        return f"no checksum recorded for this {self.backend.thing}"
+        return self.backend.unrecorded_detail
 
     def found(self, problem: Problem) -> None:
         self.report.problems.append(problem)
@@ -199,7 +198,7 @@ async def _verify_one(opened: Opened, backend: Backend, limit: int, fix_problems
     print(
         f"{verb}: fixed {len(report.problems) - len(failures)} of {len(report.problems)}: removed "
         f"{report.count('corrupt')} corrupt and {report.count('unrecorded', 'stray')} "
-        f"{'orphaned' if backend.owns_strays else 'unrecorded'} {things}, "
+        f"{backend.unrecorded} {things}, "
         f"{report.count('missing')} stale checksum records"
     )
     return EXIT_FAILURE if failures else EXIT_OK
@@ -215,4 +214,4 @@ def _summary(report: VerifyReport, backend: Backend) -> str:
             f"{report.count('missing')} missing (checksum recorded, no file)"
         )
     others = f"; {plural(report.others, 'other object')} under crates/ left alone" if report.others else ""
-    return text + f"{report.count('unrecorded')} without a recorded checksum" + others
+    return text + f"{report.count('unrecorded')} {backend.unrecorded}" + others

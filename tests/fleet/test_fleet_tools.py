@@ -4,6 +4,7 @@ same aiobotocore client code a MinIO or AWS bucket would see."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tarfile
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from tests.tools_support import CRATES_IO, run_cli, write_config
 def s3_config(moto: MotoS3, bucket: str | None = None) -> S3Config:
     return S3Config(
         bucket=bucket or moto.bucket, endpoint_url=moto.endpoint, region="us-east-1",
-        access_key_id=moto.ACCESS_KEY, secret_access_key=moto.SECRET_KEY,
+        access_key_id=moto.ACCESS_KEY, secret_access_key=moto.SECRET_KEY, integrity_key=moto.INTEGRITY_KEY,
     )  # fmt: skip
 
 
@@ -65,26 +66,34 @@ async def test_verify_finds_a_replaced_object_and_fix_deletes_it(
     assert clean.code == 0, clean.output
     assert "verify: 3 crate objects in the bucket checked: 3 ok, 0 corrupt" in clean.stdout, clean.output
 
-    # Bytes replaced behind the mirror's back (the recorded sha256 kept), with the raw client.
+    # Bytes replaced behind the mirror's back (the authentic record kept), with the raw client.
+    client = moto.client()
     good = registry.get_version("rand", "0.8.5")
+    record = (await asyncio.to_thread(client.head_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate"))[
+        "Metadata"
+    ]
     await asyncio.to_thread(
-        moto.client().put_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate",
-        Body=good.data[:20] + bytes([good.data[20] ^ 0xFF]) + good.data[21:], Metadata={"sha256": good.cksum},
+        client.put_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate",
+        Body=good.data[:20] + bytes([good.data[20] ^ 0xFF]) + good.data[21:], Metadata=record,
+    )  # fmt: skip
+    # ... and another one's bytes and record both replaced: the record hashes right but is not the fleet's.
+    evil = b"evil crate bytes"
+    await asyncio.to_thread(
+        client.put_object, Bucket=moto.bucket, Key="crates/libc/0.2.1.crate", Body=evil,
+        Metadata={"sha256": hashlib.sha256(evil).hexdigest()},
     )  # fmt: skip
     found = await run_cli("verify", "--config", str(config), cwd=tmp_path)
     assert found.code == 1, found.output
     assert "CORRUPT rand 0.8.5: bytes hash to" in found.output, found.output
-    assert "3 ok" not in found.stdout and "2 ok, 1 corrupt" in found.stdout, found.output
+    assert "UNAUTHENTICATED libc 0.2.1: no sha256 recorded" in found.output, found.output
+    assert "1 ok, 1 corrupt, 1 unauthenticated" in found.stdout, found.output
 
     fixed = await run_cli("verify", "--fix", "--config", str(config), cwd=tmp_path)
     assert fixed.code == 0, fixed.output
     keys = await asyncio.to_thread(moto.object_keys)
-    assert sorted(k for k in keys if k.startswith("crates/")) == [
-        "crates/libc/0.2.1.crate",
-        "crates/serde/1.0.0.crate",
-    ]
+    assert sorted(k for k in keys if k.startswith("crates/")) == ["crates/serde/1.0.0.crate"]
     again = await run_cli("verify", "--config", str(config), cwd=tmp_path)
-    assert again.code == 0 and "2 ok, 0 corrupt" in again.stdout, again.output
+    assert again.code == 0 and "1 ok, 0 corrupt, 0 unauthenticated" in again.stdout, again.output
 
 
 async def test_prune_deletes_the_oldest_objects_down_to_the_size(
@@ -217,7 +226,7 @@ async def test_export_from_a_bucket_by_lockfile_and_verify_leaves_other_objects_
     found = await run_cli("verify", "--fix", "--config", str(config), cwd=tmp_path)
     assert found.code == 0, found.output
     assert (
-        "verify: 3 crate objects in the bucket checked: 3 ok, 0 corrupt, 0 without a recorded checksum; "
+        "verify: 3 crate objects in the bucket checked: 3 ok, 0 corrupt, 0 unauthenticated; "
         "1 other object under crates/ left alone"
     ) in found.stdout, found.output
     assert "crates/notes/README.txt" in await asyncio.to_thread(moto.object_keys)

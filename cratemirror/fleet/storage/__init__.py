@@ -9,7 +9,8 @@ cache.max_size, evicted as before). `SharedStorage` is what the replicas have in
 
 Keys are the validated value objects of names.py (CrateVersion, CrateName): no backend ever sees raw
 request or upstream text. Crates go up only as verified temp files, come down only if they hash to
-the checksum the index gives.
+the checksum the index gives. What comes down from a bucket is authenticated with the fleet secret
+(integrity.py): an object that fails is treated as absent, reported through `on_integrity_failure`.
 
 `ArtifactStore` is the operator tools' view of one registry's stored artifacts, on either backend
 (`DiskArtifacts` over a cache dir, `S3Shared` over the bucket): per kind (crates, index files) list,
@@ -28,6 +29,7 @@ from cratemirror.fleet.storage.seam import (
     ArtifactStore,
     CrateCopy,
     CrateRecord,
+    IntegrityFailure,
     SharedStorage,
     StoredCrate,
     Stray,
@@ -45,6 +47,7 @@ __all__ = [
     "ArtifactStore",
     "CrateCopy",
     "CrateRecord",
+    "IntegrityFailure",
     "LocalShared",
     "SharedStorage",
     "StoredCrate",
@@ -100,16 +103,22 @@ class LocalShared:
 
 
 def make_shared_storage(
-    config: StorageConfig, max_index_size: int, registry: str = DEFAULT_REGISTRY
+    config: StorageConfig,
+    max_index_size: int,
+    registry: str = DEFAULT_REGISTRY,
+    on_integrity_failure: IntegrityFailure | None = None,
 ) -> SharedStorage:
     """crates.io's objects sit at the top of storage.s3.prefix, an extra registry's in registries/NAME/."""
     if config.backend == "local":
         return LocalShared()
-    return make_bucket_store(config, max_index_size, registry)
+    return make_bucket_store(config, max_index_size, registry, on_integrity_failure)
 
 
 def make_bucket_store(
-    config: StorageConfig, max_index_size: int, registry: str = DEFAULT_REGISTRY
+    config: StorageConfig,
+    max_index_size: int,
+    registry: str = DEFAULT_REGISTRY,
+    on_integrity_failure: IntegrityFailure | None = None,
 ) -> S3Shared:
     """One registry's part of the bucket (storage.backend s3): its SharedStorage and its ArtifactStore."""
     # The config refuses backend s3 when the `fleet` extra is missing; this is for direct callers.
@@ -118,4 +127,4 @@ def make_bucket_store(
     from cratemirror.fleet.storage.s3 import S3Shared
 
     prefix = "" if registry == DEFAULT_REGISTRY else f"registries/{registry}/"
-    return S3Shared(config.s3, max_index_size, prefix)
+    return S3Shared(config.s3, max_index_size, prefix, on_integrity_failure)

@@ -5,7 +5,7 @@ module imports the package that picks it (no import cycle)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,10 @@ from cratemirror.names import CrateName, CrateVersion
 
 if TYPE_CHECKING:
     from cratemirror.fleet.storage.disk import IndexEntry
+
+# Called with the object's kind ("index" | "crate") each time a read object fails authentication or its
+# hash (cratemirror_storage_integrity_failures_total).
+IntegrityFailure = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +68,8 @@ class VerifiedCrate:
 
 @dataclass(frozen=True, slots=True)
 class CrateCopy:
-    """What `read_crate` saw: the sha256 recorded with the object and what its bytes hash to."""
+    """What `read_crate` saw: the sha256 recorded with the object (None unless the record is
+    authenticated with the fleet secret) and what its bytes hash to."""
 
     recorded: str | None
     sha256: str
