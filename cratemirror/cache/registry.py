@@ -105,7 +105,10 @@ def _bundle(
     coordination = make_coordination(
         config.coordination.redis_url, store, metrics, namespace=name, timeout=config.coordination.timeout
     )
-    shared = make_shared_storage(config.storage, upstream_config.max_index_size, registry=name)
+    shared = make_shared_storage(
+        config.storage, upstream_config.max_index_size, registry=name,
+        on_integrity_failure=lambda kind: metrics.storage_integrity_failures.labels(kind).inc(),
+    )  # fmt: skip
     if config.storage.backend != "local":  # a stalled bucket costs seconds: bounded calls and a breaker
         shared = GuardedShared(shared, config.storage.s3.timeout, store, metrics.storage_up.set)
     index = IndexService(
