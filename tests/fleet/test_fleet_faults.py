@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -225,3 +226,42 @@ async def test_upstream_recovery_is_prompt_and_shared(
 
             await wait_until(b_recovered, "B to hear through Redis that upstream is back", 5, 0.05)
             assert await fetch_crate(session, b, "bravo") < 2.0
+
+
+async def test_every_worker_of_a_replica_says_the_same(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path
+) -> None:
+    """Two worker processes; the bucket stalls under a request that only one of them handles. The
+    other made no call to the bucket, yet /readyz says degraded whichever worker answers it."""
+    registry.add_crate("alpha", "1.0.0")
+    async with (
+        FaultProxy("127.0.0.1", moto.port) as proxy,
+        replicas(registry.index_url, tmp_path, 1, config_text=s3_yaml(moto, proxy.url), workers=2) as (
+            mirror,
+        ),
+        aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=60), connector=aiohttp.TCPConnector(force_close=True)
+        ) as session,  # a new connection per request: the kernel spreads them over the workers
+    ):
+        proxy.set(Mode.BLACKHOLE)
+        async with session.get(f"{mirror.url}/index/{index_path('alpha')}") as response:
+            assert response.status == 200  # one request: one worker looks in the bucket
+
+        async def degraded() -> bool:
+            return (await readyz(session, mirror))[1].startswith("degraded: ")
+
+        await wait_until(degraded, "a worker to say degraded", timeout=10, interval=0.05)
+        # The other worker hears of it within a couple of its once-a-second looks: then 10 answers in a
+        # row (spread over both workers by the kernel) all say so.
+        await wait_until(
+            lambda: all_of(degraded, 10), "the other worker to hear of it", timeout=5, interval=0.05
+        )
+        answers = [await readyz(session, mirror) for _ in range(20)]
+        assert all(status == 200 and text.startswith("degraded: ") for status, text, _ in answers), answers
+
+
+async def all_of(check: Callable[[], Awaitable[bool]], times: int) -> bool:
+    for _ in range(times):
+        if not await check():
+            return False
+    return True
