@@ -12,8 +12,8 @@ probe), whose `problem()` reads state and does no I/O. The verdict:
 
 The same in every worker: each worker process has its own Redis client and bucket breaker, and one that
 made no call to a stalled bucket would not know. So once a second each worker writes what it sees
-(`<pid>-readyz.json` in the cache dir's tmp/) and reads what the others wrote in the last few seconds;
-/readyz answers with all of it.
+(`<pid>-readyz.json` in the cache dir's locks/, with the workers' other shared state) and reads what
+the others wrote in the last few seconds; /readyz answers with all of it.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class ReadinessWatch:
 
     def _notes_dir(self) -> Path | None:
         registry = next(iter(self.registries.values()), None)
-        return registry.store.tmp_dir if registry is not None else None
+        return registry.store.locks_dir if registry is not None else None
 
     def _note_path(self) -> Path:
         directory = self._notes_dir()
