@@ -97,7 +97,8 @@ def build_release(channel: str, version: str, date: str, padding: int = 0) -> Re
     release = Release(channel, version, date)
     full_version = f"{version} (0000000 {date})"
     lines = ['manifest-version = "2"', f'date = "{date}"', ""]
-    lines += ["[pkg.rust]", f'version = "{full_version}"', "", f"[pkg.rust.target.{TRIPLE}]", "available = true"]
+    lines += ["[pkg.rust]", f'version = "{full_version}"', ""]
+    lines += [f"[pkg.rust.target.{TRIPLE}]", "available = true"]
     components = []
     for component in ("rustc", "cargo"):
         script = f"#!/bin/sh\necho '{component} {full_version}'\n"

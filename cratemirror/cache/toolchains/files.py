@@ -43,14 +43,13 @@ class ToolchainFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files_dir = root / "files"
-        self.tmp_dir = root / "tmp"
-        for directory in (self.files_dir, self.tmp_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = root / "tmp"  # made on the first write: a mirror never asked for toolchains has none
 
     def path_of(self, key: ToolchainPath) -> Path:
         return self.files_dir / key.path  # validated segments only (paths.py)
 
     def new_temp_file(self) -> Path:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         return self.tmp_dir / f"{os.getpid()}-{os.urandom(8).hex()}.part"
 
     def open(self, key: ToolchainPath) -> tuple[BinaryIO, int] | None:

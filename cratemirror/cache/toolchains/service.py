@@ -58,6 +58,9 @@ CHUNK = 256 * 1024
 MAX_MANIFEST = 32 * 1024 * 1024  # a nightly channel manifest is ~1 MB
 MAX_SMALL = 64 * 1024  # rustup-init.sha256, release-stable.toml
 MAX_FILE = 2 * 1024 * 1024 * 1024  # one component (10-300 MB today)
+# Up to this size a file is verified whole before its first byte goes out (a mismatch is a clean 502);
+# larger ones stream while they arrive and a mismatch cuts the connection before the last byte.
+VERIFY_BEFORE_SENDING = 4 * 1024 * 1024
 _SHA256_RE = re.compile(rb"[0-9a-fA-F]{64}")
 
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -289,7 +292,8 @@ class ToolchainService:
         fill.hold()
         try:
             await asyncio.shield(fill.started)
-            if ranged or fill.stored_elsewhere:  # a resumed download starts from the stored file
+            small = fill.content_length is None or fill.content_length <= VERIFY_BEFORE_SENDING
+            if ranged or small or fill.stored_elsewhere:  # answered from the stored file
                 await asyncio.shield(fill.finished)
         except UpstreamNotFound:
             fill.release()
@@ -303,7 +307,7 @@ class ToolchainService:
         hit = joined or fill.stored_elsewhere
         result = MetricResult.HIT if hit else MetricResult.MISS
         x_cache = "HIT" if hit else "MISS"
-        if ranged or fill.stored_elsewhere:
+        if ranged or small or fill.stored_elsewhere:
             fill.release()
             opened = self.files.open(key)
             if opened is None:

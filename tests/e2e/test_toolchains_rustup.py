@@ -1,0 +1,183 @@
+"""The real rustup through the mirror's /toolchains routes, against a fake dist server (tests/dist_server.py)
+whose manifests are signed at test time with a throwaway key the mirror is configured to trust."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from cratemirror.http.app import create_app
+from tests.conftest import make_config
+from tests.dist_server import DistServer, TestSigningKey, build_release, have_gpg
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("rustup") is None, reason="rustup is not installed"),
+    pytest.mark.skipif(not have_gpg(), reason="gpg/gpgv (GnuPG) is not installed"),
+]
+
+RUSTUP_TIMEOUT = 120.0
+
+
+@dataclass
+class Setup:
+    key: TestSigningKey
+    dist: DistServer
+    tmp: Path
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    key = await asyncio.to_thread(TestSigningKey, tmp_path / "gnupg")
+    async with DistServer(key) as dist:
+        dist.publish(build_release("stable", "1.90.0", "2026-01-01"))
+        yield Setup(key, dist, tmp_path)
+
+
+async def start_mirror(
+    aiohttp_client: Any, setup: Setup, cache: str = "cache", **changes: Any
+) -> TestClient[Any, Any]:
+    config = make_config(
+        "http://127.0.0.1:9/index/",  # crates.io's side is not used here
+        setup.tmp / cache,
+        toolchains__upstream=setup.dist.url,
+        toolchains__signing_key=setup.key.public_key,
+        **changes,
+    )
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(config))
+    return client
+
+
+async def rustup(client: TestClient[Any, Any], home: Path, *args: str) -> tuple[int, str]:
+    """The real rustup with a fresh RUSTUP_HOME/CARGO_HOME under `home`, pointed at the mirror."""
+    base = str(client.make_url("")).rstrip("/")
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("RUSTUP_", "CARGO", "RUSTC"))
+    }
+    env.update(
+        RUSTUP_HOME=str(home / "rustup"),
+        CARGO_HOME=str(home / "cargo"),
+        RUSTUP_DIST_SERVER=f"{base}/toolchains",
+        RUSTUP_UPDATE_ROOT=f"{base}/toolchains/rustup",
+        RUSTUP_MAX_RETRIES="0",
+        PATH=f"{Path(shutil.which('rustup') or 'rustup').parent}:{env.get('PATH', '')}",
+    )
+    process = await asyncio.create_subprocess_exec(
+        "rustup", *args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), RUSTUP_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+async def install(client: TestClient[Any, Any], home: Path, toolchain: str = "stable") -> str:
+    code, output = await rustup(
+        client, home, "toolchain", "install", toolchain, "--profile", "minimal", "--no-self-update"
+    )
+    assert code == 0, output
+    return output
+
+
+async def rustc_version(client: TestClient[Any, Any], home: Path, toolchain: str = "stable") -> str:
+    code, output = await rustup(client, home, "run", toolchain, "rustc", "--version")
+    assert code == 0, output
+    return output.strip()
+
+
+def stored_components(cache: Path) -> list[Path]:
+    return sorted((cache / "toolchains" / "files" / "dist").glob("*/*.tar.*"))
+
+
+async def test_install_and_run_through_the_mirror_then_a_second_runner_from_cache(
+    aiohttp_client: Any, setup: Setup
+) -> None:
+    client = await start_mirror(aiohttp_client, setup)
+    await install(client, setup.tmp / "runner1")
+    assert await rustc_version(client, setup.tmp / "runner1") == "rustc 1.90.0 (0000000 2026-01-01)"
+    assert setup.dist.component_requests() == 1
+    assert len(stored_components(setup.tmp / "cache")) == 1
+    # A second runner, fresh homes: the component comes from the cache, not upstream.
+    await install(client, setup.tmp / "runner2")
+    assert await rustc_version(client, setup.tmp / "runner2") == "rustc 1.90.0 (0000000 2026-01-01)"
+    assert setup.dist.component_requests() == 1
+    metrics = await (await client.get("/metrics")).text()
+    assert 'cratemirror_cache_requests_total{kind="toolchain",registry="crates-io",result="hit"}' in metrics
+
+
+async def test_a_new_stable_appears_within_the_ttl(aiohttp_client: Any, setup: Setup) -> None:
+    client = await start_mirror(aiohttp_client, setup, toolchains__manifest_ttl=0.5)
+    home = setup.tmp / "runner"
+    await install(client, home)
+    setup.dist.publish(build_release("stable", "1.91.0", "2026-02-01"))
+    await asyncio.sleep(0.6)  # the TTL itself is what is under test: no event marks its end
+    code, output = await rustup(client, home, "update", "stable", "--no-self-update")
+    assert code == 0, output
+    assert await rustc_version(client, home) == "rustc 1.91.0 (0000000 2026-02-01)"
+
+
+async def test_a_manifest_that_does_not_verify_is_refused_and_rustup_stays_on_the_good_one(
+    aiohttp_client: Any, setup: Setup
+) -> None:
+    client = await start_mirror(aiohttp_client, setup, toolchains__manifest_ttl=0.5, cache__stale_if_error=0)
+    home = setup.tmp / "runner"
+    await install(client, home)
+    # A new stable whose .sha256 matches its bytes, signed by a key the mirror does not trust.
+    impostor = await asyncio.to_thread(TestSigningKey, setup.tmp / "impostor")
+    bad = build_release("stable", "6.6.6", "2026-03-01")
+    setup.dist.publish(bad)
+    setup.dist.override["dist/channel-rust-stable.toml.asc"] = impostor.sign(bad.manifest)
+    await asyncio.sleep(0.6)
+    answer = await client.get("/toolchains/dist/channel-rust-stable.toml")
+    assert answer.status == 502
+    reason = await answer.text()
+    assert "channel-rust-stable.toml" in reason and str(setup.key.public_key) in reason
+    code, output = await rustup(client, home, "update", "stable", "--no-self-update")
+    assert code != 0, output  # rustup says it could not update
+    assert await rustc_version(client, home) == "rustc 1.90.0 (0000000 2026-01-01)"
+    stored = (setup.tmp / "cache" / "toolchains" / "files" / "dist" / "channel-rust-stable.toml").read_bytes()
+    assert b"6.6.6" not in stored
+    # With stale-if-error, the last good manifest keeps being served.
+    client2 = await start_mirror(aiohttp_client, setup, toolchains__manifest_ttl=0.5)
+    answer = await client2.get("/toolchains/dist/channel-rust-stable.toml")
+    assert answer.status == 200 and answer.headers["X-Cache"] == "STALE"
+    assert b"1.90.0" in await answer.read()
+
+
+async def test_a_component_with_wrong_bytes_is_refused_and_not_stored(
+    aiohttp_client: Any, setup: Setup
+) -> None:
+    client = await start_mirror(aiohttp_client, setup)
+    release = build_release("stable", "1.90.0", "2026-01-01")
+    component = next(path for path in release.files if "rustc-" in path)
+    setup.dist.override[component] = release.files[component][:-10] + b"0123456789"
+    args = ("toolchain", "install", "stable", "--profile", "minimal", "--no-self-update")
+    code, output = await rustup(client, setup.tmp / "runner", *args)
+    assert code != 0, output
+    assert stored_components(setup.tmp / "cache") == []
+    answer = await client.get(f"/toolchains/{component}")
+    assert answer.status == 502
+    assert "sha256 mismatch" in await answer.text()
+
+
+async def test_with_the_dist_server_down_a_fresh_runner_installs_the_cached_stable(
+    aiohttp_client: Any, setup: Setup
+) -> None:
+    client = await start_mirror(aiohttp_client, setup, toolchains__manifest_ttl=0)
+    await install(client, setup.tmp / "runner1")
+    await setup.dist.stop()
+    await install(client, setup.tmp / "runner2")
+    assert await rustc_version(client, setup.tmp / "runner2") == "rustc 1.90.0 (0000000 2026-01-01)"
