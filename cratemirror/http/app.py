@@ -16,8 +16,8 @@ from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, status_page, toolchains
 from cratemirror.http.auth import auth_middleware
-from cratemirror.http.context import MIRROR, Mirror, RecentMiss
-from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
+from cratemirror.http.context import MIRROR, TIMING, Mirror, RecentMiss
+from cratemirror.metrics import DEFAULT_REGISTRY, Metrics, start_request_timing
 from cratemirror.policy.service import create_policy
 
 log = logging.getLogger("cratemirror")

@@ -15,7 +15,7 @@ from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import Registry
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble, Store
-from cratemirror.metrics import Metrics
+from cratemirror.metrics import Metrics, RequestTiming
 from cratemirror.policy.service import PolicyService
 from cratemirror.upstream.client import Upstream
 
@@ -70,3 +70,5 @@ class Mirror:
 
 
 MIRROR = web.AppKey("mirror", Mirror)
+# The request key under which the instrumentation middleware keeps the request's RequestTiming.
+TIMING = web.RequestKey("cratemirror.timing", RequestTiming)

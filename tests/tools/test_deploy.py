@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cratemirror.config.schema import load_config
+from cratemirror.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
