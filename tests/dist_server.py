@@ -189,3 +189,13 @@ class DistServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def publish_rustup_init(dist: DistServer, version: str, body: bytes, triple: str = TRIPLE) -> None:
+    """rustup-init and its .sha256 under rustup/dist/<triple>/ and rustup/archive/<version>/<triple>/,
+    and rustup/release-stable.toml pointing at `version`."""
+    digest = hashlib.sha256(body).hexdigest()
+    for folder in (f"rustup/dist/{triple}", f"rustup/archive/{version}/{triple}"):
+        dist.files[f"{folder}/rustup-init"] = body
+        dist.files[f"{folder}/rustup-init.sha256"] = f"{digest} *rustup-init\n".encode()
+    dist.files["rustup/release-stable.toml"] = f'schema-version = "1"\nversion = "{version}"\n'.encode()
