@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gzip
 import hashlib
 import io
 import os
@@ -60,7 +61,8 @@ class TestSigningKey:
 
 
 def installer_tarball(component: str, version: str, script: str, triple: str = TRIPLE) -> tuple[str, bytes]:
-    """A rust-installer v3 tarball (gzip) with one file, bin/<component>: (top dir name, bytes)."""
+    """A rust-installer v3 tarball (gzip, the same bytes each time) with one file, bin/<component>:
+    (top dir name, bytes)."""
     top = f"{component}-{version}-{triple}"
     files = {
         "rust-installer-version": b"3\n",
@@ -69,7 +71,7 @@ def installer_tarball(component: str, version: str, script: str, triple: str = T
         f"{component}/bin/{component}": script.encode(),
     }
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz", format=tarfile.GNU_FORMAT) as tar:
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for folder in (top, f"{top}/{component}", f"{top}/{component}/bin"):
             info = tarfile.TarInfo(folder)
             info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
@@ -80,7 +82,7 @@ def installer_tarball(component: str, version: str, script: str, triple: str = T
             info.mode = 0o755 if "/bin/" in name else 0o644
             info.mtime = 1_700_000_000
             tar.addfile(info, io.BytesIO(body))
-    return top, out.getvalue()
+    return top, gzip.compress(out.getvalue(), mtime=0)  # the same bytes every time
 
 
 @dataclass

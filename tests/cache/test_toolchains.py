@@ -20,6 +20,7 @@ from cratemirror.http.app import create_app
 from cratemirror.names import InvalidRequest
 from tests.conftest import make_config
 from tests.dist_server import DistServer, TestSigningKey, build_release, have_gpg, publish_rustup_init
+from tests.mirror_process import wait_until
 
 needs_gpg = pytest.mark.skipif(not have_gpg(), reason="gpg/gpgv (GnuPG) is not installed")
 
@@ -262,3 +263,30 @@ async def test_open_with_auth_required_and_off_when_upstream_is_null(
     answer = await client.get(f"/toolchains/{STABLE}")
     assert answer.status == 404 and "toolchains.upstream is null" in await answer.text()
     assert not (tmp_path / "cache2" / "toolchains").exists()
+
+
+async def test_components_beyond_max_size_are_evicted_least_recently_used_first(
+    aiohttp_client: Any, tmp_path: Path, dist: DistServer, key: TestSigningKey
+) -> None:
+    release = build_release("stable", "1.90.0", "2026-01-01")
+    rustc, cargo = sorted(release.files)[1], sorted(release.files)[0]
+    assert "rustc-" in rustc and "cargo-" in cargo
+    config = make_config(
+        "http://127.0.0.1:9/index/", tmp_path / "cache",
+        toolchains__upstream=dist.url, toolchains__signing_key=key.public_key,
+        toolchains__max_size=len(release.files[rustc]) + len(release.files[cargo]) - 1,
+    )  # fmt: skip
+    client = await aiohttp_client(create_app(config))
+    stored = tmp_path / "cache" / "toolchains" / "files"
+    answer = await client.get(f"/toolchains/{rustc}")
+    assert answer.status == 200, await answer.text()
+    assert (stored / rustc).exists()
+    answer = await client.get(f"/toolchains/{cargo}")
+    assert answer.status == 200, await answer.text()
+
+    async def rustc_evicted() -> bool:
+        return not (stored / rustc).exists()
+
+    await wait_until(rustc_evicted, "the least recently used component to be evicted", timeout=5)
+    assert (stored / cargo).exists()
+    assert (stored / "dist/2026-01-01/channel-rust-stable.toml").exists()  # manifests stay

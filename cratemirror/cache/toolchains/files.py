@@ -141,17 +141,15 @@ class ToolchainFiles:
     def evict_to(self, max_size: int) -> tuple[int, int]:
         """Remove components and rustup-init files, least recently used first, until the total is below
         the low-water mark under `max_size`; (files removed, bytes removed). Manifests stay (small)."""
-        stored = self.iter_stored()
-        total = sum(stat.st_size for _, _, stat in stored)
+        stored = [item for item in self.iter_stored() if item[0].kind in _EVICTABLE]
+        total = sum(stat.st_size for _, _, stat in stored)  # manifests are not counted: a few MB at most
         if total <= max_size:
             return 0, 0
         target = low_water(max_size)
         removed = removed_bytes = 0
-        for key, full, stat in sorted(stored, key=lambda item: item[2].st_mtime):
+        for _, full, stat in sorted(stored, key=lambda item: item[2].st_mtime):
             if total <= target:
                 break
-            if key.kind not in _EVICTABLE:
-                continue
             with contextlib.suppress(FileNotFoundError):
                 full.unlink()
                 total -= stat.st_size

@@ -308,11 +308,15 @@ class ToolchainService:
         result = MetricResult.HIT if hit else MetricResult.MISS
         x_cache = "HIT" if hit else "MISS"
         if ranged or small or fill.stored_elsewhere:
-            fill.release()
             opened = self.files.open(key)
-            if opened is None:
-                return Failed(502, f"{key.path} could not be stored to answer a range request")
-            return FromFile(opened[0], opened[1], {**headers, "X-Cache": x_cache}, result)
+            if opened is not None:
+                fill.release()
+                return FromFile(opened[0], opened[1], {**headers, "X-Cache": x_cache}, result)
+            if fill.stored_elsewhere:
+                fill.release()
+                return Failed(502, f"{key.path} vanished from the cache")
+            # Not stored (a full disk) or already evicted: the verified spool still holds every byte
+            # (a range is then answered with the whole file, as HTTP allows).
         return FromFill(fill, {**headers, "X-Cache": x_cache}, fill.release, result)
 
     def _fill(self, key: ToolchainPath, digest: str) -> tuple[Fill, bool]:
