@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,22 +58,31 @@ async def start_mirror(
     return client
 
 
-async def rustup(client: TestClient[Any, Any], home: Path, *args: str) -> tuple[int, str]:
-    """The real rustup with a fresh RUSTUP_HOME/CARGO_HOME under `home`, pointed at the mirror."""
+async def rustup(
+    client: TestClient[Any, Any], home: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """The real rustup with a fresh RUSTUP_HOME/CARGO_HOME under `home`, pointed at the mirror (by
+    `env` when given: the RUSTUP_* variables the test got from client-config)."""
     base = str(client.make_url("")).rstrip("/")
-    env = {
+    environment = {
         key: value for key, value in os.environ.items() if not key.startswith(("RUSTUP_", "CARGO", "RUSTC"))
     }
-    env.update(
+    environment.update(
         RUSTUP_HOME=str(home / "rustup"),
         CARGO_HOME=str(home / "cargo"),
         RUSTUP_DIST_SERVER=f"{base}/toolchains",
         RUSTUP_UPDATE_ROOT=f"{base}/toolchains/rustup",
         RUSTUP_MAX_RETRIES="0",
-        PATH=f"{Path(shutil.which('rustup') or 'rustup').parent}:{env.get('PATH', '')}",
+        PATH=f"{Path(shutil.which('rustup') or 'rustup').parent}:{environment.get('PATH', '')}",
     )
+    environment.update(env or {})
     process = await asyncio.create_subprocess_exec(
-        "rustup", *args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        "rustup",
+        *args,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         output, _ = await asyncio.wait_for(process.communicate(), RUSTUP_TIMEOUT)
@@ -84,9 +94,11 @@ async def rustup(client: TestClient[Any, Any], home: Path, *args: str) -> tuple[
     return process.returncode, output.decode(errors="replace")
 
 
-async def install(client: TestClient[Any, Any], home: Path, toolchain: str = "stable") -> str:
+async def install(
+    client: TestClient[Any, Any], home: Path, toolchain: str = "stable", env: dict[str, str] | None = None
+) -> str:
     code, output = await rustup(
-        client, home, "toolchain", "install", toolchain, "--profile", "minimal", "--no-self-update"
+        client, home, "toolchain", "install", toolchain, "--profile", "minimal", "--no-self-update", env=env
     )
     assert code == 0, output
     return output
@@ -181,3 +193,30 @@ async def test_with_the_dist_server_down_a_fresh_runner_installs_the_cached_stab
     await setup.dist.stop()
     await install(client, setup.tmp / "runner2")
     assert await rustc_version(client, setup.tmp / "runner2") == "rustc 1.90.0 (0000000 2026-01-01)"
+
+
+async def test_the_lines_client_config_rustup_prints_point_rustup_at_the_mirror(
+    aiohttp_client: Any, setup: Setup
+) -> None:
+    client = await start_mirror(aiohttp_client, setup)
+    base = str(client.make_url("")).rstrip("/")
+    printed = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cratemirror", "client-config", "--rustup", "--url", base,
+        cwd=setup.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await printed.communicate()
+    assert printed.returncode == 0, err
+    variables = dict(
+        line.removeprefix("export ").replace('"', "").split("=", 1)
+        for line in out.decode().splitlines()
+        if line.startswith("export ")
+    )
+    assert variables == {
+        "RUSTUP_DIST_SERVER": f"{base}/toolchains",
+        "RUSTUP_UPDATE_ROOT": f"{base}/toolchains/rustup",
+    }
+    home = setup.tmp / "runner"
+    await install(client, home, env=variables)
+    assert await rustc_version(client, home) == "rustc 1.90.0 (0000000 2026-01-01)"
+    page = await (await client.get("/")).text()
+    assert f"export RUSTUP_DIST_SERVER=&quot;{base}/toolchains&quot;" in page
