@@ -59,7 +59,11 @@ async def start_mirror(
 
 
 async def rustup(
-    client: TestClient[Any, Any], home: Path, *args: str, env: dict[str, str] | None = None
+    client: TestClient[Any, Any],
+    home: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> tuple[int, str]:
     """The real rustup with a fresh RUSTUP_HOME/CARGO_HOME under `home`, pointed at the mirror (by
     `env` when given: the RUSTUP_* variables the test got from client-config)."""
@@ -80,6 +84,7 @@ async def rustup(
         "rustup",
         *args,
         env=environment,
+        cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -220,3 +225,58 @@ async def test_the_lines_client_config_rustup_prints_point_rustup_at_the_mirror(
     assert await rustc_version(client, home) == "rustc 1.90.0 (0000000 2026-01-01)"
     page = await (await client.get("/")).text()
     assert f"export RUSTUP_DIST_SERVER=&quot;{base}/toolchains&quot;" in page
+
+
+async def cratemirror_cli(*args: str, cwd: Path) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cratemirror", *args,
+        cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(process.communicate(), RUSTUP_TIMEOUT)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+async def test_warm_a_rust_toolchain_toml_then_install_with_the_dist_server_down(
+    aiohttp_client: Any, setup: Setup
+) -> None:
+    project = setup.tmp / "project"
+    project.mkdir()
+    (project / "rust-toolchain.toml").write_text('[toolchain]\nchannel = "1.90.0"\nprofile = "minimal"\n')
+    setup.dist.publish(build_release("1.90.0", "1.90.0", "2026-01-01"))
+    (setup.tmp / "mirror.yaml").write_text(
+        f"cache:\n  dir: {setup.tmp / 'cache'}\n"
+        f"toolchains:\n  upstream: {setup.dist.url}\n  signing_key: {setup.key.public_key}\n"
+    )
+    code, output = await cratemirror_cli(
+        "warm",
+        str(project / "rust-toolchain.toml"),
+        "--config",
+        str(setup.tmp / "mirror.yaml"),
+        cwd=setup.tmp,
+    )
+    assert code == 0, output
+    assert "1 files: 1 fetched, 0 already cached, 0 failed" in output
+    await setup.dist.stop()
+    client = await start_mirror(aiohttp_client, setup, offline=True)
+    code, output = await rustup(
+        client, setup.tmp / "runner", "toolchain", "install", "--no-self-update", cwd=project
+    )
+    assert code == 0, output
+    code, output = await rustup(
+        client, setup.tmp / "runner", "run", "1.90.0", "rustc", "--version", cwd=project
+    )
+    assert code == 0 and output.strip() == "rustc 1.90.0 (0000000 2026-01-01)", output
+    # Through a running mirror: the same toolchain, now a hit.
+    code, output = await cratemirror_cli(
+        "warm",
+        "--toolchain",
+        "1.90.0",
+        "--profile",
+        "minimal",
+        "--mirror",
+        str(client.make_url("")),
+        cwd=setup.tmp,
+    )
+    assert code == 0, output
+    assert "1 files: 0 fetched, 1 already cached, 0 failed" in output
