@@ -55,6 +55,7 @@ def install(app: web.Application) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     service = app[TOOLCHAINS]
     await asyncio.to_thread(service.files.clean_temp_files)
+    await service.record_usage()
     if not app[MIRROR].config.offline:
         await service.upstream.start()
     yield

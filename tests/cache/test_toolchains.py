@@ -290,3 +290,10 @@ async def test_components_beyond_max_size_are_evicted_least_recently_used_first(
     await wait_until(rustc_evicted, "the least recently used component to be evicted", timeout=5)
     assert (stored / cargo).exists()
     assert (stored / "dist/2026-01-01/channel-rust-stable.toml").exists()  # manifests stay
+    size = len(release.files[cargo]) + len(release.manifest)
+    gauge = f'cratemirror_cache_size_bytes{{kind="toolchain",registry="crates-io"}} {float(size)}'
+
+    async def gauge_updated() -> bool:
+        return gauge in await (await client.get("/metrics")).text()
+
+    await wait_until(gauge_updated, "the toolchain size gauge to follow the eviction", timeout=5)

@@ -403,9 +403,16 @@ class ToolchainService:
         if self._eviction is None or self._eviction.done():
             self._eviction = asyncio.get_running_loop().create_task(self._evict())
 
+    async def record_usage(self) -> None:
+        """cratemirror_cache_size_bytes / _entries{kind="toolchain"}: a walk of a few hundred files."""
+        usage = await asyncio.to_thread(self.files.usage)
+        self.metrics.cache_size.labels(KIND).set(usage.size)
+        self.metrics.cache_entries.labels(KIND).set(usage.entries)
+
     async def _evict(self) -> None:
         try:
             removed, removed_bytes = await asyncio.to_thread(self.files.evict_to, self.max_size)
+            await self.record_usage()
         except OSError as exc:
             log.error("toolchain eviction failed: %s", exc)
             return
