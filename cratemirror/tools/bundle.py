@@ -3,6 +3,7 @@
     crates/<name>/<name>-<version>.crate    the verified tarballs (already gzip: no point compressing again)
     index/<prefix>/<name>                   the sparse-index files, byte for byte
     registries/<name>.tar                   an extra registry's own bundle, in this same format
+    toolchains.tar                          rustup toolchain files (export --toolchain; toolchain_bundle.py)
     manifest.json                           written last: format, creation time, upstream dl config,
                                             every crate (name, version, sha256, size, fetched_at) and
                                             every index file (name, sha256 of the body, validators)
@@ -19,6 +20,7 @@ from cratemirror.names import index_path
 FORMAT = "cratemirror-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TOOLCHAINS_MEMBER = "toolchains.tar"  # rustup toolchain files (tools/toolchain_bundle.py)
 
 
 def crate_member(name: str, version: str) -> str:

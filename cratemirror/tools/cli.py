@@ -171,6 +171,10 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="also carry policy.advisory_db (the RustSec advisory files) for `import` to install",
     )
+    export.add_argument(
+        "--toolchain", action="append", metavar="SPEC",
+        help="also carry this cached rustup toolchain (stable, 1.79.0, nightly-2024-06-13; repeatable)",
+    )  # fmt: skip
     export.set_defaults(run=_export)
 
     importer = commands.add_parser(

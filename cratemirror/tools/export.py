@@ -29,7 +29,14 @@ from cratemirror.fleet.storage.disk import CrateMeta, IndexEntry, Store, sha256_
 from cratemirror.fleet.storage.ledger import STORED
 from cratemirror.names import CrateName, InvalidRequest
 from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
-from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document, registry_member
+from cratemirror.tools.bundle import (
+    MANIFEST,
+    TOOLCHAINS_MEMBER,
+    crate_member,
+    index_member,
+    manifest_document,
+    registry_member,
+)
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -291,12 +298,17 @@ def write_bundle(
     advisory_db: Path | None = None,
     nested: Sequence[tuple[str, Path]] = (),
     total: int = 0,
+    toolchains: Path | None = None,
 ) -> ExportResult:
     """Write the tar next to `target`, then rename it into place: no half-written bundle is left.
-    `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar."""
+    `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar;
+    `toolchains`: the toolchain files (tools/toolchain_bundle.py), carried as toolchains.tar."""
     with bundle_file(target) as tar:
-        for name, path in nested:
-            info = tarfile.TarInfo(registry_member(name))
+        members = [(registry_member(name), path) for name, path in nested]
+        if toolchains is not None:
+            members.append((TOOLCHAINS_MEMBER, toolchains))
+        for member, path in members:
+            info = tarfile.TarInfo(member)
             info.size, info.mtime, info.mode = path.stat().st_size, int(time.time()), 0o644
             with open(path, "rb") as handle:
                 tar.addfile(info, handle)
@@ -360,24 +372,42 @@ def run_export(args: argparse.Namespace) -> int:
                 f"export [{name}]: {plural(written.crates.count, 'crate')} "
                 f"({format_size(written.crate_bytes)}) and {plural(written.index_files.count, 'index file')}"
             )
+        toolchains = _export_toolchains(config, args.toolchain or [], target)
+        if toolchains is not None:
+            problems += toolchains[1]
         selection = select(store, since, args.lockfile, config.upstream.index_url)
         for problem in selection.problems:
             print(f"export: {problem}", file=sys.stderr)
         try:
             result = write_bundle(
-                store, selection.metas, target, advisory_db, nested, store.ledger.totals()[1]
-            )
+                store, selection.metas, target, advisory_db, nested, store.ledger.totals()[1],
+                toolchains[0] if toolchains is not None else None,
+            )  # fmt: skip
         except OSError as exc:
             return error(f"cannot write bundle {target}: {exc.strerror or exc}")
     finally:
         store.close()
         for _, extra in extras:
             extra.close()
-        for _, path in nested:
+        for path in [path for _, path in nested] + [target.with_name(f".{target.name}.toolchains.part")]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     problems += len(selection.problems) + len(result.problems)
     return _summary(result, target, problems)
+
+
+def _export_toolchains(config: Config, specs: Sequence[str], target: Path) -> tuple[Path, int] | None:
+    """`--toolchain SPEC ...`: the cached toolchain files as the inner toolchains.tar; (file, problems)."""
+    if not specs:
+        return None
+    from cratemirror.tools.toolchain_bundle import export_toolchains
+
+    path = target.with_name(f".{target.name}.toolchains.part")
+    counts = export_toolchains(config, specs, path)
+    for problem in counts.problems:
+        print(f"export: {problem}", file=sys.stderr)
+    print(f"export: {plural(counts.files, 'toolchain file')} ({format_size(counts.size)})")
+    return path, len(counts.problems)
 
 
 def _summary(result: ExportResult, target: Path, problems: int) -> int:

@@ -19,7 +19,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path, PurePosixPath
@@ -41,6 +41,7 @@ from cratemirror.tools.bundle import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    TOOLCHAINS_MEMBER,
     crate_member,
     index_member,
     registry_member,
@@ -571,10 +572,16 @@ def import_bundle(
     registries: Mapping[str, ImportTarget] | None = None,
     *,
     caps: Caps,
+    toolchains: Callable[[tarfile.TarFile, tarfile.TarInfo], None] | None = None,
 ) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
     try:
+        toolchain_member = members.pop(TOOLCHAINS_MEMBER, None)
+        if toolchain_member is not None and toolchains is not None:
+            toolchains(tar, toolchain_member)  # verified and loaded by tools/toolchain_bundle.py
+        elif toolchain_member is not None:
+            result.refused_members.append(f"{TOOLCHAINS_MEMBER!r}: toolchains are not imported here")
         import_nested(tar, members, registries or {}, result, caps)
         return _import_members(tar, store, members, result, advisory_db, caps)
     finally:
@@ -641,11 +648,14 @@ def run_import(args: argparse.Namespace) -> int:
         registries = {name: Store(registry_cache_dir(config.cache.dir, name)) for name in config.registries}
     except OSError as exc:
         return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
+    result_lines: list[str] = []
     try:
         with tarfile.open(bundle, "r:*") as tar:
             result = import_bundle(
-                tar, store, config.policy.advisory_db, registries, caps=Caps.of(config)
+                tar, store, config.policy.advisory_db, registries, caps=Caps.of(config),
+                toolchains=lambda outer, member: _import_toolchains(config, outer, member, result_lines),
             )  # fmt: skip
+        result.refused_members += result_lines
         cached_bytes = store.crate_bytes()
     except (tarfile.TarError, BundleError) as exc:
         return error(f"{bundle}: {exc}")
@@ -656,6 +666,19 @@ def run_import(args: argparse.Namespace) -> int:
         for extra in registries.values():
             extra.close()
     return _report(result, config, cached_bytes)
+
+
+def _import_toolchains(
+    config: Config, tar: tarfile.TarFile, member: tarfile.TarInfo, refused: list[str]
+) -> None:
+    from cratemirror.tools.toolchain_bundle import import_toolchains
+
+    loaded = import_toolchains(config, tar, member)
+    refused += loaded.refused
+    print(
+        f"import: toolchain files: {loaded.loaded} loaded, {loaded.already} already cached, "
+        f"{len(loaded.refused)} refused"
+    )
 
 
 def _report(result: ImportResult, config: Config, cached_bytes: int | None) -> int:

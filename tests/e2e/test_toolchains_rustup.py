@@ -280,3 +280,35 @@ async def test_warm_a_rust_toolchain_toml_then_install_with_the_dist_server_down
     )
     assert code == 0, output
     assert "1 files: 0 fetched, 1 already cached, 0 failed" in output
+
+
+def write_config(setup: Setup, name: str, cache: str) -> Path:
+    path = setup.tmp / name
+    path.write_text(
+        f"cache:\n  dir: {setup.tmp / cache}\n"
+        f"toolchains:\n  upstream: {setup.dist.url}\n  signing_key: {setup.key.public_key}\n"
+    )
+    return path
+
+
+async def test_export_import_round_trip_into_a_second_cache_with_the_dist_server_down(
+    aiohttp_client: Any, setup: Setup
+) -> None:
+    client = await start_mirror(aiohttp_client, setup)
+    await install(client, setup.tmp / "runner1")
+    bundle = setup.tmp / "bundle.tar"
+    config = write_config(setup, "a.yaml", "cache")
+    code, output = await cratemirror_cli(
+        "export", str(bundle), "--toolchain", "stable", "--config", str(config), cwd=setup.tmp
+    )
+    assert code == 0, output
+    assert "3 toolchain files" in output  # the manifest, its signature, rustc
+    await setup.dist.stop()
+    code, output = await cratemirror_cli(
+        "import", str(bundle), "--config", str(write_config(setup, "b.yaml", "cache-b")), cwd=setup.tmp
+    )
+    assert code == 0, output
+    assert "toolchain files: 2 loaded, 0 already cached, 0 refused" in output
+    second = await start_mirror(aiohttp_client, setup, cache="cache-b")
+    await install(second, setup.tmp / "runner2")
+    assert await rustc_version(second, setup.tmp / "runner2") == "rustc 1.90.0 (0000000 2026-01-01)"
