@@ -60,6 +60,11 @@ def run_prune(args: argparse.Namespace) -> int:
     finally:
         for _, store in stores:
             store.close()
+    from cratemirror.tools.toolchain_upkeep import prune_toolchains
+
+    prune_toolchains(
+        config, None, args.dry_run
+    )  # toolchain files: toolchains.max_size (--max-size is crates')
     return EXIT_OK
 
 

@@ -160,6 +160,9 @@ def run_verify(args: argparse.Namespace) -> int:
     finally:
         for _, store in stores:
             store.close()
+    from cratemirror.tools.toolchain_upkeep import verify_toolchains
+
+    codes.append(verify_toolchains(config, args.fix))  # a no-op for a cache that has no toolchains
     return max(codes)
 
 

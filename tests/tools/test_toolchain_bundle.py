@@ -15,6 +15,7 @@ from cratemirror.http.app import create_app
 from cratemirror.tools.toolchain_bundle import INDEX, MEMBER, export_toolchains, import_toolchains
 from tests.conftest import make_config
 from tests.dist_server import DistServer, TestSigningKey, build_release, have_gpg
+from tests.tools_support import run_cli
 
 pytestmark = pytest.mark.skipif(not have_gpg(), reason="gpg/gpgv (GnuPG) is not installed")
 
@@ -87,3 +88,33 @@ async def test_import_refuses_what_does_not_verify_and_stores_nothing_of_it(
         assert not (stored / RUSTC).exists() or name == "stray path", name
         assert (stored / STABLE).exists() != manifest_refused, name
         assert not list((tmp_path / f"b-{name}").rglob("x.tar.gz"))
+
+
+async def test_verify_finds_a_corrupt_component_and_a_manifest_that_no_longer_verifies(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    key = await asyncio.to_thread(TestSigningKey, tmp_path / "gnupg")
+    async with DistServer(key) as dist:
+        dist.publish(build_release("stable", "1.90.0", "2026-01-01"))
+        config = make_config(
+            "http://127.0.0.1:9/index/", tmp_path / "cache",
+            toolchains__upstream=dist.url, toolchains__signing_key=key.public_key,
+        )  # fmt: skip
+        client = await aiohttp_client(create_app(config))
+        assert (await client.get(f"/toolchains/{STABLE}")).status == 200
+        assert (await client.get(f"/toolchains/{RUSTC}")).status == 200
+    (tmp_path / "mirror.yaml").write_text(
+        f"cache:\n  dir: {tmp_path / 'cache'}\ntoolchains:\n  signing_key: {key.public_key}\n"
+    )
+    result = await run_cli("verify", "--config", str(tmp_path / "mirror.yaml"), cwd=tmp_path)
+    assert result.code == 0, result.stdout + result.stderr
+    assert "verify [toolchains]: 2 toolchain files checked: 2 ok, 0 bad" in result.stdout
+    files = tmp_path / "cache" / "toolchains" / "files"
+    (files / RUSTC).write_bytes(b"rot")
+    (files / STABLE).write_bytes((files / STABLE).read_bytes() + b"\n# edited\n")
+    result = await run_cli("verify", "--config", str(tmp_path / "mirror.yaml"), cwd=tmp_path)
+    assert result.code == 1
+    assert f"CORRUPT {STABLE}: the signature does not verify" in result.stdout
+    result = await run_cli("verify", "--fix", "--config", str(tmp_path / "mirror.yaml"), cwd=tmp_path)
+    assert "removed 2 files" in result.stdout, result.stdout
+    assert not (files / RUSTC).exists() and not (files / STABLE).exists()
