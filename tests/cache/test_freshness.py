@@ -91,7 +91,7 @@ async def test_one_background_revalidation_across_worker_processes(
         gate.set()
 
     async def settled() -> bool:
-        return not any(app.app[MIRROR].index._background for app in (first, second))
+        return not any(app.app[MIRROR].default.index._background for app in (first, second))
 
     await wait_until(settled, "both background revalidations to finish")
     assert registry.count(INDEX) == 2  # the first fetch and one revalidation
