@@ -21,12 +21,12 @@ from cratemirror.cache.delivery import (
     Failed,
     FromFile,
     FromFill,
-    GrowingBody,
     HeadersOnly,
     Redirect,
 )
 from cratemirror.cache.toolchains.paths import UnknownToolchainPath, parse_toolchain_path
 from cratemirror.cache.toolchains.service import ToolchainService, build_toolchains
+from cratemirror.http import routes as routes_module
 from cratemirror.http.context import MIRROR
 from cratemirror.http.responses import error, not_modified
 from cratemirror.http.routes import BYTES, KIND, RESULT
@@ -87,7 +87,8 @@ async def toolchain_file(request: web.Request) -> web.StreamResponse:
             return await _send_file(request, file, size, headers)
         case FromFill(body=body, headers=headers, release=release):
             try:
-                return await _stream(request, body, headers)
+                # the download route's streaming: cut before the last byte if verification fails
+                return await routes_module._stream_fill(request, body, {**headers, "Accept-Ranges": "bytes"})
             finally:
                 release()
         case HeadersOnly(headers=headers):
@@ -166,33 +167,3 @@ async def _copy(
             break
         await response.write(chunk)
         remaining -= len(chunk)
-
-
-async def _stream(request: web.Request, body: GrowingBody, headers: Mapping[str, str]) -> web.StreamResponse:
-    """A fill's verified prefix as it grows; cut before the last byte if the hash does not match."""
-    response = web.StreamResponse(headers={**headers, "Accept-Ranges": "bytes"})
-    if body.content_length is not None:
-        response.content_length = body.content_length
-    sent = 0
-    try:
-        await response.prepare(request)
-        while True:
-            if sent < body.published:
-                chunk = body.read_at(sent, CHUNK)
-                await response.write(chunk)
-                sent += len(chunk)
-                continue
-            if body.finished.done():
-                if body.finished.exception() is not None:
-                    transport = request.transport
-                    if transport is not None:
-                        transport.abort()  # never a complete body that failed verification
-                    return response
-                break
-            await body.wait_beyond(sent)
-        await response.write_eof()
-    except ConnectionError:
-        pass  # the client left; the fill goes on and is stored for the next request
-    finally:
-        request[BYTES] = sent
-    return response

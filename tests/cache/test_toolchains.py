@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -297,3 +298,28 @@ async def test_components_beyond_max_size_are_evicted_least_recently_used_first(
         return gauge in await (await client.get("/metrics")).text()
 
     await wait_until(gauge_updated, "the toolchain size gauge to follow the eviction", timeout=5)
+
+
+async def test_a_large_component_streams_and_is_cut_before_its_last_byte_on_a_mismatch(
+    aiohttp_client: Any, tmp_path: Path, dist: DistServer, key: TestSigningKey
+) -> None:
+    large = build_release("stable", "1.91.0", "2026-02-01", padding=5 * 1024 * 1024)
+    dist.publish(large)
+    rustc = next(path for path in large.files if "rustc-" in path)
+    assert len(large.files[rustc]) > 4 * 1024 * 1024  # over VERIFY_BEFORE_SENDING: streamed
+    config = make_config(
+        "http://127.0.0.1:9/index/", tmp_path / "cache",
+        toolchains__upstream=dist.url, toolchains__signing_key=key.public_key,
+    )  # fmt: skip
+    client = await aiohttp_client(create_app(config))
+    assert (await client.get(f"/toolchains/{STABLE}")).status == 200
+    dist.override[rustc] = large.files[rustc][:-1] + bytes([large.files[rustc][-1] ^ 1])
+    answer = await client.get(f"/toolchains/{rustc}")
+    assert answer.status == 200 and answer.headers["X-Cache"] == "MISS"
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await answer.read()
+    assert not (tmp_path / "cache" / "toolchains" / "files" / rustc).exists()
+    del dist.override[rustc]
+    answer = await client.get(f"/toolchains/{rustc}")
+    assert await answer.read() == large.files[rustc]
+    assert (tmp_path / "cache" / "toolchains" / "files" / rustc).read_bytes() == large.files[rustc]
