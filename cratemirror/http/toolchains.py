@@ -56,6 +56,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     service = app[TOOLCHAINS]
     await asyncio.to_thread(service.files.clean_temp_files)
     await service.record_usage()
+    await service.start()
     if not app[MIRROR].config.offline:
         await service.upstream.start()
     yield

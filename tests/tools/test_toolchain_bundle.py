@@ -61,6 +61,7 @@ async def test_import_refuses_what_does_not_verify_and_stores_nothing_of_it(
         client = await aiohttp_client(create_app(config))
         assert (await client.get(f"/toolchains/{STABLE}")).status == 200
         assert (await client.get(f"/toolchains/{RUSTC}")).status == 200
+        await client.close()  # the manifest is stored behind its answer: shutting down waits for it
     inner = tmp_path / "inner.tar"
     counts = export_toolchains(config, ["stable"], inner)
     assert (counts.files, counts.problems) == (3, [])
@@ -103,6 +104,7 @@ async def test_verify_finds_a_corrupt_component_and_a_manifest_that_no_longer_ve
         client = await aiohttp_client(create_app(config))
         assert (await client.get(f"/toolchains/{STABLE}")).status == 200
         assert (await client.get(f"/toolchains/{RUSTC}")).status == 200
+        await client.close()
     (tmp_path / "mirror.yaml").write_text(
         f"cache:\n  dir: {tmp_path / 'cache'}\ntoolchains:\n  signing_key: {key.public_key}\n"
     )

@@ -134,8 +134,9 @@ class ToolchainFiles:
                 found.append((key, full, stat))
         return found
 
-    def usage(self) -> Usage:
-        stored = self.iter_stored()
+    def usage(self, bounded_only: bool = False) -> Usage:
+        """Bytes and files stored; `bounded_only`: only what toolchains.max_size bounds (no manifests)."""
+        stored = [item for item in self.iter_stored() if not bounded_only or item[0].kind in _EVICTABLE]
         return Usage(sum(stat.st_size for _, _, stat in stored), len(stored))
 
     def evict_to(self, max_size: int) -> tuple[int, int]:

@@ -63,6 +63,8 @@ MAX_FILE = 2 * 1024 * 1024 * 1024  # one component (10-300 MB today)
 VERIFY_BEFORE_SENDING = 4 * 1024 * 1024
 _SHA256_RE = re.compile(rb"[0-9a-fA-F]{64}")
 
+EVICTION_ROUNDS = 3  # files committed while an eviction runs are looked at by another round
+CLOSE_WAIT = 10.0  # seconds close() gives background work (storing a verified manifest) to finish
 IMMUTABLE = "public, max-age=31536000, immutable"
 MOVING = "public, max-age=0, must-revalidate"
 
@@ -93,7 +95,8 @@ class ToolchainService:
         self.stale_if_error = config.cache.stale_if_error
         self.negative_ttl = config.cache.negative_ttl
         self.max_size = config.toolchains.max_size
-        self._manifests: SingleFlight[StoredManifest | None] = SingleFlight()
+        # path -> the answer of the manifest refresh in progress (set once verified, before it is stored)
+        self._refreshing: dict[str, asyncio.Future[StoredManifest | None]] = {}
         self._fills: SingleFlight[None] = SingleFlight()
         self._active: dict[str, Fill] = {}
         self._missing: dict[str, float] = {}  # path -> when upstream said 404
@@ -101,13 +104,23 @@ class ToolchainService:
         self._parsed: dict[str, tuple[float, int]] = {}  # manifest path -> (mtime, size) read into _hashes
         self._background: set[asyncio.Task[object]] = set()
         self._eviction: asyncio.Task[None] | None = None
+        self._evict_again = False
+
+    async def start(self) -> None:
+        """The keyring from the signing key, made now rather than on the first manifest (a failure
+        here is logged; every manifest is then refused with the reason)."""
+        try:
+            await self.verifier.prepare()
+        except BadSignature as exc:
+            log.error("toolchain manifests cannot be verified: %s", exc)
 
     async def close(self) -> None:
+        if self._background:  # manifests being stored behind their answer, revalidations: let them end
+            await asyncio.wait(set(self._background), timeout=CLOSE_WAIT)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._fills.cancel_all()
-        await self._manifests.cancel_all()
         if self._eviction is not None:
             await asyncio.wait({self._eviction}, timeout=30.0)
         self.verifier.close()
@@ -160,14 +173,14 @@ class ToolchainService:
         if stored is not None and (not key.moving or self.offline or age < self.ttl):
             return stored, CacheResult.HIT, MetricResult.HIT
         if stored is not None and age < self.ttl + self.stale_while_revalidate:
-            self._in_background(self._manifests.run(key.path, lambda: self._refresh_manifest(key)))
+            self._in_background(self._verified(key))
             return stored, CacheResult.STALE, MetricResult.STALE
         if self.offline:
             return Failed(503, f"offline and {key.path} is not cached", result=MetricResult.ERROR)
         if await self._known_missing(key.path, now):
             return Failed(404, f"upstream has no {key.path}", result=MetricResult.NEGATIVE)
         try:
-            fetched, _ = await self._manifests.run(key.path, lambda: self._refresh_manifest(key))
+            fetched = await self._verified(key)
         except (UpstreamError, BadSignature, BadManifest) as exc:
             status = exc.status if isinstance(exc, UpstreamError) else 502
             if stored is not None and age < self.ttl + self.stale_if_error:
@@ -180,18 +193,49 @@ class ToolchainService:
             return fetched, CacheResult.REVALIDATED, MetricResult.REVALIDATED
         return fetched, CacheResult.MISS, MetricResult.MISS
 
-    async def _refresh_manifest(self, key: ToolchainPath) -> StoredManifest | None:
-        """Fetch, verify and store one manifest, once across workers and replicas; None on a 404."""
+    async def _verified(self, key: ToolchainPath) -> StoredManifest | None:
+        """The manifest fresh from upstream and verified (None on a 404): one refresh per path in this
+        process, answered as soon as the signature verified (storing it goes on behind the answer)."""
+        ready = self._refreshing.get(key.path)
+        if ready is None:
+            ready = asyncio.get_running_loop().create_future()
+            self._refreshing[key.path] = ready
+            refresh = asyncio.ensure_future(self._refresh_manifest(key, ready))
+            self._background.add(refresh)
+            refresh.add_done_callback(lambda done: self._refreshed(key.path, ready, done))
+        return await asyncio.shield(ready)
+
+    def _refreshed(
+        self, path: str, ready: asyncio.Future[StoredManifest | None], done: asyncio.Task[None]
+    ) -> None:
+        self._background.discard(done)
+        if self._refreshing.get(path) is ready:
+            del self._refreshing[path]
+        if not ready.done():
+            error = done.exception() if not done.cancelled() else None
+            ready.set_exception(error or UpstreamError("the mirror is shutting down", 503))
+            ready.exception()  # retrieved: a refresh nobody waits for is not an "unhandled" error
+
+    async def _refresh_manifest(
+        self, key: ToolchainPath, ready: asyncio.Future[StoredManifest | None]
+    ) -> None:
+        """Fetch, verify and store one manifest, once across workers and replicas (the lock is held
+        until it is stored, so a worker waiting for it finds it on disk)."""
         started = time.time()
         async with self.coordination.lock(toolchain_key(key.path)):
             stored = await asyncio.to_thread(self.files.read_manifest, key)
             if stored is not None and stored.checked_at >= started:  # another worker just did
-                return stored
-            fetch = await self.upstream.fetch_index(key.path, None, None, kind=KIND)
+                ready.set_result(stored)
+                return
+            # Both at once: a manifest costs one upstream round trip, not two.
+            fetch, signature = await asyncio.gather(
+                self.upstream.fetch_index(key.path, None, None, kind=KIND),
+                self.upstream.fetch_index(key.signature, None, None, kind=KIND),
+            )
             if fetch.status == 404:
                 await self._remember_missing(key.path)
-                return None
-            signature = await self.upstream.fetch_index(key.signature, None, None, kind=KIND)
+                ready.set_result(None)
+                return
             if signature.status == 404:
                 raise BadSignature(f"{key.path}: upstream publishes no signature ({key.name}.asc)")
             try:
@@ -200,6 +244,8 @@ class ToolchainService:
                 log.error("refusing %s from upstream: %s; nothing stored", key.path, exc)
                 raise
             hashes = await asyncio.to_thread(parse_manifest, fetch.body, key.path)
+            self._hashes.update(hashes.hashes)
+            ready.set_result(StoredManifest(fetch.body, signature.body, time.time()))
             try:
                 if stored is not None and stored.body == fetch.body and stored.signature == signature.body:
                     await asyncio.to_thread(self.files.confirm, key)
@@ -207,8 +253,6 @@ class ToolchainService:
                     await asyncio.to_thread(self.files.store_manifest, key, fetch.body, signature.body)
             except OSError as exc:  # a sick disk costs the cache, not the answer
                 self.disk_trouble.report(f"could not store {key.path}: {exc}")
-            self._hashes.update(hashes.hashes)
-            return StoredManifest(fetch.body, signature.body, time.time())
 
     def _in_background(self, work: Awaitable[object]) -> None:
         task: asyncio.Task[object] = asyncio.ensure_future(work)
@@ -362,13 +406,23 @@ class ToolchainService:
                 raise TooLarge(f"{key.path} is {response.content_length} bytes, over {MAX_FILE}")
             fill.begin(None if encoded else response.content_length)
             hasher = hashlib.sha256()
+            pending = bytearray()  # what arrives in small pieces is written and hashed a CHUNK at a time
+
+            def write(block: bytes | bytearray) -> None:
+                spool.write(bytes(block))
+                hasher.update(block)
+                fill.publish(spool.size - len(block))  # the newest block waits for the hash
+
             try:
                 async for chunk in response.content.iter_chunked(CHUNK):
-                    if spool.size + len(chunk) > MAX_FILE:
+                    if spool.size + len(pending) + len(chunk) > MAX_FILE:
                         raise TooLarge(f"{key.path} is larger than {MAX_FILE} bytes")
-                    spool.write(chunk)
-                    hasher.update(chunk)
-                    fill.publish(spool.size - len(chunk))  # the newest chunk waits for the hash
+                    pending += chunk
+                    if len(pending) >= CHUNK:
+                        write(pending)
+                        pending.clear()
+                if pending:
+                    write(pending)
             except MemorySpoolFull as exc:
                 reason = f"{key.path} does not fit in memory and the disk refuses it"
                 raise UpstreamError(reason, 503) from exc
@@ -387,6 +441,8 @@ class ToolchainService:
             raise UpstreamError(
                 f"sha256 mismatch for {key.path}: the upstream bytes do not match the manifest's sha256"
             )
+        # Verified: the clients may have the last chunk now, while the file is made durable and stored.
+        fill.publish(spool.size)
 
     async def _commit(self, key: ToolchainPath, fill: Fill, spool: Spool) -> None:
         size = spool.size
@@ -400,12 +456,21 @@ class ToolchainService:
         self._evict_if_full()
 
     def _evict_if_full(self) -> None:
+        self._evict_again = True  # a run in progress looks again once it is done
         if self._eviction is None or self._eviction.done():
-            self._eviction = asyncio.get_running_loop().create_task(self._evict())
+            self._eviction = asyncio.get_running_loop().create_task(self._evict_rounds())
+
+    async def _evict_rounds(self) -> None:
+        for _ in range(EVICTION_ROUNDS):
+            if not self._evict_again:
+                break
+            self._evict_again = False
+            await self._evict()
 
     async def record_usage(self) -> None:
-        """cratemirror_cache_size_bytes / _entries{kind="toolchain"}: a walk of a few hundred files."""
-        usage = await asyncio.to_thread(self.files.usage)
+        """cratemirror_cache_size_bytes / _entries{kind="toolchain"}: the components and rustup-init
+        files toolchains.max_size bounds (manifests are a few MB at most); a walk of a few hundred files."""
+        usage = await asyncio.to_thread(self.files.usage, True)
         self.metrics.cache_size.labels(KIND).set(usage.size)
         self.metrics.cache_entries.labels(KIND).set(usage.entries)
 

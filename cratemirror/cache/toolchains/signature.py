@@ -66,6 +66,9 @@ class SignatureVerifier:
         if status.returncode != 0 or b"[GNUPG:] VALIDSIG " not in status.stdout:
             raise BadSignature(f"{what}: the signature does not verify against {self.key_name}")
 
+    async def prepare(self) -> None:
+        await self._keyring_path()
+
     async def _keyring_path(self) -> Path:
         async with self._ready:
             if self._keyring is not None:
