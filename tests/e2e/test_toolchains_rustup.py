@@ -11,7 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from cratemirror.http.app import create_app
 from tests.conftest import make_config
 from tests.dist_server import DistServer, TestSigningKey, build_release, have_gpg
+from tests.mirror_process import MirrorProcess
 
 pytestmark = [
     pytest.mark.e2e,
@@ -58,8 +59,14 @@ async def start_mirror(
     return client
 
 
+class Mirror(Protocol):
+    """A mirror rustup can be pointed at: a TestClient, or `Remote` for a mirror process."""
+
+    def make_url(self, path: str) -> Any: ...
+
+
 async def rustup(
-    client: TestClient[Any, Any],
+    client: Mirror,
     home: Path,
     *args: str,
     env: dict[str, str] | None = None,
@@ -100,7 +107,7 @@ async def rustup(
 
 
 async def install(
-    client: TestClient[Any, Any], home: Path, toolchain: str = "stable", env: dict[str, str] | None = None
+    client: Mirror, home: Path, toolchain: str = "stable", env: dict[str, str] | None = None
 ) -> str:
     code, output = await rustup(
         client, home, "toolchain", "install", toolchain, "--profile", "minimal", "--no-self-update", env=env
@@ -312,3 +319,37 @@ async def test_export_import_round_trip_into_a_second_cache_with_the_dist_server
     second = await start_mirror(aiohttp_client, setup, cache="cache-b")
     await install(second, setup.tmp / "runner2")
     assert await rustc_version(second, setup.tmp / "runner2") == "rustc 1.90.0 (0000000 2026-01-01)"
+
+
+async def test_two_runners_at_once_through_a_two_worker_serve_process(setup: Setup) -> None:
+    """The real `cratemirror serve --workers 2` (config from the environment): two fresh runners install at
+    the same time; the workers share one upstream fetch per file (the cache dir's locks)."""
+    mirror = MirrorProcess(
+        "http://127.0.0.1:9/index/", setup.tmp / "cache", setup.tmp, workers=2,
+        env={
+            "CRATEMIRROR_TOOLCHAINS_UPSTREAM": setup.dist.url,
+            "CRATEMIRROR_TOOLCHAINS_SIGNING_KEY": str(setup.key.public_key),
+        },
+    )  # fmt: skip
+    setup.dist.delay = 0.2  # both runners ask while the first fetches are in flight
+    async with mirror:
+        base = mirror.url
+        env = {"RUSTUP_DIST_SERVER": f"{base}/toolchains", "RUSTUP_UPDATE_ROOT": f"{base}/toolchains/rustup"}
+        client = Remote(base)
+        outputs = await asyncio.gather(
+            install(client, setup.tmp / "runner1", env=env),
+            install(client, setup.tmp / "runner2", env=env),
+        )
+        assert all("installed" in output for output in outputs), outputs
+    assert setup.dist.component_requests() == 1
+    assert setup.dist.requests["dist/channel-rust-stable.toml"] == 1
+
+
+class Remote:
+    """What `rustup()` needs of a TestClient (its base URL), for a mirror running as a process."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def make_url(self, path: str) -> str:
+        return f"{self.base}/{path}"
