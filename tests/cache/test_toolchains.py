@@ -334,3 +334,23 @@ async def test_a_large_component_streams_and_is_cut_before_its_last_byte_on_a_mi
 
     await wait_until(is_stored, "the verified component to be stored", timeout=10)
     assert stored.read_bytes() == large.files[rustc]
+
+
+async def test_a_new_rustup_init_replaces_the_cached_one_after_the_ttl(
+    aiohttp_client: Any, tmp_path: Path, dist: DistServer, key: TestSigningKey
+) -> None:
+    config = make_config(
+        "http://127.0.0.1:9/index/", tmp_path / "cache",
+        toolchains__upstream=dist.url, toolchains__signing_key=key.public_key, toolchains__manifest_ttl=0.3,
+    )  # fmt: skip
+    client = await aiohttp_client(create_app(config))
+    path = "/toolchains/rustup/dist/x86_64-unknown-linux-gnu/rustup-init"
+    publish_rustup_init(dist, "1.29.0", b"old rustup-init\n")
+    assert await (await client.get(path)).read() == b"old rustup-init\n"
+    publish_rustup_init(dist, "1.30.0", b"new rustup-init\n")
+    assert await (await client.get(path)).read() == b"old rustup-init\n"  # within the TTL
+    await asyncio.sleep(0.4)  # the TTL itself is under test: no event marks its end
+    answer = await client.get(path)
+    assert await answer.read() == b"new rustup-init\n"
+    digest = (await (await client.get(f"{path}.sha256")).text()).split()[0]
+    assert digest == hashlib.sha256(b"new rustup-init\n").hexdigest()
