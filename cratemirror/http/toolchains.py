@@ -34,7 +34,6 @@ from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import InvalidRequest
 
 TOOLCHAINS = web.AppKey("toolchains", ToolchainService)
-PREFIX = "/toolchains/"
 CHUNK = 256 * 1024
 _RANGE_RE = re.compile(r"bytes=(\d{1,19})-(\d{0,19})")
 
