@@ -84,7 +84,7 @@ class BucketTarget:
             self.local.put_json(key, value)
 
 
-async def _import(config: Config, bundle: Path) -> ImportResult:
+async def _import(config: Config, bundle: Path, replace_advisory_db: bool) -> ImportResult:
     loop = asyncio.get_running_loop()
     local = Store(config.cache.dir)
     try:
@@ -99,16 +99,17 @@ async def _import(config: Config, bundle: Path) -> ImportResult:
                 def work() -> ImportResult:
                     with tarfile.open(bundle, "r:*") as tar:
                         return import_bundle(
-                            tar, main, config.policy.advisory_db, targets, caps=Caps.of(config)
-                        )
+                            tar, main, config.policy.advisory_db, targets, caps=Caps.of(config),
+                            replace_advisory_db=replace_advisory_db,
+                        )  # fmt: skip
 
                 return await asyncio.to_thread(work)
     finally:
         local.close()
 
 
-def import_into_bucket(config: Config, bundle: Path) -> ImportResult:
+def import_into_bucket(config: Config, bundle: Path, replace_advisory_db: bool = False) -> ImportResult:
     try:
-        return asyncio.run(_import(config, bundle))
+        return asyncio.run(_import(config, bundle, replace_advisory_db))
     except (BotoCoreError, ClientError) as exc:
         raise OSError(bucket_failure(exc)) from None

@@ -571,12 +571,13 @@ def import_bundle(
     registries: Mapping[str, ImportTarget] | None = None,
     *,
     caps: Caps,
+    replace_advisory_db: bool = False,
 ) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result)
     try:
         import_nested(tar, members, registries or {}, result, caps)
-        return _import_members(tar, store, members, result, advisory_db, caps)
+        return _import_members(tar, store, members, result, advisory_db, caps, replace_advisory_db)
     finally:
         members.close()
 
@@ -588,6 +589,7 @@ def _import_members(
     result: ImportResult,
     advisory_db: Path | None,
     caps: Caps,
+    replace_advisory_db: bool = False,
 ) -> ImportResult:
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
     indexes = BundledIndexes(tar, members, manifest, store, result, caps.index)
@@ -614,7 +616,9 @@ def _import_members(
     progress.finish()
     indexes.finish()
     advisories = {name: members.pop(name) for name in members if name.startswith(ADVISORY_PREFIX)}
-    result.advisory_db = import_advisory_db(tar, advisories, manifest.head, advisory_db)
+    result.advisory_db = import_advisory_db(
+        tar, advisories, manifest.head, advisory_db, replace=replace_advisory_db
+    )
     result.refused_members.extend(result.advisory_db.refused)
     for name in members.left_over():
         result.refused_members.append(f"{name!r}: not listed in the manifest")
@@ -631,7 +635,7 @@ def run_import(args: argparse.Namespace) -> int:
         from cratemirror.tools.import_bucket import import_into_bucket
 
         try:
-            return _report(import_into_bucket(config, bundle), config, None)
+            return _report(import_into_bucket(config, bundle, args.replace_advisory_db), config, None)
         except (tarfile.TarError, BundleError) as exc:
             return error(f"{bundle}: {exc}")
         except OSError as exc:
@@ -644,7 +648,8 @@ def run_import(args: argparse.Namespace) -> int:
     try:
         with tarfile.open(bundle, "r:*") as tar:
             result = import_bundle(
-                tar, store, config.policy.advisory_db, registries, caps=Caps.of(config)
+                tar, store, config.policy.advisory_db, registries, caps=Caps.of(config),
+                replace_advisory_db=args.replace_advisory_db,
             )  # fmt: skip
         cached_bytes = store.crate_bytes()
     except (tarfile.TarError, BundleError) as exc:
@@ -676,7 +681,7 @@ def _report(result: ImportResult, config: Config, cached_bytes: int | None) -> i
     if result.advisory_db.installed:
         print(
             f"import: {plural(result.advisory_db.installed, 'advisory', 'advisories')} installed into "
-            f"{result.advisory_db.target}"
+            f"{result.advisory_db.target}: {result.advisory_db.changes}"
         )
     if cached_bytes is not None and cached_bytes > config.cache.max_size:
         print(
