@@ -142,11 +142,13 @@ class IndexService:
         result = await self.get(crate, count=False)
         return result.entry.body if result.entry.status == 200 else None
 
-    async def refresh(self, crate: CrateName) -> IndexResult:
-        """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`); every worker
-        process then drops its in-memory copies."""
-        result = await self.get(crate, newer_than=time.time(), count=False)
-        await asyncio.to_thread(self.store.bump_index_generation)
+    async def refresh(self, crate: CrateName, since: float | None = None) -> IndexResult:
+        """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`); `since`: a
+        refresh started then stands, so a copy checked after it is the answer. Every worker process then
+        drops its in-memory copies (when this call reached upstream)."""
+        result = await self.get(crate, newer_than=time.time() if since is None else since, count=False)
+        if result.result in ("miss", "revalidated") and not result.shared:
+            await asyncio.to_thread(self.store.bump_index_generation)
         return result
 
     def _may_serve_stale(self, entry: IndexEntry) -> bool:
@@ -168,6 +170,14 @@ class IndexService:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background revalidation failed: %s", task.exception())
+
+    def answers_from_cache(self, crate: CrateName) -> bool:
+        """Whether get() would answer without waiting on upstream (fresh, offline, or stale within the
+        stale-while-revalidate window): such a lookup costs the client nothing."""
+        entry = self._lookup(crate.lower)
+        if entry is None:
+            return self.offline
+        return self.offline or self._is_fresh(entry, None) or self._may_serve_stale(entry)
 
     def is_cached(self, crate: CrateName) -> bool:
         """Whether any copy (fresh or not, found or remembered as missing) is held."""

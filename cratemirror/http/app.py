@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from cratemirror.cache.ratelimit import FILE_NAME as BUDGET_FILE
+from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
@@ -34,6 +36,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     mirror = Mirror(
         config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
         policy, registries=registries,
+        unknown_names=UnknownNameBudget(config.cache.dir / BUDGET_FILE, default.coordination),
     )  # fmt: skip
 
     middlewares: list[Middleware] = [_instrument]
@@ -73,6 +76,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await mirror.policy.start()
     yield
     await mirror.policy.close()
+    mirror.unknown_names.close()
     for task in health:
         task.cancel()
     await asyncio.gather(*health, return_exceptions=True)

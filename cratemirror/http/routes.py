@@ -12,6 +12,8 @@ from aiohttp import web
 from cratemirror.cache.crates import CachedCrate, Fill, NotFound
 from cratemirror.cache.index import GZIP_MIN, OfflineMiss
 from cratemirror.cache.registry import Registry
+from cratemirror.http.budget import charge
+from cratemirror.http.clients import from_trusted_proxy
 from cratemirror.http.context import MIRROR
 from cratemirror.http.policy import client_of, refusal
 from cratemirror.http.responses import error, not_modified, send_file
@@ -32,6 +34,7 @@ CRATE_HEADERS = {
 # Crates up to this size are verified before the first byte goes out, so a checksum mismatch is a clean
 # 502; larger ones stream (cargo gives up on a silent connection) and a mismatch cuts the connection.
 VERIFY_BEFORE_SENDING = 4 * 1024 * 1024
+REFRESH_INTERVAL = 1.0  # seconds: POST /-/refresh/<name> reaches upstream at most this often per name
 
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
@@ -48,10 +51,12 @@ def base_url(request: web.Request) -> str:
     public = request.app[MIRROR].config.server.public_url
     if public:
         return public
-    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip().lower()
+    # X-Forwarded-* only from server.trusted_proxies: anyone else could point cargo elsewhere.
+    forwarded = request.headers if from_trusted_proxy(request) else {}
+    proto = forwarded.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip().lower()
     if proto not in ("http", "https"):
         proto = request.scheme
-    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    host = forwarded.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
     if not _HOST_RE.fullmatch(host):
         # Never the raw header (it reaches config.json and copyable shell lines): the address the
         # client connected to.
@@ -123,15 +128,12 @@ async def index_file(request: web.Request) -> web.Response:
     except InvalidRequest as exc:
         return error(400, str(exc))
     mirror = request.app[MIRROR]
-    client = request.remote or "-"
-    wait = mirror.unknown_names.retry_after(client)
-    if wait is not None and not registry.index.is_cached(crate):
-        return error(
-            429, f"too many lookups of crates that do not exist from {client}; retry in {wait}s",
-            headers={"Retry-After": str(wait)},
-        )  # fmt: skip
+    charged = await charge(request, registry.index, crate)
+    if isinstance(charged, web.Response):
+        return charged
     try:
         result = await registry.index.get(crate)
+        await charged.settle(request, found=result.entry.status == 200)
     except OfflineMiss as exc:
         return error(503, str(exc), "MISS")
     except UpstreamError as exc:
@@ -141,8 +143,6 @@ async def index_file(request: web.Request) -> web.Response:
     if registry.is_default:  # the policy gates crates.io's crates (its advisories name crates.io's)
         entry = await mirror.policy.view(crate.lower, entry)  # blocked versions yanked, with enforce
     if entry.status != 200:
-        if result.result == "miss":  # this client's lookup went upstream for nothing
-            mirror.unknown_names.charge(client)
         return error(404, "crate not found", result.x_cache)
     headers = {
         "Content-Type": "text/plain",
@@ -184,8 +184,12 @@ async def download(request: web.Request) -> web.StreamResponse:
         if cached is not None:
             request[RESULT] = "hit"
             return await _send_checked(request, registry, cached, wanted.crate.name, wanted.version)
+    charged = await charge(request, registry.index, wanted.crate)
+    if isinstance(charged, web.Response):
+        return charged
     try:
         record = await crates.resolve(wanted)
+        await charged.settle(request, found=True)
     except NotFound as exc:
         request[RESULT] = "negative"  # answered "not found": the registry has no such crate or version
         return error(404, str(exc), "MISS")
@@ -377,8 +381,15 @@ async def refresh(request: web.Request) -> web.Response:
         return error(400, str(exc))
     if mirror.config.offline:
         return error(503, "offline: the mirror does not contact upstream")
+    charged = await charge(request, mirror.index, crate)
+    if isinstance(charged, web.Response):
+        return charged
     try:
-        result = await mirror.index.refresh(crate)
+        # At most one upstream request per name per second, whoever asks: the others get the copy that
+        # refresh brought (joining its flight, or finding it fresh once they hold the fill lock).
+        standing = await mirror.unknown_names.claim_refresh(crate.lower, REFRESH_INTERVAL)
+        result = await mirror.index.refresh(crate, since=standing)
+        await charged.settle(request, found=result.entry.status == 200)
     except UpstreamError as exc:
         return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}")
     body = {"name": crate.name, "found": result.entry.status == 200, "etag": result.entry.etag}
