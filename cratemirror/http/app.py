@@ -17,7 +17,7 @@ from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, status_page
-from cratemirror.http.auth import auth_middleware
+from cratemirror.http.auth import auth_middleware, token_checker
 from cratemirror.http.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
 from cratemirror.policy.service import create_policy
@@ -41,7 +41,8 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
 
     middlewares: list[Middleware] = [_instrument]
     if config.auth.required:
-        middlewares.append(auth_middleware(config.auth, metrics))
+        mirror.tokens = token_checker(config.auth, metrics)
+        middlewares.append(auth_middleware(config.auth, metrics, mirror.tokens))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
     app.add_routes(routes.routes)

@@ -418,6 +418,9 @@ async def readyz(request: web.Request) -> web.Response:
         return error(503, problem)
     # A fleet without Redis still serves (each replica coalesces its own fills): ready, but say so.
     degraded = None
+    if mirror.tokens is not None:  # still serving with the last good set: ready, but say so
+        mirror.tokens.refresh()
+        degraded = mirror.tokens.problem and f"degraded: {mirror.tokens.problem}"
     for registry in mirror.registries.values():
         degraded = degraded or await registry.coordination.problem() or await registry.shared.problem()
     return web.Response(text=f"ready ({degraded})\n" if degraded else "ready\n")
