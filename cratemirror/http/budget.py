@@ -16,7 +16,7 @@ from cratemirror.names import CrateName
 
 @dataclass(frozen=True, slots=True)
 class Charge:
-    client: str
+    client: str  # "" when nothing was taken
     taken: bool  # False: answered from the cache, nothing was charged
 
     async def settle(self, request: web.Request, found: bool) -> None:
@@ -27,9 +27,9 @@ class Charge:
 
 async def charge(request: web.Request, index: IndexService, crate: CrateName) -> Charge | web.Response:
     """A Charge, or the 429 to send: taken before the lookup, so concurrent lookups cannot overdraw."""
-    client = client_address(request)
     if index.answers_from_cache(crate):
-        return Charge(client, taken=False)
+        return Charge("", taken=False)
+    client = client_address(request)
     wait = await request.app[MIRROR].unknown_names.take(client)
     if wait is None:
         return Charge(client, taken=True)
