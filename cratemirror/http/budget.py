@@ -25,9 +25,12 @@ class Charge:
             await request.app[MIRROR].unknown_names.refund(self.client)
 
 
-async def charge(request: web.Request, index: IndexService, crate: CrateName) -> Charge | web.Response:
-    """A Charge, or the 429 to send: taken before the lookup, so concurrent lookups cannot overdraw."""
-    if index.answers_from_cache(crate):
+async def charge(
+    request: web.Request, index: IndexService, crate: CrateName, *, always: bool = False
+) -> Charge | web.Response:
+    """A Charge, or the 429 to send: taken before the lookup, so concurrent lookups cannot overdraw.
+    `always`: the request goes upstream whatever the cache holds (a refresh)."""
+    if not always and index.answers_from_cache(crate):
         return Charge("", taken=False)
     client = client_address(request)
     wait = await request.app[MIRROR].unknown_names.take(client)

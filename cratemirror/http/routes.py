@@ -275,7 +275,7 @@ async def refresh(request: web.Request) -> web.Response:
         return error(400, str(exc))
     if mirror.config.offline:
         return error(503, "offline: the mirror does not contact upstream")
-    charged = await charge(request, mirror.default.index, crate)
+    charged = await charge(request, mirror.default.index, crate, always=True)
     if isinstance(charged, web.Response):
         return charged
     try:

@@ -136,3 +136,14 @@ async def test_refresh_needs_a_token_when_auth_is_required(
     response = await mirror.post("/-/refresh/serde", headers={"Authorization": token})
     assert response.status == 200 and (await response.json())["found"] is True
     assert yaml.safe_load(tokens.read_text())["tokens"][0]["name"] == "ci"
+
+
+async def test_refreshes_of_missing_names_are_charged(
+    registry: FakeRegistry, mirror_factory: MirrorFactory
+) -> None:
+    mirror = await mirror_factory()
+    for number in range(BURST):  # the budget spent on names that do not exist (now remembered as such)
+        assert (await mirror.get(f"/index/{index_path(f'none{number}')}")).status == 404
+    before = registry.count("/none")
+    statuses = [(await mirror.post(f"/-/refresh/none{number}")).status for number in range(40)]
+    assert statuses.count(429) >= 40 - 20 and registry.count("/none") - before == statuses.count(200)
