@@ -166,6 +166,11 @@ class Metrics:
             "cratemirror_upstream_bytes_total", "Body bytes received from upstream", ["kind", "registry"],
             registry=r,
         )  # fmt: skip
+        self._storage_integrity_failures = Counter(
+            "cratemirror_storage_integrity_failures_total",
+            "Objects read from shared storage that failed authentication or their hash", ["kind", "registry"],
+            registry=r,
+        )  # fmt: skip
         self.upstream_up: Gauge | _NoGauge = Gauge(
             "cratemirror_upstream_up", "1 while the upstream answers, 0 after consecutive failures",
             registry=r, multiprocess_mode="livemostrecent",
@@ -208,6 +213,7 @@ class Metrics:
         self.cache_entries = Labelled(self._cache_entries, name)
         self.bytes_served = Labelled(self._bytes_served, name)
         self.upstream_bytes = Labelled(self._upstream_bytes, name)
+        self.storage_integrity_failures = Labelled(self._storage_integrity_failures, name)
         # Pre-create label sets so dashboards see every series (at 0) from the first scrape.
         for kind in KINDS:
             for result in RESULTS:
@@ -220,6 +226,7 @@ class Metrics:
             self.cache_entries.labels(kind)
             self.upstream_bytes.labels(kind)
             self.upstream_duration.labels(kind)
+            self.storage_integrity_failures.labels(kind)
 
     def for_registry(self, name: str) -> Metrics:
         """The same collectors, counting under `registry=name` (one view per registry bundle)."""

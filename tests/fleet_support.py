@@ -306,6 +306,7 @@ class MotoS3:
 
     ACCESS_KEY = "test-access-key"
     SECRET_KEY = "test-secret-key"
+    INTEGRITY_KEY = "test-fleet-integrity-key-0123456789abcdef"  # storage.s3.integrity_key
 
     def __init__(self) -> None:
         # moto keeps its state per process, across servers: a bucket of its own per test.
@@ -356,7 +357,7 @@ class MotoS3:
             "storage:\n  backend: s3\n  s3:\n"
             f"    bucket: {self.bucket}\n    endpoint_url: {self.endpoint}\n    region: us-east-1\n"
             f"    access_key_id: {self.ACCESS_KEY}\n    secret_access_key: {self.SECRET_KEY}\n"
-            f"    serve: {serve}\n"
+            f"    serve: {serve}\n    integrity_key: {self.INTEGRITY_KEY}\n"
         )
 
 

@@ -1,8 +1,9 @@
 """`cratemirror verify [--fix]` with storage.backend s3: re-hash every crate object in the bucket.
 
 Each object is streamed through SHA-256 (nothing is kept) and compared with the sha256 recorded with it
-when it was stored; a listing page at a time and JOBS objects at once, so memory stays flat however many
-crates the bucket holds. --fix deletes corrupt objects and ones without a recorded checksum: the next
+when it was stored, a record that must authenticate with storage.s3.integrity_key (the object's own
+metadata is not trusted otherwise); a listing page at a time and JOBS objects at once, so memory stays
+flat however many crates the bucket holds. --fix deletes corrupt and unauthenticated objects: the next
 request for one fetches it from upstream again and stores a good copy.
 """
 
@@ -22,7 +23,7 @@ QUIET_PROGRESS_EVERY = 1000
 
 @dataclass(frozen=True, slots=True)
 class BucketProblem:
-    kind: str  # corrupt | unrecorded
+    kind: str  # corrupt | unauthenticated
     key: CrateVersion
     detail: str
 
@@ -54,7 +55,8 @@ async def verify_bucket(shared: SharedStorage, limit: int, progress: Progress) -
         if copy.too_large:
             problem = BucketProblem("corrupt", item.key, f"larger than upstream.max_crate_size ({limit} B)")
         elif copy.recorded is None:
-            problem = BucketProblem("unrecorded", item.key, "no sha256 recorded with the object")
+            detail = "no sha256 recorded with the object that authenticates with storage.s3.integrity_key"
+            problem = BucketProblem("unauthenticated", item.key, detail)
         elif copy.sha256 != copy.recorded:
             problem = BucketProblem(
                 "corrupt", item.key, f"bytes hash to {copy.sha256}, expected {copy.recorded} ({copy.size} B)"
@@ -107,7 +109,7 @@ async def _verify_one(shared: SharedStorage, verb: str, limit: int, fix_problems
     skipped = getattr(shared, "skipped", 0)
     print(
         f"{verb}: {plural(report.checked, 'crate object')} in the bucket checked: {report.ok} ok, "
-        f"{report.count('corrupt')} corrupt, {report.count('unrecorded')} without a recorded checksum"
+        f"{report.count('corrupt')} corrupt, {report.count('unauthenticated')} unauthenticated"
         + (f"; {plural(skipped, 'other object')} under crates/ left alone" if skipped else "")
     )
     if not report.problems:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import tarfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from tests.tools_support import run_cli, write_config
 def s3_config(moto: MotoS3, bucket: str | None = None) -> S3Config:
     return S3Config(
         bucket=bucket or moto.bucket, endpoint_url=moto.endpoint, region="us-east-1",
-        access_key_id=moto.ACCESS_KEY, secret_access_key=moto.SECRET_KEY,
+        access_key_id=moto.ACCESS_KEY, secret_access_key=moto.SECRET_KEY, integrity_key=moto.INTEGRITY_KEY,
     )  # fmt: skip
 
 
@@ -66,26 +67,34 @@ async def test_verify_finds_a_replaced_object_and_fix_deletes_it(
     assert clean.code == 0, clean.output
     assert "verify: 3 crate objects in the bucket checked: 3 ok, 0 corrupt" in clean.stdout, clean.output
 
-    # Bytes replaced behind the mirror's back (the recorded sha256 kept), with the raw client.
+    # Bytes replaced behind the mirror's back (the authentic record kept), with the raw client.
+    client = moto.client()
     good = registry.get_version("rand", "0.8.5")
+    record = (await asyncio.to_thread(client.head_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate"))[
+        "Metadata"
+    ]
     await asyncio.to_thread(
-        moto.client().put_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate",
-        Body=good.data[:20] + bytes([good.data[20] ^ 0xFF]) + good.data[21:], Metadata={"sha256": good.cksum},
+        client.put_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate",
+        Body=good.data[:20] + bytes([good.data[20] ^ 0xFF]) + good.data[21:], Metadata=record,
+    )  # fmt: skip
+    # ... and another one's bytes and record both replaced: the record hashes right but is not the fleet's.
+    evil = b"evil crate bytes"
+    await asyncio.to_thread(
+        client.put_object, Bucket=moto.bucket, Key="crates/libc/0.2.1.crate", Body=evil,
+        Metadata={"sha256": hashlib.sha256(evil).hexdigest()},
     )  # fmt: skip
     found = await run_cli("verify", "--config", str(config), cwd=tmp_path)
     assert found.code == 1, found.output
     assert "CORRUPT rand 0.8.5: bytes hash to" in found.output, found.output
-    assert "3 ok" not in found.stdout and "2 ok, 1 corrupt" in found.stdout, found.output
+    assert "UNAUTHENTICATED libc 0.2.1: no sha256 recorded" in found.output, found.output
+    assert "1 ok, 1 corrupt, 1 unauthenticated" in found.stdout, found.output
 
     fixed = await run_cli("verify", "--fix", "--config", str(config), cwd=tmp_path)
     assert fixed.code == 0, fixed.output
     keys = await asyncio.to_thread(moto.object_keys)
-    assert sorted(k for k in keys if k.startswith("crates/")) == [
-        "crates/libc/0.2.1.crate",
-        "crates/serde/1.0.0.crate",
-    ]
+    assert sorted(k for k in keys if k.startswith("crates/")) == ["crates/serde/1.0.0.crate"]
     again = await run_cli("verify", "--config", str(config), cwd=tmp_path)
-    assert again.code == 0 and "2 ok, 0 corrupt" in again.stdout, again.output
+    assert again.code == 0 and "1 ok, 0 corrupt, 0 unauthenticated" in again.stdout, again.output
 
 
 def set_stored_at(moto: MotoS3, key: str, when: float) -> None:

@@ -9,13 +9,14 @@ cache.max_size, evicted as before). `SharedStorage` is what the replicas have in
 
 Keys are the validated value objects of names.py (CrateVersion, CrateName): no backend ever sees raw
 request or upstream text. Crates go up only as verified temp files, come down only if they hash to
-the checksum the index gives.
+the checksum the index gives. What comes down from a bucket is authenticated with the fleet secret
+(integrity.py): an object that fails is treated as absent, reported through `on_integrity_failure`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
@@ -27,7 +28,18 @@ if TYPE_CHECKING:
     from cratemirror.config.schema import StorageConfig
     from cratemirror.fleet.storage.disk import IndexEntry
 
-__all__ = ["CrateCopy", "LocalShared", "SharedStorage", "StoredCrate", "make_shared_storage"]
+__all__ = [
+    "CrateCopy",
+    "IntegrityFailure",
+    "LocalShared",
+    "SharedStorage",
+    "StoredCrate",
+    "make_shared_storage",
+]
+
+# Called with the object's kind ("index" | "crate") each time a read object fails authentication or its
+# hash (cratemirror_storage_integrity_failures_total).
+IntegrityFailure = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +53,8 @@ class StoredCrate:
 
 @dataclass(frozen=True, slots=True)
 class CrateCopy:
-    """What `read_crate` saw: the sha256 recorded with the object and what its bytes hash to."""
+    """What `read_crate` saw: the sha256 recorded with the object (None unless the record is
+    authenticated with the fleet secret) and what its bytes hash to."""
 
     recorded: str | None
     sha256: str
@@ -140,7 +153,10 @@ class LocalShared:
 
 
 def make_shared_storage(
-    config: StorageConfig, max_index_size: int, registry: str = DEFAULT_REGISTRY
+    config: StorageConfig,
+    max_index_size: int,
+    registry: str = DEFAULT_REGISTRY,
+    on_integrity_failure: IntegrityFailure | None = None,
 ) -> SharedStorage:
     """crates.io's objects sit at the top of storage.s3.prefix, an extra registry's in registries/NAME/."""
     if config.backend == "local":
@@ -151,4 +167,4 @@ def make_shared_storage(
     from cratemirror.fleet.storage.s3 import S3Shared
 
     prefix = "" if registry == DEFAULT_REGISTRY else f"registries/{registry}/"
-    return S3Shared(config.s3, max_index_size, prefix)
+    return S3Shared(config.s3, max_index_size, prefix, on_integrity_failure)
