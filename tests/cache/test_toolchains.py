@@ -354,3 +354,42 @@ async def test_a_new_rustup_init_replaces_the_cached_one_after_the_ttl(
     assert await answer.read() == b"new rustup-init\n"
     digest = (await (await client.get(f"{path}.sha256")).text()).split()[0]
     assert digest == hashlib.sha256(b"new rustup-init\n").hexdigest()
+
+
+async def test_past_the_ttl_the_cached_manifest_answers_while_it_is_revalidated(
+    aiohttp_client: Any, tmp_path: Path, dist: DistServer, key: TestSigningKey
+) -> None:
+    config = make_config(
+        "http://127.0.0.1:9/index/", tmp_path / "cache",
+        toolchains__upstream=dist.url, toolchains__signing_key=key.public_key, toolchains__manifest_ttl=0.2,
+        cache__stale_while_revalidate=60,
+    )  # fmt: skip
+    client = await aiohttp_client(create_app(config))
+    assert b"1.90.0" in await (await client.get(f"/toolchains/{STABLE}")).read()
+    dist.publish(build_release("stable", "1.91.0", "2026-02-01"))
+    await asyncio.sleep(0.3)  # past the TTL (no event marks its end)
+    answer = await client.get(f"/toolchains/{STABLE}")
+    assert answer.headers["X-Cache"] == "STALE" and b"1.90.0" in await answer.read()
+
+    async def revalidated() -> bool:
+        return b"1.91.0" in await (await client.get(f"/toolchains/{STABLE}")).read()
+
+    await wait_until(revalidated, "the revalidation behind the stale answer", timeout=5)
+
+
+async def test_a_signed_manifest_that_is_no_channel_manifest_is_refused_and_not_stored(
+    mirror: TestClient[Any, Any], dist: DistServer, key: TestSigningKey, tmp_path: Path
+) -> None:
+    garbage = b"this is [not toml\n"
+    dist.override[STABLE] = garbage
+    dist.override[f"{STABLE}.asc"] = key.sign(garbage)
+    answer = await mirror.get(f"/toolchains/{STABLE}")
+    assert answer.status == 502
+    assert "not a TOML channel manifest" in await answer.text()
+    assert not (tmp_path / "cache" / "toolchains" / "files" / STABLE).exists()
+    del dist.override[f"{STABLE}.asc"]
+    dist.files.pop(f"{STABLE}.asc")
+    dist.override.pop(STABLE)
+    answer = await mirror.get(f"/toolchains/{STABLE}")  # no signature published at all
+    assert answer.status == 502
+    assert "publishes no signature" in await answer.text()
