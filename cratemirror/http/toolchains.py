@@ -43,8 +43,10 @@ routes = web.RouteTableDef()
 def install(app: web.Application) -> None:
     """Build the service, register the routes and its start-up and shutdown (a few lines in app.py)."""
     mirror = app[MIRROR]
-    coordination = mirror.registries[DEFAULT_REGISTRY].coordination
-    service = build_toolchains(mirror.config, mirror.metrics, coordination, mirror.disk_trouble)
+    default = mirror.registries[DEFAULT_REGISTRY]  # its lock namespace and bucket prefix
+    service = build_toolchains(
+        mirror.config, mirror.metrics, default.coordination, mirror.disk_trouble, default.shared
+    )
     app.add_routes(routes)
     if service is not None:
         app[TOOLCHAINS] = service

@@ -46,6 +46,7 @@ from cratemirror.cache.toolchains.paths import Kind, ToolchainPath, manifest_can
 from cratemirror.cache.toolchains.signature import BadSignature, SignatureVerifier
 from cratemirror.config.schema import Config
 from cratemirror.fleet.coordination import Coordination
+from cratemirror.fleet.storage import LocalShared, SharedStorage
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.keys import toolchain_key
 from cratemirror.metrics import Metrics, _NoGauge
@@ -82,8 +83,13 @@ class ToolchainService:
         coordination: Coordination,
         disk_trouble: DiskTrouble,
         verifier: SignatureVerifier | None = None,
+        shared: SharedStorage | None = None,
     ) -> None:
         self.files = ToolchainFiles(config.cache.dir / "toolchains")
+        # storage.backend s3: components and rustup-init go to the bucket once verified, so the other
+        # replicas take them from there (authenticated, and hashed against their own manifests)
+        self.shared = shared or LocalShared()
+        self._uploads: set[asyncio.Task[None]] = set()
         self.upstream = upstream
         self.metrics = metrics
         self.coordination = coordination
@@ -115,6 +121,8 @@ class ToolchainService:
             log.error("toolchain manifests cannot be verified: %s", exc)
 
     async def close(self) -> None:
+        if self._uploads:
+            await asyncio.wait(set(self._uploads), timeout=CLOSE_WAIT)
         if self._background:  # manifests being stored behind their answer, revalidations: let them end
             await asyncio.wait(set(self._background), timeout=CLOSE_WAIT)
         for task in list(self._background):
@@ -392,11 +400,47 @@ class ToolchainService:
                     fill.stored_elsewhere = True
                     fill.succeed(opened[1])
                     return
+                if await self._from_shared(key, fill):  # another replica stored it in the bucket
+                    return
                 spool = fill.spool = Spool(self.files.new_temp_file())
                 await self._download(key, fill, spool)
                 await self._commit(key, fill, spool)
+                await self._share(key, fill.cksum)  # before the lock goes: waiting replicas look there
         finally:
             fill.release()
+
+    async def _from_shared(self, key: ToolchainPath, fill: Fill) -> bool:
+        if isinstance(self.shared, LocalShared):
+            return False
+        temp = self.files.new_temp_file()
+        try:
+            size = await self.shared.fetch_toolchain(key.path, fill.cksum, temp, MAX_FILE)
+            if size is not None:
+                await asyncio.to_thread(self.files.commit, temp, self.files.path_of(key))
+        except Exception as exc:  # the bucket or the disk failing: fetch upstream like a lone replica
+            log.warning("shared storage: could not fetch %s: %s", key.path, exc)
+            size = None
+        finally:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+        if size is None:
+            return False
+        fill.stored_elsewhere = True
+        fill.succeed(size)
+        self._evict_if_full()
+        return True
+
+    async def _share(self, key: ToolchainPath, sha256: str) -> None:
+        """Upload what was just stored, verified, for the other replicas; failing costs only sharing."""
+        if isinstance(self.shared, LocalShared) or not self.files.path_of(key).exists():
+            return
+        upload = asyncio.ensure_future(self.shared.put_toolchain(key.path, self.files.path_of(key), sha256))
+        self._uploads.add(upload)
+        upload.add_done_callback(self._uploads.discard)
+        try:
+            await asyncio.shield(upload)  # a fill cancelled at shutdown leaves its upload to close()
+        except Exception as exc:
+            log.warning("shared storage: could not store %s: %s", key.path, exc)
 
     async def _download(self, key: ToolchainPath, fill: Fill, spool: Spool) -> None:
         url = f"{self.upstream.index_url}{key.path}"
@@ -569,7 +613,11 @@ class ToolchainService:
 
 
 def build_toolchains(
-    config: Config, metrics: Metrics, coordination: Coordination, disk_trouble: DiskTrouble
+    config: Config,
+    metrics: Metrics,
+    coordination: Coordination,
+    disk_trouble: DiskTrouble,
+    shared: SharedStorage | None = None,
 ) -> ToolchainService | None:
     """The service behind /toolchains/, or None when toolchains.upstream is null (routes off)."""
     if config.toolchains.upstream is None:
@@ -583,4 +631,4 @@ def build_toolchains(
     quiet = copy.copy(metrics)
     quiet.upstream_up = _NoGauge()
     upstream.health = Health(quiet)
-    return ToolchainService(config, upstream, metrics, coordination, disk_trouble)
+    return ToolchainService(config, upstream, metrics, coordination, disk_trouble, shared=shared)
