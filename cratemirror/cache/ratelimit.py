@@ -77,7 +77,9 @@ _GIVE = "UPDATE budget SET tokens = min(:burst, tokens + 1) WHERE client = :clie
 _CLAIMS = "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, at REAL NOT NULL)"
 _CLAIM = (
     "INSERT INTO claims (key, at) VALUES (:key, :now) ON CONFLICT (key) DO UPDATE SET at = :now "
-    "WHERE at <= :now - :seconds OR at > :now RETURNING at"
+    # A claim from the future beyond its own length is a clock that jumped; one a moment ahead of our
+    # `now` is another worker's, taken between our clock read and this statement.
+    "WHERE at <= :now - :seconds OR at > :now + :seconds RETURNING at"
 )
 
 
