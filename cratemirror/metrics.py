@@ -36,7 +36,7 @@ LATENCY_BUCKETS = (
 # The *_created series double every counter and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-KINDS = ("index", "crate", "config")
+KINDS = ("index", "crate", "config", "toolchain")
 RESULTS = ("hit", "miss", "revalidated", "stale", "negative", "error")
 AUTH_REASONS = ("missing", "unknown", "expired", "revoked")
 
@@ -195,6 +195,14 @@ class Metrics:
             self.auth_failures.labels(reason)
         self.policy_decisions = Counter(
             "cratemirror_policy_decisions_total", "Policy decisions by action and rule", ["action", "rule"],
+            registry=r,
+        )  # fmt: skip
+        # Beyond the contract (issue 18): what a broken input left out, never silently.
+        self.advisory_errors = Counter(
+            "cratemirror_policy_advisory_errors_total", "Advisory files left out: unreadable", registry=r
+        )
+        self.tokens_file_errors = Counter(
+            "cratemirror_auth_tokens_file_errors_total", "Reads of a broken tokens file (old set kept)",
             registry=r,
         )  # fmt: skip
         self._bind(DEFAULT_REGISTRY)

@@ -131,11 +131,14 @@ class ReadinessWatch:
                 return problem
         return None
 
-    async def verdict(self) -> Verdict:
+    async def verdict(self, also: str | None = None) -> Verdict:
+        """`also`: a problem of a layer above this one (e.g. the tokens file), already known."""
         disk = self.disk_problem or self.disk_trouble.recent()
         if disk and self.offline:
             return Verdict(False, f"{disk}; offline, so nothing to answer from")
         reasons = [f"{disk}; answers are passed through uncached"] if disk else []
+        if also:
+            reasons.append(also)
         known = set()
         for problem in [*await self._fleet_problems(), *self.others]:
             if problem[:SAME_PROBLEM_PREFIX] not in known:

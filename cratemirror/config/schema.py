@@ -10,6 +10,7 @@ become those lines lives in cratemirror.config.load; this module is the schema.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -271,6 +272,14 @@ def _not_reserved(name: str) -> str:
     return name
 
 
+def _network(text: object) -> object:
+    """A CIDR (or a lone address) as ipaddress reads it; the text is kept as written."""
+    if isinstance(text, str):
+        ipaddress.ip_network(text.strip(), strict=False)  # ValueError: not a network
+        return text.strip()
+    return text
+
+
 def _matching(regex: str) -> StringConstraints:
     return StringConstraints(strip_whitespace=True, pattern=f"^{regex}$")
 
@@ -338,6 +347,7 @@ def _long_secret(value: SecretStr) -> SecretStr:
 AdvisoryId = Annotated[str, _matching(_ADVISORY_ID)]
 LicenseId = Annotated[str, _matching(_SPDX_ID)]
 CrateRule = Annotated[str, _matching(_CRATE_RULE)]
+Network = Annotated[str, BeforeValidator(_network)]
 RegistryName = Annotated[str, _matching(_REGISTRY_NAME), AfterValidator(_not_reserved)]
 
 
@@ -389,6 +399,10 @@ class ServerConfig(_Section):
     """PEM certificate (chain) to serve https directly; a fleet terminates TLS in its front instead."""
     tls_key: Annotated[ExistingFile | None, Expected("a path to an existing PEM key file, or null")] = None
     """PEM private key for tls_cert."""
+    trusted_proxies: Annotated[
+        tuple[Network, ...], Expected("a list of CIDRs like 10.0.0.0/8 or addresses like ::1")
+    ] = ("127.0.0.1/8", "::1/128")
+    """Only from these are X-Forwarded-* honoured; the client is the right-most untrusted X-Forwarded-For."""
 
     @model_validator(mode="after")
     def _tls_pair(self, info: ValidationInfo) -> ServerConfig:
@@ -598,6 +612,24 @@ class PolicyConfig(_Section):
     """Crates that pass whatever else says: "name" or "name@<semver requirement>"."""
 
 
+class ToolchainsConfig(_Section):
+    upstream: Annotated[
+        Annotated[str, BeforeValidator(_public_url)] | None,
+        Expected("an http(s) URL like https://static.rust-lang.org, or null"),
+    ] = "https://static.rust-lang.org"
+    """rustup's dist server the /toolchains routes pull through; null turns the routes off."""
+    manifest_ttl: Annotated[Duration, Expected("a duration like 10m")] = 600.0
+    """Moving names (channel-rust-{stable,beta,nightly,X.Y}.toml, release-stable.toml, rustup/dist/*) are
+    revalidated after this; dated files are immutable."""
+    signing_key: Annotated[
+        ExistingFile | None, Expected("a path to an existing OpenPGP public key file, or null")
+    ] = None
+    """The OpenPGP public key that must have signed every channel manifest (.asc); null = the Rust release
+    key shipped with cratemirror (108F 6620 5EAE B0AA A8DD 5E1C 85AB 96E6 FA1B E5FE)."""
+    max_size: Annotated[Size, Expected("a size like 50GiB")] = 50 * GiB
+    """Toolchain files are evicted least-recently-used beyond this."""
+
+
 # Which optional modules a setting needs; without them start-up stops naming the extra that brings them.
 FLEET_MODULES: dict[str, str] = {"storage.backend": "aiobotocore", "coordination.redis_url": "redis"}
 
@@ -642,6 +674,7 @@ class MirrorSchema(BaseModel):
     )
     """More upstream registries, each under /registries/<name>/ (name: lowercase letters, digits, - and _)."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    toolchains: ToolchainsConfig = Field(default_factory=ToolchainsConfig)
 
     @field_validator(
         "server",
@@ -653,6 +686,7 @@ class MirrorSchema(BaseModel):
         "auth",
         "policy",
         "registries",
+        "toolchains",
         mode="before",
     )
     @classmethod

@@ -22,7 +22,7 @@ import re
 import sys
 import tarfile
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ from cratemirror.policy.bundle import PREFIX as ADVISORY_PREFIX
 from cratemirror.policy.bundle import DbImport, import_advisory_db
 from cratemirror.tools.bundle import (
     MANIFEST,
+    TOOLCHAINS_MEMBER,
     BundleError,
     Caps,
     Manifest,
@@ -396,12 +397,20 @@ def import_bundle(
     registries: Mapping[str, ImportTarget] | None = None,
     *,
     caps: Caps,
+    toolchains: Callable[[tarfile.TarFile, tarfile.TarInfo], list[str]] | None = None,
+    replace_advisory_db: bool = False,
 ) -> ImportResult:
+    """`toolchains`: loads the toolchains.tar member (tools/toolchain_bundle.py), returns what it refused."""
     result = ImportResult()
     members = safe_members(tar, result.refused_members)
     try:
+        toolchain_member = members.pop(TOOLCHAINS_MEMBER, None)
+        if toolchain_member is not None and toolchains is not None:
+            result.refused_members += toolchains(tar, toolchain_member)
+        elif toolchain_member is not None:
+            result.refused_members.append(f"{TOOLCHAINS_MEMBER!r}: toolchains are not imported here")
         import_nested(tar, members, registries or {}, result, caps)
-        return _import_members(tar, store, members, result, advisory_db, caps)
+        return _import_members(tar, store, members, result, advisory_db, caps, replace_advisory_db)
     finally:
         members.close()
 
@@ -413,6 +422,7 @@ def _import_members(
     result: ImportResult,
     advisory_db: Path | None,
     caps: Caps,
+    replace_advisory_db: bool = False,
 ) -> ImportResult:
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
     indexes = BundledIndexes(tar, members, manifest, store, result, caps.index)
@@ -439,7 +449,9 @@ def _import_members(
     progress.finish()
     indexes.finish()
     advisories = {name: members.pop(name) for name in members if name.startswith(ADVISORY_PREFIX)}
-    result.advisory_db = import_advisory_db(tar, advisories, manifest.head, advisory_db)
+    result.advisory_db = import_advisory_db(
+        tar, advisories, manifest.head, advisory_db, replace=replace_advisory_db
+    )
     result.refused_members.extend(result.advisory_db.refused)
     for name in members.left_over():
         result.refused_members.append(f"{name!r}: not listed in the manifest")
@@ -452,10 +464,10 @@ def run_import(args: argparse.Namespace) -> int:
     if not bundle.is_file():
         raise ConfigError(f"{args.bundle}: expected a bundle file written by `cratemirror export`")
     config = tool_config(args)
-    return run_tool(config, _import(config, bundle))
+    return run_tool(config, _import(config, bundle, args.replace_advisory_db))
 
 
-async def _import(config: Config, bundle: Path) -> int:
+async def _import(config: Config, bundle: Path, replace_advisory_db: bool) -> int:
     loop = asyncio.get_running_loop()
     async with open_stores(config, create=True) as opened:
         targets = {one.name: ImportTarget(one.store, loop, one.local) for one in opened}
@@ -463,7 +475,11 @@ async def _import(config: Config, bundle: Path) -> int:
 
         def work() -> ImportResult:
             with tarfile.open(bundle, "r:*") as tar:
-                return import_bundle(tar, main, config.policy.advisory_db, targets, caps=Caps.of(config))
+                return import_bundle(
+                    tar, main, config.policy.advisory_db, targets, caps=Caps.of(config),
+                    toolchains=lambda outer, member: _import_toolchains(config, outer, member),
+                    replace_advisory_db=replace_advisory_db,
+                )  # fmt: skip
 
         try:
             result = await asyncio.to_thread(work)
@@ -474,6 +490,18 @@ async def _import(config: Config, bundle: Path) -> int:
         # A cache dir is held to cache.max_size; the bucket has no bound of its own.
         cached_bytes = (await opened[0].store.usage())[0] if backend_of(config).bounded else None
     return _report(result, config, cached_bytes)
+
+
+def _import_toolchains(config: Config, tar: tarfile.TarFile, member: tarfile.TarInfo) -> list[str]:
+    """The bundle's toolchain files, each re-verified (manifests by signature); what was refused."""
+    from cratemirror.tools.toolchain_bundle import import_toolchains
+
+    loaded = import_toolchains(config, tar, member)
+    print(
+        f"import: toolchain files: {loaded.loaded} loaded, {loaded.already} already cached, "
+        f"{len(loaded.refused)} refused"
+    )
+    return loaded.refused
 
 
 def _report(result: ImportResult, config: Config, cached_bytes: int | None) -> int:
@@ -494,7 +522,7 @@ def _report(result: ImportResult, config: Config, cached_bytes: int | None) -> i
     if result.advisory_db.installed:
         print(
             f"import: {plural(result.advisory_db.installed, 'advisory', 'advisories')} installed into "
-            f"{result.advisory_db.target}"
+            f"{result.advisory_db.target}: {result.advisory_db.changes}"
         )
     if cached_bytes is not None and cached_bytes > config.cache.max_size:
         print(

@@ -230,6 +230,7 @@ CONTRACT_KEYS = {
             "idle_timeout",
             "tls_cert",
             "tls_key",
+            "trusted_proxies",
         ]
     ),
     *(
@@ -279,6 +280,7 @@ CONTRACT_KEYS = {
         f"policy.{k}"
         for k in ["mode", "advisory_db", "advisories", "informational", "ignore", "licenses", "deny", "allow"]
     ),
+    *(f"toolchains.{k}" for k in ["upstream", "manifest_ttl", "signing_key", "max_size"]),
 }
 
 
@@ -522,7 +524,8 @@ def test_unknown_key_names_dotted_key_and_allowed_keys(tmp_path: Path) -> None:
     message = error_of(tmp_path, "server:\n  prot: 9000\n")
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: server.prot: unknown key (did you mean 'port'?); "
-        "allowed keys: host, port, workers, public_url, max_connections, idle_timeout, tls_cert, tls_key"
+        "allowed keys: host, port, workers, public_url, max_connections, idle_timeout, tls_cert, tls_key, "
+        "trusted_proxies"
     )
 
 
@@ -531,7 +534,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
         "allowed keys: server, upstream, cache, offline, logging, storage, coordination, auth, registries, "
-        "policy"
+        "policy, toolchains"
     )
 
 

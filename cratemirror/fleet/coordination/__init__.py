@@ -46,6 +46,19 @@ class Coordination(Protocol):
         Answers from what the last calls and the background health loop saw: never waits on Redis."""
         ...
 
+    async def take_token(self, key: str, burst: int, per_second: float) -> float | None:
+        """One token of a fleet-wide bucket: tokens left, or -(seconds until one); None: not shared."""
+        ...
+
+    async def give_token(self, key: str, burst: int) -> bool:
+        """Give a token back to a fleet-wide bucket; False: not shared."""
+        ...
+
+    async def claim_once(self, key: str, seconds: float) -> tuple[bool, float] | None:
+        """Claim `key` fleet-wide for `seconds`: (claimed by this caller, when the standing claim was
+        made); None: not shared."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -183,6 +183,15 @@ class GuardedShared:
     async def put_index(self, crate: CrateName, entry: IndexEntry) -> None:
         await self._guarded(lambda: self.inner.put_index(crate, entry), None)
 
+    async def put_toolchain(self, path: str, verified: Path, sha256: str) -> None:
+        """Not kept for later while degraded (unlike crates): the next replica to fetch it shares it."""
+        await self._guarded(lambda: self.inner.put_toolchain(path, verified, sha256), None, total=False)
+
+    async def fetch_toolchain(self, path: str, sha256: str, into: Path, limit: int) -> int | None:
+        return await self._guarded(
+            lambda: self.inner.fetch_toolchain(path, sha256, into, limit), None, total=False
+        )
+
     async def usage(self) -> tuple[int, int]:
         return await self.inner.usage()
 
