@@ -576,9 +576,7 @@ class PolicyConfig(_Section):
     """A version younger than this is held back like a blocked one (pubtime, else first seen); 0 = off."""
     cooldown_exempts_fixes: Annotated[bool, Expected("true or false")] = True
     """The patched release of an advisory against the previous version is never held back."""
-    internal_names: Annotated[
-        tuple[NameGlob, ...], Expected('a list of crate-name globs like "acme-*"')
-    ] = ()
+    internal_names: Annotated[tuple[NameGlob, ...], Expected('a list of crate-name globs like "acme-*"')] = ()
     """Globs, e.g. "acme-*": on crates.io these answer 404 without asking upstream (- and _ alike)."""
 
 

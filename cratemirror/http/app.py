@@ -15,6 +15,7 @@ from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, status_page
+from cratemirror.http.audit import install_audit
 from cratemirror.http.auth import auth_middleware
 from cratemirror.http.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
@@ -44,6 +45,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app.add_routes(routes.routes)
     app.add_routes(status_page.routes)
     app.cleanup_ctx.append(_lifecycle)
+    install_audit(app)  # after _lifecycle: started after the stores, closed before them
     return app
 
 

@@ -268,10 +268,19 @@ CONTRACT_KEYS = {
     *(
         f"policy.{k}"
         for k in [
-            "mode", "advisory_db", "advisories", "informational", "ignore", "licenses", "deny", "allow",
-            "min_release_age", "cooldown_exempts_fixes", "internal_names",
+            "mode",
+            "advisory_db",
+            "advisories",
+            "informational",
+            "ignore",
+            "licenses",
+            "deny",
+            "allow",
+            "min_release_age",
+            "cooldown_exempts_fixes",
+            "internal_names",
         ]
-    ),  # fmt: skip
+    ),
     "audit.retention",
 }
 

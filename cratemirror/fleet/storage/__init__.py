@@ -94,6 +94,18 @@ class SharedStorage(Protocol):
         """None while the store answers, else a one-line reason (/readyz: degraded)."""
         ...
 
+    async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
+        """One replica's audit records of one hour (epoch hours), replacing an earlier upload."""
+        ...
+
+    def iter_audit(self, since_hour: int) -> AsyncIterator[tuple[str, int]]:
+        """(replica, hour) of every audit object from `since_hour` on."""
+        ...
+
+    async def get_audit(self, replica: str, hour: int, limit: int) -> bytes | None:
+        """An audit object's bytes; None if it is missing or larger than `limit`."""
+        ...
+
 
 class LocalShared:
     """storage.backend: local: nothing is shared beyond the cache dir."""
@@ -136,6 +148,17 @@ class LocalShared:
         return None
 
     async def problem(self) -> str | None:
+        return None
+
+    async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
+        return None
+
+    async def iter_audit(self, since_hour: int) -> AsyncIterator[tuple[str, int]]:
+        nothing: tuple[tuple[str, int], ...] = ()
+        for item in nothing:
+            yield item
+
+    async def get_audit(self, replica: str, hour: int, limit: int) -> bytes | None:
         return None
 
 

@@ -4,6 +4,7 @@ aiobotocore. Tested against moto's S3 server; meant for MinIO/AWS/Ceph.
 Layout under storage.s3.prefix:
   crates/<name>/<version, percent-encoded>.crate   body = the .crate; metadata sha256
   index/<lowercase name>                           body = the index file; metadata = its validators
+  audit/<replica>/<epoch hour>.jsonl.gz            one replica's audit records of one hour (cache/audit.py)
 
 Uploads are of verified temp files only, with their SHA-256 sent as the object checksum (the store
 refuses bytes that do not match) and If-None-Match: * (a second writer of the same crate is refused:
@@ -18,6 +19,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
@@ -45,6 +47,8 @@ MAX_LIST_PAGES = 100_000
 PROBLEM_MEMORY = (
     60.0  # seconds /readyz reports a failed call, unless one succeeds meanwhile  # usage(): 1000 keys a page
 )
+_REPLICA_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_AUDIT_KEY_RE = re.compile(r"([a-z0-9][a-z0-9-]{0,63})/(\d{10})\.jsonl\.gz")
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _ALREADY = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
@@ -155,10 +159,50 @@ class S3Shared:
             return None
         return f"shared storage failing ({self._failure[:200]}); serving from this replica and upstream"
 
+    async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
+        await self._tracked(
+            self._client.put_object(Bucket=self.bucket, Key=self._audit_key(replica, hour), Body=body)
+        )
+
+    async def iter_audit(self, since_hour: int) -> AsyncIterator[tuple[str, int]]:
+        """Audit objects whose key parses back into a replica name and an hour; others are skipped."""
+        start = f"{self.prefix}audit/"
+        paginator = self._client.get_paginator("list_objects_v2")
+        number = 0
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+            for item in page.get("Contents", []):
+                match = _AUDIT_KEY_RE.fullmatch(str(item.get("Key", ""))[len(start) :])
+                if match is not None and int(match.group(2)) >= since_hour:
+                    yield match.group(1), int(match.group(2))
+            number += 1
+            if number >= MAX_LIST_PAGES:
+                break
+
+    async def get_audit(self, replica: str, hour: int, limit: int) -> bytes | None:
+        try:
+            response = await self._tracked(
+                self._client.get_object(Bucket=self.bucket, Key=self._audit_key(replica, hour))
+            )
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        if int(response.get("ContentLength", 0)) > limit:
+            response["Body"].close()
+            return None
+        async with response["Body"] as stream:
+            body = await stream.read(limit + 1)
+        return bytes(body) if len(body) <= limit else None
+
     # ---- keys (from validated values only) --------------------------------------------------------
 
     def _crate_key(self, key: CrateVersion) -> str:
         return f"{self.prefix}crates/{key.crate.name}/{quote(key.version, safe='')}.crate"
+
+    def _audit_key(self, replica: str, hour: int) -> str:
+        if not _REPLICA_RE.fullmatch(replica) or not 0 <= hour < 10**9:
+            raise ValueError("invalid audit object name")
+        return f"{self.prefix}audit/{replica}/{hour:010d}.jsonl.gz"
 
     def _index_key(self, crate: CrateName) -> str:
         return f"{self.prefix}index/{crate.lower}"
