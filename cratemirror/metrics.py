@@ -191,6 +191,11 @@ class Metrics:
             "cratemirror_policy_decisions_total", "Policy decisions by action and rule", ["action", "rule"],
             registry=r,
         )  # fmt: skip
+        self.advisory_exposure = Gauge(
+            "cratemirror_advisory_exposure",
+            "Clients served a version the advisory affects, within audit.retention",
+            ["advisory"], registry=r, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
         self._bind(DEFAULT_REGISTRY)
 
     def _bind(self, name: str) -> None:

@@ -189,6 +189,15 @@ class AuditDb:
             if record is not None:
                 yield record
 
+    def served(self, since: float) -> list[tuple[str, str, str]]:
+        """Distinct (crate, version, who) served from `since` on, unvalidated (see served_clients)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT crate, version, who FROM records WHERE result = ? AND at >= ? LIMIT ?",
+                (SERVED, since, MAX_ROWS),
+            ).fetchall()
+        return [(str(crate), str(version), str(who)) for crate, version, who in rows]
+
     def get_meta(self, key: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -357,3 +366,21 @@ class AuditTrail:
                     await self.upload()
             except Exception as exc:  # the bucket or the disk failing must not end the recording
                 log.warning("audit: %s", exc)
+
+
+def served_clients(cache_dir: Path, since: float) -> Iterator[tuple[str, str, str]]:
+    """(crate, version, who) of every distinct download served from `since` on, read from this cache
+    dir's audit file (none if there is no file yet); each row validated like any record."""
+    path = cache_dir / AUDIT_FILE
+    if not path.is_file():
+        return
+    db = AuditDb(path, readonly=True)
+    try:
+        rows = db.served(since)
+    finally:
+        db.close()
+    now = time.time()
+    for crate, version, who in rows:
+        record = parse_record((now, "crates-io", crate, version, SERVED, "", who), now)
+        if record is not None:
+            yield record.crate, record.version, record.who
