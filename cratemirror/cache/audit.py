@@ -269,8 +269,8 @@ class AuditTrail:
         self.replica: str | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._pruned_at = 0.0
-        self._uploaded_at = 0.0
+        self._pruned_at: float | None = None  # pruned at the first round, then every PRUNE_SECONDS
+        self._uploaded_at: float | None = None
 
     def record(self, registry: str, crate: str, version: str, result: str, rule: str, who: str) -> None:
         """The hot path: one append (the background task validates and writes it)."""
@@ -356,12 +356,13 @@ class AuditTrail:
                 self.dropped = 0
             now = time.monotonic()
             try:
-                if now - self._pruned_at >= PRUNE_SECONDS:
+                if self._pruned_at is None or now - self._pruned_at >= PRUNE_SECONDS:
                     self._pruned_at = now
                     removed = await self.prune()
                     if removed:
                         log.info("audit: dropped %d records older than audit.retention", removed)
-                if self.shared is not None and now - self._uploaded_at >= UPLOAD_SECONDS:
+                due = self._uploaded_at is None or now - self._uploaded_at >= UPLOAD_SECONDS
+                if self.shared is not None and due:
                     self._uploaded_at = now
                     await self.upload()
             except Exception as exc:  # the bucket or the disk failing must not end the recording
