@@ -242,9 +242,10 @@ def run_impact(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.format == "table":
         clients = len({row.who for row in rows})
+        downloads = sum(row.count for row in rows)
         print(
             f"audit impact: {subject}{title}: affected versions served to {clients} "
-            f"client{'s' if clients != 1 else ''} ({sum(row.count for row in rows)} downloads) "
+            f"client{'s' if clients != 1 else ''} ({downloads} download{'s' if downloads != 1 else ''}) "
             f"since {_when(since)}"
         )
         if not rows:

@@ -148,7 +148,7 @@ async def test_audit_impact_names_the_token_that_pulled_the_affected_version(
         assert started - 2 <= first <= time.time() and served["last"] == served["first"]
         table = await run_cli("audit", "impact", LEAF_ADVISORY, "--config", str(config), cwd=tmp_path)
         print(table.stdout)
-        assert "served to 1 client (1 downloads)" in table.stdout and "alice" in table.stdout
+        assert "served to 1 client (1 download)" in table.stdout and "alice" in table.stdout
         assert "bob" not in table.stdout
         by_req = await audit_json(config, tmp_path, "impact", "--crate", "leaf@<0.3")
         assert isinstance(by_req, dict) and [row["who"] for row in by_req["served"]] == ["bob"]
