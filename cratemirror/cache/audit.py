@@ -41,6 +41,7 @@ FLUSH_SECONDS = 1.0  # the longest a record waits in memory
 BATCH = 2048  # a list this long is flushed at once
 MAX_PENDING = 200_000  # beyond this (the disk is stuck) records are dropped and counted, never the server
 PRUNE_SECONDS = 3600.0
+REOPEN_SECONDS = 10.0  # a file that could not be opened (a full disk) is tried again this often
 UPLOAD_SECONDS = 60.0  # a replica's current hour goes to the bucket this often (and at shutdown)
 HOUR = 3600
 MAX_OBJECT_BYTES = 64 * 1024 * 1024  # one hour's gzipped object, read back
@@ -268,6 +269,7 @@ class AuditTrail:
         self._task: asyncio.Task[None] | None = None
         self._pruned_at: float | None = None  # pruned at the first round, then every PRUNE_SECONDS
         self._uploaded_at: float | None = None
+        self._opened_at = 0.0
 
     def record(self, registry: str, crate: str, version: str, result: str, rule: str, who: str) -> None:
         """The hot path: one append (the background task validates and writes it)."""
@@ -284,10 +286,24 @@ class AuditTrail:
     async def start(self) -> None:
         if not self.enabled:
             return
-        self.db = await asyncio.to_thread(AuditDb, self.cache_dir / AUDIT_FILE)
-        if self.shared is not None:
-            self.replica = await asyncio.to_thread(replica_id, self.cache_dir)
+        await self._open()
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _open(self) -> bool:
+        """Open the file (and learn the replica's name); a disk that refuses is retried later, and the
+        records wait in memory meanwhile (bounded by MAX_PENDING)."""
+        self._opened_at = time.monotonic()
+        try:
+            self.db = await asyncio.to_thread(AuditDb, self.cache_dir / AUDIT_FILE)
+            if self.shared is not None:
+                self.replica = await asyncio.to_thread(replica_id, self.cache_dir)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning(
+                "audit: cannot open %s (%s): records are kept in memory and the file is retried",
+                self.cache_dir / AUDIT_FILE, exc,
+            )  # fmt: skip
+            return False
+        return True
 
     async def close(self) -> None:
         if self._task is not None:
@@ -295,6 +311,8 @@ class AuditTrail:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.db is None and self.pending and self.enabled:
+            await self._open()
         if self.db is not None:
             await self.flush()
             with contextlib.suppress(Exception):
@@ -347,6 +365,9 @@ class AuditTrail:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
             self._wake.clear()
+            too_soon = time.monotonic() - self._opened_at < REOPEN_SECONDS
+            if self.db is None and (too_soon or not await self._open()):
+                continue
             await self.flush()
             if self.dropped:
                 log.warning("audit: %d records dropped (the audit file could not keep up)", self.dropped)

@@ -95,3 +95,17 @@ def test_records_from_outside_are_validated() -> None:
     body = encode_hour([record])
     assert list(decode_hour(body)) == [record]
     assert list(decode_hour(b"not gzip")) == []
+
+
+async def test_a_file_that_cannot_be_opened_keeps_records_in_memory(tmp_path: Path) -> None:
+    (tmp_path / AUDIT_FILE).mkdir()  # not a database: opening it fails, as on a full or broken disk
+    trail = AuditTrail(tmp_path, retention=3600)
+    await trail.start()  # the server starts anyway
+    try:
+        assert trail.db is None
+        trail.record("crates-io", "serde", "1.0.0", "served", "", "ci")
+        assert await trail.flush() == 0 and len(trail.pending) == 1
+        (tmp_path / AUDIT_FILE).rmdir()  # the disk is usable again
+    finally:
+        await trail.close()  # opens the file and writes what waited
+    assert records_of(tmp_path) == [("serde", "1.0.0", "served", "", "ci")]
