@@ -4,14 +4,17 @@ Two mirrors (2 workers each, fresh cache dirs, the bench's fake upstream in its 
 config but `audit.retention: 90d` (on, the default) and `audit.retention: 0` (off). Both are warmed with
 the 100 small crates, then wrk drives warm small-crate hits (every one a download, so every one is
 recorded) at one and then the other, alternating which goes first, for `--rounds` rounds in the same
-run. Prints the medians (req/s, p50, p99) and on/off ratios, and how many records the trail holds
-afterwards (so the "on" run did record). Needs wrk.
+run. Prints the medians (req/s, p50, p99, and the CPU time the worker processes spent per request, read
+from /proc: the figure least disturbed by other load on the machine) and on/off ratios, and how many
+records the trail holds afterwards (so the "on" run did record). Needs wrk.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import shutil
 import sqlite3
 import statistics
@@ -22,22 +25,33 @@ from pathlib import Path
 from bench.catalog import Params, build
 from bench.driver import Upstream, new_mirror
 from bench.loadgen import WrkResult, run_wrk, write_paths
+from bench.procs import mirror_worker, worker_pids
 from bench.warm import fill
 
 MODES = ("off", "on")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+Results = dict[str, list[tuple[WrkResult, float]]]  # per mode: (wrk's numbers, worker CPU ms per request)
+
+
+def cpu_seconds(parent: int) -> float:
+    """user + system CPU time of the mirror's worker processes (and any threads they run)."""
+    total = 0
+    for pid in worker_pids(parent, mirror_worker):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
 
 
 def log(message: str) -> None:
     print(f"bench.audit: {message}", file=sys.stderr, flush=True)
 
 
-async def run(
-    rounds: int, seconds: float, connections: int, tmp: Path
-) -> tuple[dict[str, list[WrkResult]], int]:
+async def run(rounds: int, seconds: float, connections: int, tmp: Path) -> tuple[Results, int]:
     catalog = build(Params())
     upstream = Upstream(tmp, Params())
     await upstream.start()
-    results: dict[str, list[WrkResult]] = {mode: [] for mode in MODES}
+    results: Results = {mode: [] for mode in MODES}
     records = 0
     try:
         await upstream.set_delay(0)
@@ -61,13 +75,18 @@ async def run(
             for n in range(rounds):
                 order = MODES if n % 2 == 0 else MODES[::-1]
                 for mode in order:
+                    proc = mirrors[mode].proc
+                    assert proc is not None
+                    before = cpu_seconds(proc.pid)
                     result = await run_wrk(
                         mirrors[mode].url, paths_file, connections=connections, seconds=seconds
                     )
-                    results[mode].append(result)
+                    per_request = (cpu_seconds(proc.pid) - before) * 1e3 / max(1, result.requests)
+                    results[mode].append((result, per_request))
                     log(
                         f"round {n + 1} audit {mode}: {result.rps:.0f} req/s, p50 {result.p50_ms:.2f} ms, "
-                        f"p99 {result.p99_ms:.2f} ms, {result.errors} errors, others' CPU {result.others:.0%}"
+                        f"p99 {result.p99_ms:.2f} ms, {per_request * 1e3:.0f} us CPU/request, "
+                        f"{result.errors} errors, others' CPU {result.others:.0%}"
                     )
         finally:
             for mirror in mirrors.values():
@@ -80,20 +99,23 @@ async def run(
     return results, records
 
 
-def table(results: dict[str, list[WrkResult]], records: int, connections: int) -> str:
+def table(results: Results, records: int, connections: int) -> str:
     def median(mode: str, field: str) -> float:
-        return statistics.median(getattr(result, field) for result in results[mode])
+        if field == "cpu_us":
+            return statistics.median(cpu * 1e3 for _, cpu in results[mode])
+        return float(statistics.median(getattr(result, field) for result, _ in results[mode]))
 
     lines = [
         f"audit trail on the hit path: warm small-crate downloads, {connections} connections, "
         f"median of {len(results['on'])} rounds (same run, alternating order)",
-        f"{'':14} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}",
+        f"{'':14} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'worker CPU us/req':>18}",
     ]
+    fields = ("rps", "p50_ms", "p99_ms", "cpu_us")
     for mode in MODES:
-        rps, p50, p99 = (median(mode, field) for field in ("rps", "p50_ms", "p99_ms"))
-        lines.append(f"{'audit ' + mode:14} {rps:9.0f} {p50:8.2f} {p99:8.2f}")
-    ratios = [median("on", field) / median("off", field) for field in ("rps", "p50_ms", "p99_ms")]
-    lines.append(f"{'on / off':14} {ratios[0]:9.3f} {ratios[1]:8.3f} {ratios[2]:8.3f}")
+        rps, p50, p99, cpu = (median(mode, field) for field in fields)
+        lines.append(f"{'audit ' + mode:14} {rps:9.0f} {p50:8.2f} {p99:8.2f} {cpu:18.0f}")
+    ratios = [median("on", field) / median("off", field) for field in fields]
+    lines.append(f"{'on / off':14} {ratios[0]:9.3f} {ratios[1]:8.3f} {ratios[2]:8.3f} {ratios[3]:18.3f}")
     lines.append(f"records in the trail afterwards: {records}")
     return "\n".join(lines)
 
