@@ -19,7 +19,6 @@ import gzip
 import io
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cratemirror.fleet.storage import SharedStorage
-from cratemirror.names import InvalidRequest, parse_crate_version
+from cratemirror.names import is_crate_version
 
 log = logging.getLogger("cratemirror.audit")
 
@@ -81,30 +80,29 @@ class AuditRecord:
 
 def parse_record(value: object, now: float | None = None) -> AuditRecord | None:
     """A record from outside the process (a row, a bucket line), validated; None if it is not one."""
-    if isinstance(value, dict):
-        fields = [value.get(key) for key in ("at", "registry", "crate", "version", "result", "rule", "who")]
-    elif isinstance(value, (tuple, list)) and len(value) == 7:
-        fields = list(value)
+    if isinstance(value, tuple) and len(value) == 7:
+        at, registry, crate, version, result, rule, who = value
+    elif isinstance(value, dict):
+        at, registry, crate, version, result, rule, who = (
+            value.get(key) for key in ("at", "registry", "crate", "version", "result", "rule", "who")
+        )
+    elif isinstance(value, list) and len(value) == 7:
+        at, registry, crate, version, result, rule, who = value
     else:
         return None
-    at, registry, crate, version, result, rule, who = fields
-    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) or at < 0:
+    if type(at) is not float and (isinstance(at, bool) or not isinstance(at, int)):
         return None
-    if at > (now if now is not None else time.time()) + 86400:
+    if not 0 <= at <= (now if now is not None else time.time()) + 86400:  # NaN fails too
+        return None
+    if result not in RESULTS or not is_crate_version(crate, version):
         return None
     if not isinstance(registry, str) or not _REGISTRY_RE.fullmatch(registry):
-        return None
-    if not isinstance(crate, str) or not isinstance(version, str) or result not in RESULTS:
-        return None
-    try:
-        key = parse_crate_version(crate, version)
-    except InvalidRequest:
         return None
     if not isinstance(rule, str) or (rule and not _RULE_RE.fullmatch(rule)):
         return None
     if not isinstance(who, str) or not _WHO_RE.fullmatch(who):
         return None
-    return AuditRecord(float(at), registry, key.crate.lower, key.version, str(result), rule, who)
+    return AuditRecord(float(at), registry, str(crate).lower(), str(version), str(result), rule, who)
 
 
 def make_record(
