@@ -7,7 +7,7 @@ carries no recording code. Who: the token's name when auth is on, else the clien
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -16,7 +16,7 @@ from cratemirror.fleet.storage import LocalShared
 from cratemirror.http.auth import TOKEN_NAME
 from cratemirror.http.context import MIRROR
 from cratemirror.http.policy import POLICY_HEADER, client_of
-from cratemirror.http.routes import KIND, REGISTRY
+from cratemirror.http.routes import KIND
 from cratemirror.metrics import DEFAULT_REGISTRY
 
 AUDIT = web.AppKey("audit", AuditTrail)
@@ -35,7 +35,7 @@ def install_audit(app: web.Application) -> None:
     )
     app[AUDIT] = trail
     if trail.enabled:
-        app.on_response_prepare.append(_on_prepare)
+        app.on_response_prepare.append(_recorder(trail, mirror.config.auth.required))
         app.cleanup_ctx.append(_lifecycle)
 
 
@@ -46,23 +46,33 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await trail.close()  # the last records are written (and uploaded) before the storage closes
 
 
-async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    if request.get(KIND) != "crate" or request.method != "GET":
-        return
-    status = response.status
-    rule = ""
-    if status in _SERVED_STATUSES:
-        result = SERVED
-    elif status == 403:
-        result, rule = BLOCKED, response.headers.get(POLICY_HEADER, "")
-    elif status == 404:
-        result = NOT_FOUND
-    elif status == 400:
-        return  # not a crate version: nothing was asked for that could be recorded
-    else:
-        result = FAILED
-    match = request.match_info
-    request.app[AUDIT].record(
-        request.get(REGISTRY, DEFAULT_REGISTRY), match.get("name", ""), match.get("version", ""),
-        result, rule, request.get(TOKEN_NAME) or client_of(request),
-    )  # fmt: skip
+Hook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+
+
+def _recorder(trail: AuditTrail, auth_required: bool) -> Hook:
+    """The hook, with what it needs bound once (it runs for every response: a few attribute reads)."""
+    record = trail.record
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        if request.get(KIND) != "crate" or request.method != "GET":
+            return
+        status = response.status
+        rule = ""
+        if status in _SERVED_STATUSES:
+            result = SERVED
+        elif status == 403:
+            result, rule = BLOCKED, response.headers.get(POLICY_HEADER, "")
+        elif status == 404:
+            result = NOT_FOUND
+        elif status == 400:
+            return  # not a crate version: nothing was asked for that could be recorded
+        else:
+            result = FAILED
+        match = request.match_info
+        # A token name only exists with auth on (a missing key costs an exception inside request.get).
+        who = (request.get(TOKEN_NAME) if auth_required else None) or client_of(request)
+        # The registry path segment was looked up among the configured names before the kind was set.
+        record(match.get("registry", DEFAULT_REGISTRY), match.get("name", ""), match.get("version", ""),
+               result, rule, who)  # fmt: skip
+
+    return on_prepare

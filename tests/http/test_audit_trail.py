@@ -11,15 +11,19 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from cratemirror.cache.audit import AUDIT_FILE, AuditDb, AuditTrail, decode_hour, encode_hour, parse_record
+from cratemirror.config.schema import RegistryConfig
 from cratemirror.http.audit import AUDIT
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
 
 
-def records_of(cache: Path) -> list[tuple[str, str, str, str, str]]:
+def records_of(cache: Path, registry: bool = False) -> list[tuple[str, ...]]:
     db = AuditDb(cache / AUDIT_FILE, readonly=True)
     try:
-        return [(r.crate, r.version, r.result, r.rule, r.who) for r in db.select()]
+        return [
+            ((r.registry,) if registry else ()) + (r.crate, r.version, r.result, r.rule, r.who)
+            for r in db.select()
+        ]
     finally:
         db.close()
 
@@ -33,24 +37,29 @@ async def test_downloads_and_refusals_are_recorded_with_the_client(
 ) -> None:
     registry.add_crate("serde", "1.0.0")
     registry.add_crate("denied", "0.1.0")
-    mirror = await mirror_factory(policy__mode="enforce", policy__deny=("denied",))
+    mirror = await mirror_factory(
+        policy__mode="enforce", policy__deny=("denied",),
+        registries={"corp": RegistryConfig(index_url=registry.index_url)},
+    )  # fmt: skip
     for path in (
         "/api/v1/crates/serde/1.0.0/download",  # a miss
         "/api/v1/crates/serde/1.0.0/download",  # a hit
         "/api/v1/crates/denied/0.1.0/download",  # refused by the policy
         "/api/v1/crates/serde/9.9.9/download",  # no such version
         "/api/v1/crates/-bad-/1.0.0/download",  # 400: nothing to record
+        "/registries/corp/api/v1/crates/serde/1.0.0/download",  # another registry
     ):
         async with mirror.get(path) as response:
             await response.read()
     async with mirror.head("/api/v1/crates/serde/1.0.0/download") as response:
         assert response.status == 200  # a HEAD takes nothing: not recorded
     await flushed(mirror)
-    assert records_of(tmp_path / "cache") == [
-        ("serde", "1.0.0", "served", "", "127.0.0.1"),
-        ("serde", "1.0.0", "served", "", "127.0.0.1"),
-        ("denied", "0.1.0", "blocked", "deny", "127.0.0.1"),
-        ("serde", "9.9.9", "not-found", "", "127.0.0.1"),
+    assert records_of(tmp_path / "cache", registry=True) == [
+        ("crates-io", "serde", "1.0.0", "served", "", "127.0.0.1"),
+        ("crates-io", "serde", "1.0.0", "served", "", "127.0.0.1"),
+        ("crates-io", "denied", "0.1.0", "blocked", "deny", "127.0.0.1"),
+        ("crates-io", "serde", "9.9.9", "not-found", "", "127.0.0.1"),
+        ("corp", "serde", "1.0.0", "served", "", "127.0.0.1"),
     ]
 
 
