@@ -25,6 +25,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ UPLOAD_SECONDS = 60.0  # a replica's current hour goes to the bucket this often 
 HOUR = 3600
 MAX_OBJECT_BYTES = 64 * 1024 * 1024  # one hour's gzipped object, read back
 MAX_OBJECT_LINES = 2_000_000
+MAX_LINE = 4096
+MAX_DECOMPRESSED = 512 * 1024 * 1024
 MAX_WHO = 200
 MAX_RULE = 100
 MAX_ROWS = 5_000_000  # one query reads at most this many records
@@ -241,13 +244,26 @@ def encode_hour(records: Iterable[AuditRecord]) -> bytes:
 
 
 def decode_hour(data: bytes, now: float | None = None) -> Iterator[AuditRecord]:
-    """One hour object from the bucket: bounded in compressed and decompressed size and in lines."""
+    """One hour object from the bucket, bounded: compressed size, decompressed size (a gzip bomb stops
+    at MAX_DECOMPRESSED), line length (a longer line is skipped, never held whole) and line count."""
     if len(data) > MAX_OBJECT_BYTES:
         return
+    read = 0
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
-            for number, line in enumerate(stream):
-                if number >= MAX_OBJECT_LINES or len(line) > 4096:
+            for _ in range(MAX_OBJECT_LINES):
+                line = stream.readline(MAX_LINE + 1)
+                if not line:
+                    return
+                read += len(line)
+                if len(line) > MAX_LINE:  # longer than allowed: skip to its end, never holding it whole
+                    while not line.endswith(b"\n"):
+                        line = stream.readline(MAX_LINE + 1)
+                        read += len(line)
+                        if not line or read > MAX_DECOMPRESSED:
+                            return
+                    continue
+                if read > MAX_DECOMPRESSED:
                     return
                 try:
                     value = json.loads(line)
@@ -256,7 +272,7 @@ def decode_hour(data: bytes, now: float | None = None) -> Iterator[AuditRecord]:
                 record = parse_record(value, now)
                 if record is not None:
                     yield record
-    except (OSError, EOFError, gzip.BadGzipFile):
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
         return
 
 

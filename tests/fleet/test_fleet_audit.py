@@ -3,7 +3,9 @@ under audit/<replica>/, and one `audit query` answers for every replica, from an
 
 from __future__ import annotations
 
+import gzip
 import json
+import time
 from pathlib import Path
 
 import aiohttp
@@ -30,8 +32,27 @@ async def test_one_query_sees_both_replicas_records(
                 assert response.status == 200
         for mirror in (a, b):
             assert await mirror.stop() == 0, mirror.output()  # shutting down uploads the last records
-    keys = [key for key in moto.object_keys() if key.startswith("audit/")]
+    keys = [key for key in moto.object_keys() if key.startswith("audit/")]  # one object per replica and hour
     assert len(keys) == 2 and len({key.split("/")[1] for key in keys}) == 2, keys
+
+    # Objects the replicas did not write are input like any other: skipped, or only their valid lines.
+    now = time.time()
+    hour = int(now // 3600)
+    good = {"at": now, "registry": "crates-io", "crate": "planted", "version": "1.0.0", "result": "served",
+            "rule": "", "who": "x"}  # fmt: skip
+    bad_lines = [
+        json.dumps({**good, "crate": "../../etc"}), json.dumps({**good, "at": "soon"}),
+        "not json", "[" * 5000,
+        json.dumps({**good, "version": "2.0.0"}),  # the one valid line
+    ]  # fmt: skip
+    client = moto.client()
+    for key, body in (
+        (f"audit/intruder/{hour:010d}.jsonl.gz", gzip.compress("\n".join(bad_lines).encode())),
+        (f"audit/garbage/{hour:010d}.jsonl.gz", b"not gzip at all"),
+        (f"audit/Bad_Name/{hour:010d}.jsonl.gz", gzip.compress(json.dumps(good).encode())),
+        (f"audit/intruder/{hour:010d}.txt", gzip.compress(json.dumps(good).encode())),
+    ):
+        client.put_object(Bucket=moto.bucket, Key=key, Body=body)
 
     config = tmp_path / "mirror.yaml"
     elsewhere = tmp_path / "elsewhere"  # no cache dir there: every record comes from the bucket
@@ -44,5 +65,5 @@ async def test_one_query_sees_both_replicas_records(
         assert result.code == 0, result.output
         rows = json.loads(result.stdout)
         assert sorted((row["crate"], row["version"], row["result"]) for row in rows) == [
-            ("alpha", "1.0.0", "served"), ("beta", "2.0.0", "served"),
+            ("alpha", "1.0.0", "served"), ("beta", "2.0.0", "served"), ("planted", "2.0.0", "served"),
         ]  # fmt: skip

@@ -4,6 +4,8 @@ audit.retention drops what is older."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,9 @@ def test_records_from_outside_are_validated() -> None:
     body = encode_hour([record])
     assert list(decode_hour(body)) == [record]
     assert list(decode_hour(b"not gzip")) == []
+    line = json.dumps(good).encode()
+    long_line = b'{"a": "' + b"x" * 100_000 + b'"}'
+    assert list(decode_hour(gzip.compress(long_line + b"\n" + line + b"\n[[[\n" + line))) == [record] * 2
 
 
 async def test_a_file_that_cannot_be_opened_keeps_records_in_memory(tmp_path: Path) -> None:
