@@ -265,7 +265,8 @@ class PolicyService:
         key = (lower, entry.etag, self.db.signature, tuple(sorted(known.items())))
         cached = self._views.get(key)
         if cached is None or cached[1] <= time.time():
-            if len(entry.body) > VIEW_IN_THREAD:  # parsing every line of a big file would stall the loop
+            # Parsing every line of a big file would stall the loop; the cooldown may write to the store.
+            if len(entry.body) > VIEW_IN_THREAD or cooling:
                 cached = await asyncio.to_thread(self._make_view, lower, entry, known)
             else:
                 cached = self._make_view(lower, entry, known)
