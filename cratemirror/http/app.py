@@ -11,14 +11,16 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from cratemirror.cache.ratelimit import FILE_NAME as BUDGET_FILE
+from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, status_page
 from cratemirror.http.audit import install_audit
-from cratemirror.http.auth import auth_middleware
-from cratemirror.http.context import MIRROR, Mirror, RecentMiss
-from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
+from cratemirror.http.auth import auth_middleware, token_checker
+from cratemirror.http.context import MIRROR, TIMING, Mirror, RecentMiss
+from cratemirror.metrics import DEFAULT_REGISTRY, Metrics, start_request_timing
 from cratemirror.policy.service import create_policy
 
 log = logging.getLogger("cratemirror")
@@ -30,16 +32,16 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     registries = build_registries(config, metrics, disk_trouble)
     default = registries[DEFAULT_REGISTRY]
     policy = create_policy(config, default.store, metrics)  # the policy gates crates.io's crates
-    if policy.enabled:  # what cargo sees yanked in the policy's view is never prefetched either
-        default.index.prefetch.allowed = lambda name, version: policy.verdict(name, version).block is None
-    mirror = Mirror(
-        config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
-        policy, registries=registries,
-    )  # fmt: skip
+    if policy.enabled:  # the policy gates crates.io's downloads, and what it blocks is never prefetched
+        default.crates.gate = policy
+        default.index.prefetch.allowed = lambda name, version: not policy.blocks(name, version)
+    mirror = Mirror(config, metrics, disk_trouble, policy, registries)
+    mirror.unknown_names = UnknownNameBudget(config.cache.dir / BUDGET_FILE, default.coordination)
 
     middlewares: list[Middleware] = [_instrument]
     if config.auth.required:
-        middlewares.append(auth_middleware(config.auth, metrics))
+        mirror.tokens = token_checker(config.auth, metrics)
+        middlewares.append(auth_middleware(config.auth, metrics, mirror.tokens))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
     app.add_routes(routes.routes)
@@ -52,12 +54,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     mirror = app[MIRROR]
     for registry in mirror.registries.values():
-        removed = registry.store.clean_stale_temp_files()
-        if removed:
-            log.info("removed %d partial downloads left by an earlier run", removed)
-        if not mirror.config.offline:
-            await registry.upstream.start()
-        await registry.shared.start()
+        await registry.start(offline=mirror.config.offline)
     # Each registry's upstream health, shared with the other replicas (a no-op without Redis).
     health = [
         asyncio.create_task(registry.coordination.share_health(registry.upstream.health))
@@ -75,16 +72,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await mirror.policy.start()
     yield
     await mirror.policy.close()
+    mirror.unknown_names.close()
     for task in health:
         task.cancel()
     await asyncio.gather(*health, return_exceptions=True)
     for registry in mirror.registries.values():
-        await registry.crates.close()
-        await registry.index.close()
-        await registry.upstream.close()
-        await registry.coordination.close()
-        await registry.shared.close()
-        registry.store.close()
+        await registry.close()
 
 
 @web.middleware

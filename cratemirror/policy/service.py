@@ -87,7 +87,10 @@ class PolicyService:
             return
         if not self.root.is_dir():
             log.warning("advisory database %s not found: no advisory applies until it appears", self.root)
-        await self.reload_if_changed()
+        try:
+            await self.reload_if_changed()
+        except Exception:  # start-up never depends on the checkout: the watcher tries again
+            log.exception("could not read the advisory database %s; serving without it for now", self.root)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self) -> None:
@@ -113,6 +116,8 @@ class PolicyService:
         db = await asyncio.to_thread(advisories.load, self.root)
         self._loaded = True
         self.db = db
+        if db.failed:
+            self.metrics.advisory_errors.inc(db.failed)
         self._views.clear()
         log.info(
             "advisory database %s: %d advisories, newest %s%s",
@@ -200,8 +205,8 @@ class PolicyService:
             return Verdict()
         try:
             parsed = parse_version(version)
-        except RequirementError:
-            return Verdict()
+        except RequirementError:  # fail closed: what cannot be judged is not passed unseen
+            return self.rules.unjudgeable(self.db, name, version)
         known = self.known_licenses(name.lower()) if self.rules.licenses else {}
         license_text = known.get(version)
         verdict = self.rules.verdict(self.db, name, parsed, license_text or None, license_text is not None)
@@ -211,6 +216,12 @@ class PolicyService:
                 reason = self.cooldown.reason(name, version, hold)
                 return Verdict(Decision(COOLDOWN_RULE, BLOCK, reason), verdict.warnings)
         return verdict
+
+    def blocks(self, name: str, version: str) -> bool:
+        return self.verdict(name, version).block is not None
+
+    async def judge(self, name: str, version: str, client: str) -> Decision | None:
+        return await self.record(self.verdict(name, version), name, version, client)
 
     async def record(self, verdict: Verdict, name: str, version: str, client: str) -> Decision | None:
         """Log and count a download's decisions; the block to enforce, if the mode enforces one."""
@@ -283,14 +294,15 @@ class PolicyService:
             return entry, until
         blocked = set()
         for version in versions(entry.body):
+            license_text = known.get(version)
             try:
                 parsed = parse_version(version)
             except RequirementError:
-                continue
-            license_text = known.get(version)
-            verdict = self.rules.verdict(
-                self.db, lower, parsed, license_text or None, license_text is not None
-            )
+                verdict = self.rules.unjudgeable(self.db, lower, version)
+            else:
+                verdict = self.rules.verdict(
+                    self.db, lower, parsed, license_text or None, license_text is not None
+                )
             if verdict.block is not None:
                 blocked.add(version)
                 continue

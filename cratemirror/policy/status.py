@@ -38,7 +38,8 @@ def _exposure(policy: PolicyService) -> str:
     )
 
 
-def policy_panel(policy: PolicyService, now: float) -> str:
+def policy_panel(policy: PolicyService, now: float, show_clients: bool = True) -> str:
+    """`show_clients`: False for a viewer without a token while auth is required (no addresses)."""
     rules = policy.rules
     if not policy.enabled:
         return (
@@ -77,7 +78,8 @@ def policy_panel(policy: PolicyService, now: float) -> str:
         f"{_HEAD}\n"
         f'    <dl class="facts">\n{rows}\n    </dl>\n'
         f'  <h3>Recent decisions <small class="empty">(every worker, newest first)</small></h3>\n'
-        f'  <div class="wide">\n{_decisions(policy.recent(), now)}\n  </div>\n{_exposure(policy)}</section>'
+        f'  <div class="wide">\n{_decisions(policy.recent(), now, show_clients)}\n  </div>\n'
+        f"{_exposure(policy)}</section>"
     )
 
 
@@ -88,7 +90,7 @@ def _age(seconds: float, exempt_fixes: bool) -> str:
     return f"{shown}" + (" (patched releases of advisories exempt)" if exempt_fixes else "")
 
 
-def _decisions(recent: list[dict[str, Any]], now: float) -> str:
+def _decisions(recent: list[dict[str, Any]], now: float, show_clients: bool) -> str:
     if not recent:
         return '  <p class="empty" id="no-policy-decisions">Nothing blocked or warned about yet.</p>'
     rows = []
@@ -98,7 +100,8 @@ def _decisions(recent: list[dict[str, Any]], now: float) -> str:
         rows.append(
             f"      <tr><td>{_esc(ago)}</td><td>{_esc(item.get('policy_action'))}</td>"
             f'<td class="mono">{_esc(item.get("crate"))} {_esc(item.get("version"))}</td>'
-            f'<td class="mono">{_esc(item.get("rule"))}</td><td>{_esc(item.get("client"))}</td>'
+            f'<td class="mono">{_esc(item.get("rule"))}</td>'
+            f"<td>{_esc(item.get('client')) if show_clients else 'hidden'}</td>"
             f'<td class="left">{_esc(item.get("reason"))}</td></tr>'
         )
     head = "<tr><th>When</th><th>Action</th><th>Crate</th><th>Rule</th><th>Client</th><th>Reason</th></tr>"

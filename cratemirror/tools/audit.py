@@ -34,7 +34,7 @@ from cratemirror.cache.audit import (
 from cratemirror.config.schema import Config, ConfigError, parse_duration
 from cratemirror.names import InvalidRequest, parse_name
 from cratemirror.policy import advisories
-from cratemirror.tools.common import EXIT_OK, error, tool_config, uses_bucket
+from cratemirror.tools.common import EXIT_OK, error, tool_config
 from cratemirror.versions import CargoRequirement, RequirementError, Version, parse_version
 
 CONFIG_HELP = "config file (default: $CRATEMIRROR_CONFIG, ./mirror.yaml)"
@@ -56,7 +56,7 @@ def collect(config: Config, since: float) -> list[AuditRecord]:
         finally:
             db.close()
         own = replica_id(config.cache.dir, create=False)
-    if uses_bucket(config):
+    if config.storage.backend == "s3":  # every replica's records are in the bucket
         records.extend(asyncio.run(_from_bucket(config, since, own)))
     records.sort(key=lambda record: record.at)
     return records[:MAX_ROWS]

@@ -17,9 +17,9 @@ from cratemirror.fleet.coordination.local import LocalCoordination
 from cratemirror.metrics import DEFAULT_REGISTRY
 
 if TYPE_CHECKING:
+    from cratemirror.fleet.coordination.health import UpstreamHealth
     from cratemirror.fleet.storage.disk import Store
     from cratemirror.metrics import Metrics
-    from cratemirror.upstream.client import Health
 
 __all__ = ["Coordination", "LocalCoordination", "make_coordination"]
 
@@ -37,12 +37,25 @@ class Coordination(Protocol):
         """Tell every replica that upstream did not have `key` at `checked_at`, for `ttl` seconds."""
         ...
 
-    async def share_health(self, health: Health) -> None:
+    async def share_health(self, health: UpstreamHealth) -> None:
         """Runs until cancelled: tells the other replicas when our upstream is down, and takes their word."""
         ...
 
     async def problem(self) -> str | None:
         """None when coordination works as configured, else a one-line reason (/readyz: degraded)."""
+        ...
+
+    async def take_token(self, key: str, burst: int, per_second: float) -> float | None:
+        """One token of a fleet-wide bucket: tokens left, or -(seconds until one); None: not shared."""
+        ...
+
+    async def give_token(self, key: str, burst: int) -> bool:
+        """Give a token back to a fleet-wide bucket; False: not shared."""
+        ...
+
+    async def claim_once(self, key: str, seconds: float) -> tuple[bool, float] | None:
+        """Claim `key` fleet-wide for `seconds`: (claimed by this caller, when the standing claim was
+        made); None: not shared."""
         ...
 
     async def close(self) -> None: ...

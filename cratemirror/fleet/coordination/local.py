@@ -6,8 +6,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from cratemirror.fleet.coordination.health import UpstreamHealth
     from cratemirror.fleet.storage.disk import Store
-    from cratemirror.upstream.client import Health
 
 
 class LocalCoordination:
@@ -23,10 +23,19 @@ class LocalCoordination:
     async def remember_missing(self, key: str, checked_at: float, ttl: float) -> None:
         return None
 
-    async def share_health(self, health: Health) -> None:
+    async def share_health(self, health: UpstreamHealth) -> None:
         return None  # one replica: its own view is all there is
 
     async def problem(self) -> str | None:
+        return None
+
+    async def take_token(self, key: str, burst: int, per_second: float) -> float | None:
+        return None  # no fleet-wide buckets: the host's budget file is all there is
+
+    async def give_token(self, key: str, burst: int) -> bool:
+        return False
+
+    async def claim_once(self, key: str, seconds: float) -> tuple[bool, float] | None:
         return None
 
     async def close(self) -> None:
