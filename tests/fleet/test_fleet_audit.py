@@ -4,6 +4,7 @@ under audit/<replica>/, and one `audit query` answers for every replica, from an
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cratemirror.fleet.storage.integrity import Sealer
 from tests.fake_upstream import FakeRegistry
 from tests.fleet_support import MotoS3, replicas
 from tests.tools_support import run_cli
@@ -35,7 +37,8 @@ async def test_one_query_sees_both_replicas_records(
     keys = [key for key in moto.object_keys() if key.startswith("audit/")]  # one object per replica and hour
     assert len(keys) == 2 and len({key.split("/")[1] for key in keys}) == 2, keys
 
-    # Objects the replicas did not write are input like any other: skipped, or only their valid lines.
+    # Objects the replicas did not write are input like any other: skipped unless they authenticate with
+    # the fleet secret, and then only their valid lines are taken.
     now = time.time()
     hour = int(now // 3600)
     good = {"at": now, "registry": "crates-io", "crate": "planted", "version": "1.0.0", "result": "served",
@@ -46,13 +49,18 @@ async def test_one_query_sees_both_replicas_records(
         json.dumps({**good, "version": "2.0.0"}),  # the one valid line
     ]  # fmt: skip
     client = moto.client()
-    for key, body in (
-        (f"audit/intruder/{hour:010d}.jsonl.gz", gzip.compress("\n".join(bad_lines).encode())),
-        (f"audit/garbage/{hour:010d}.jsonl.gz", b"not gzip at all"),
-        (f"audit/Bad_Name/{hour:010d}.jsonl.gz", gzip.compress(json.dumps(good).encode())),
-        (f"audit/intruder/{hour:010d}.txt", gzip.compress(json.dumps(good).encode())),
+    sealer = Sealer(moto.INTEGRITY_KEY.encode())
+    for key, body, sealed in (
+        # Written with the fleet secret (a replica gone wrong): only its valid line is taken.
+        (f"audit/intruder/{hour:010d}.jsonl.gz", gzip.compress("\n".join(bad_lines).encode()), True),
+        (f"audit/garbage/{hour:010d}.jsonl.gz", b"not gzip at all", True),
+        # Without the secret (anyone who can write the bucket): not taken at all.
+        (f"audit/forger/{hour:010d}.jsonl.gz", gzip.compress(json.dumps(good).encode()), False),
+        (f"audit/Bad_Name/{hour:010d}.jsonl.gz", gzip.compress(json.dumps(good).encode()), True),
+        (f"audit/intruder/{hour:010d}.txt", gzip.compress(json.dumps(good).encode()), True),
     ):
-        client.put_object(Bucket=moto.bucket, Key=key, Body=body)
+        meta = sealer.seal("audit", key, hashlib.sha256(body).hexdigest(), {}) if sealed else {}
+        client.put_object(Bucket=moto.bucket, Key=key, Body=body, Metadata=meta)
 
     config = tmp_path / "mirror.yaml"
     elsewhere = tmp_path / "elsewhere"  # no cache dir there: every record comes from the bucket

@@ -335,7 +335,8 @@ class S3Shared:
         self._known.pop(name, None)
         if name not in self._reported:
             self._reported[name] = True
-            log.error("shared storage: %s has %s: ignored, replaced from upstream", name, reason)
+            then = "" if kind == "audit" else ", replaced from upstream"
+            log.error("shared storage: %s has %s: ignored%s", name, reason, then)
 
     def _passed(self, name: str) -> None:
         self._reported.pop(name, None)  # a later failure of this key is news again
