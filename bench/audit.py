@@ -1,8 +1,9 @@
 """`python -m bench.audit`: what the audit trail costs the hit path.
 
-Two mirrors (2 workers each, fresh cache dirs, the bench's fake upstream in its own process), the same
-config but `audit.retention: 90d` (on, the default) and `audit.retention: 0` (off). Both are warmed with
-the 100 small crates, then wrk drives warm small-crate hits (every one a download, so every one is
+Two mirrors (2 workers each, fresh cache dirs, the bench's fake upstream in its own process, logging at
+info with the access log on, as the main bench and the default config run), the same config but
+`audit.retention: 90d` (on, the default) and `audit.retention: 0` (off). Both are warmed with the 100
+small crates, then wrk drives warm small-crate hits (every one a download, so every one is
 recorded) at one and then the other, alternating which goes first, for `--rounds` rounds in the same
 run. Prints the medians (req/s, p50, p99, and the CPU time the worker processes spent per request, read
 from /proc: the figure least disturbed by other load on the machine) and on/off ratios, and how many
@@ -60,7 +61,7 @@ async def run(rounds: int, seconds: float, connections: int, tmp: Path) -> tuple
             config = tmp / f"{mode}.yaml"
             retention = "90d" if mode == "on" else "0"
             config.write_text(
-                f"cache:\n  index_ttl: 3600s\naudit:\n  retention: {retention}\nlogging:\n  level: warning\n"
+                f"cache:\n  index_ttl: 3600s\naudit:\n  retention: {retention}\nlogging:\n  level: info\n"
             )
             mirrors[mode] = new_mirror(upstream, tmp, f"mirror-{mode}", config)
         paths = catalog.small_crates()
