@@ -152,7 +152,11 @@ class UnknownNameBudget:
         self.burst = burst
         self.per_second = per_second
         self.shared = shared
-        self._file = _BudgetFile(path)
+        try:
+            self._file = _BudgetFile(path)
+        except sqlite3.Error as exc:  # a full or broken cache dir at start-up: this process's own buckets
+            log.warning("unknown-name budget file %s unavailable, counting per process: %s", path, exc)
+            self._file = _BudgetFile(None)
 
     async def take(self, client: str) -> int | None:
         """Charge one possible upstream request to `client`: None if it may go ahead, else the seconds

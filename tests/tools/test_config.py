@@ -290,6 +290,7 @@ CONTRACT_KEYS = {
             "internal_names",
         ]
     ),
+    *(f"toolchains.{k}" for k in ["upstream", "manifest_ttl", "signing_key", "max_size"]),
     "audit.retention",
 }
 
@@ -544,7 +545,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
         "allowed keys: server, upstream, cache, offline, logging, storage, coordination, auth, registries, "
-        "policy, audit"
+        "policy, toolchains, audit"
     )
 
 
