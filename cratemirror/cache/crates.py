@@ -202,6 +202,8 @@ class CrateService:
             await asyncio.wait({self._eviction}, timeout=EVICTION_SHUTDOWN_WAIT)
 
     def open_cached(self, name: str, version: str) -> CachedCrate | None:
+        if self.index.internal and self.index.internal.matches(name):
+            return None  # policy.internal_names: not even a copy cached before the rule is served
         path = self.store.crate_path(name, version)
         try:
             handle = open(path, "rb")  # noqa: SIM115 - handed to the response, which closes it
