@@ -13,8 +13,9 @@ Wraps any SharedStorage (the S3 one) for the server's fills:
   filled meanwhile, then every hot copy the bucket no longer lists (a bucket that lost its data).
 - `problem()` (for /readyz) and the `cratemirror_storage_up` gauge read the breaker: no I/O.
 
-The operator tools (iter_crates, read_crate, delete_crate, usage) pass straight through: they want
-the bucket's real errors, not a degraded view.
+The operator tools (iter_crates, read_crate, delete_crate, usage, iter_audit, get_audit) pass straight
+through: they want the bucket's real errors, not a degraded view. put_audit raises while degraded: the
+audit log then keeps the hour for its next upload round.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ PENDING_LIMIT = (
 REFILL_LIMIT = 200_000  # hot copies compared with the bucket's listing after a recovery
 REFILL_AT_ONCE = 4  # uploads in flight during a refill
 REASON_LIMIT = 200
+
+
+class StorageDegraded(Exception):
+    """The bucket is degraded: a write whose caller must know it did not happen (the audit upload)."""
 
 
 class GuardedShared:
@@ -191,6 +196,22 @@ class GuardedShared:
         return await self._guarded(
             lambda: self.inner.fetch_toolchain(path, sha256, into, limit), None, total=False
         )
+
+    async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
+        """Raises while degraded (the audit log keeps the hour and uploads it on a later round)."""
+        if self._down_since is not None:
+            raise StorageDegraded(f"not uploaded: {self._reason}")
+        try:
+            await self._bounded(self.inner.put_audit(replica, hour, body))
+        except Exception as exc:
+            self._trip(exc)
+            raise
+
+    def iter_audit(self, since_hour: int) -> AsyncIterator[tuple[str, int]]:
+        return self.inner.iter_audit(since_hour)
+
+    async def get_audit(self, replica: str, hour: int, limit: int) -> bytes | None:
+        return await self.inner.get_audit(replica, hour, limit)
 
     async def usage(self) -> tuple[int, int]:
         return await self.inner.usage()
