@@ -5,19 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Middleware
 
 from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, status_page
 from cratemirror.http.auth import auth_middleware
-from cratemirror.http.context import MIRROR, Mirror, RecentMiss
-from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
+from cratemirror.http.context import MIRROR, Mirror
+from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
 from cratemirror.policy.service import create_policy
 
 log = logging.getLogger("cratemirror")
@@ -36,7 +35,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         policy, registries=registries,
     )  # fmt: skip
 
-    middlewares: list[Middleware] = [_instrument]
+    middlewares: list[Middleware] = []  # none on the hit path: the counted routes carry their own hook
     if config.auth.required:
         middlewares.append(auth_middleware(config.auth, metrics))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
@@ -83,32 +82,3 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await registry.coordination.close()
         await registry.shared.close()
         registry.store.close()
-
-
-@web.middleware
-async def _instrument(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts client requests by kind and cache result, times them (the contract's metrics), and keeps
-    the request's upstream time for the access log and the status page's recent misses."""
-    timing = request[TIMING] = start_request_timing()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        kind = request.get(routes.KIND)
-        if kind is not None:
-            mirror = request.app[MIRROR]
-            elapsed = time.perf_counter() - timing.started
-            result = request.get(routes.RESULT, "error")
-            sent = 0 if request.method == "HEAD" else request.get(routes.BYTES, 0)
-            registry = mirror.registries.get(request.get(routes.REGISTRY, DEFAULT_REGISTRY))
-            metrics = registry.metrics if registry is not None else mirror.metrics
-            metrics.observe_request(kind, result, elapsed, sent)
-            if result == "miss":
-                mirror.recent_misses.append(
-                    RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)
-                )

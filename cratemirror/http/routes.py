@@ -13,17 +13,12 @@ from cratemirror.cache.crates import CachedCrate, Fill, NotFound
 from cratemirror.cache.index import GZIP_MIN, OfflineMiss
 from cratemirror.cache.registry import Registry
 from cratemirror.http.context import MIRROR
+from cratemirror.http.instrument import BYTES, KIND, REGISTRY, RESULT, instrumented
 from cratemirror.http.policy import client_of, refusal
 from cratemirror.http.responses import error, not_modified, send_file
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path, parse_name
 from cratemirror.upstream.client import UpstreamError, UpstreamNotFound
-
-# Keys on the request that the instrumentation middleware reads.
-KIND = web.RequestKey("cratemirror.kind", str)
-RESULT = web.RequestKey("cratemirror.result", str)
-BYTES = web.RequestKey("cratemirror.bytes", int)
-REGISTRY = web.RequestKey("cratemirror.registry", str)
 
 CRATE_HEADERS = {
     "Content-Type": "application/gzip",
@@ -92,6 +87,7 @@ def _no_registry() -> web.Response:
 
 @routes.get("/index/config.json")
 @routes.get("/registries/{registry}/index/config.json")
+@instrumented
 async def config_json(request: web.Request) -> web.Response:
     registry = _registry(request)
     if registry is None:
@@ -113,6 +109,7 @@ async def config_json(request: web.Request) -> web.Response:
 
 @routes.get("/index/{path:.+}")
 @routes.get("/registries/{registry}/index/{path:.+}")
+@instrumented
 async def index_file(request: web.Request) -> web.Response:
     registry = _registry(request)
     if registry is None:
@@ -166,6 +163,7 @@ async def index_file(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/crates/{name}/{version}/download")
 @routes.get("/registries/{registry}/api/v1/crates/{name}/{version}/download")
+@instrumented
 async def download(request: web.Request) -> web.StreamResponse:
     registry = _registry(request)
     if registry is None:

@@ -134,7 +134,6 @@ def run_worker(
     asyncio.set_event_loop(runner_loop)
     guard = ConnectionGuard(config.server.max_connections, config.server.idle_timeout)
     app = create_app(config)
-    app.middlewares.insert(0, guard.middleware)
 
     async def serve() -> None:
         # run_app's steps, with a hold on the Server object so the guard can watch its connections.
