@@ -16,6 +16,7 @@ from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, status_page
 from cratemirror.http.auth import auth_middleware
 from cratemirror.http.context import MIRROR, Mirror
+from cratemirror.http.index_answers import IndexAnswers
 from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
 from cratemirror.policy.service import create_policy
 
@@ -34,6 +35,9 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
         policy, registries=registries,
     )  # fmt: skip
+    mirror.index_answers = IndexAnswers(config.cache.memory_size)
+    for name, registry in registries.items():
+        mirror.index_answers.watch(name, registry.index)
 
     middlewares: list[Middleware] = []  # none on the hit path: the counted routes carry their own hook
     if config.auth.required:

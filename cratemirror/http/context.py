@@ -15,6 +15,7 @@ from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import Registry
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble, Store
+from cratemirror.http.index_answers import IndexAnswers
 from cratemirror.metrics import Metrics
 from cratemirror.policy.service import PolicyService
 from cratemirror.upstream.client import Upstream
@@ -50,6 +51,8 @@ class Mirror:
     unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
+    # Warm index hits' prepared answers (create_app sizes them by cache.memory_size).
+    index_answers: IndexAnswers = field(default_factory=lambda: IndexAnswers(0))
 
     def record_usage(self, usage: dict[str, tuple[int, int]]) -> None:
         for kind, (size, entries) in usage.items():

@@ -54,6 +54,9 @@ class PolicyService:
         self._views: LRUCache[tuple[Any, ...], IndexEntry] = LRUCache(VIEW_BYTES, getsizeof=_view_size)
         self._watcher: asyncio.Task[None] | None = None
         self._loaded = False
+        # Counts what can change this worker's index view (a reloaded database, a learned licence):
+        # copies made from a view are good while it is unchanged.
+        self.changes = 0
 
     @property
     def enabled(self) -> bool:
@@ -93,6 +96,7 @@ class PolicyService:
         self._loaded = True
         self.db = db
         self._views.clear()
+        self.changes += 1
         log.info(
             "advisory database %s: %d advisories, newest %s%s",
             self.root, db.count, db.newest_date or "-",
@@ -136,6 +140,7 @@ class PolicyService:
             except (OSError, sqlite3.Error) as exc:
                 log.warning("could not store the licence of %s %s: %s", name, version, exc)
             self._licenses[lower] = table
+            self.changes += 1
 
     # --- verdicts ------------------------------------------------------------------------------
 
