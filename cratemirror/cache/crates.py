@@ -168,6 +168,7 @@ class CrateService:
         self._missing_checked: LRUCache[str, float] = LRUCache(MEMO_LIMIT)
         # "name/version" -> sha256: saves a metadata read per hit
         self._sha_memo: LRUCache[str, str] = LRUCache(MEMO_LIMIT)
+        self._paths: dict[tuple[str, str], str] = {}  # (name, version) -> its file, once validated
         self.disk_trouble = disk_trouble
 
     async def close(self) -> None:
@@ -180,9 +181,15 @@ class CrateService:
             await asyncio.wait({self._eviction}, timeout=EVICTION_SHUTDOWN_WAIT)
 
     def open_cached(self, name: str, version: str) -> CachedCrate | None:
-        path = self.store.crate_path(name, version)
+        path = self._paths.get((name, version))
+        if path is None:  # validated and built once per key, not per hit
+            path = str(self.store.crate_path(name, version))
+            if len(self._paths) >= MEMO_LIMIT:
+                self._paths.clear()
+            self._paths[(name, version)] = path
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - handed to the response, which closes it
+            # Unbuffered: the answer is a pread or a sendfile of the descriptor, never a buffered read.
+            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - handed to the response, which closes it
         except (FileNotFoundError, NotADirectoryError):
             return None
         key = f"{name}/{version}"

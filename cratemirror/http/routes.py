@@ -23,7 +23,7 @@ from cratemirror.http.index_answers import (
 )
 from cratemirror.http.instrument import BYTES, KIND, REGISTRY, RESULT, instrumented
 from cratemirror.http.policy import client_of, refusal
-from cratemirror.http.responses import error, not_modified, send_file
+from cratemirror.http.responses import crate_headers, error, not_modified, send_file
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path, parse_name
 from cratemirror.upstream.client import UpstreamError, UpstreamNotFound
@@ -318,7 +318,7 @@ async def _answer_from_fill(
 
 
 async def _send_cached(request: web.Request, cached: CachedCrate, x_cache: str = "HIT") -> web.StreamResponse:
-    headers = {**CRATE_HEADERS, "ETag": f'"{cached.sha256}"', "X-Cache": x_cache}
+    headers = crate_headers(CRATE_HEADERS, cached.sha256, x_cache)
     if not_modified(request, headers["ETag"], ""):
         cached.file.close()
         return web.Response(status=304, headers=headers)
