@@ -17,7 +17,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -53,9 +52,6 @@ class RequestTiming:
     upstream_seconds: float = 0.0
     upstream_requests: int = 0
 
-
-# The request key under which the instrumentation middleware keeps the request's RequestTiming.
-TIMING = web.RequestKey("cratemirror.timing", RequestTiming)
 
 # Set per client request by the middleware. Fetch tasks a request starts copy its context, so their
 # upstream calls add to the request that started them (a request that joins a fetch adds nothing).

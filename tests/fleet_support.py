@@ -12,7 +12,6 @@ import contextlib
 import csv
 import io
 import os
-import shutil
 import signal
 import subprocess
 import uuid
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from tests.mirror_process import MirrorProcess, Service, clean_env, free_port, wait_until
+from tests.system_tools import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -31,10 +31,8 @@ STOP_TIMEOUT = 10.0
 
 
 def require(tool: str, package: str) -> str:
-    """The tool's path; a missing tool fails the test (never a skip): .ci/run installs it."""
-    path = shutil.which(tool)
-    assert path is not None, f"{tool} is required (Debian package {package}; .ci/run installs it)"
-    return path
+    """The tool's path; a missing tool skips the test naming it (fails in CI, where .ci/run installs it)."""
+    return require_tool(tool, f"Debian package {package}")
 
 
 # ---- TLS --------------------------------------------------------------------------------------------

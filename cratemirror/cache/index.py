@@ -25,6 +25,7 @@ from cratemirror.config.schema import CacheConfig
 from cratemirror.fleet.coordination import Coordination, LocalCoordination
 from cratemirror.fleet.storage import LocalShared, SharedStorage
 from cratemirror.fleet.storage.disk import DiskTrouble, IndexEntry, Store
+from cratemirror.keys import index_key
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum
 from cratemirror.upstream.client import Upstream, UpstreamError, UpstreamNotFound
@@ -133,7 +134,7 @@ class IndexService:
             # RFC 5861 stale-while-revalidate: a warm client never waits on upstream inside the window.
             self._revalidate_behind(crate)
             return IndexResult(entry, "STALE", "stale")
-        key = f"index:{crate.lower}"
+        key = index_key(crate.lower)
         result, joined = await self._flights.run(key, lambda: self._refresh(crate, newer_than))
         if joined or result.shared:
             # Served by someone else's fetch: one upstream request is one miss, however many waited.
@@ -164,7 +165,7 @@ class IndexService:
     def _revalidate_behind(self, crate: CrateName) -> None:
         """One background revalidation per key: in this process through the flight, across worker
         processes through the store lock (a waiter finds the copy fresh and does not fetch)."""
-        key = f"index:{crate.lower}"
+        key = index_key(crate.lower)
         if self._flights.active(key):
             return
         task = asyncio.ensure_future(self._flights.run(key, lambda: self._refresh(crate, None)))
@@ -248,7 +249,7 @@ class IndexService:
         return IndexResult(entry, "STALE", "stale")  # offline: served however old
 
     async def _refresh(self, crate: CrateName, newer_than: float | None) -> IndexResult:
-        async with self.coordination.lock(f"index:{crate.lower}"):
+        async with self.coordination.lock(index_key(crate.lower)):
             # Another worker process may have refreshed it while we waited for the lock.
             entry = self.store.get_index(crate.lower)
             if entry is not None and self._is_fresh(entry, newer_than):
@@ -261,7 +262,7 @@ class IndexService:
                 entry = shared
                 if self._is_fresh(entry, newer_than):
                     return IndexResult(entry, "HIT", "hit", shared=True)
-            missing_since = await self.coordination.missing_since(f"index:{crate.lower}")
+            missing_since = await self.coordination.missing_since(index_key(crate.lower))
             if missing_since is not None and (newer_than is None or missing_since >= newer_than):
                 # Another replica asked upstream a moment ago: "not found" holds here too.
                 known = IndexEntry(404, b"", "", formatdate(missing_since, usegmt=True), missing_since)
@@ -311,7 +312,7 @@ class IndexService:
             missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)
             await self._put(crate.lower, missing, expire=self.cache.negative_ttl + NEGATIVE_GRACE)
             await self.coordination.remember_missing(
-                f"index:{crate.lower}", checked_at, self.cache.negative_ttl
+                index_key(crate.lower), checked_at, self.cache.negative_ttl
             )
             return IndexResult(missing, "MISS", "miss")
 

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cratemirror.config.load import Loaded, effective_values, load
-from cratemirror.config.schema import MirrorSchema, find_config_path
+from cratemirror.config.load import Loaded, effective_values, find_config_path, load
+from cratemirror.config.schema import MirrorSchema
 
 ACTIONS = ("check", "show", "schema")
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

@@ -14,6 +14,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -53,8 +54,6 @@ __all__ = [
     "ServerConfig",
     "StorageConfig",
     "UpstreamConfig",
-    "find_config_path",
-    "load_config",
     "parse_duration",
     "parse_size",
     "with_source",
@@ -64,6 +63,10 @@ MiB = 1024**2
 GiB = 1024**3
 DAY = 86400.0
 DEFAULTS_SOURCE = "built-in defaults"
+# config.load.load() hands the file and environment layers to Config.settings_customise_sources here.
+LOADING: ContextVar[tuple[PydanticBaseSettingsSource, ...]] = ContextVar(
+    "cratemirror_config_layers", default=()
+)
 ENV_PREFIX = "CRATEMIRROR_"
 # Names the config file, so it is not itself a setting (and must not be rejected as an unknown one).
 ENV_CONFIG = "CRATEMIRROR_CONFIG"
@@ -685,9 +688,7 @@ class Config(MirrorSchema, BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Built directly, a Config is the defaults plus its keyword arguments: never os.environ by surprise.
         # load_config hands in the file and environment layers (highest priority first after the flags).
-        from cratemirror.config.load import loading_sources
-
-        return (init_settings, *loading_sources(settings_cls))
+        return (init_settings, *(LOADING.get() if settings_cls is Config else ()))
 
 
 def with_source(config: Config, source: str) -> Config:
@@ -695,25 +696,3 @@ def with_source(config: Config, source: str) -> Config:
     copy = config.model_copy()
     copy._source = source
     return copy
-
-
-def load_config(
-    path: Path | None,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, object] | None = None,
-) -> Config:
-    """Build the Config from defaults < the YAML file at path < CRATEMIRROR_* variables < overrides.
-
-    overrides maps dotted keys ("server.port", "offline", ...) to raw values; None values are skipped so
-    argparse results can be passed straight through. env=None means os.environ.
-    """
-    from cratemirror.config.load import load
-
-    return load(path, env, overrides).config
-
-
-def find_config_path(cli_path: str | None, env: Mapping[str, str], cwd: Path) -> Path | None:
-    """--config, else $CRATEMIRROR_CONFIG, else ./mirror.yaml if present, else None (built-in defaults)."""
-    from cratemirror.config.load import find_config
-
-    return find_config(cli_path, env, cwd)

@@ -29,12 +29,10 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     registries = build_registries(config, metrics, disk_trouble)
     default = registries[DEFAULT_REGISTRY]
     policy = create_policy(config, default.store, metrics)  # the policy gates crates.io's crates
-    if policy.enabled:  # what cargo sees yanked in the policy's view is never prefetched either
-        default.index.prefetch.allowed = lambda name, version: policy.verdict(name, version).block is None
-    mirror = Mirror(
-        config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
-        policy, registries=registries,
-    )  # fmt: skip
+    if policy.enabled:  # the policy gates crates.io's downloads, and what it blocks is never prefetched
+        default.crates.gate = policy
+        default.index.prefetch.allowed = lambda name, version: not policy.blocks(name, version)
+    mirror = Mirror(config, metrics, disk_trouble, policy, registries)
     mirror.index_answers = IndexAnswers(config.cache.memory_size)
     for name, registry in registries.items():
         mirror.index_answers.watch(name, registry.index)
@@ -53,12 +51,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     mirror = app[MIRROR]
     for registry in mirror.registries.values():
-        removed = registry.store.clean_stale_temp_files()
-        if removed:
-            log.info("removed %d partial downloads left by an earlier run", removed)
-        if not mirror.config.offline:
-            await registry.upstream.start()
-        await registry.shared.start()
+        await registry.start(offline=mirror.config.offline)
     # Each registry's upstream health, shared with the other replicas (a no-op without Redis).
     health = [
         asyncio.create_task(registry.coordination.share_health(registry.upstream.health))
@@ -80,9 +73,4 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
     await asyncio.gather(*health, return_exceptions=True)
     for registry in mirror.registries.values():
-        await registry.crates.close()
-        await registry.index.close()
-        await registry.upstream.close()
-        await registry.coordination.close()
-        await registry.shared.close()
-        registry.store.close()
+        await registry.close()

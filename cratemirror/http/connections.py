@@ -21,6 +21,7 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,10 +56,11 @@ class ConnectionGuard:
 
     # --- wiring --------------------------------------------------------------------------------
 
-    def attach(self, server: web.Server) -> None:
+    def attach(self, server: web.Server, on_request: Callable[[web.BaseRequest], None] | None = None) -> None:
         """Hook the server's connection events and its request handler (its public callbacks; each
         connection takes the handler when it opens, so this runs before the site listens) and start the
-        sweeper. No application middleware: the request hook is one call around the handler."""
+        sweeper. No application middleware: the request hook is one call around the handler, and calls
+        `on_request` first (the access log's timing)."""
         made, lost, handle = server.connection_made, server.connection_lost, server.request_handler
         conns = self._conns
 
@@ -74,6 +76,8 @@ class ConnectionGuard:
             lost(handler, exc)
 
         async def request_handler(request: web.BaseRequest) -> web.StreamResponse:
+            if on_request is not None:
+                on_request(request)
             conn = conns.get(request.protocol)
             if conn is None:  # already gone
                 return await handle(request)

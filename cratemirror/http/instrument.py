@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from cratemirror.http.context import MIRROR, RecentMiss
-from cratemirror.metrics import TIMING, RequestTiming, start_request_timing
+from cratemirror.http.context import MIRROR, TIMING, RecentMiss
+from cratemirror.metrics import RequestTiming, start_request_timing
 
 # Keys on the request that the handlers set and the hook reads.
 KIND = web.RequestKey("cratemirror.kind", str)
@@ -26,10 +26,19 @@ REGISTRY = web.RequestKey("cratemirror.registry", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def start_timing(request: web.BaseRequest) -> None:
+    """Time any request from the start of its handling (the server calls this for every request, so the
+    access log has a fine-grained duration: uvloop's loop.time() counts whole milliseconds)."""
+    request[TIMING] = start_request_timing()
+
+
 def instrumented(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def counted(request: web.Request) -> web.StreamResponse:
-        timing = request[TIMING] = start_request_timing()
+        try:
+            timing = request[TIMING]  # started by the server for every request
+        except KeyError:
+            timing = request[TIMING] = start_request_timing()
         status = 500
         try:
             response = await handler(request)

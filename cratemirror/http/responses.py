@@ -9,27 +9,12 @@ from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from cratemirror.http.sendfile import can_sendfile, sendfile
 from cratemirror.redact import redact
 
 _CHUNK = 256 * 1024
 ONE_WRITE_MAX = 256 * 1024
-_CRATE_HEADERS_MEMO = 4096
-_crate_headers: dict[tuple[str, str], CIMultiDict[str]] = {}
-
-
-def crate_headers(common: Mapping[str, str], sha256: str, x_cache: str) -> CIMultiDict[str]:
-    """A stored crate's response headers (`common`, always the same, plus ETag: its sha256), made once
-    per crate and X-Cache value; a copy, since aiohttp adds to a response's headers."""
-    headers = _crate_headers.get((sha256, x_cache))
-    if headers is None:
-        if len(_crate_headers) >= _CRATE_HEADERS_MEMO:
-            _crate_headers.clear()
-        headers = CIMultiDict({**common, "ETag": f'"{sha256}"', "X-Cache": x_cache})
-        _crate_headers[(sha256, x_cache)] = headers
-    return headers.copy()
 
 
 def error(

@@ -24,7 +24,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 
-from cratemirror.config.schema import Config, ConfigError, find_config_path, load_config
+from cratemirror.config.load import find_config_path, load_config
+from cratemirror.config.schema import Config, ConfigError
 from cratemirror.http.connections import ConnectionGuard, raise_open_file_limit
 from cratemirror.http.tls import server_ssl_context
 from cratemirror.redact import redact
@@ -118,6 +119,7 @@ def run_worker(
     from aiohttp import web
 
     from cratemirror.http.app import create_app
+    from cratemirror.http.instrument import start_timing
     from cratemirror.server.logs import AccessLogger, flush_access_log
 
     setup_logging(config.logging)
@@ -148,7 +150,7 @@ def run_worker(
         await runner.setup()
         try:
             assert runner.server is not None
-            guard.attach(runner.server)
+            guard.attach(runner.server, on_request=start_timing)
             site = web.TCPSite(
                 runner, config.server.host, config.server.port, reuse_port=config.server.workers > 1,
                 ssl_context=server_ssl_context(config),

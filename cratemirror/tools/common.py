@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
-from cratemirror.config.schema import Config, ConfigError, find_config_path, load_config
+from cratemirror.config.load import find_config_path, load_config
+from cratemirror.config.schema import Config, ConfigError
 from cratemirror.fleet.storage.disk import Store
+from cratemirror.logsetup import setup_records
 from cratemirror.metrics import DEFAULT_REGISTRY
-from cratemirror.server.logs import setup_logging
 
 if TYPE_CHECKING:
     from cratemirror.fleet.storage import SharedStorage
@@ -34,7 +35,7 @@ def tool_config(args: argparse.Namespace, overrides: dict[str, object] | None = 
     A bad file or value raises ConfigError, which the main entry point turns into exit 2."""
     path = find_config_path(getattr(args, "config", None), os.environ, Path.cwd())
     config = load_config(path, os.environ, overrides or {})
-    setup_logging(config.logging)
+    setup_records(config.logging.level, config.logging.format == "json")
     return config
 
 

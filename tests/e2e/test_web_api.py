@@ -3,7 +3,6 @@ JSON error that the real cargo prints, saying what to run instead."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.fake_upstream import FakeRegistry, run_cargo, write_cargo_project
+from tests.system_tools import require_tool
 
 NOT_PROXIED = "does not proxy the crates.io web API"
 
@@ -51,7 +51,7 @@ async def test_download_route_with_another_method_is_405(mirror: TestClient[Any,
 async def test_cargo_search_through_the_mirror_prints_the_reason(
     registry: FakeRegistry, mirror: TestClient[Any, Any], tmp_path: Path
 ) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     base = str(mirror.make_url("")).rstrip("/")
     home = tmp_path / "home"
     home.mkdir()

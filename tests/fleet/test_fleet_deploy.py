@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cratemirror.config import schema as config_module
-from cratemirror.config.schema import load_config
+from cratemirror.config.load import load_config
 from tests.fleet_support import HAPROXY_CFG, make_tls, require
 
 REPO = Path(__file__).resolve().parents[2]

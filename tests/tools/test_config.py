@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cratemirror.config import schema as config_module
-from cratemirror.config.load import effective_values, load, schema_keys
+from cratemirror.config.load import effective_values, find_config_path, load, load_config, schema_keys
 from cratemirror.config.schema import (
     AuthConfig,
     CacheConfig,
@@ -22,8 +22,6 @@ from cratemirror.config.schema import (
     ServerConfig,
     StorageConfig,
     UpstreamConfig,
-    find_config_path,
-    load_config,
     parse_duration,
     parse_size,
     with_source,

@@ -31,13 +31,13 @@ import diskcache
 
 from cratemirror.fleet.storage.ledger import STORED, Ledger, LedgerRow
 from cratemirror.fleet.storage.locks import EVICT_LOCK, KeyLocks, flocked, try_flock
+from cratemirror.keys import CRATE_PREFIX, INDEX_PREFIX, crate_key, index_key
 from cratemirror.names import CrateName, CrateVersion
 
 log = logging.getLogger("cratemirror.store")
+# CRATE_PREFIX keys: crate checksums lived in diskcache before the ledger (migrated once).
 
 HASH_CHUNK = 1024 * 1024
-INDEX_PREFIX = "index:"
-CRATE_PREFIX = "crate:"  # crate checksums lived in diskcache before the ledger (migrated once)
 CRATE_BYTES_KEY = "stats:crate_bytes"
 LEDGER_FILE = "crates.sqlite"
 RENAME_ATTEMPTS = 3
@@ -129,13 +129,13 @@ class Store:
     # --- index files -------------------------------------------------------------------------
 
     def get_index(self, lower_name: str) -> IndexEntry | None:
-        value: Any = self.meta.get(f"{INDEX_PREFIX}{lower_name}")
+        value: Any = self.meta.get(index_key(lower_name))
         return value if isinstance(value, IndexEntry) else None
 
     def put_index(self, lower_name: str, entry: IndexEntry, expire: float | None = None) -> None:
         """`expire`: seconds after which the entry may be culled (remembered 404s, so junk names
         cannot grow the metadata without bound)."""
-        self.meta.set(f"{INDEX_PREFIX}{lower_name}", entry, expire=expire)
+        self.meta.set(index_key(lower_name), entry, expire=expire)
 
     # `cratemirror refresh` changed stored index files behind the workers' backs: each worker compares
     # this file's mtime (one stat, no SQLite) before trusting its in-memory copies.
@@ -273,7 +273,7 @@ class Store:
     def try_lock_crate(self, name: str, version: str) -> Iterator[bool]:
         """The fill lock of one crate if it is free at once (eviction skips a crate being filled);
         held only for the few microseconds of an unlink, so a miss on the same stripe barely waits."""
-        with self.key_locks.try_lock(f"crate:{name}/{version}") as held:
+        with self.key_locks.try_lock(crate_key(name, version)) as held:
             yield held
 
     def writable_problem(self) -> str | None:
