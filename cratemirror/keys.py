@@ -9,11 +9,18 @@ from __future__ import annotations
 INDEX_PREFIX = "index:"
 CRATE_PREFIX = "crate:"
 TOOLCHAIN_PREFIX = "toolchain:"
+REFRESH_PREFIX = "refresh:"
 
 
 def index_key(lower_name: str) -> str:
     """The lock, coalescing and metadata key of one index file (crate names compare lowercased)."""
     return f"{INDEX_PREFIX}{lower_name}"
+
+
+def refresh_key(lower_name: str) -> str:
+    """The coalescing key of `cratemirror refresh` of one index file: refreshes share one upstream
+    request with each other, never with a lookup that may be answered from another replica's copy."""
+    return f"{REFRESH_PREFIX}{lower_name}"
 
 
 def crate_key(name: str, version: str) -> str:

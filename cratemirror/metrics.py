@@ -168,6 +168,11 @@ class Metrics:
             "cratemirror_upstream_bytes_total", "Body bytes received from upstream", ["kind", "registry"],
             registry=r,
         )  # fmt: skip
+        self._storage_integrity_failures = Counter(
+            "cratemirror_storage_integrity_failures_total",
+            "Objects read from shared storage that failed authentication or their hash", ["kind", "registry"],
+            registry=r,
+        )  # fmt: skip
         self.upstream_up: Gauge | _NoGauge = Gauge(
             "cratemirror_upstream_up", "1 while the upstream answers, 0 after consecutive failures",
             registry=r, multiprocess_mode="livemostrecent",
@@ -189,6 +194,14 @@ class Metrics:
             "cratemirror_policy_decisions_total", "Policy decisions by action and rule", ["action", "rule"],
             registry=r,
         )  # fmt: skip
+        # Beyond the contract (issue 18): what a broken input left out, never silently.
+        self.advisory_errors = Counter(
+            "cratemirror_policy_advisory_errors_total", "Advisory files left out: unreadable", registry=r
+        )
+        self.tokens_file_errors = Counter(
+            "cratemirror_auth_tokens_file_errors_total", "Reads of a broken tokens file (old set kept)",
+            registry=r,
+        )  # fmt: skip
         self._bind(DEFAULT_REGISTRY)
 
     def _bind(self, name: str) -> None:
@@ -202,6 +215,7 @@ class Metrics:
         self.cache_entries = Labelled(self._cache_entries, name)
         self.bytes_served = Labelled(self._bytes_served, name)
         self.upstream_bytes = Labelled(self._upstream_bytes, name)
+        self.storage_integrity_failures = Labelled(self._storage_integrity_failures, name)
         # Pre-create label sets so dashboards see every series (at 0) from the first scrape; a request's
         # three children are bound once here, not looked up per request.
         for kind in KINDS:
@@ -219,6 +233,7 @@ class Metrics:
             self.cache_entries.labels(kind)
             self.upstream_bytes.labels(kind)
             self.upstream_duration.labels(kind)
+            self.storage_integrity_failures.labels(kind)
 
     def for_registry(self, name: str) -> Metrics:
         """The same collectors, counting under `registry=name` (one view per registry bundle)."""

@@ -1,10 +1,12 @@
 """The package layers stay true: only http/ and server/ speak aiohttp.web (the layers contract itself is
-import-linter's, run by .ci/run)."""
+import-linter's, run by .ci/run), and no module imports another in a cycle, lazy imports included."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import grimp
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cratemirror"
 WEB_PACKAGES = {"http", "server"}
@@ -30,3 +32,13 @@ def test_only_http_and_server_import_aiohttp_web() -> None:
         and _imports_aiohttp_web(ast.parse(path.read_text("utf-8")))
     ]
     assert offenders == []
+
+
+def test_no_import_cycles() -> None:
+    graph = grimp.build_graph("cratemirror")
+    cycles = []
+    for module in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(module):
+            if imported.startswith("cratemirror") and graph.find_shortest_chain(imported, module):
+                cycles.append(f"{module} <-> {imported}")
+    assert cycles == []

@@ -25,7 +25,7 @@ from cratemirror.config.schema import CacheConfig
 from cratemirror.fleet.coordination import Coordination, LocalCoordination
 from cratemirror.fleet.storage import LocalShared, SharedStorage
 from cratemirror.fleet.storage.disk import DiskTrouble, IndexEntry, Store
-from cratemirror.keys import index_key
+from cratemirror.keys import index_key, refresh_key
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum
 from cratemirror.upstream.client import Upstream, UpstreamError, UpstreamNotFound
@@ -43,6 +43,9 @@ GZIP_MIN = 1024  # smaller bodies gain too little to be worth a Content-Encoding
 GZIP_IN_THREAD = 64 * 1024  # compressing a larger body would hold up the event loop for milliseconds
 # A remembered 404 outlives its TTL a little so it can still answer while upstream is failing.
 NEGATIVE_GRACE = 3600.0
+# A shared copy checked later than now plus this (a replica's clock ahead) is not taken: it would pin
+# itself as fresh.
+CLOCK_SKEW = 10.0
 
 
 class OfflineMiss(Exception):
@@ -149,10 +152,23 @@ class IndexService:
         result = await self.get(crate, count=False)
         return result.entry.body if result.entry.status == 200 else None
 
-    async def refresh(self, crate: CrateName) -> IndexResult:
-        """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`); every worker
-        process then drops its in-memory copies."""
-        result = await self.get(crate, newer_than=time.time(), count=False)
+    async def refresh(self, crate: CrateName, since: float | None = None) -> IndexResult:
+        """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`): always an
+        upstream request, never answered from the shared storage or another replica's word; every
+        worker process then drops its in-memory copies. Refreshes of one name at once share one.
+        `since`: another caller's refresh of this name, started then, stands (POST /-/refresh reaches
+        upstream once a second per name): its answer, or the copy it stored, is this one's too."""
+        if self.offline:  # the cached copy as it is (OfflineMiss if none)
+            return await self.get(crate, newer_than=time.time(), count=False)
+        key = refresh_key(crate.lower)
+        if since is not None:
+            if self._flights.active(key):  # in this worker: join it
+                result, _ = await self._flights.run(key, lambda: self._refresh(crate, since))
+                return result
+            return await self.get(crate, newer_than=since, count=False)
+        result, _ = await self._flights.run(
+            key, lambda: self._refresh(crate, time.time(), from_upstream=True)
+        )
         await asyncio.to_thread(self.store.bump_index_generation)
         self.check_generation(force=True)
         return result
@@ -176,6 +192,14 @@ class IndexService:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background revalidation failed: %s", task.exception())
+
+    def answers_from_cache(self, crate: CrateName) -> bool:
+        """Whether get() would answer without waiting on upstream (fresh, offline, or stale within the
+        stale-while-revalidate window): such a lookup costs the client nothing."""
+        entry = self._lookup(crate.lower)
+        if entry is None:
+            return self.offline
+        return self.offline or self._is_fresh(entry, None) or self._may_serve_stale(entry)
 
     def is_cached(self, crate: CrateName) -> bool:
         """Whether any copy (fresh or not, found or remembered as missing) is held."""
@@ -248,21 +272,26 @@ class IndexService:
             return IndexResult(entry, "HIT", "hit")
         return IndexResult(entry, "STALE", "stale")  # offline: served however old
 
-    async def _refresh(self, crate: CrateName, newer_than: float | None) -> IndexResult:
+    async def _refresh(
+        self, crate: CrateName, newer_than: float | None, *, from_upstream: bool = False
+    ) -> IndexResult:
+        """`from_upstream` (a refresh): ask upstream whatever another worker or replica holds."""
         async with self.coordination.lock(index_key(crate.lower)):
             # Another worker process may have refreshed it while we waited for the lock.
             entry = self.store.get_index(crate.lower)
-            if entry is not None and self._is_fresh(entry, newer_than):
+            if not from_upstream and entry is not None and self._is_fresh(entry, newer_than):
                 self._keep(crate.lower, entry)
                 return dataclasses.replace(self._cached_result(entry), shared=True)
-            shared = await self._shared_entry(crate)
+            shared = None if from_upstream else await self._shared_entry(crate)
             if shared is not None and (entry is None or shared.checked_at > entry.checked_at):
                 # Another replica checked it more recently: take its copy (and its validators).
                 await self._put(crate.lower, shared)
                 entry = shared
                 if self._is_fresh(entry, newer_than):
                     return IndexResult(entry, "HIT", "hit", shared=True)
-            missing_since = await self.coordination.missing_since(index_key(crate.lower))
+            missing_since = None
+            if not from_upstream:
+                missing_since = await self.coordination.missing_since(index_key(crate.lower))
             if missing_since is not None and (newer_than is None or missing_since >= newer_than):
                 # Another replica asked upstream a moment ago: "not found" holds here too.
                 known = IndexEntry(404, b"", "", formatdate(missing_since, usegmt=True), missing_since)
@@ -321,11 +350,19 @@ class IndexService:
         return age < self.cache.index_ttl + self.cache.stale_if_error
 
     async def _shared_entry(self, crate: CrateName) -> IndexEntry | None:
+        """Another replica's copy (authenticated by the storage), unless checked in the future."""
         try:
-            return await self.shared.get_index(crate)
+            entry = await self.shared.get_index(crate)
         except Exception as exc:  # the bucket failing: go on as a lone replica
             log.warning("shared storage: could not read the index file of %s: %s", crate.name, exc)
             return None
+        if entry is not None and entry.checked_at > time.time() + CLOCK_SKEW:
+            log.warning(
+                "shared storage: the index file of %s says it was checked %.0f s from now (a replica's "
+                "clock ahead?): not taken, asking upstream", crate.name, entry.checked_at - time.time(),
+            )  # fmt: skip
+            return None
+        return entry
 
     async def _share(self, crate: CrateName, entry: IndexEntry) -> None:
         try:

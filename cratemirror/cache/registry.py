@@ -102,7 +102,10 @@ def _bundle(
     upstream = Upstream(upstream_config, metrics, authorization=authorization)
     # Fleet seams, per registry: its own lock and key namespace in Redis, its own prefix in the bucket.
     coordination = make_coordination(config.coordination.redis_url, store, metrics, namespace=name)
-    shared = make_shared_storage(config.storage, upstream_config.max_index_size, registry=name)
+    shared = make_shared_storage(
+        config.storage, upstream_config.max_index_size, registry=name,
+        on_integrity_failure=lambda kind: metrics.storage_integrity_failures.labels(kind).inc(),
+    )  # fmt: skip
     index = IndexService(
         store, upstream, metrics, cache,
         offline=config.offline, disk_trouble=disk_trouble, coordination=coordination, shared=shared,

@@ -10,6 +10,7 @@ become those lines lives in cratemirror.config.load; this module is the schema.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -271,6 +272,14 @@ def _not_reserved(name: str) -> str:
     return name
 
 
+def _network(text: object) -> object:
+    """A CIDR (or a lone address) as ipaddress reads it; the text is kept as written."""
+    if isinstance(text, str):
+        ipaddress.ip_network(text.strip(), strict=False)  # ValueError: not a network
+        return text.strip()
+    return text
+
+
 def _matching(regex: str) -> StringConstraints:
     return StringConstraints(strip_whitespace=True, pattern=f"^{regex}$")
 
@@ -325,9 +334,20 @@ HttpUrl = Annotated[str, BeforeValidator(_http_url), WithJsonSchema({"type": "st
 AnyPath = Annotated[Path, BeforeValidator(_path)]
 ExistingFile = Annotated[FilePath, BeforeValidator(_path)]
 Secret = Annotated[SecretStr, BeforeValidator(_text)]
+MIN_INTEGRITY_KEY = 32  # characters: a short secret is a guessable one
+MAKE_INTEGRITY_KEY = "python3 -c 'import secrets; print(secrets.token_hex(32))'"
+
+
+def _long_secret(value: SecretStr) -> SecretStr:
+    if len(value.get_secret_value()) < MIN_INTEGRITY_KEY:
+        raise ValueError("too short")
+    return value
+
+
 AdvisoryId = Annotated[str, _matching(_ADVISORY_ID)]
 LicenseId = Annotated[str, _matching(_SPDX_ID)]
 CrateRule = Annotated[str, _matching(_CRATE_RULE)]
+Network = Annotated[str, BeforeValidator(_network)]
 RegistryName = Annotated[str, _matching(_REGISTRY_NAME), AfterValidator(_not_reserved)]
 
 
@@ -379,6 +399,10 @@ class ServerConfig(_Section):
     """PEM certificate (chain) to serve https directly; a fleet terminates TLS in its front instead."""
     tls_key: Annotated[ExistingFile | None, Expected("a path to an existing PEM key file, or null")] = None
     """PEM private key for tls_cert."""
+    trusted_proxies: Annotated[
+        tuple[Network, ...], Expected("a list of CIDRs like 10.0.0.0/8 or addresses like ::1")
+    ] = ("127.0.0.1/8", "::1/128")
+    """Only from these are X-Forwarded-* honoured; the client is the right-most untrusted X-Forwarded-For."""
 
     @model_validator(mode="after")
     def _tls_pair(self, info: ValidationInfo) -> ServerConfig:
@@ -470,10 +494,20 @@ class S3Config(_Section):
         Literal["proxy", "redirect"], BeforeValidator(_lower), Expected("one of proxy, redirect")
     ] = "proxy"
     """proxy: the mirror streams the bytes | redirect: 302 to a short-lived presigned URL."""
+    integrity_key: Annotated[
+        Annotated[Secret, AfterValidator(_long_secret)] | None,
+        Expected(f"a secret of at least {MIN_INTEGRITY_KEY} characters, or null"),
+    ] = None
+    """Required with backend s3: a secret shared by the replicas, never stored in the bucket; what a
+    replica reads from the bucket is authenticated with it (HMAC-SHA256)."""
 
     def secret_key(self) -> str | None:
         """The secret access key in plain text, for the S3 client only."""
         return None if self.secret_access_key is None else self.secret_access_key.get_secret_value()
+
+    def integrity_secret(self) -> bytes | None:
+        """The integrity key's bytes, for the object MACs only."""
+        return None if self.integrity_key is None else self.integrity_key.get_secret_value().encode()
 
 
 class StorageConfig(_Section):
@@ -652,6 +686,14 @@ class MirrorSchema(BaseModel):
                     key,
                     f"the extra {FLEET_EXTRA} to be installed (pip install '{FLEET_EXTRA}') for this value",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _integrity_key(self, info: ValidationInfo) -> MirrorSchema:
+        # After _fleet_extra: without the extra, naming it is the first thing to say.
+        if _whole_config(info) and self.storage.backend == "s3" and self.storage.s3.integrity_key is None:
+            expected = "a secret shared by the replicas when storage.backend is s3"
+            raise _cross_field("storage.s3.integrity_key", f"{expected} (make one: {MAKE_INTEGRITY_KEY})")
         return self
 
 

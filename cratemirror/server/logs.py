@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -151,7 +152,7 @@ _NO_FIELDS: dict[str, Any] = {}
 def plain_line(request: BaseRequest, response: StreamResponse, duration: float) -> str:
     """The text line of a successful answer (no error field), as AccessLogger.log writes it from
     access_fields, without making the fields: this runs for every hit."""
-    timing_key, bytes_key, token_key = _keys()
+    timing_key, bytes_key, token_key, client_address = _keys()
     try:
         timing = request[timing_key]
     except KeyError:
@@ -169,7 +170,7 @@ def plain_line(request: BaseRequest, response: StreamResponse, duration: float) 
     path = quote_text(clean_text(redact(request.raw_path)))
     agent = _quoted_agent(clean_text(request.headers.get("User-Agent", "-")))
     text = (
-        f'{clean_text(request.remote or "-")} "{method} {path}" {response.status} '
+        f'{clean_text(client_address(request))} "{method} {path}" {response.status} '
         f"{body_bytes(request, response, counted)} {round(duration * 1000, 3):.1f}ms "
         f"{response.headers.get('X-Cache', '-')}{upstream} {agent}"
     )
@@ -194,25 +195,26 @@ def _quoted_agent(agent: str) -> str:
     return quoted
 
 
-_request_keys: tuple[Any, Any, Any] | None = None
+_request_keys: tuple[Any, Any, Any, Callable[[BaseRequest], str]] | None = None
 
 
-def _keys() -> tuple[Any, Any, Any]:
+def _keys() -> tuple[Any, Any, Any, Callable[[BaseRequest], str]]:
     """The request keys the access line reads, imported on first use, not per line: the supervisor
     process imports this module for setup_logging alone, and must not load prometheus_client before
     PROMETHEUS_MULTIPROC_DIR is set."""
     global _request_keys
     if _request_keys is None:
         from cratemirror.http.auth import TOKEN_NAME
+        from cratemirror.http.clients import client_address
         from cratemirror.http.context import TIMING
         from cratemirror.http.instrument import BYTES
 
-        _request_keys = (TIMING, BYTES, TOKEN_NAME)
+        _request_keys = (TIMING, BYTES, TOKEN_NAME, client_address)
     return _request_keys
 
 
 def access_fields(request: BaseRequest, response: StreamResponse, duration: float) -> dict[str, Any]:
-    timing_key, bytes_key, token_key = _keys()
+    timing_key, bytes_key, token_key, client_address = _keys()
     timing = request.get(timing_key)
     upstream_ms = None
     if timing is not None:
@@ -220,7 +222,7 @@ def access_fields(request: BaseRequest, response: StreamResponse, duration: floa
         if timing.upstream_requests:
             upstream_ms = round(timing.upstream_seconds * 1000, 3)
     fields: dict[str, Any] = {
-        "remote": clean_text(request.remote or "-"),
+        "remote": clean_text(client_address(request)),
         # As sent (still percent-encoded): no decoded newline can forge a log line; a token in the
         # query string is masked.
         "method": clean_text(request.method),

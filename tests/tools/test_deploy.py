@@ -59,6 +59,7 @@ CONTRACT_METRICS: frozenset[str] = frozenset(
         "cratemirror_bytes_served_total",
         "cratemirror_upstream_bytes_total",
         "cratemirror_upstream_up",
+        "cratemirror_storage_integrity_failures_total",
     }
 )
 CONTRACT_HISTOGRAMS: frozenset[str] = frozenset(
@@ -78,6 +79,7 @@ EXPECTED_ALERTS = (
     "CratemirrorUpstreamDown",
     "CratemirrorHitRateCollapse",
     "CratemirrorChecksumFailures",
+    "CratemirrorStorageIntegrityFailures",
     "CratemirrorCacheNearMaxSize",
     "CratemirrorHighLatency",
 )

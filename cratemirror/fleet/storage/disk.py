@@ -3,6 +3,7 @@
 Layout under `cache.dir`:
   meta/                diskcache: index files (body + validators) and the upstream's config
   crates.sqlite        the crate ledger: checksum, size, last use per crate, and running totals (ledger.py)
+  budgets.sqlite       per-client unknown-name budgets shared by the worker processes (cache/ratelimit.py)
   crates/<name>/<name>-<version>.crate   verified tarballs, served with sendfile
   tmp/<pid>-<random>.part                fills in progress (same filesystem, so rename is atomic)
   locks/<key hash>.lock                  flock files that coalesce fills across worker processes
@@ -231,6 +232,28 @@ class Store:
             path.unlink()
         self.ledger.delete(name, version)
         remove_empty_dir(path.parent)
+
+    def evict_rows(self, rows: list[LedgerRow]) -> tuple[list[LedgerRow], list[LedgerRow]]:
+        """Remove these crates as eviction does, safe beside running fills: (removed, left in place).
+        The rows leave the totals in one transaction; each file goes under its crate's fill lock, only
+        tried (a crate being filled stays); the rows are dropped in one transaction."""
+        marked = self.ledger.mark_evicting(rows)
+        gone: list[LedgerRow] = []
+        kept: list[LedgerRow] = []
+        for row in marked:
+            with self.try_lock_crate(row.name, row.version) as held:
+                # Under the crate's lock no fill is committing it; a fill that did so before we got here
+                # has made the row STORED again, and its new file must stay.
+                if not held or not self.ledger.is_evicting(row.name, row.version):
+                    kept.append(row)
+                    continue
+                path = self.crate_path(row.name, row.version)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            remove_empty_dir(path.parent)
+            gone.append(row)
+        self.ledger.finish_eviction(gone, kept)
+        return gone, kept
 
     def settle(self) -> int:
         """Finish the commits and evictions that dead processes left half done (start-up; cheap)."""
