@@ -219,13 +219,22 @@ class CrateService:
             # Its thread cannot be cancelled: give it a bounded time to finish (warm exits right after).
             await asyncio.wait({self._eviction}, timeout=EVICTION_SHUTDOWN_WAIT)
 
-    def open_cached(self, name: str, version: str) -> CachedCrate | None:
+    def _path(self, name: str, version: str) -> str:
+        """The stored file of a version, validated and built once per key (not per hit)."""
         path = self._paths.get((name, version))
-        if path is None:  # validated and built once per key, not per hit
+        if path is None:
             path = str(self.store.crate_path(name, version))
             if len(self._paths) >= MEMO_LIMIT:
                 self._paths.clear()
             self._paths[(name, version)] = path
+        return path
+
+    def holds(self, name: str, version: str) -> bool:
+        """Whether the store has the file (one stat)."""
+        return os.path.exists(self._path(name, version))
+
+    def open_cached(self, name: str, version: str) -> CachedCrate | None:
+        path = self._path(name, version)
         try:
             # Unbuffered: the answer is a pread or a sendfile of the descriptor, never a buffered read.
             handle = open(path, "rb", buffering=0)  # noqa: SIM115 - handed to the response, which closes it

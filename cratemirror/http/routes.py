@@ -192,7 +192,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     except InvalidRequest as exc:
         return error(400, str(exc))
     # A crate the store holds costs nothing; anything else may ask upstream for the name's index file.
-    stored = registry.store.crate_path(wanted.crate.name, wanted.version).exists()
+    stored = registry.crates.holds(wanted.crate.name, wanted.version)
     charged = None if stored else await charge(request, registry.index, wanted.crate)
     if isinstance(charged, web.Response):
         return charged
