@@ -194,6 +194,11 @@ class Metrics:
             "cratemirror_policy_decisions_total", "Policy decisions by action and rule", ["action", "rule"],
             registry=r,
         )  # fmt: skip
+        self.advisory_exposure = Gauge(
+            "cratemirror_advisory_exposure",
+            "Clients served a version the advisory affects, within audit.retention",
+            ["advisory"], registry=r, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
         # Beyond the contract (issue 18): what a broken input left out, never silently.
         self.advisory_errors = Counter(
             "cratemirror_policy_advisory_errors_total", "Advisory files left out: unreadable", registry=r

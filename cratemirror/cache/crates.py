@@ -234,6 +234,8 @@ class CrateService:
         return os.path.exists(self._path(name, version))
 
     def open_cached(self, name: str, version: str) -> CachedCrate | None:
+        if self.index.internal and self.index.internal.matches(name):
+            return None  # policy.internal_names: not even a copy cached before the rule is served
         path = self._path(name, version)
         try:
             # Unbuffered: the answer is a pread or a sendfile of the descriptor, never a buffered read.

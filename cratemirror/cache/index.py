@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from cachetools import LRUCache
 
+from cratemirror.cache.internal import INTERNAL_RULE, InternalNames
 from cratemirror.cache.prefetch import Prefetcher, PrefetchMode
 from cratemirror.cache.singleflight import SingleFlight
 from cratemirror.config.schema import CacheConfig
@@ -112,6 +113,7 @@ class IndexService:
         # Revalidations running behind stale answers (kept so they are not garbage-collected).
         self._background: set[asyncio.Task[tuple[IndexResult, bool]]] = set()
         self._generation = store.index_generation()
+        self.internal: InternalNames | None = None  # policy.internal_names, on crates.io's bundle only
         self.prefetch = Prefetcher(
             self._prefetch_one, "off" if offline else prefetch, upstream.config.max_connections
         )
@@ -131,6 +133,8 @@ class IndexService:
         """The index file for `crate`. `newer_than`: a wall-clock time the copy must have been checked
         after (a download asking for a version the cached copy lacks). `count`: whether coalescing
         counts in metrics (False for the lookup a download does internally)."""
+        if self.internal and self.internal.matches(crate.name):  # crates.io only: never asked upstream
+            return self._internal(crate)
         entry = self._lookup(crate.lower)
         if entry is not None and (self.offline or self._is_fresh(entry, newer_than)):
             return self._cached_result(entry)
@@ -150,6 +154,12 @@ class IndexService:
                 served = "hit" if result.entry.status == 200 else "negative"
                 result = dataclasses.replace(result, result=served)
         return result
+
+    def _internal(self, crate: CrateName) -> IndexResult:
+        assert self.internal is not None
+        self.internal.refuse(crate.name)
+        self.metrics.policy_decisions.labels("block", INTERNAL_RULE).inc()
+        return IndexResult(IndexEntry(404, b"", '""', "", time.time()), "HIT", "negative")
 
     async def _prefetch_one(self, crate: CrateName) -> bytes | None:
         result = await self.get(crate, count=False)

@@ -16,6 +16,7 @@ from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, status_page, toolchains
+from cratemirror.http.audit import install_audit
 from cratemirror.http.auth import auth_middleware, token_checker
 from cratemirror.http.context import MIRROR, Mirror
 from cratemirror.http.index_answers import IndexAnswers
@@ -50,6 +51,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app.add_routes(status_page.routes)
     app.cleanup_ctx.append(_lifecycle)
     toolchains.install(app)  # /toolchains/: rustup's dist server (toolchains.upstream)
+    install_audit(app)  # after _lifecycle: started after the stores, closed before them
     return app
 
 

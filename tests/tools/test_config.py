@@ -284,9 +284,22 @@ CONTRACT_KEYS = {
     "registries",
     *(
         f"policy.{k}"
-        for k in ["mode", "advisory_db", "advisories", "informational", "ignore", "licenses", "deny", "allow"]
+        for k in [
+            "mode",
+            "advisory_db",
+            "advisories",
+            "informational",
+            "ignore",
+            "licenses",
+            "deny",
+            "allow",
+            "min_release_age",
+            "cooldown_exempts_fixes",
+            "internal_names",
+        ]
     ),
     *(f"toolchains.{k}" for k in ["upstream", "manifest_ttl", "signing_key", "max_size"]),
+    "audit.retention",
 }
 
 
@@ -541,7 +554,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
         "allowed keys: server, upstream, cache, offline, logging, storage, coordination, auth, registries, "
-        "policy, toolchains"
+        "policy, toolchains, audit"
     )
 
 
