@@ -455,6 +455,8 @@ class CacheConfig(_Section):
     """How long an upstream 404 is remembered."""
     stale_if_error: Annotated[ForeverDuration, Expected("a duration like 7d, forever, or 0")] = 7 * DAY
     """How long past its TTL an index file may still be served while upstream fails (forever, 0 disables)."""
+    memory_size: Annotated[Size, Expected("a size like 64MiB, or 0")] = 64 * MiB
+    """Per worker: hot index files kept in memory as prepared answers (0 = none)."""
 
 
 class LoggingConfig(_Section):

@@ -15,8 +15,8 @@ from cratemirror.cache.audit import BLOCKED, FAILED, NOT_FOUND, SERVED, AuditTra
 from cratemirror.fleet.storage import LocalShared
 from cratemirror.http.auth import TOKEN_NAME
 from cratemirror.http.context import MIRROR
+from cratemirror.http.instrument import KIND
 from cratemirror.http.policy import POLICY_HEADER, client_of
-from cratemirror.http.routes import KIND
 from cratemirror.metrics import DEFAULT_REGISTRY
 
 AUDIT = web.AppKey("audit", AuditTrail)

@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from cratemirror.http.sendfile import can_sendfile, sendfile
 from cratemirror.redact import redact
 
 _CHUNK = 256 * 1024
@@ -50,17 +51,25 @@ async def send_file(
             return web.Response(body=os.pread(file.fileno(), size, 0), headers=headers)
         response = web.StreamResponse(headers=headers)
         response.content_length = size
-        await response.prepare(request)
-        if request.method != "HEAD" and size:
-            transport = request.transport
-            if transport is None:
-                raise ConnectionResetError("client went away")
-            try:
-                await asyncio.get_running_loop().sendfile(transport, file, 0, size)
-            except NotImplementedError:  # an event loop without sendfile (uvloop): copy in chunks
-                while chunk := file.read(_CHUNK):
-                    await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD" and size:
+                transport = request.transport
+                if transport is None:
+                    raise ConnectionResetError("client went away")
+                try:
+                    await asyncio.get_running_loop().sendfile(transport, file, 0, size)
+                except NotImplementedError:  # an event loop without sendfile (uvloop): our own, else copy
+                    sent = can_sendfile(transport) and await sendfile(transport, file.fileno(), size)
+                    while not sent and (chunk := file.read(_CHUNK)):
+                        await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            # Every write here goes to the client: it left mid-answer (a cancelled build, a session the
+            # front cut). Routine: an access line, not aiohttp's ERROR traceback ("Cannot write to
+            # closing transport"); the half-sent answer's connection is closed.
+            if request.transport is not None:
+                request.transport.abort()
         return response
     finally:
         file.close()

@@ -70,6 +70,9 @@ class PolicyService:
         self.cooldown = Cooldown(store, rules.min_release_age, rules.cooldown_exempts_fixes)
         self._watcher: asyncio.Task[None] | None = None
         self._loaded = False
+        # Counts what can change this worker's index view (a reloaded database, a learned licence):
+        # copies made from a view are good while it is unchanged.
+        self.changes = 0
         # Advisory exposure (from the audit trail): advisory id -> clients served an affected version.
         self.cache_dir = cache_dir
         self.audit_retention = audit_retention if cache_dir is not None else 0.0
@@ -119,6 +122,7 @@ class PolicyService:
         if db.failed:
             self.metrics.advisory_errors.inc(db.failed)
         self._views.clear()
+        self.changes += 1
         log.info(
             "advisory database %s: %d advisories, newest %s%s",
             self.root, db.count, db.newest_date or "-",
@@ -197,6 +201,7 @@ class PolicyService:
             except (OSError, sqlite3.Error) as exc:
                 log.warning("could not store the licence of %s %s: %s", name, version, exc)
             self._licenses[lower] = table
+            self.changes += 1
 
     # --- verdicts ------------------------------------------------------------------------------
 
