@@ -848,8 +848,8 @@ async def run_cargo(
     return proc.returncode, out.decode(errors="replace")
 
 
-# crates.io's real index files (shared/ lies beside the checkout, in CI too).
-REAL_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "crates-io-index"
+# crates.io's real index files, copied into the repository (tests/data/README.md says which).
+REAL_INDEX = Path(__file__).resolve().parent / "data" / "crates-io-index"
 
 
 # What cargo resolves `a = "1"`, `Inflect = "0.1"` to in publish_small_tree's registry.
