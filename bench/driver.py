@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--write-results",
         action="store_true",
-        help=f"update the committed {COMMITTED_RESULTS.relative_to(REPO)} (the default writes an untracked file)",
+        help=f"update the committed {COMMITTED_RESULTS.relative_to(REPO)} (default: an untracked file)",
     )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs)")
     args = parser.parse_args(argv)
