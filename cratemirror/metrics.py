@@ -163,6 +163,10 @@ class Metrics:
             "cratemirror_cache_entries", "Entries in the cache", ["kind", "registry"], registry=r,
             multiprocess_mode="livemostrecent",
         )  # fmt: skip
+        self._cache_max_size = Gauge(
+            "cratemirror_cache_max_size_bytes", "The configured bound on the cache (cache.max_size for crates)",
+            ["kind", "registry"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
         self._bytes_served = Counter(
             "cratemirror_bytes_served_total", "Body bytes sent to clients", ["kind", "registry"], registry=r
         )
@@ -202,6 +206,7 @@ class Metrics:
         self.coalesced = Labelled(self._coalesced, name)
         self.cache_size = Labelled(self._cache_size, name)
         self.cache_entries = Labelled(self._cache_entries, name)
+        self.cache_max_size = Labelled(self._cache_max_size, name)
         self.bytes_served = Labelled(self._bytes_served, name)
         self.upstream_bytes = Labelled(self._upstream_bytes, name)
         # Pre-create label sets so dashboards see every series (at 0) from the first scrape.

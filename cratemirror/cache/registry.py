@@ -92,6 +92,7 @@ def _bundle(
         coordination=coordination, shared=shared,
     )  # fmt: skip
     index.prefetch.fetch_crate = crates.prefetch
+    metrics.cache_max_size.labels("crate").set(cache.max_size)  # what alerts compare the size against
     return Registry(
         name, mount, upstream_config.index_url, cache, store, upstream, index, crates, metrics,
         coordination, shared,
