@@ -164,7 +164,7 @@ class Metrics:
             multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self._cache_max_size = Gauge(
-            "cratemirror_cache_max_size_bytes", "The configured bound on the cache (cache.max_size for crates)",
+            "cratemirror_cache_max_size_bytes", "The configured bound (cache.max_size for crates)",
             ["kind", "registry"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self._bytes_served = Counter(
