@@ -376,6 +376,8 @@ class ServerConfig(_Section):
     """PEM certificate (chain) to serve https directly; a fleet terminates TLS in its front instead."""
     tls_key: Annotated[ExistingFile | None, Expected("a path to an existing PEM key file, or null")] = None
     """PEM private key for tls_cert."""
+    shutdown_timeout: Annotated[Duration, Expected("a duration like 10s")] = 10.0
+    """On SIGTERM: stop accepting, finish answers in flight within this long, then exit."""
 
     @model_validator(mode="after")
     def _tls_pair(self, info: ValidationInfo) -> ServerConfig:

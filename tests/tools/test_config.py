@@ -231,6 +231,7 @@ CONTRACT_KEYS = {
             "idle_timeout",
             "tls_cert",
             "tls_key",
+            "shutdown_timeout",
         ]
     ),
     *(
@@ -512,7 +513,8 @@ def test_unknown_key_names_dotted_key_and_allowed_keys(tmp_path: Path) -> None:
     message = error_of(tmp_path, "server:\n  prot: 9000\n")
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: server.prot: unknown key (did you mean 'port'?); "
-        "allowed keys: host, port, workers, public_url, max_connections, idle_timeout, tls_cert, tls_key"
+        "allowed keys: host, port, workers, public_url, max_connections, idle_timeout, tls_cert, tls_key, "
+        "shutdown_timeout"
     )
 
 
