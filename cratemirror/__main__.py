@@ -16,6 +16,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 Command = Callable[[argparse.Namespace], int]
+DEFAULT_URL = "http://127.0.0.1:8080"  # client-config's --url: the mirror on its default address
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def _client_config(args: argparse.Namespace) -> int:
     from cratemirror.config.schema import find_config_path, load_config
 
     try:
-        base = checked_base("http://127.0.0.1:8080" if args.url is None else args.url)
+        base = checked_base(DEFAULT_URL if args.url is None else args.url)
     except BadBaseURL as exc:
         raise ConfigError(f"client-config: --url: {exc}") from exc
     # The mirror's config says whether tokens are needed and which extra registries it serves.
@@ -56,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cratemirror {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the mirror")
+    serve = commands.add_parser(
+        "serve",
+        help="run the mirror",
+        description="Run the mirror: load the config (--config, $CRATEMIRROR_CONFIG, ./mirror.yaml, else the "
+        "built-in defaults), then serve the sparse index, the downloads, /metrics and the status page with "
+        "server.workers processes. The flags override the config. SIGTERM stops it gracefully.",
+    )
     serve.add_argument(
         "--config", metavar="PATH", help="config file (default: $CRATEMIRROR_CONFIG, ./mirror.yaml)"
     )
@@ -79,9 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     client_config = commands.add_parser(
-        "client-config", help="print the cargo config that points at a mirror"
+        "client-config",
+        help="print the cargo config that points at a mirror",
+        description="Print the cargo config (TOML only) that replaces crates.io with the mirror at --url: "
+        "as is for ~/.cargo/config.toml, as a CI shell step (--ci), or merged into an existing cargo "
+        "config file in place (--merge). With auth.required it names the token variables cargo reads.",
     )
-    client_config.add_argument("--url", help="the mirror's base URL (default http://127.0.0.1:8080)")
+    client_config.add_argument(
+        "--url", help=f"the mirror's base URL (default {DEFAULT_URL}; the status page shows yours)"
+    )
     client_config.add_argument(
         "--ci",
         action="store_true",
@@ -103,7 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     from cratemirror.tools.tokens import add_token_command
 
     add_token_command(commands)
+    _usage_on_error(parser)
     return parser
+
+
+def _usage_on_error(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command remembers its own usage line, for errors found after parsing (a bad --expires)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(usage_of=sub.format_usage, prog_of=sub.prog)
+                _usage_on_error(sub)
+
+
+def _about_the_command_line(message: str) -> bool:
+    """A ConfigError about a flag or argument ("--expires: ...", "client-config: --url: ...",
+    "refresh: ..."), not about a config file."""
+    head = message.split(": ", 2)
+    return (
+        message.startswith("--")
+        or (len(head) > 1 and head[1].startswith("--"))
+        or (head[0] in ("refresh", "warm", "export"))
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,7 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except ConfigError as exc:
-        print(f"cratemirror: {exc}", file=sys.stderr)
+        usage = getattr(args, "usage_of", None)
+        if usage is not None and _about_the_command_line(str(exc)):
+            text = str(exc).removeprefix(f"{args.prog_of.split()[-1]}: ")
+            print(f"{usage()}{args.prog_of}: error: {text}", file=sys.stderr)  # as argparse's own errors
+        else:
+            print(f"cratemirror: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE

@@ -99,7 +99,9 @@ async def test_printed_config_file_and_ci_forms_work_with_real_cargo(
 async def test_urls_that_could_escape_quoting_are_refused(url: str) -> None:
     code, out, err = await client_config("--url", url)
     assert (code, out) == (2, "")
-    assert err.startswith("cratemirror: client-config: --url: expected an http(s) URL")
+    usage, message = err.splitlines()[:2]  # its own usage line, then the reason (argparse's form)
+    assert usage.startswith("usage: cratemirror client-config ")
+    assert message.startswith("cratemirror client-config: error: --url: expected an http(s) URL")
     with pytest.raises(BadBaseURL):
         cargo_ci_snippet(url)
 

@@ -61,7 +61,9 @@ def test_check_bad_environment_and_missing_file(tmp_path: Path) -> None:
     result = cratemirror("config", "check", "--config", "nope.yaml", cwd=tmp_path)
     assert (result.returncode, result.stderr) == (
         2,
-        "cratemirror: --config: expected a path to an existing config file, got 'nope.yaml'\n",
+        "usage: cratemirror config check [-h] [--config PATH]\n"
+        "cratemirror config check: error: --config: expected a path to an existing config file, "
+        "got 'nope.yaml'\n",
     )
 
 
