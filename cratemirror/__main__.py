@@ -45,6 +45,12 @@ def _client_config(args: argparse.Namespace) -> int:
         setup = client_setup(config)
     except BadBaseURL as exc:
         raise ConfigError(f"{config.source}: {exc}") from exc
+    if args.merge is not None:
+        from cratemirror.config.merge import merge_into_file
+
+        merge_into_file(Path(args.merge), base, setup)
+        print(f"client-config: merged the mirror at {base} into {args.merge}", file=sys.stderr)
+        return EXIT_OK
     # Only what the chosen form is: the TOML goes verbatim into a file, the shell form into a CI step.
     print(cargo_ci_snippet(base, setup) if args.ci else cargo_config_snippet(base, setup), end="")
     return EXIT_OK
@@ -95,10 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     client_config.add_argument(
         "--url", help=f"the mirror's base URL (default {DEFAULT_URL}; the status page shows yours)"
     )
-    client_config.add_argument(
+    form = client_config.add_mutually_exclusive_group()
+    form.add_argument(
         "--ci",
         action="store_true",
         help="print shell for a CI step: (over)write $CARGO_HOME/config.toml, or cargo --config flags",
+    )
+    form.add_argument(
+        "--merge",
+        metavar="PATH",
+        help="update this cargo config in place (e.g. ~/.cargo/config.toml): only the mirror's tables "
+        "change, comments and other tables stay; created if missing",
     )
     client_config.add_argument(
         "--config",
