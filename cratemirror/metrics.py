@@ -37,7 +37,7 @@ LATENCY_BUCKETS = (
 # The *_created series double every counter and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-KINDS = ("index", "crate", "config")
+KINDS = ("index", "crate", "config", "search")
 RESULTS = ("hit", "miss", "revalidated", "stale", "negative", "error")
 AUTH_REASONS = ("missing", "unknown", "expired", "revoked")
 

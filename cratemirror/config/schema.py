@@ -412,6 +412,10 @@ class UpstreamConfig(_Section):
     """When an index file first arrives, fetch what cargo will ask for next: index = the index files of
     its newest release's dependencies; crates = also the .crate of the version cargo's resolver picks
     for each (a lockfile pinning an older one makes that download a waste); off = nothing."""
+    api_url: Annotated[HttpUrl | None, Expected("an http(s) URL like https://crates.io, or null")] = (
+        "https://crates.io"
+    )
+    """The registry's web API, for `cargo search` through the mirror (cached a minute); null = not proxied."""
 
 
 class CacheConfig(_Section):

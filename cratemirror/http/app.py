@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler, Middleware
 from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
-from cratemirror.http import routes, status_page
+from cratemirror.http import routes, search, status_page
 from cratemirror.http.auth import auth_middleware
 from cratemirror.http.context import MIRROR, Mirror, RecentMiss
 from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
@@ -41,6 +41,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         middlewares.append(auth_middleware(config.auth, metrics))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
+    search.setup(app, config, default.upstream)  # before routes: its catch-all would take /api/v1/crates
     app.add_routes(routes.routes)
     app.add_routes(status_page.routes)
     app.cleanup_ctx.append(_lifecycle)

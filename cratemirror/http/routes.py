@@ -38,9 +38,13 @@ _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?
 routes = web.RouteTableDef()
 
 
-def _mark(request: web.Request, kind: str, result: str) -> None:
+def mark(request: web.Request, kind: str, result: str) -> None:
+    """What the instrumentation middleware counts this request as (kind, cache result)."""
     request[KIND] = kind
     request[RESULT] = result
+
+
+_mark = mark
 
 
 def base_url(request: web.Request) -> str:
@@ -346,15 +350,15 @@ GET_HEAD = {"Allow": "GET, HEAD"}
 
 @routes.route("*", "/api/v1/{tail:.*}")
 async def web_api(request: web.Request) -> web.Response:
-    tail = request.match_info["tail"]
+    tail = request.match_info.get("tail", request.path.removeprefix("/api/v1/"))  # or from http.search
     if _DOWNLOAD_RE.fullmatch(tail):  # the one route served here, asked with another method
-        return _api_error(405, f"{request.method} is not allowed here: downloads are GET or HEAD", GET_HEAD)
+        return api_error(405, f"{request.method} is not allowed here: downloads are GET or HEAD", GET_HEAD)
     what, instead = "this", "the same cargo command with --registry crates-io"
     for pattern, operation, command in _API_HINTS:
         if pattern.fullmatch(tail):
             what, instead = operation, f"`{command}`"
             break
-    return _api_error(
+    return api_error(
         404,
         f"this is a crates.io mirror (cratemirror): it serves the index and crate downloads but does not "
         f"proxy the crates.io web API, so {what} does not work through it; use {instead} "
@@ -362,7 +366,7 @@ async def web_api(request: web.Request) -> web.Response:
     )
 
 
-def _api_error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+def api_error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
     body = json.dumps({"errors": [{"detail": detail}]})
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 

@@ -247,6 +247,7 @@ CONTRACT_KEYS = {
             "max_index_size",
             "max_crate_size",
             "prefetch",  # an addition this round (README); contract.md is read-only here
+            "api_url",
         ]
     ),
     *(
