@@ -109,7 +109,7 @@ async def _instrument(request: web.Request, handler: Handler) -> web.StreamRespo
             registry = mirror.registries.get(request.get(routes.REGISTRY, DEFAULT_REGISTRY))
             metrics = registry.metrics if registry is not None else mirror.metrics
             metrics.observe_request(kind, result, elapsed, sent)
-            if result == "miss":
+            if result in ("miss", "error"):  # as /metrics counts them: an upstream failure is no hit
                 mirror.recent_misses.append(
                     RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)
                 )

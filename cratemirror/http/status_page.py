@@ -57,7 +57,7 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         **_upstream(snap),
         last_error=_esc(redact(mirror.upstream.last_error or "none since this worker started")),
         last_error_class="" if mirror.upstream.last_error else " none",
-        recent_misses=_misses_table(reversed(mirror.recent_misses), now),
+        recent_misses=_misses_table(reversed(mirror.recent_misses), now, snap),
         policy_panel=policy_panel(mirror.policy, now),
         pid=str(os.getpid()),
         uptime=_duration(now - mirror.started_at),
@@ -79,14 +79,23 @@ def _snippets(base: str, config: Config) -> dict[str, str]:
 
 
 def _health(mirror: Mirror, snap: Snapshot) -> dict[str, str]:
+    """What this worker knows of the upstream: nothing until it has answered or failed once (the gauge
+    starts at 1, which says nothing yet), failing while its last request failed, down once the gauge is 0."""
     up = snap.value("cratemirror_upstream_up")
+    health = mirror.upstream.health
+    shown = _number(up)
     if mirror.config.offline:
         css, text = "offline", "Offline mode"
-    elif up >= 1:
-        css, text = "up", "Upstream up"
-    else:
+    elif up < 1:
         css, text = "down", "Upstream down"
-    return {"health_class": css, "health_text": text, "upstream_up": _number(up)}
+    elif health.last_success_at == 0 and health.last_failure_at == 0:
+        css, text, shown = "unknown", "Upstream not asked yet", ""
+    elif health.last_failure_at > health.last_success_at:
+        failures = health.consecutive_failures
+        css, text = "down", f"Upstream failing ({failures} failure{'s' if failures != 1 else ''} in a row)"
+    else:
+        css, text = "up", "Upstream up"
+    return {"health_class": css, "health_text": text, "upstream_up": shown}
 
 
 def _summary(snap: Snapshot) -> dict[str, str]:
@@ -159,10 +168,17 @@ def _is_failure(status: str) -> bool:
     return status in ("error", "timeout") or status.startswith("5")
 
 
-def _misses_table(misses: Iterable[RecentMiss], now: float) -> str:
+def _misses_table(misses: Iterable[RecentMiss], now: float, snap: Snapshot) -> str:
     rows = [_miss_row(miss, now) for miss in misses]
     if not rows:
-        return '  <p class="empty" id="no-misses">No misses since this worker started.</p>'
+        missed = snap.total(REQUESTS, result="miss")
+        failed = snap.total(REQUESTS, result="error")
+        if missed or failed:  # another worker's: this list is per worker, /metrics counts them all
+            return (
+                f'  <p class="empty" id="no-misses">None on this worker; /metrics counts '
+                f"{_count(missed)} misses and {_count(failed)} errors over all workers.</p>"
+            )
+        return '  <p class="empty" id="no-misses">No misses or errors since this worker started.</p>'
     head = (
         '<tr><th>When</th><th class="left">Kind</th><th class="path">Path</th>'
         "<th>Status</th><th>Time</th><th>Upstream</th></tr>"
