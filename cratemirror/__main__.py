@@ -33,7 +33,7 @@ def _client_config(args: argparse.Namespace) -> int:
         checked_base,
         client_setup,
     )
-    from cratemirror.config.schema import find_config_path, load_config
+    from cratemirror.config.load import find_config_path, load_config
 
     try:
         base = checked_base(DEFAULT_URL if args.url is None else args.url)

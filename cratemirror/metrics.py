@@ -17,7 +17,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -51,9 +50,6 @@ class RequestTiming:
     upstream_seconds: float = 0.0
     upstream_requests: int = 0
 
-
-# The request key under which the instrumentation middleware keeps the request's RequestTiming.
-TIMING = web.RequestKey("cratemirror.timing", RequestTiming)
 
 # Set per client request by the middleware. Fetch tasks a request starts copy its context, so their
 # upstream calls add to the request that started them (a request that joins a fetch adds nothing).
@@ -174,6 +170,11 @@ class Metrics:
             "cratemirror_upstream_bytes_total", "Body bytes received from upstream", ["kind", "registry"],
             registry=r,
         )  # fmt: skip
+        self._storage_integrity_failures = Counter(
+            "cratemirror_storage_integrity_failures_total",
+            "Objects read from shared storage that failed authentication or their hash", ["kind", "registry"],
+            registry=r,
+        )  # fmt: skip
         self.upstream_up: Gauge | _NoGauge = Gauge(
             "cratemirror_upstream_up", "1 while the upstream answers, 0 after consecutive failures",
             registry=r, multiprocess_mode="livemostrecent",
@@ -209,6 +210,7 @@ class Metrics:
         self.cache_max_size = Labelled(self._cache_max_size, name)
         self.bytes_served = Labelled(self._bytes_served, name)
         self.upstream_bytes = Labelled(self._upstream_bytes, name)
+        self.storage_integrity_failures = Labelled(self._storage_integrity_failures, name)
         # Pre-create label sets so dashboards see every series (at 0) from the first scrape.
         for kind in KINDS:
             for result in RESULTS:
@@ -221,6 +223,7 @@ class Metrics:
             self.cache_entries.labels(kind)
             self.upstream_bytes.labels(kind)
             self.upstream_duration.labels(kind)
+            self.storage_integrity_failures.labels(kind)
 
     def for_registry(self, name: str) -> Metrics:
         """The same collectors, counting under `registry=name` (one view per registry bundle)."""

@@ -14,6 +14,17 @@ from cratemirror.http.app import create_app
 from tests.fake_upstream import FakeRegistry
 from tests.fleet_support import MotoS3, RedisServer
 
+TIER_OF_FOLDER = {"e2e": pytest.mark.e2e, "fleet": pytest.mark.fleet}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test's tier is its folder: tests/e2e/ are `e2e`, tests/fleet/ are `fleet` (select with -m)."""
+    for item in items:
+        folder = item.path.parent.name
+        if folder in TIER_OF_FOLDER:
+            item.add_marker(TIER_OF_FOLDER[folder])
+
+
 MirrorFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import datetime
 import io
 import os
-import shutil
 import signal
 import subprocess
 import uuid
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from tests.mirror_process import MirrorProcess, Service, clean_env, free_port, wait_until
+from tests.system_tools import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -31,10 +32,8 @@ STOP_TIMEOUT = 10.0
 
 
 def require(tool: str, package: str) -> str:
-    """The tool's path; a missing tool fails the test (never a skip): .ci/run installs it."""
-    path = shutil.which(tool)
-    assert path is not None, f"{tool} is required (Debian package {package}; .ci/run installs it)"
-    return path
+    """The tool's path; a missing tool skips the test naming it (fails in CI, where .ci/run installs it)."""
+    return require_tool(tool, f"Debian package {package}")
 
 
 # ---- TLS --------------------------------------------------------------------------------------------
@@ -302,12 +301,23 @@ def connected_to(pgid: int, port: int) -> bool:
 # ---- S3 (moto's real S3 server) ---------------------------------------------------------------------
 
 
+def set_stored_at(moto: MotoS3, key: str, when: float) -> None:
+    """Back-date an object's LastModified in moto's in-process backend: S3 stamps whole seconds, and a
+    test should not wait seconds for distinct ones."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    bucket = s3_backends[DEFAULT_ACCOUNT_ID]["global"].buckets[moto.bucket]
+    bucket.keys[key].last_modified = datetime.datetime.fromtimestamp(when, datetime.UTC).replace(tzinfo=None)
+
+
 class MotoS3:
     """moto's S3 server (ThreadedMotoServer: a real HTTP server speaking the S3 API) on loopback, with
     one bucket. The S3 code under test talks to it as it would to MinIO or AWS."""
 
     ACCESS_KEY = "test-access-key"
     SECRET_KEY = "test-secret-key"
+    INTEGRITY_KEY = "test-fleet-integrity-key-0123456789abcdef"  # storage.s3.integrity_key
 
     def __init__(self) -> None:
         # moto keeps its state per process, across servers: a bucket of its own per test.
@@ -358,7 +368,7 @@ class MotoS3:
             "storage:\n  backend: s3\n  s3:\n"
             f"    bucket: {self.bucket}\n    endpoint_url: {self.endpoint}\n    region: us-east-1\n"
             f"    access_key_id: {self.ACCESS_KEY}\n    secret_access_key: {self.SECRET_KEY}\n"
-            f"    serve: {serve}\n"
+            f"    serve: {serve}\n    integrity_key: {self.INTEGRITY_KEY}\n"
         )
 
 

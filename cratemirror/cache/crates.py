@@ -24,16 +24,29 @@ import aiohttp
 from cachetools import LRUCache
 
 from cratemirror.cache.commits import CommitQueue
+from cratemirror.cache.delivery import (
+    Blocked,
+    CacheResult,
+    Delivery,
+    Failed,
+    FromFile,
+    FromFill,
+    HeadersOnly,
+    MetricResult,
+    Redirect,
+)
 from cratemirror.cache.eviction import evict_to, low_water
-from cratemirror.cache.index import IndexService, VersionRecord, find_version_async
+from cratemirror.cache.gate import Gate
+from cratemirror.cache.index import IndexService, OfflineMiss, VersionRecord, find_version_async
 from cratemirror.cache.singleflight import SingleFlight
 from cratemirror.cache.spool import MemorySpoolFull, Spool
 from cratemirror.fleet.coordination import Coordination, LocalCoordination
 from cratemirror.fleet.storage import LocalShared, SharedStorage
 from cratemirror.fleet.storage.disk import CrateMeta, DiskTrouble, Store, sha256_stream
+from cratemirror.keys import crate_key
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName, CrateVersion, expand_dl_template
-from cratemirror.upstream.client import TooLarge, Upstream, UpstreamError
+from cratemirror.upstream.client import TooLarge, Upstream, UpstreamError, UpstreamNotFound
 
 log = logging.getLogger("cratemirror.crates")
 
@@ -43,6 +56,13 @@ TOUCH_INTERVAL = 3600.0
 UPLOAD_SHUTDOWN_WAIT = 30.0  # seconds close() waits for uploads to the shared storage
 EVICTION_SHUTDOWN_WAIT = 30.0
 EVICTION_ROUNDS = 3
+CRATE_HEADERS = {
+    "Content-Type": "application/gzip",
+    "Cache-Control": "public, max-age=31536000, immutable",
+}
+# Crates up to this size are verified before the first byte goes out, so a checksum mismatch is a clean
+# 502; larger ones stream (cargo gives up on a silent connection) and a mismatch cuts the connection.
+VERIFY_BEFORE_SENDING = 4 * 1024 * 1024
 
 
 class NotFound(Exception):
@@ -169,6 +189,8 @@ class CrateService:
         # "name/version" -> sha256: saves a metadata read per hit
         self._sha_memo: LRUCache[str, str] = LRUCache(MEMO_LIMIT)
         self.disk_trouble = disk_trouble
+        # The policy, for the registries it applies to: asked before a crate is fetched or sent.
+        self.gate: Gate | None = None
 
     async def close(self) -> None:
         if self._uploads:  # what was stored here reaches the other replicas (warm exits right after)
@@ -258,12 +280,135 @@ class CrateService:
         self._missing_checked[key] = now
         return True
 
+    # ---- the download decision -----------------------------------------------------------------
+
+    async def deliver(self, wanted: CrateVersion, *, head: bool, client: str) -> Delivery:
+        """Everything a download decides, as one value: from the store, from a fill, a redirect to the
+        shared storage, headers only, blocked by the gate, or failed. `client` names who asked (the
+        gate's log and audit)."""
+        # storage.s3.serve redirect sends clients to the bucket; with a gate the bytes pass through us.
+        redirecting = self.shared.redirects and self.gate is None
+        if not redirecting:
+            cached = self.open_cached(wanted.crate.name, wanted.version)
+            if cached is not None:
+                return await self._checked(cached, wanted.crate.name, wanted.version, client)
+        try:
+            record = await self.resolve(wanted)
+        except NotFound as exc:  # the registry has no such crate or version
+            return Failed(404, str(exc), result=MetricResult.NEGATIVE)
+        except OfflineMiss as exc:
+            return Failed(503, str(exc))
+        except UpstreamError as exc:
+            return Failed(exc.status, f"upstream error for the index of {wanted.crate.name}: {exc}")
+        name, version = record.name, wanted.version
+        if redirecting:
+            location = await self.shared_url(record, version)
+            if location is not None:
+                return Redirect(location, {"X-Cache": CacheResult.HIT})
+        cached = self.open_cached(name, version)  # asked with another case?
+        if cached is None:
+            cached = await self.adopt_unrecorded(record, version)
+        if cached is not None:
+            return await self._checked(cached, name, version, client)
+        # The licence rule needs the crate's Cargo.toml: fetch and verify it whole before deciding. A
+        # block known from name and version alone is decided (and counted) now, and nothing is fetched.
+        licence_first = False
+        if self.gate is not None:
+            licence_first = not head and self.gate.needs_license(name, version)
+            if not licence_first or self.gate.blocks(name, version):
+                licence_first = False
+                refusal = await self.gate.judge(name, version, client)
+                if refusal is not None:
+                    return Blocked(refusal.rule, refusal.reason)
+        if self.offline:
+            return Failed(503, f"offline and {name} {version} is not cached")
+        headers = {**CRATE_HEADERS, "ETag": f'"{record.cksum}"', "X-Cache": CacheResult.MISS}
+        if head:  # headers only: no reason to download the tarball now
+            return HeadersOnly(headers)
+        fill, joined = self.fill(record, version)
+        if joined:
+            self.metrics.coalesced.labels("crate").inc()
+        fill.hold()  # keeps the spool readable until this client is done, even after the fill ends
+        try:
+            delivery = await self._from_fill(fill, name, version, headers, joined, licence_first, client)
+        except BaseException:
+            fill.release()
+            raise
+        if not isinstance(delivery, FromFill):
+            fill.release()
+        return delivery
+
+    async def _from_fill(
+        self,
+        fill: Fill,
+        name: str,
+        version: str,
+        headers: dict[str, str],
+        joined: bool,
+        licence_first: bool,
+        client: str,
+    ) -> Delivery:
+        try:
+            # Shielded: these futures are shared, and a client that leaves must not cancel them for all.
+            await asyncio.shield(fill.started)
+            if fill.content_length is None or fill.content_length <= VERIFY_BEFORE_SENDING or licence_first:
+                await asyncio.shield(fill.finished)
+        except UpstreamNotFound:
+            return Failed(404, f"upstream has no tarball for {name} {version}")
+        except UpstreamError as exc:
+            return Failed(exc.status, f"upstream error for {name} {version}: {exc}")
+        except Exception as exc:  # checksum mismatch, disk trouble: one line, never a traceback
+            return Failed(502, str(exc))
+        # One upstream fetch is one miss; whoever joined it (here, or by waiting on another worker
+        # process's lock) is a coalesced hit.
+        result = MetricResult.HIT if joined or fill.stored_elsewhere else MetricResult.MISS
+        if not (fill.stored_elsewhere or licence_first):
+            return FromFill(fill, headers, fill.release, result)
+        # Stored by another worker process, or to be checked against the licence rule first: the file.
+        if fill.stored_elsewhere and not joined:
+            self.metrics.coalesced.labels("crate").inc()
+        cached = self.open_cached(name, version)
+        if cached is None:
+            if licence_first:  # not stored (a full disk): its licence cannot be read
+                return Failed(503, f"{name} {version} could not be stored to read its licence", result=result)
+            return Failed(502, f"{name} {version} vanished from the cache", result=result)
+        if licence_first:
+            x_cache = CacheResult.HIT if joined or fill.stored_elsewhere else CacheResult.MISS
+            return await self._checked(cached, name, version, client, x_cache, result)
+        return self._from_store(cached, CacheResult.HIT, result)
+
+    async def _checked(
+        self,
+        cached: CachedCrate,
+        name: str,
+        version: str,
+        client: str,
+        x_cache: CacheResult = CacheResult.HIT,
+        result: MetricResult = MetricResult.HIT,
+    ) -> Delivery:
+        """A stored crate, unless the gate blocks it (its licence is read from it the first time)."""
+        if self.gate is not None:
+            if self.gate.needs_license(name, version):
+                await self.gate.learn_license(name, version, cached.file)
+            refusal = await self.gate.judge(name, version, client)
+            if refusal is not None:
+                cached.file.close()
+                return Blocked(refusal.rule, refusal.reason, x_cache, result)
+        return self._from_store(cached, x_cache, result)
+
+    @staticmethod
+    def _from_store(cached: CachedCrate, x_cache: CacheResult, result: MetricResult) -> FromFile:
+        headers = {**CRATE_HEADERS, "ETag": f'"{cached.sha256}"', "X-Cache": x_cache}
+        return FromFile(cached.file, cached.size, headers, result)
+
     async def prefetch(self, crate: CrateName, body: bytes, version: str) -> None:
         """Fetch and store a version before a client asks (upstream.prefetch: crates); a client that
         asks meanwhile joins the fill."""
         record = await find_version_async(body, crate, version)
         if record is None or self.store.crate_path(record.name, version).exists():
             return
+        if self.gate is not None and self.gate.blocks(record.name, version):
+            return  # the same gate as a download: what it blocks is never fetched ahead either
         fill, _ = self.fill(record, version)
         await asyncio.shield(fill.finished)
 
@@ -292,7 +437,7 @@ class CrateService:
 
     async def _run_fill(self, fill: Fill) -> None:
         try:
-            async with self.coordination.lock(f"crate:{fill.name}/{fill.version}"):
+            async with self.coordination.lock(crate_key(fill.name, fill.version)):
                 cached = self.open_cached(fill.name, fill.version)
                 if cached is not None:  # another worker process stored it while we waited
                     cached.file.close()

@@ -12,12 +12,11 @@ file a client is reading is safe: the reader holds an open descriptor and gets t
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cratemirror.fleet.storage.disk import Store, remove_empty_dir
+from cratemirror.fleet.storage.disk import Store
 from cratemirror.fleet.storage.ledger import LedgerRow
 
 BATCH = 200  # rows per transaction: short enough that a fill's commit never waits long for the lock
@@ -88,7 +87,7 @@ def evict_to(
             if on_batch is not None:
                 on_batch(len(wanted), sum(row.size for row in wanted))
             continue
-        gone, kept = _evict_batch(store, wanted)
+        gone, kept = store.evict_rows(wanted)
         for row in gone:
             report.add(row)
         report.skipped += len(kept)
@@ -99,23 +98,3 @@ def evict_to(
         report.total_after = store.crate_bytes()
         time.sleep(BATCH_PAUSE)
     return report
-
-
-def _evict_batch(store: Store, rows: list[LedgerRow]) -> tuple[list[LedgerRow], list[LedgerRow]]:
-    marked = store.ledger.mark_evicting(rows)
-    gone: list[LedgerRow] = []
-    kept: list[LedgerRow] = []
-    for row in marked:
-        with store.try_lock_crate(row.name, row.version) as held:
-            # Under the crate's lock no fill is committing it; a fill that did so before we got here
-            # has made the row STORED again, and its new file must stay.
-            if not held or not store.ledger.is_evicting(row.name, row.version):
-                kept.append(row)
-                continue
-            path = store.crate_path(row.name, row.version)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        remove_empty_dir(path.parent)
-        gone.append(row)
-    store.ledger.finish_eviction(gone, kept)
-    return gone, kept

@@ -24,6 +24,7 @@ from cratemirror.config.schema import CacheConfig
 from cratemirror.fleet.coordination import Coordination, LocalCoordination
 from cratemirror.fleet.storage import LocalShared, SharedStorage
 from cratemirror.fleet.storage.disk import DiskTrouble, IndexEntry, Store
+from cratemirror.keys import index_key, refresh_key
 from cratemirror.metrics import Metrics
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum
 from cratemirror.upstream.client import Upstream, UpstreamError, UpstreamNotFound
@@ -39,6 +40,9 @@ GZIP_MIN = 1024  # smaller bodies gain too little to be worth a Content-Encoding
 GZIP_IN_THREAD = 64 * 1024  # compressing a larger body would hold up the event loop for milliseconds
 # A remembered 404 outlives its TTL a little so it can still answer while upstream is failing.
 NEGATIVE_GRACE = 3600.0
+# A shared copy checked later than now plus this (a replica's clock ahead) is not taken: it would pin
+# itself as fresh.
+CLOCK_SKEW = 10.0
 
 
 class OfflineMiss(Exception):
@@ -127,7 +131,7 @@ class IndexService:
             # RFC 5861 stale-while-revalidate: a warm client never waits on upstream inside the window.
             self._revalidate_behind(crate)
             return IndexResult(entry, "STALE", "stale")
-        key = f"index:{crate.lower}"
+        key = index_key(crate.lower)
         result, joined = await self._flights.run(key, lambda: self._refresh(crate, newer_than))
         if joined or result.shared:
             # Served by someone else's fetch: one upstream request is one miss, however many waited.
@@ -143,9 +147,14 @@ class IndexService:
         return result.entry.body if result.entry.status == 200 else None
 
     async def refresh(self, crate: CrateName) -> IndexResult:
-        """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`); every worker
-        process then drops its in-memory copies."""
-        result = await self.get(crate, newer_than=time.time(), count=False)
+        """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`): always an
+        upstream request, never answered from the shared storage or another replica's word; every
+        worker process then drops its in-memory copies. Refreshes of one name at once share one."""
+        if self.offline:  # the cached copy as it is (OfflineMiss if none)
+            return await self.get(crate, newer_than=time.time(), count=False)
+        result, _ = await self._flights.run(
+            refresh_key(crate.lower), lambda: self._refresh(crate, time.time(), from_upstream=True)
+        )
         await asyncio.to_thread(self.store.bump_index_generation)
         return result
 
@@ -157,7 +166,7 @@ class IndexService:
     def _revalidate_behind(self, crate: CrateName) -> None:
         """One background revalidation per key: in this process through the flight, across worker
         processes through the store lock (a waiter finds the copy fresh and does not fetch)."""
-        key = f"index:{crate.lower}"
+        key = index_key(crate.lower)
         if self._flights.active(key):
             return
         task = asyncio.ensure_future(self._flights.run(key, lambda: self._refresh(crate, None)))
@@ -213,21 +222,26 @@ class IndexService:
             return IndexResult(entry, "HIT", "hit")
         return IndexResult(entry, "STALE", "stale")  # offline: served however old
 
-    async def _refresh(self, crate: CrateName, newer_than: float | None) -> IndexResult:
-        async with self.coordination.lock(f"index:{crate.lower}"):
+    async def _refresh(
+        self, crate: CrateName, newer_than: float | None, *, from_upstream: bool = False
+    ) -> IndexResult:
+        """`from_upstream` (a refresh): ask upstream whatever another worker or replica holds."""
+        async with self.coordination.lock(index_key(crate.lower)):
             # Another worker process may have refreshed it while we waited for the lock.
             entry = self.store.get_index(crate.lower)
-            if entry is not None and self._is_fresh(entry, newer_than):
+            if not from_upstream and entry is not None and self._is_fresh(entry, newer_than):
                 _remember(self._hot, crate.lower, entry)
                 return dataclasses.replace(self._cached_result(entry), shared=True)
-            shared = await self._shared_entry(crate)
+            shared = None if from_upstream else await self._shared_entry(crate)
             if shared is not None and (entry is None or shared.checked_at > entry.checked_at):
                 # Another replica checked it more recently: take its copy (and its validators).
                 await self._put(crate.lower, shared)
                 entry = shared
                 if self._is_fresh(entry, newer_than):
                     return IndexResult(entry, "HIT", "hit", shared=True)
-            missing_since = await self.coordination.missing_since(f"index:{crate.lower}")
+            missing_since = None
+            if not from_upstream:
+                missing_since = await self.coordination.missing_since(index_key(crate.lower))
             if missing_since is not None and (newer_than is None or missing_since >= newer_than):
                 # Another replica asked upstream a moment ago: "not found" holds here too.
                 known = IndexEntry(404, b"", "", formatdate(missing_since, usegmt=True), missing_since)
@@ -279,7 +293,7 @@ class IndexService:
             missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)
             await self._put(crate.lower, missing, expire=self.cache.negative_ttl + NEGATIVE_GRACE)
             await self.coordination.remember_missing(
-                f"index:{crate.lower}", checked_at, self.cache.negative_ttl
+                index_key(crate.lower), checked_at, self.cache.negative_ttl
             )
             return IndexResult(missing, "MISS", "miss")
 
@@ -288,11 +302,19 @@ class IndexService:
         return age < self.cache.index_ttl + self.cache.stale_if_error
 
     async def _shared_entry(self, crate: CrateName) -> IndexEntry | None:
+        """Another replica's copy (authenticated by the storage), unless checked in the future."""
         try:
-            return await self.shared.get_index(crate)
+            entry = await self.shared.get_index(crate)
         except Exception as exc:  # the bucket failing: go on as a lone replica
             log.warning("shared storage: could not read the index file of %s: %s", crate.name, exc)
             return None
+        if entry is not None and entry.checked_at > time.time() + CLOCK_SKEW:
+            log.warning(
+                "shared storage: the index file of %s says it was checked %.0f s from now (a replica's "
+                "clock ahead?): not taken, asking upstream", crate.name, entry.checked_at - time.time(),
+            )  # fmt: skip
+            return None
+        return entry
 
     async def _share(self, crate: CrateName, entry: IndexEntry) -> None:
         try:

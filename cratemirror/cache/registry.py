@@ -5,6 +5,7 @@ services, metrics labelled with its name) mounted at /registries/<name>/, in its
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
 from cratemirror.upstream.client import Upstream
 
 CRATES_IO_INDEX = "https://github.com/rust-lang/crates.io-index"
+
+
+log = logging.getLogger("cratemirror")
 
 
 @dataclass
@@ -43,6 +47,24 @@ class Registry:
 
     def download_path(self) -> str:
         return f"{self.mount}/api/v1/crates"
+
+    async def start(self, *, offline: bool) -> None:
+        """Before serving: partial downloads of an earlier run removed, the upstream and shared storage
+        clients opened."""
+        removed = self.store.clean_stale_temp_files()
+        if removed:
+            log.info("removed %d partial downloads left by an earlier run", removed)
+        if not offline:
+            await self.upstream.start()
+        await self.shared.start()
+
+    async def close(self) -> None:
+        await self.crates.close()
+        await self.index.close()
+        await self.upstream.close()
+        await self.coordination.close()
+        await self.shared.close()
+        self.store.close()
 
     def record_usage(self, usage: dict[str, tuple[int, int]]) -> None:
         for kind, (size, entries) in usage.items():
@@ -80,7 +102,10 @@ def _bundle(
     upstream = Upstream(upstream_config, metrics, authorization=authorization)
     # Fleet seams, per registry: its own lock and key namespace in Redis, its own prefix in the bucket.
     coordination = make_coordination(config.coordination.redis_url, store, metrics, namespace=name)
-    shared = make_shared_storage(config.storage, upstream_config.max_index_size, registry=name)
+    shared = make_shared_storage(
+        config.storage, upstream_config.max_index_size, registry=name,
+        on_integrity_failure=lambda kind: metrics.storage_integrity_failures.labels(kind).inc(),
+    )  # fmt: skip
     index = IndexService(
         store, upstream, metrics, cache,
         offline=config.offline, disk_trouble=disk_trouble, coordination=coordination, shared=shared,

@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cratemirror.config.load import Loaded, effective_values, load
+from cratemirror.config.load import Loaded, effective_values, find_config_path, load
 from cratemirror.config.paths import missing_paths
-from cratemirror.config.schema import ConfigError, MirrorSchema, find_config_path
+from cratemirror.config.schema import ConfigError, MirrorSchema
 
 ACTIONS = ("check", "show", "schema")
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

@@ -12,7 +12,6 @@ import difflib
 import math
 import os
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import NoneType, UnionType
@@ -27,6 +26,7 @@ from cratemirror.config.schema import (
     DEFAULTS_SOURCE,
     ENV_CONFIG,
     ENV_PREFIX,
+    LOADING,
     Config,
     ConfigError,
     Expected,
@@ -260,16 +260,6 @@ class _Flags:
         return cls(_nest(given), {dotted: FLAGS.get(dotted, "command line") for dotted in given})
 
 
-# load() hands the file and environment layers to Config.settings_customise_sources through this.
-_LOADING: ContextVar[tuple[PydanticBaseSettingsSource, ...]] = ContextVar(
-    "cratemirror_config_layers", default=()
-)
-
-
-def loading_sources(settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSettingsSource, ...]:
-    return _LOADING.get() if settings_cls is Config else ()
-
-
 # --- errors ----------------------------------------------------------------------------------------------
 
 
@@ -412,13 +402,13 @@ def load(path: Path | None, env: Mapping[str, str] | None, overrides: Mapping[st
     layers: list[_Layer] = [flags, environment, *([file] if file else [])]  # highest priority first
     for layer in reversed(layers):  # every layer in full, even keys a later layer overrides
         _check_alone(layer)
-    token = _LOADING.set((environment, *([file] if file else [])))
+    token = LOADING.set((environment, *([file] if file else [])))
     try:
         config = Config(**flags.values)
     except ValidationError as exc:
         raise _to_config_error(exc, layers) from None
     finally:
-        _LOADING.reset(token)
+        LOADING.reset(token)
     origins: dict[str, str] = {}
     written: dict[str, object] = {}
     for layer in reversed(layers):
@@ -556,3 +546,21 @@ def size_text(size: int) -> str:
         if size >= factor and size % factor == 0:
             return f"{size // factor}{unit}"
     return str(size)
+
+
+def load_config(
+    path: Path | None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build the Config from defaults < the YAML file at path < CRATEMIRROR_* variables < overrides.
+
+    overrides maps dotted keys ("server.port", "offline", ...) to raw values; None values are skipped so
+    argparse results can be passed straight through. env=None means os.environ.
+    """
+    return load(path, env, overrides).config
+
+
+def find_config_path(cli_path: str | None, env: Mapping[str, str], cwd: Path) -> Path | None:
+    """--config, else $CRATEMIRROR_CONFIG, else ./mirror.yaml if present, else None (built-in defaults)."""
+    return find_config(cli_path, env, cwd)

@@ -14,6 +14,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -53,8 +54,6 @@ __all__ = [
     "ServerConfig",
     "StorageConfig",
     "UpstreamConfig",
-    "find_config_path",
-    "load_config",
     "parse_duration",
     "parse_size",
     "with_source",
@@ -64,6 +63,10 @@ MiB = 1024**2
 GiB = 1024**3
 DAY = 86400.0
 DEFAULTS_SOURCE = "built-in defaults"
+# config.load.load() hands the file and environment layers to Config.settings_customise_sources here.
+LOADING: ContextVar[tuple[PydanticBaseSettingsSource, ...]] = ContextVar(
+    "cratemirror_config_layers", default=()
+)
 ENV_PREFIX = "CRATEMIRROR_"
 # Names the config file, so it is not itself a setting (and must not be rejected as an unknown one).
 ENV_CONFIG = "CRATEMIRROR_CONFIG"
@@ -322,6 +325,16 @@ HttpUrl = Annotated[str, BeforeValidator(_http_url), WithJsonSchema({"type": "st
 AnyPath = Annotated[Path, BeforeValidator(_path)]
 ExistingFile = Annotated[FilePath, BeforeValidator(_path)]
 Secret = Annotated[SecretStr, BeforeValidator(_text)]
+MIN_INTEGRITY_KEY = 32  # characters: a short secret is a guessable one
+MAKE_INTEGRITY_KEY = "python3 -c 'import secrets; print(secrets.token_hex(32))'"
+
+
+def _long_secret(value: SecretStr) -> SecretStr:
+    if len(value.get_secret_value()) < MIN_INTEGRITY_KEY:
+        raise ValueError("too short")
+    return value
+
+
 AdvisoryId = Annotated[str, _matching(_ADVISORY_ID)]
 LicenseId = Annotated[str, _matching(_SPDX_ID)]
 CrateRule = Annotated[str, _matching(_CRATE_RULE)]
@@ -471,10 +484,20 @@ class S3Config(_Section):
         Literal["proxy", "redirect"], BeforeValidator(_lower), Expected("one of proxy, redirect")
     ] = "proxy"
     """proxy: the mirror streams the bytes | redirect: 302 to a short-lived presigned URL."""
+    integrity_key: Annotated[
+        Annotated[Secret, AfterValidator(_long_secret)] | None,
+        Expected(f"a secret of at least {MIN_INTEGRITY_KEY} characters, or null"),
+    ] = None
+    """Required with backend s3: a secret shared by the replicas, never stored in the bucket; what a
+    replica reads from the bucket is authenticated with it (HMAC-SHA256)."""
 
     def secret_key(self) -> str | None:
         """The secret access key in plain text, for the S3 client only."""
         return None if self.secret_access_key is None else self.secret_access_key.get_secret_value()
+
+    def integrity_secret(self) -> bytes | None:
+        """The integrity key's bytes, for the object MACs only."""
+        return None if self.integrity_key is None else self.integrity_key.get_secret_value().encode()
 
 
 class StorageConfig(_Section):
@@ -655,6 +678,14 @@ class MirrorSchema(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _integrity_key(self, info: ValidationInfo) -> MirrorSchema:
+        # After _fleet_extra: without the extra, naming it is the first thing to say.
+        if _whole_config(info) and self.storage.backend == "s3" and self.storage.s3.integrity_key is None:
+            expected = "a secret shared by the replicas when storage.backend is s3"
+            raise _cross_field("storage.s3.integrity_key", f"{expected} (make one: {MAKE_INTEGRITY_KEY})")
+        return self
+
 
 class Config(MirrorSchema, BaseSettings):
     """The mirror's configuration. Built directly it is the defaults plus its keyword arguments;
@@ -689,9 +720,7 @@ class Config(MirrorSchema, BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Built directly, a Config is the defaults plus its keyword arguments: never os.environ by surprise.
         # load_config hands in the file and environment layers (highest priority first after the flags).
-        from cratemirror.config.load import loading_sources
-
-        return (init_settings, *loading_sources(settings_cls))
+        return (init_settings, *(LOADING.get() if settings_cls is Config else ()))
 
 
 def with_source(config: Config, source: str) -> Config:
@@ -699,25 +728,3 @@ def with_source(config: Config, source: str) -> Config:
     copy = config.model_copy()
     copy._source = source
     return copy
-
-
-def load_config(
-    path: Path | None,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, object] | None = None,
-) -> Config:
-    """Build the Config from defaults < the YAML file at path < CRATEMIRROR_* variables < overrides.
-
-    overrides maps dotted keys ("server.port", "offline", ...) to raw values; None values are skipped so
-    argparse results can be passed straight through. env=None means os.environ.
-    """
-    from cratemirror.config.load import load
-
-    return load(path, env, overrides).config
-
-
-def find_config_path(cli_path: str | None, env: Mapping[str, str], cwd: Path) -> Path | None:
-    """--config, else $CRATEMIRROR_CONFIG, else ./mirror.yaml if present, else None (built-in defaults)."""
-    from cratemirror.config.load import find_config
-
-    return find_config(cli_path, env, cwd)

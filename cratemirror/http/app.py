@@ -16,8 +16,8 @@ from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, search, status_page
 from cratemirror.http.auth import auth_middleware
-from cratemirror.http.context import MIRROR, Mirror, RecentMiss
-from cratemirror.metrics import DEFAULT_REGISTRY, TIMING, Metrics, start_request_timing
+from cratemirror.http.context import MIRROR, TIMING, Mirror, RecentMiss
+from cratemirror.metrics import DEFAULT_REGISTRY, Metrics, start_request_timing
 from cratemirror.policy.service import create_policy
 
 log = logging.getLogger("cratemirror")
@@ -29,12 +29,10 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     registries = build_registries(config, metrics, disk_trouble)
     default = registries[DEFAULT_REGISTRY]
     policy = create_policy(config, default.store, metrics)  # the policy gates crates.io's crates
-    if policy.enabled:  # what cargo sees yanked in the policy's view is never prefetched either
-        default.index.prefetch.allowed = lambda name, version: policy.verdict(name, version).block is None
-    mirror = Mirror(
-        config, metrics, default.store, default.upstream, default.index, default.crates, disk_trouble,
-        policy, registries=registries,
-    )  # fmt: skip
+    if policy.enabled:  # the policy gates crates.io's downloads, and what it blocks is never prefetched
+        default.crates.gate = policy
+        default.index.prefetch.allowed = lambda name, version: not policy.blocks(name, version)
+    mirror = Mirror(config, metrics, disk_trouble, policy, registries)
 
     middlewares: list[Middleware] = [_instrument]
     if config.auth.required:
@@ -51,12 +49,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     mirror = app[MIRROR]
     for registry in mirror.registries.values():
-        removed = registry.store.clean_stale_temp_files()
-        if removed:
-            log.info("removed %d partial downloads left by an earlier run", removed)
-        if not mirror.config.offline:
-            await registry.upstream.start()
-        await registry.shared.start()
+        await registry.start(offline=mirror.config.offline)
     # Each registry's upstream health, shared with the other replicas (a no-op without Redis).
     health = [
         asyncio.create_task(registry.coordination.share_health(registry.upstream.health))
@@ -78,12 +71,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
     await asyncio.gather(*health, return_exceptions=True)
     for registry in mirror.registries.values():
-        await registry.crates.close()
-        await registry.index.close()
-        await registry.upstream.close()
-        await registry.coordination.close()
-        await registry.shared.close()
-        registry.store.close()
+        await registry.close()
 
 
 @web.middleware

@@ -9,15 +9,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from cratemirror.cache.crates import CrateService
-from cratemirror.cache.index import IndexService
 from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import Registry
 from cratemirror.config.schema import Config
-from cratemirror.fleet.storage.disk import DiskTrouble, Store
-from cratemirror.metrics import Metrics
+from cratemirror.fleet.storage.disk import DiskTrouble
+from cratemirror.metrics import DEFAULT_REGISTRY, Metrics, RequestTiming
 from cratemirror.policy.service import PolicyService
-from cratemirror.upstream.client import Upstream
 
 RECENT_MISSES = 20
 
@@ -38,23 +35,19 @@ class RecentMiss:
 class Mirror:
     config: Config
     metrics: Metrics
-    store: Store
-    upstream: Upstream
-    index: IndexService
-    crates: CrateService
     disk_trouble: DiskTrouble
     policy: PolicyService
-    # Every registry bundle by name, crates-io (the fields above) included.
-    registries: dict[str, Registry] = field(default_factory=dict)
+    # Every registry bundle by name, crates-io first.
+    registries: dict[str, Registry]
     started_at: float = field(default_factory=time.time)
     unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
 
-    def record_usage(self, usage: dict[str, tuple[int, int]]) -> None:
-        for kind, (size, entries) in usage.items():
-            self.metrics.cache_size.labels(kind).set(size)
-            self.metrics.cache_entries.labels(kind).set(entries)
+    @property
+    def default(self) -> Registry:
+        """crates.io's bundle: its store, upstream client, index and crate services."""
+        return self.registries[DEFAULT_REGISTRY]
 
     def extras(self) -> list[Registry]:
         return [registry for registry in self.registries.values() if not registry.is_default]
@@ -64,9 +57,10 @@ class Mirror:
 
         Every worker sees the same disk, so whichever worker answers the scrape writes the newest value
         (the gauges are `livemostrecent`). A few indexed SQLite reads, never a walk over the files."""
-        self.record_usage(await asyncio.to_thread(self.store.usage))
-        for registry in self.extras():
+        for registry in self.registries.values():
             registry.record_usage(await asyncio.to_thread(registry.store.usage))
 
 
 MIRROR = web.AppKey("mirror", Mirror)
+# The request key under which the instrumentation middleware keeps the request's RequestTiming.
+TIMING = web.RequestKey("cratemirror.timing", RequestTiming)

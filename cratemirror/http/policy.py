@@ -5,15 +5,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from cratemirror.http.responses import error
-from cratemirror.policy.rules import Decision
 
 POLICY_HEADER = "X-Cratemirror-Policy"
 
 
-def refusal(decision: Decision, x_cache: str) -> web.Response:
+def refusal(rule: str, reason: str, x_cache: str) -> web.Response:
     """403 with the rule in a header and one line that cargo prints under "body:"."""
-    response = error(403, f"cratemirror policy: {decision.reason}", x_cache)
-    response.headers[POLICY_HEADER] = decision.rule
+    response = error(403, f"cratemirror policy: {reason}", x_cache)
+    response.headers[POLICY_HEADER] = rule
     return response
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
+from collections.abc import Mapping
 
 from aiohttp import web
 
-from cratemirror.cache.crates import CachedCrate, Fill, NotFound
+from cratemirror.cache.delivery import Blocked, Failed, FromFile, FromFill, GrowingBody, HeadersOnly, Redirect
 from cratemirror.cache.index import GZIP_MIN, OfflineMiss
 from cratemirror.cache.registry import Registry
 from cratemirror.http.context import MIRROR
@@ -17,7 +17,7 @@ from cratemirror.http.policy import client_of, refusal
 from cratemirror.http.responses import error, not_modified, send_file
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path, parse_name
-from cratemirror.upstream.client import UpstreamError, UpstreamNotFound
+from cratemirror.upstream.client import UpstreamError
 
 # Keys on the request that the instrumentation middleware reads.
 KIND = web.RequestKey("cratemirror.kind", str)
@@ -25,13 +25,6 @@ RESULT = web.RequestKey("cratemirror.result", str)
 BYTES = web.RequestKey("cratemirror.bytes", int)
 REGISTRY = web.RequestKey("cratemirror.registry", str)
 
-CRATE_HEADERS = {
-    "Content-Type": "application/gzip",
-    "Cache-Control": "public, max-age=31536000, immutable",
-}
-# Crates up to this size are verified before the first byte goes out, so a checksum mismatch is a clean
-# 502; larger ones stream (cargo gives up on a silent connection) and a mismatch cuts the connection.
-VERIFY_BEFORE_SENDING = 4 * 1024 * 1024
 
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
@@ -175,139 +168,37 @@ async def download(request: web.Request) -> web.StreamResponse:
     if registry is None:
         return _no_registry()
     _mark(request, "crate", "error")
-    mirror = request.app[MIRROR]
-    crates = registry.crates
     try:
         wanted = parse_crate_version(request.match_info["name"], request.match_info["version"])
     except InvalidRequest as exc:
         return error(400, str(exc))
-    # storage.s3.serve: redirect sends clients to the store; with a policy the bytes pass through us.
-    redirecting = registry.shared.redirects and not (mirror.policy.enabled and registry.is_default)
-    if not redirecting:
-        cached = crates.open_cached(wanted.crate.name, wanted.version)
-        if cached is not None:
-            request[RESULT] = "hit"
-            return await _send_checked(request, registry, cached, wanted.crate.name, wanted.version)
-    try:
-        record = await crates.resolve(wanted)
-    except NotFound as exc:
-        request[RESULT] = "negative"  # answered "not found": the registry has no such crate or version
-        return error(404, str(exc), "MISS")
-    except OfflineMiss as exc:
-        return error(503, str(exc), "MISS")
-    except UpstreamError as exc:
-        return error(exc.status, f"upstream error for the index of {wanted.crate.name}: {exc}", "MISS")
-    if redirecting:
-        location = await crates.shared_url(record, wanted.version)
-        if location is not None:
-            request[RESULT] = "hit"
-            return web.Response(status=302, headers={"Location": location, "X-Cache": "HIT"})
-    cached = crates.open_cached(record.name, wanted.version)  # asked with another case?
-    if cached is None:
-        cached = await crates.adopt_unrecorded(record, wanted.version)
-    if cached is not None:
-        request[RESULT] = "hit"
-        return await _send_checked(request, registry, cached, record.name, wanted.version)
-    # The licence rule needs the crate's Cargo.toml: fetch and verify it whole before deciding. A block
-    # known from name and version alone is decided (and counted) now, and nothing is fetched.
-    policy = mirror.policy
-    licence_first = False
-    if registry.is_default:
-        verdict = policy.verdict(record.name, wanted.version)
-        licence_first = request.method != "HEAD" and policy.needs_license(record.name, wanted.version)
-        if verdict.block is not None or not licence_first:
-            licence_first = False
-            block = await policy.record(verdict, record.name, wanted.version, client_of(request))
-            if block is not None:
-                return refusal(block, "MISS")
-    if mirror.config.offline:
-        return error(503, f"offline and {record.name} {wanted.version} is not cached", "MISS")
-    headers = {**CRATE_HEADERS, "ETag": f'"{record.cksum}"', "X-Cache": "MISS"}
-    if request.method == "HEAD":  # headers only: no reason to download the tarball now
-        request[RESULT] = "miss"
-        return web.Response(headers=headers)
-    fill, joined = crates.fill(record, wanted.version)
-    if joined:
-        registry.metrics.coalesced.labels("crate").inc()
-    fill.hold()  # keeps the spool readable until this client is done, even after the fill ends
-    try:
-        return await _answer_from_fill(
-            request, registry, fill, record.name, wanted.version, headers, joined, licence_first
-        )
-    finally:
-        fill.release()
+    delivery = await registry.crates.deliver(wanted, head=request.method == "HEAD", client=client_of(request))
+    request[RESULT] = delivery.result
+    match delivery:
+        case FromFile(file=file, size=size, headers=headers):
+            if not_modified(request, headers["ETag"], ""):
+                file.close()
+                return web.Response(status=304, headers=headers)
+            request[BYTES] = size if request.method != "HEAD" else 0
+            return await send_file(request, file, size, headers)
+        case FromFill(body=body, headers=headers, release=release):
+            try:
+                return await _stream_fill(request, body, headers)
+            finally:
+                release()
+        case Redirect(location=location, headers=headers):
+            return web.Response(status=302, headers={**headers, "Location": location})
+        case HeadersOnly(headers=headers):
+            return web.Response(headers=headers)
+        case Blocked(rule=rule, reason=reason, x_cache=x_cache):
+            return refusal(rule, reason, x_cache)
+        case Failed(status=status, reason=reason, x_cache=x_cache):
+            return error(status, reason, x_cache)
 
 
-async def _send_checked(
-    request: web.Request,
-    registry: Registry,
-    cached: CachedCrate,
-    name: str,
-    version: str,
-    x_cache: str = "HIT",
+async def _stream_fill(
+    request: web.Request, fill: GrowingBody, headers: Mapping[str, str]
 ) -> web.StreamResponse:
-    """A stored crate, unless the policy blocks it (its licence is read from it the first time)."""
-    policy = request.app[MIRROR].policy
-    if policy.enabled and registry.is_default:
-        if policy.needs_license(name, version):
-            await policy.learn_license(name, version, cached.file)
-        block = await policy.record(policy.verdict(name, version), name, version, client_of(request))
-        if block is not None:
-            cached.file.close()
-            return refusal(block, x_cache)
-    return await _send_cached(request, cached, x_cache)
-
-
-async def _answer_from_fill(
-    request: web.Request,
-    registry: Registry,
-    fill: Fill,
-    name: str,
-    version: str,
-    headers: dict[str, str],
-    joined: bool,
-    licence_first: bool,
-) -> web.StreamResponse:
-    try:
-        # Shielded: these futures are shared, and a client that leaves must not cancel them for all.
-        await asyncio.shield(fill.started)
-        if fill.content_length is None or fill.content_length <= VERIFY_BEFORE_SENDING or licence_first:
-            await asyncio.shield(fill.finished)
-    except UpstreamNotFound:
-        return error(404, f"upstream has no tarball for {name} {version}", "MISS")
-    except UpstreamError as exc:
-        return error(exc.status, f"upstream error for {name} {version}: {exc}", "MISS")
-    except Exception as exc:  # checksum mismatch, disk trouble: one line, never a traceback
-        return error(502, str(exc), "MISS")
-    # One upstream fetch is one miss; whoever joined it (here, or by waiting on another worker
-    # process's lock) is a coalesced hit.
-    request[RESULT] = "hit" if joined or fill.stored_elsewhere else "miss"
-    # Stored by another worker process, or to be checked against the licence rule first: from the file.
-    if fill.stored_elsewhere or licence_first:
-        if fill.stored_elsewhere and not joined:
-            registry.metrics.coalesced.labels("crate").inc()
-        cached = registry.crates.open_cached(name, version)
-        if cached is None:
-            if licence_first:  # not stored (a full disk): its licence cannot be read
-                return error(503, f"{name} {version} could not be stored to read its licence", "MISS")
-            return error(502, f"{name} {version} vanished from the cache", "MISS")
-        if licence_first:
-            x_cache = "HIT" if joined or fill.stored_elsewhere else "MISS"
-            return await _send_checked(request, registry, cached, name, version, x_cache)
-        return await _send_cached(request, cached)
-    return await _stream_fill(request, fill, headers)
-
-
-async def _send_cached(request: web.Request, cached: CachedCrate, x_cache: str = "HIT") -> web.StreamResponse:
-    headers = {**CRATE_HEADERS, "ETag": f'"{cached.sha256}"', "X-Cache": x_cache}
-    if not_modified(request, headers["ETag"], ""):
-        cached.file.close()
-        return web.Response(status=304, headers=headers)
-    request[BYTES] = cached.size if request.method != "HEAD" else 0
-    return await send_file(request, cached.file, cached.size, headers)
-
-
-async def _stream_fill(request: web.Request, fill: Fill, headers: dict[str, str]) -> web.StreamResponse:
     """Send the fill's temp file as it grows; the final chunk is released only after verification."""
     response = web.StreamResponse(headers=headers)
     if fill.content_length is not None:
@@ -382,7 +273,7 @@ async def refresh(request: web.Request) -> web.Response:
     if mirror.config.offline:
         return error(503, "offline: the mirror does not contact upstream")
     try:
-        result = await mirror.index.refresh(crate)
+        result = await mirror.default.index.refresh(crate)
     except UpstreamError as exc:
         return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}")
     body = {"name": crate.name, "found": result.entry.status == 200, "etag": result.entry.etag}
@@ -404,7 +295,7 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
-    stores = [registry.store for registry in mirror.registries.values()] or [mirror.store]
+    stores = [registry.store for registry in mirror.registries.values()]
     problem = next(filter(None, (store.writable_problem() for store in stores)), None)
     problem = problem or mirror.disk_trouble.recent()
     if problem:

@@ -55,8 +55,8 @@ def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
         **_summary(snap),
         **_results_table(snap),
         **_upstream(snap),
-        last_error=_esc(redact(mirror.upstream.last_error or "none since this worker started")),
-        last_error_class="" if mirror.upstream.last_error else " none",
+        last_error=_esc(redact(mirror.default.upstream.last_error or "none since this worker started")),
+        last_error_class="" if mirror.default.upstream.last_error else " none",
         recent_misses=_misses_table(reversed(mirror.recent_misses), now, snap),
         policy_panel=policy_panel(mirror.policy, now),
         pid=str(os.getpid()),
@@ -82,7 +82,7 @@ def _health(mirror: Mirror, snap: Snapshot) -> dict[str, str]:
     """What this worker knows of the upstream: nothing until it has answered or failed once (the gauge
     starts at 1, which says nothing yet), failing while its last request failed, down once the gauge is 0."""
     up = snap.value("cratemirror_upstream_up")
-    health = mirror.upstream.health
+    health = mirror.default.upstream.health
     shown = _number(up)
     if mirror.config.offline:
         css, text = "offline", "Offline mode"

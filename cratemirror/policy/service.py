@@ -150,6 +150,12 @@ class PolicyService:
         license_text = known.get(version)
         return self.rules.verdict(self.db, name, parsed, license_text or None, license_text is not None)
 
+    def blocks(self, name: str, version: str) -> bool:
+        return self.verdict(name, version).block is not None
+
+    async def judge(self, name: str, version: str, client: str) -> Decision | None:
+        return await self.record(self.verdict(name, version), name, version, client)
+
     async def record(self, verdict: Verdict, name: str, version: str, client: str) -> Decision | None:
         """Log and count a download's decisions; the block to enforce, if the mode enforces one."""
         for warning in verdict.warnings:

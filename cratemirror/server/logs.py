@@ -1,4 +1,4 @@
-"""Logging setup (text or one JSON object per line) and the access log line."""
+"""The server's access log line and its batched sink (record formatting is in logsetup)."""
 
 from __future__ import annotations
 
@@ -14,74 +14,16 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from cratemirror.config.schema import LoggingConfig
+from cratemirror.logsetup import clean_text, quote_text, setup_records
 from cratemirror.redact import redact
 
 ACCESS_LOGGER = "cratemirror.access"
 # Our error bodies are one line; longer bodies are not error messages worth logging.
 MAX_ERROR_TEXT = 500
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-
-
-def clean_text(text: str) -> str:
-    """Lone surrogates (aiohttp decodes undecodable request bytes with surrogateescape) become
-    backslash escapes, so every line is valid UTF-8 and JSON parsers accept it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def quote_text(text: str) -> str:
-    """For a quoted field of a text access line: a quote or backslash cannot end the field early."""
-    if '"' in text or "\\" in text:
-        text = text.replace("\\", "\\\\").replace('"', '\\"')
-    return text
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return clean_text(redact(super().format(record)))
-
-
-class BadRequestFilter(logging.Filter):
-    """aiohttp logs a malformed request (a broken request line, a NUL in a header) with its whole
-    traceback: make it one line naming the client and the problem."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
-            first_line = (error.message or error.__class__.__name__).splitlines()[0]
-            record.msg = "bad request from %s: %s"
-            record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "-",
-                           first_line[:200])  # fmt: skip
-            record.exc_info = None
-            record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        document: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,  # several worker processes write to one stream
-            "message": clean_text(redact(record.getMessage())),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            document.update(fields)
-        if record.exc_info:
-            document["exception"] = clean_text(redact(self.formatException(record.exc_info)))
-        return json.dumps(document, separators=(",", ":"))
 
 
 class AccessSink:
@@ -163,23 +105,11 @@ def flush_access_log() -> None:
 
 
 def setup_logging(config: LoggingConfig) -> None:
+    """The server's logging: the records' handler, and the access lines' own batched sink."""
     global _access_sink
     _access_sink = AccessSink(sys.stderr.fileno(), config.format == "json")
     atexit.register(flush_access_log)
-    # No record needs the caller's file and line, thread or process name: skipping them makes every
-    # record (an access line per request) noticeably cheaper.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    if config.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter(TEXT_FORMAT))
-    logging.getLogger("aiohttp.server").addFilter(BadRequestFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.level.upper())
+    setup_records(config.level, config.format == "json")
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -211,8 +141,9 @@ def access_fields(request: BaseRequest, response: StreamResponse, duration: floa
     # Imported here: the supervisor process imports this module for setup_logging alone, and must not
     # load prometheus_client before PROMETHEUS_MULTIPROC_DIR is set.
     from cratemirror.http.auth import TOKEN_NAME
+    from cratemirror.http.context import TIMING
     from cratemirror.http.routes import BYTES
-    from cratemirror.metrics import TIMING, RequestTiming
+    from cratemirror.metrics import RequestTiming
 
     timing = request.get(TIMING)
     upstream_ms = None

@@ -25,7 +25,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 
-from cratemirror.config.schema import Config, ConfigError, find_config_path, load_config
+from cratemirror.config.load import find_config_path, load_config
+from cratemirror.config.schema import Config, ConfigError
 from cratemirror.http.connections import ConnectionGuard, raise_open_file_limit
 from cratemirror.http.tls import server_ssl_context
 from cratemirror.redact import redact

@@ -106,7 +106,8 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "verify",
         help="re-hash every cached crate",
         description="Re-hash every cached crate against the sha256 recorded when it was stored; report "
-        "corrupt files, files without a recorded checksum and checksums without a file. Safe while the "
+        "corrupt files, files without a recorded checksum and checksums without a file (storage.backend "
+        "s3: crate objects, against a record authenticated with storage.s3.integrity_key). Safe while the "
         "server runs.",
     )
     verify.add_argument("--config", metavar="PATH", help=CONFIG_HELP)

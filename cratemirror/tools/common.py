@@ -1,4 +1,5 @@
-"""What the operator commands share: config loading, opening the cache, progress output, sizes."""
+"""What the operator commands share: config loading, the backend (chosen once, here) and its stores,
+progress output, sizes."""
 
 from __future__ import annotations
 
@@ -8,18 +9,21 @@ import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
-from cratemirror.config.schema import Config, ConfigError, find_config_path, load_config
+from cratemirror.config.load import find_config_path, load_config
+from cratemirror.config.schema import Config, ConfigError
 from cratemirror.fleet.storage.disk import Store
+from cratemirror.fleet.storage.disk_artifacts import DiskArtifacts
+from cratemirror.logsetup import setup_records
 from cratemirror.metrics import DEFAULT_REGISTRY
-from cratemirror.server.logs import setup_logging
 
 if TYPE_CHECKING:
-    from cratemirror.fleet.storage import SharedStorage
+    from cratemirror.fleet.storage import ArtifactStore
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -34,7 +38,7 @@ def tool_config(args: argparse.Namespace, overrides: dict[str, object] | None = 
     A bad file or value raises ConfigError, which the main entry point turns into exit 2."""
     path = find_config_path(getattr(args, "config", None), os.environ, Path.cwd())
     config = load_config(path, os.environ, overrides or {})
-    setup_logging(config.logging)
+    setup_records(config.logging.level, config.logging.format == "json")
     return config
 
 
@@ -56,16 +60,18 @@ def open_existing_store(config: Config) -> Store:
     return Store(config.cache.dir)
 
 
-def extra_stores(config: Config) -> list[tuple[str, Store]]:
+def extra_stores(config: Config, create: bool = False) -> list[tuple[str, Store]]:
     """(name, store) of each configured extra registry that has a cache yet (one never asked for has
-    nothing to verify, prune or export)."""
+    nothing to verify, prune or export); `create`: of every one (import)."""
     from cratemirror.cache.registry import registry_cache_dir
 
     stores = []
     for name in config.registries:
         directory = registry_cache_dir(config.cache.dir, name)
-        if (directory / "meta").is_dir():
-            stores.append((name, Store(directory)))
+        if create or (directory / "meta").is_dir():
+            store = _local_store(directory, create)
+            assert store is not None
+            stores.append((name, store))
     return stores
 
 
@@ -139,36 +145,112 @@ def error(message: str) -> int:
     return EXIT_FAILURE
 
 
-@contextlib.asynccontextmanager
-async def shared_storages(config: Config) -> AsyncIterator[list[tuple[str, SharedStorage]]]:
-    """(registry name, its shared storage) for storage.backend s3: crates.io's ("") first, then each
-    extra registry's (registries/NAME/ in the bucket), started and closed here."""
-    from cratemirror.fleet.storage import make_shared_storage
+class ToolFailure(Exception):
+    """A runtime failure the tool reports as one line on stderr (exit 1)."""
 
-    names = [DEFAULT_REGISTRY, *config.registries]
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """storage.backend as the tools see it, chosen once (`backend_of`): how reports name what is
+    stored, and what a tool may do there. The work itself goes through the ArtifactStore seam."""
+
+    bucket: bool  # s3: the bucket every replica shares; else the cache dir
+    thing: str  # a stored crate is a "file" or an "object"
+    stored_in: str  # "cached" | "in the bucket"
+    from_place: str  # appended to "removed N crates"
+    owns_strays: bool  # a cache dir is the mirror's own; a bucket prefix may hold others' objects
+    bounded: bool  # cache.max_size bounds it (a bucket has no bound of its own)
+    unrecorded: str  # what a crate without a (trusted) record is called
+    unrecorded_detail: str
+
+    def read_limit(self, config: Config) -> int:
+        """How much of one stored crate a tool reads: a bucket's objects are held to
+        upstream.max_crate_size (anyone with write access may have put them there); a cache dir's
+        files are the mirror's own, kept even if the cap was lowered since they were stored."""
+        return config.upstream.max_crate_size if self.bucket else UNCAPPED
+
+
+UNCAPPED = 2**63 - 1
+LOCAL = Backend(
+    False, "file", "cached", "", owns_strays=True, bounded=True,
+    unrecorded="orphaned", unrecorded_detail="no checksum recorded for this file",
+)  # fmt: skip
+# A bucket object's own metadata is trusted only if it authenticates with storage.s3.integrity_key.
+BUCKET = Backend(
+    True, "object", "in the bucket", " from the bucket", owns_strays=False, bounded=False,
+    unrecorded="unauthenticated",
+    unrecorded_detail="no sha256 recorded with the object that authenticates with storage.s3.integrity_key",
+)  # fmt: skip
+
+
+def backend_of(config: Config) -> Backend:
+    return BUCKET if config.storage.backend == "s3" else LOCAL
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """One registry's store, opened for a tool."""
+
+    name: str  # "" for crates.io, else the extra registry's name
+    store: ArtifactStore
+    local: Store | None  # its cache dir, if this host has one (where the upstream's dl config is kept)
+
+    @property
+    def verb_suffix(self) -> str:
+        return f" [{self.name}]" if self.name else ""
+
+
+@contextlib.asynccontextmanager
+async def open_stores(config: Config, create: bool = False) -> AsyncIterator[list[Opened]]:
+    """crates.io's store first, then each extra registry's, on the configured backend; closed after.
+    `create`: make missing cache dirs (import); otherwise a missing cache dir is a config error and
+    an extra registry without a cache has nothing to work on. In the bucket every registry has its
+    part (registries/NAME/); the cache dir there only keeps the upstream's dl config."""
     async with contextlib.AsyncExitStack() as stack:
-        opened: list[tuple[str, SharedStorage]] = []
-        for name in names:
-            shared = make_shared_storage(config.storage, config.upstream.max_index_size, registry=name)
-            await shared.start()
-            stack.push_async_callback(shared.close)
-            opened.append(("" if name == DEFAULT_REGISTRY else name, shared))
+        opened: list[Opened] = []
+        if backend_of(config).bucket:
+            from cratemirror.fleet.storage import make_bucket_store
+
+            local = _local_store(config.cache.dir, create)
+            if local is not None:
+                stack.callback(local.close)
+            for name in [DEFAULT_REGISTRY, *config.registries]:
+                shared = make_bucket_store(config.storage, config.upstream.max_index_size, registry=name)
+                await shared.start()
+                stack.push_async_callback(shared.close)
+                main = name == DEFAULT_REGISTRY
+                opened.append(Opened("" if main else name, shared, local if main else None))
+        else:
+            store = _local_store(config.cache.dir, create) if create else open_existing_store(config)
+            assert store is not None
+            stack.callback(store.close)
+            opened.append(Opened("", DiskArtifacts(store), store))
+            for name, extra in extra_stores(config, create):
+                stack.callback(extra.close)
+                opened.append(Opened(name, DiskArtifacts(extra), extra))
         yield opened
 
 
-def uses_bucket(config: Config) -> bool:
-    """storage.backend s3: the tools work on the bucket every replica shares, not on a cache dir."""
-    return config.storage.backend == "s3"
+def _local_store(directory: Path, create: bool) -> Store | None:
+    if not create and not (directory / "meta").is_dir():
+        return None
+    try:
+        return Store(directory)
+    except OSError as exc:
+        raise ToolFailure(f"cannot open the cache dir {directory}: {exc.strerror or exc}") from None
 
 
-def run_on_bucket(work: Coroutine[Any, Any, int]) -> int:
-    """Run a tool's work on the bucket; a store that fails or refuses is one line on stderr, exit 1."""
-    from botocore.exceptions import BotoCoreError, ClientError
+def run_tool(config: Config, work: Coroutine[Any, Any, int]) -> int:
+    """Run a tool's work; a failure (a store that fails or refuses) is one line on stderr, exit 1."""
+    failures: tuple[type[Exception], ...] = (ToolFailure,)
+    if backend_of(config).bucket:
+        from botocore.exceptions import BotoCoreError, ClientError
 
+        failures = (ToolFailure, BotoCoreError, ClientError)
     try:
         return asyncio.run(work)
-    except (BotoCoreError, ClientError) as exc:
-        return error(bucket_failure(exc))
+    except failures as exc:
+        return error(str(exc) if isinstance(exc, ToolFailure) else bucket_failure(exc))
 
 
 def bucket_failure(exc: Exception) -> str:

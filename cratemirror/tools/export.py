@@ -1,7 +1,11 @@
 """`cratemirror export BUNDLE [--since DURATION | --lockfile LOCKFILE ...]`: the working set in one tar.
 
-Every crate is re-hashed on the way out and checked against its cached index line, so a bundle never
-carries bytes the cache itself would not serve. Safe while the server runs (read-only on the cache).
+Written once against the storage seam (ArtifactStore): from the cache dir, or with storage.backend s3
+from the bucket, into the same bundle format (tools/bundle.py). Every crate is streamed through SHA-256
+into a spooled temp file and goes in only if it hashes to its stored index line's cksum, so a bundle
+never carries bytes the mirror itself would not serve. --since selects by the store's recency (a cache
+dir: last use; a bucket: when a replica stored the object). Each extra registry's working set travels
+as a bundle of its own inside. Safe while the server runs (read-only on the store).
 """
 
 from __future__ import annotations
@@ -10,66 +14,66 @@ import argparse
 import contextlib
 import datetime
 import hashlib
-import io
-import json
 import os
 import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from cratemirror import __version__
 from cratemirror.cache.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
 from cratemirror.config.schema import Config, ConfigError, parse_duration
-from cratemirror.fleet.storage.disk import CrateMeta, IndexEntry, Store, sha256_stream
-from cratemirror.fleet.storage.ledger import STORED
-from cratemirror.names import CrateName, InvalidRequest
+from cratemirror.fleet.storage import ArtifactStore, CrateRecord, StoredCrate
+from cratemirror.fleet.storage.disk import IndexEntry
+from cratemirror.names import CrateName, InvalidRequest, parse_crate_version
 from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
-from cratemirror.tools.bundle import MANIFEST, crate_member, index_member, manifest_document, registry_member
+from cratemirror.tools.bundle import (
+    MANIFEST,
+    Records,
+    add_bytes,
+    bundle_file,
+    crate_member,
+    index_member,
+    manifest_document,
+    registry_member,
+    write_manifest,
+)
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
+    Backend,
+    Opened,
     Progress,
-    bucket_failure,
+    backend_of,
     error,
-    extra_stores,
     format_size,
-    open_existing_store,
+    open_stores,
     plural,
+    run_tool,
     tool_config,
-    uses_bucket,
 )
 from cratemirror.tools.lockfile import accepted_sources, read_lockfiles, registry_sources
+
+SPOOL_IN_MEMORY = 8 * 1024 * 1024  # a crate up to this size is spooled in memory, larger ones on disk
 
 
 @dataclass
 class Selection:
-    metas: Iterator[CrateMeta] = field(default_factory=lambda: iter(()))  # by name, then version
-    problems: list[str] = field(default_factory=list)  # wanted but not cached
+    crates: AsyncIterator[StoredCrate] = field(default_factory=lambda: _none())  # grouped by name
+    problems: list[str] = field(default_factory=list)  # wanted but not stored
 
 
-class Records:
-    """The manifest's entries of one kind, spooled to a temp file as JSON lines: memory stays flat."""
+def _none() -> AsyncIterator[StoredCrate]:
+    return _listed([])
 
-    def __init__(self) -> None:
-        self.file = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        self.count = 0
 
-    def append(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.count += 1
-
-    def lines(self) -> Iterator[str]:
-        self.file.seek(0)
-        for line in self.file:
-            yield line.rstrip("\n")
-
-    def close(self) -> None:
-        self.file.close()
+async def _listed(items: list[StoredCrate]) -> AsyncIterator[StoredCrate]:
+    for item in items:
+        yield item
 
 
 @dataclass
@@ -85,114 +89,99 @@ class ExportResult:
         self.index_files.close()
 
 
-def select(
-    store: Store,
+async def select(
+    store: ArtifactStore,
     since: float | None,
     lockfiles: Sequence[str] | None,
     upstream: str,
     accepted: Sequence[str] | None = None,
 ) -> Selection:
-    """What goes in: by last use (the ledger, streamed), by lockfile (one lookup per locked crate), or
-    everything (streamed). `accepted`: the lockfile source ids of this registry (default: crates.io's
-    and `upstream`)."""
+    """What goes in: by last use or store (the listing, streamed), by lockfile (one lookup per locked
+    crate), or everything (streamed). `accepted`: the lockfile source ids of this registry (default:
+    crates.io's and `upstream`)."""
     if since is not None:
         cutoff = time.time() - since
-        return Selection(
-            iter(
-                CrateMeta(row.name, row.version, row.sha256, row.size, row.fetched_at)
-                for row in store.iter_ledger()
-                if row.state == STORED and max(row.last_used, row.fetched_at) >= cutoff
-            )
-        )
+        crates = store.list_crates()
+        return Selection(item async for item in crates if max(item.recency, item.stored_at) >= cutoff)
     if not lockfiles:
-        return Selection(store.iter_crate_metas())
+        return Selection(store.list_crates())
     selection = Selection()
     locked = read_lockfiles(lockfiles, accepted or accepted_sources([upstream]))
     selection.problems.extend(locked.conflicts)
-    chosen: list[CrateMeta] = []
+    chosen: list[StoredCrate] = []
     for crate in locked.crates:
-        meta = _cached_meta(store, crate.name, crate.version)
-        if meta is None:
+        record = await _stored(store, crate.name, crate.version)
+        if record is None:
             selection.problems.append(f"MISSING {crate.name} {crate.version}: not in the cache")
-        elif crate.checksum is not None and crate.checksum != meta.sha256:
+        elif crate.checksum is not None and crate.checksum != record.sha256:
             selection.problems.append(
                 f"MISMATCH {crate.name} {crate.version}: the lockfile's checksum {crate.checksum} "
-                f"differs from the cached crate's {meta.sha256}"
+                f"differs from the cached crate's {record.sha256}"
             )
         else:
-            chosen.append(meta)
-    selection.metas = iter(sorted(chosen, key=lambda meta: (meta.name, meta.version)))
+            chosen.append(StoredCrate(record.key, 0, record.stored_at))
+    chosen.sort(key=lambda item: (item.key.crate.name, item.key.version))
+    selection.crates = _listed(chosen)
     return selection
 
 
-def _cached_meta(store: Store, name: str, version: str) -> CrateMeta | None:
-    """The lockfile spells the name as the registry does; the cache folder may differ only in case."""
-    meta = store.get_crate_meta(name, version)
-    if meta is not None:
-        return meta
-    entry = store.get_index(name.lower())
+async def _stored(store: ArtifactStore, name: str, version: str) -> CrateRecord | None:
+    """The lockfile spells the name as the registry does; the store's may differ only in case."""
+    try:
+        key = parse_crate_version(name, version)
+    except InvalidRequest:
+        return None
+    record = await store.stat_crate(key)
+    if record is not None and record.present and record.sha256 is not None:
+        return record
+    entry = await store.get_index(key.crate)
     if entry is None or entry.status != 200:
         return None
     try:
-        record = find_version(entry.body, CrateName(name), version)
+        line = find_version(entry.body, key.crate, version)
     except (MalformedIndexLine, InvalidRequest):
         return None
-    return store.get_crate_meta(record.name, version) if record is not None else None
+    if line is None or line.name == name:
+        return None
+    record = await store.stat_crate(parse_crate_version(line.name, version))
+    return record if record is not None and record.present and record.sha256 is not None else None
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, body: bytes, mtime: float) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(body)
-    info.mtime = int(mtime)
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(body))
-    vars(tar)["members"].clear()  # tarfile keeps every header it wrote; nothing reads them
-
-
-def _add_crate(
-    tar: tarfile.TarFile, store: Store, meta: CrateMeta, index: IndexEntry | None, result: ExportResult
-) -> None:
-    label = f"{meta.name} {meta.version}"
+async def _add_crate(
+    tar: tarfile.TarFile,
+    store: ArtifactStore,
+    item: StoredCrate,
+    index: IndexEntry | None,
+    limit: int,
+    backend: Backend,
+) -> str | dict[str, Any]:
+    """The manifest entry of the crate added, or why it was left out. Every crate is re-hashed on the
+    way out and must hash to its stored index line's cksum."""
+    key = item.key
+    label = f"{key.crate.name} {key.version}"
     try:
-        record = find_version(index.body, CrateName(meta.name), meta.version) if index is not None else None
+        record = find_version(index.body, key.crate, key.version) if index is not None else None
     except (MalformedIndexLine, InvalidRequest) as exc:
-        result.problems.append(f"SKIPPED {label}: {exc}")
-        return
+        return f"SKIPPED {label}: {exc}"
     if record is None:
-        result.problems.append(f"SKIPPED {label}: its index file is not cached (or lacks this version)")
-        return
-    if record.cksum != meta.sha256:
-        result.problems.append(f"SKIPPED {label}: the cached index cksum differs from the stored checksum")
-        return
-    try:
-        # Opened once: an eviction meanwhile cannot change what this descriptor reads.
-        with open(store.crate_path(meta.name, meta.version), "rb") as handle:
-            digest, size = sha256_stream(handle)
-            if digest != meta.sha256:
-                result.problems.append(
-                    f"SKIPPED {label}: the file is corrupt (run `cratemirror verify --fix`)"
-                )
-                return
-            handle.seek(0)
-            info = tarfile.TarInfo(crate_member(meta.name, meta.version))
-            info.size = size
-            info.mtime = int(os.fstat(handle.fileno()).st_mtime)
-            info.mode = 0o644
-            tar.addfile(info, handle)
-            vars(tar)["members"].clear()
-    except FileNotFoundError:
-        result.problems.append(f"SKIPPED {label}: the file is not in the cache (evicted?)")
-        return
-    result.crates.append(
-        {
-            "name": meta.name,
-            "version": meta.version,
-            "sha256": digest,
-            "size": size,
-            "fetched_at": meta.fetched_at,
-        }
-    )
-    result.crate_bytes += size
+        return f"SKIPPED {label}: its index file is not {backend.stored_in} (or lacks this version)"
+    with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY) as spool:
+        copy = await store.read_crate(key, spool, limit)
+        if copy is None:
+            return f"SKIPPED {label}: the {backend.thing} is not {backend.stored_in} (deleted meanwhile?)"
+        if copy.recorded is not None and copy.recorded != record.cksum:
+            return f"SKIPPED {label}: the index cksum differs from the stored checksum"
+        if copy.too_large or copy.sha256 != record.cksum:
+            return f"SKIPPED {label}: the {backend.thing} is corrupt (run `cratemirror verify --fix`)"
+        spool.seek(0)
+        info = tarfile.TarInfo(crate_member(key.crate.name, key.version))
+        info.size, info.mtime, info.mode = copy.size, int(item.stored_at), 0o644
+        tar.addfile(info, spool)
+        vars(tar)["members"].clear()  # tarfile keeps every header it wrote; nothing reads them
+    return {
+        "name": key.crate.name, "version": key.version, "sha256": copy.sha256, "size": copy.size,
+        "fetched_at": item.stored_at,
+    }  # fmt: skip
 
 
 def _index_record(name: str, entry: IndexEntry) -> dict[str, Any]:
@@ -207,34 +196,48 @@ def _index_record(name: str, entry: IndexEntry) -> dict[str, Any]:
     }
 
 
-def _cached_index(store: Store, lower: str) -> IndexEntry | None:
-    entry = store.get_index(lower)
-    return entry if entry is not None and entry.status == 200 else None
-
-
-def _write_members(
-    tar: tarfile.TarFile, store: Store, metas: Iterator[CrateMeta], total: int, advisory_db: Path | None
+async def _write_members(
+    tar: tarfile.TarFile,
+    store: ArtifactStore,
+    crates: AsyncIterator[StoredCrate],
+    limit: int,
+    backend: Backend,
+    progress: Progress,
 ) -> ExportResult:
-    """Crates (each crate's index file right after its last version), then the manifest (it lists
-    both). `metas` come grouped by name, so only the current crate's index file is held."""
+    """Crates, each crate's index file right after its last version. The crates come grouped by name,
+    so only the current crate's index file is held."""
     result = ExportResult()
-    progress = Progress("export", total)
-    current: tuple[str, IndexEntry | None, bool] | None = None  # (name, its index file, any crate in)
-    for meta in metas:
-        if current is None or current[0] != meta.name:
-            _close_crate(tar, current, result)
-            current = (meta.name, _cached_index(store, meta.name.lower()), False)
-        before = len(result.problems)
-        _add_crate(tar, store, meta, current[1], result)
-        for problem in result.problems[before:]:
-            progress.note(problem)
-        if len(result.problems) == before:
-            current = (current[0], current[1], True)
-        progress.step(f"{meta.name} {meta.version}")
-    _close_crate(tar, current, result)
+    crate: CrateName | None = None
+    index: IndexEntry | None = None
+    added = False  # a crate of `crate` went in: its index file follows
+    async for item in crates:
+        progress.total = max(progress.total, progress.done + 1)
+        if crate is None or item.key.crate.name != crate.name:
+            _add_index(tar, crate if added else None, index, result)
+            crate, added = item.key.crate, False
+            found = await store.get_index(crate)
+            index = found if found is not None and found.status == 200 else None
+        outcome = await _add_crate(tar, store, item, index, limit, backend)
+        if isinstance(outcome, str):
+            result.problems.append(outcome)
+            progress.note(outcome)
+        else:
+            result.crates.append(outcome)
+            result.crate_bytes += int(outcome["size"])
+            added = True
+        progress.step(f"{item.key.crate.name} {item.key.version}")
+    _add_index(tar, crate if added else None, index, result)
     progress.finish()
-    finish_bundle(tar, result, store.get_json(UPSTREAM_CONFIG_KEY), advisory_db)
     return result
+
+
+def _add_index(
+    tar: tarfile.TarFile, crate: CrateName | None, entry: IndexEntry | None, result: ExportResult
+) -> None:
+    if crate is None or entry is None:
+        return
+    add_bytes(tar, index_member(crate.name), entry.body, time.time())
+    result.index_files.append(_index_record(crate.name, entry))
 
 
 def finish_bundle(
@@ -252,7 +255,7 @@ def finish_bundle(
         head[MANIFEST_KEY] = export_advisory_db(tar, advisory_db)
         result.advisories = len(head[MANIFEST_KEY]["files"])
     with tempfile.TemporaryFile("w+b") as manifest:
-        _write_manifest(manifest, head, {"crates": result.crates, "index_files": result.index_files})
+        write_manifest(manifest, head, {"crates": result.crates, "index_files": result.index_files})
         info = tarfile.TarInfo(MANIFEST)
         info.size = manifest.tell()
         info.mtime = int(time.time())
@@ -261,64 +264,31 @@ def finish_bundle(
         tar.addfile(info, manifest)
 
 
-def _write_manifest(out: IO[bytes], head: dict[str, Any], lists: dict[str, Records]) -> None:
-    """The manifest document, its long lists streamed from their spools."""
-    text = json.dumps({key: value for key, value in head.items() if key not in lists}, indent=1)
-    out.write(text[: -len("\n}")].encode())
-    for key, records in lists.items():
-        out.write(f',\n "{key}": ['.encode())
-        for number, line in enumerate(records.lines()):
-            out.write(("," if number else "").encode() + b"\n  " + line.encode())
-        out.write(b"\n ]")
-    out.write(b"\n}")
-
-
-def _close_crate(
-    tar: tarfile.TarFile, current: tuple[str, IndexEntry | None, bool] | None, result: ExportResult
-) -> None:
-    if current is None or not current[2]:
-        return
-    name, entry, _ = current
-    assert entry is not None  # a crate goes in only with its index line
-    _add_bytes(tar, index_member(name), entry.body, time.time())
-    result.index_files.append(_index_record(name, entry))
-
-
-def write_bundle(
-    store: Store,
-    metas: Iterator[CrateMeta],
+async def write_bundle(
+    opened: Opened,
+    crates: AsyncIterator[StoredCrate],
     target: Path,
+    limit: int,
+    backend: Backend,
     advisory_db: Path | None = None,
     nested: Sequence[tuple[str, Path]] = (),
-    total: int = 0,
 ) -> ExportResult:
     """Write the tar next to `target`, then rename it into place: no half-written bundle is left.
-    `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar."""
+    `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar.
+    The manifest goes last, as it lists everything before it."""
+    total = 0 if backend.bucket else (await opened.store.usage())[1]  # a bucket would list it all
+    progress = Progress(f"export{opened.verb_suffix}", total)
+    upstream_config = opened.local.get_json(UPSTREAM_CONFIG_KEY) if opened.local is not None else None
     with bundle_file(target) as tar:
         for name, path in nested:
             info = tarfile.TarInfo(registry_member(name))
             info.size, info.mtime, info.mode = path.stat().st_size, int(time.time()), 0o644
             with open(path, "rb") as handle:
                 tar.addfile(info, handle)
-        result = _write_members(tar, store, metas, total, advisory_db)
+        result = await _write_members(tar, opened.store, crates, limit, backend, progress)
+        finish_bundle(tar, result, upstream_config, advisory_db)
     result.close()  # the spooled manifest entries; their counts stay
     return result
-
-
-@contextlib.contextmanager
-def bundle_file(target: Path) -> Iterator[tarfile.TarFile]:
-    """A tar written next to `target`, synced and renamed into place only if the block ends well."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
-    try:
-        with open(partial, "wb") as out:
-            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                yield tar
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -335,47 +305,54 @@ def run_export(args: argparse.Namespace) -> int:
             f"{config.source}: policy.advisory_db: expected an advisory-db checkout for --advisory-db, "
             f"got {str(advisory_db) if advisory_db else None!r}"
         )
-    target = Path(args.bundle)
-    if uses_bucket(config):
-        return _export_bucket(config, target, since, args.lockfile, advisory_db)
-    store = open_existing_store(config)
-    extras = extra_stores(config)
+    return run_tool(config, _export(config, Path(args.bundle), since, args.lockfile, advisory_db))
+
+
+async def _export(
+    config: Config,
+    target: Path,
+    since: float | None,
+    lockfiles: Sequence[str] | None,
+    advisory_db: Path | None,
+) -> int:
+    backend = backend_of(config)
+    limit = backend.read_limit(config)
     nested: list[tuple[str, Path]] = []
     problems = 0
-    try:
-        # Each extra registry's working set as a bundle of its own, carried inside this one.
-        for name, extra in extras:
-            accepted = registry_sources(config.registries[name].index_url)
-            chosen = select(extra, since, args.lockfile, "", accepted)
-            for problem in chosen.problems:
-                print(f"export [{name}]: {problem}", file=sys.stderr)
-            path = target.with_name(f".{target.name}.{name}.{os.getpid()}.part")
+    async with open_stores(config) as opened:
+        main, extras = opened[0], opened[1:]
+        try:
+            # Each extra registry's working set as a bundle of its own, carried inside this one.
+            for extra in extras:
+                accepted = registry_sources(config.registries[extra.name].index_url)
+                chosen = await select(extra.store, since, lockfiles, "", accepted)
+                verb = f"export{extra.verb_suffix}"
+                for problem in chosen.problems:
+                    print(f"{verb}: {problem}", file=sys.stderr)
+                path = target.with_name(f".{target.name}.{extra.name}.{os.getpid()}.part")
+                try:
+                    written = await write_bundle(extra, chosen.crates, path, limit, backend)
+                except OSError as exc:
+                    return error(f"cannot write bundle {target}: {exc.strerror or exc}")
+                nested.append((extra.name, path))
+                problems += len(chosen.problems) + len(written.problems)
+                print(
+                    f"{verb}: {plural(written.crates.count, 'crate')} ({format_size(written.crate_bytes)}) "
+                    f"and {plural(written.index_files.count, 'index file')}"
+                )
+            selection = await select(main.store, since, lockfiles, config.upstream.index_url)
+            for problem in selection.problems:
+                print(f"export: {problem}", file=sys.stderr)
             try:
-                written = write_bundle(extra, chosen.metas, path, total=extra.ledger.totals()[1])
+                result = await write_bundle(
+                    main, selection.crates, target, limit, backend, advisory_db, nested
+                )
             except OSError as exc:
                 return error(f"cannot write bundle {target}: {exc.strerror or exc}")
-            nested.append((name, path))
-            problems += len(chosen.problems) + len(written.problems)
-            print(
-                f"export [{name}]: {plural(written.crates.count, 'crate')} "
-                f"({format_size(written.crate_bytes)}) and {plural(written.index_files.count, 'index file')}"
-            )
-        selection = select(store, since, args.lockfile, config.upstream.index_url)
-        for problem in selection.problems:
-            print(f"export: {problem}", file=sys.stderr)
-        try:
-            result = write_bundle(
-                store, selection.metas, target, advisory_db, nested, store.ledger.totals()[1]
-            )
-        except OSError as exc:
-            return error(f"cannot write bundle {target}: {exc.strerror or exc}")
-    finally:
-        store.close()
-        for _, extra in extras:
-            extra.close()
-        for _, path in nested:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        finally:
+            for _, path in nested:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
     problems += len(selection.problems) + len(result.problems)
     return _summary(result, target, problems)
 
@@ -393,28 +370,3 @@ def _summary(result: ExportResult, target: Path, problems: int) -> int:
         + (f"; {plural(problems, 'crate')} left out (see above)" if problems else "")
     )
     return EXIT_FAILURE if problems else EXIT_OK
-
-
-def _export_bucket(
-    config: Config,
-    target: Path,
-    since: float | None,
-    lockfiles: Sequence[str] | None,
-    advisory_db: Path | None,
-) -> int:
-    if lockfiles:
-        raise ConfigError(
-            f"{config.source}: storage.backend: --lockfile works on a cache dir (backend local); "
-            "with s3, export everything or use --since"
-        )
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from cratemirror.tools.export_bucket import export_from_bucket
-
-    try:
-        result = export_from_bucket(config, target, since, advisory_db)
-    except OSError as exc:
-        return error(f"cannot write bundle {target}: {exc.strerror or exc}")
-    except (BotoCoreError, ClientError) as exc:
-        return error(bucket_failure(exc))
-    return _summary(result, target, len(result.problems))

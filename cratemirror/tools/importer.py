@@ -1,108 +1,113 @@
-"""`cratemirror import BUNDLE`: verify every checksum in a bundle, then load what matched into the cache.
+"""`cratemirror import BUNDLE`: verify every checksum in a bundle, then load what matched into the store.
 
-A crate is loaded only if its bytes hash to the manifest's sha256 AND to the `cksum` of its line in the
-bundled index file (the check cargo itself makes). Nothing is extracted with tarfile: each member is read
-and copied into a temp file from Store.new_temp_file(), then committed like a fill, and every destination
-path is built from validated names. Absolute or `..` member names are refused and never written anywhere.
+Written once against the storage seam (ArtifactStore): into the cache dir, or with storage.backend s3
+into the bucket every replica shares. A crate is loaded only if its bytes hash to the manifest's sha256
+AND to the `cksum` of its line in the bundled index file (the check cargo itself makes). Nothing is
+extracted with tarfile: each member is read and copied into a temp file from the store's
+new_temp_file(), then put through put_crates (a cache dir: committed like a fill; the bucket: uploaded
+with its SHA-256 as the object checksum, a copy already there kept), and every destination is built
+from validated names. Absolute or `..` member names are refused and never written anywhere. The tar is
+read in a worker thread; the store's calls run on the event loop (ImportTarget).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import json
 import math
 import re
-import sqlite3
 import sys
 import tarfile
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
-from pathlib import Path, PurePosixPath
-from typing import IO, Any, Protocol, overload
+from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import ijson
 from cachetools import LRUCache
-from ijson.common import ObjectBuilder
 
 from cratemirror.cache.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, body_etag, find_version
-from cratemirror.cache.registry import registry_cache_dir
 from cratemirror.config.schema import Config, ConfigError
-from cratemirror.fleet.storage.disk import CrateMeta, IndexEntry, Store, sha256_stream
-from cratemirror.names import InvalidRequest, parse_crate_version, parse_name
+from cratemirror.fleet.storage import ArtifactStore, VerifiedCrate
+from cratemirror.fleet.storage.disk import IndexEntry, Store, sha256_stream
+from cratemirror.names import CrateName, CrateVersion, InvalidRequest, parse_crate_version, parse_name
 from cratemirror.policy.bundle import PREFIX as ADVISORY_PREFIX
 from cratemirror.policy.bundle import DbImport, import_advisory_db
 from cratemirror.tools.bundle import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
+    BundleError,
+    Caps,
+    Manifest,
+    Member,
+    Members,
     crate_member,
     index_member,
+    open_member,
+    read_manifest,
     registry_member,
+    safe_members,
 )
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
     Progress,
+    backend_of,
     error,
     format_size,
+    open_stores,
     plural,
+    run_tool,
     tool_config,
-    uses_bucket,
 )
 
+T = TypeVar("T")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # about 300,000 crate entries
 MAX_HEADER_TEXT = 256
 # What may go into an ETag / Last-Modified header: visible ASCII and spaces, no CR/LF.
 _HEADER_SAFE = re.compile(rf"[\x20-\x7e]{{1,{MAX_HEADER_TEXT}}}")
-COMMIT_BATCH = 500  # crates per store.commit_crates: two filesystem syncs and two transactions each
+COMMIT_BATCH = 500  # crates per put_crates (a cache dir: two filesystem syncs and two transactions)
 INDEX_BODIES_HELD = 64
-STREAMED = ("crates", "index_files")  # the manifest's long lists: read an entry at a time
-MAX_MANIFEST_DEPTH = 32  # a manifest nests 3 deep; the crate list is streamed only after this check
 
 
-class ImportTarget(Protocol):
-    """Where `import` loads verified crates and index files: a cache dir's Store, or the shared bucket
-    (import_bucket.BucketTarget)."""
+class ImportTarget:
+    """Where `import` loads verified crates and index files: a registry's ArtifactStore (the cache dir,
+    or with storage.backend s3 the bucket), whose calls run on the event loop while the importer reads
+    the tar in a worker thread. `local`: the cache dir that keeps the upstream's dl config, if any."""
 
-    def get_crate_meta(self, name: str, version: str) -> CrateMeta | None: ...
+    def __init__(self, store: ArtifactStore, loop: asyncio.AbstractEventLoop, local: Store | None) -> None:
+        self.store, self.loop, self.local = store, loop, local
 
-    def crate_path(self, name: str, version: str) -> Path: ...
+    def _run(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
 
-    def new_temp_file(self) -> Path: ...
+    def holds(self, key: CrateVersion, sha256: str) -> bool:
+        """Whether the store already holds these exact bytes (recorded with this checksum)."""
+        record = self._run(self.store.stat_crate(key))
+        return record is not None and record.present and record.sha256 == sha256
 
-    def commit_crates(self, batch: list[tuple[Path, CrateMeta]]) -> None: ...
+    def new_temp_file(self) -> Path:
+        return self.store.new_temp_file()
 
-    def get_index(self, lower_name: str) -> IndexEntry | None: ...
+    def put_crates(self, batch: list[VerifiedCrate]) -> None:
+        self._run(self.store.put_crates(batch))
 
-    def put_index(self, lower_name: str, entry: IndexEntry) -> None: ...
+    def get_index(self, crate: CrateName) -> IndexEntry | None:
+        return self._run(self.store.get_index(crate))
 
-    def get_json(self, key: str) -> Any: ...
+    def put_index(self, crate: CrateName, entry: IndexEntry) -> None:
+        self._run(self.store.put_index(crate, entry))
 
-    def put_json(self, key: str, value: Any) -> None: ...
+    def get_json(self, key: str) -> Any:
+        return self.local.get_json(key) if self.local is not None else None
 
-
-class BundleError(Exception):
-    """The file is not a bundle this version can read."""
-
-
-@dataclass(frozen=True, slots=True)
-class Caps:
-    """The server's own caps on what enters the cache (upstream.max_index_size / max_crate_size): a
-    bundle is another way in, held to the same sizes, checked against the tar header before a copy."""
-
-    index: int
-    crate: int
-
-    @classmethod
-    def of(cls, config: Config) -> Caps:
-        return cls(config.upstream.max_index_size, config.upstream.max_crate_size)
+    def put_json(self, key: str, value: Any) -> None:
+        if self.local is not None:
+            self.local.put_json(key, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,185 +133,6 @@ class ImportResult:
     @property
     def refused(self) -> int:
         return len(self.refused_crates) + len(self.refused_index) + len(self.refused_members)
-
-
-def _path_problem(name: str) -> str | None:
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or "\\" in name:
-        return "path outside the bundle (absolute, '..' or '\\'): nothing written"
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """Where a regular member's bytes are: all that is kept of its header."""
-
-    name: str
-    offset: int
-    size: int
-
-    def info(self) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(self.name)
-        info.offset_data, info.size, info.type = self.offset, self.size, tarfile.REGTYPE
-        return info
-
-
-class Members:
-    """Where each regular member's bytes are, in a throwaway SQLite file rather than in memory: a
-    bundle of 100,000 crates costs the importer no more memory than one of ten. `pop` hands a member
-    out once; what nobody asked for is left over for the report."""
-
-    def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="cratemirror-import-")
-        self.db = sqlite3.connect(Path(self._dir.name) / "members.sqlite", isolation_level=None)
-        self.db.execute("PRAGMA journal_mode = OFF")
-        self.db.execute("PRAGMA synchronous = OFF")
-        self.db.execute(
-            "CREATE TABLE members (name TEXT PRIMARY KEY, tar_name TEXT, offset INTEGER, size INTEGER,"
-            " copies INTEGER NOT NULL DEFAULT 1, taken INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
-        )
-        self.db.execute("BEGIN")
-
-    def add(self, name: str, member: tarfile.TarInfo) -> None:
-        self.db.execute(
-            "INSERT INTO members (name, tar_name, offset, size) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET copies = copies + 1",
-            (name, member.name, member.offset_data, member.size),
-        )
-
-    def drop_duplicates(self) -> list[str]:
-        """A name that appears twice is refused entirely: which copy is "the" member is ambiguous."""
-        self.db.execute("COMMIT")
-        rows = self.db.execute("SELECT name FROM members WHERE copies > 1 ORDER BY name").fetchall()
-        self.db.execute("DELETE FROM members WHERE copies > 1")
-        return [str(name) for (name,) in rows]
-
-    @overload
-    def pop(self, name: str) -> tarfile.TarInfo: ...
-    @overload
-    def pop(self, name: str, default: None) -> tarfile.TarInfo | None: ...
-
-    def pop(self, name: str, default: object = KeyError) -> tarfile.TarInfo | None:
-        """As dict.pop: the member (a header enough to read it), once; KeyError without a default."""
-        row = self.db.execute(
-            "SELECT tar_name, offset, size FROM members WHERE name = ? AND taken = 0", (name,)
-        ).fetchone()
-        if row is None:
-            if default is KeyError:
-                raise KeyError(name)
-            return None
-        self.db.execute("UPDATE members SET taken = 1 WHERE name = ?", (name,))
-        return Member(str(row[0]), int(row[1]), int(row[2])).info()
-
-    def __iter__(self) -> Iterator[str]:
-        """The names nobody has taken yet (a snapshot: popping while iterating is fine)."""
-        return iter(list(self.left_over()))
-
-    def left_over(self) -> Iterator[str]:
-        for (name,) in self.db.execute("SELECT name FROM members WHERE taken = 0 ORDER BY name"):
-            yield str(name)
-
-    def close(self) -> None:
-        self.db.close()
-        self._dir.cleanup()
-
-
-def safe_members(tar: tarfile.TarFile, result: ImportResult) -> Members:
-    """Regular members with plain relative names; everything else is refused. One pass over the
-    headers (tarfile's own list of them is emptied as it goes)."""
-    members = Members()
-    while (member := tar.next()) is not None:
-        vars(tar)["members"].clear()  # tarfile keeps every header it read; memory stays flat without
-        problem = _path_problem(member.name)
-        if problem is None and member.isdir():
-            continue  # a bundle re-packed with `tar` may list directories; they carry nothing
-        if problem is None and not member.isfile():
-            problem = "not a regular file (a link or device): nothing written"
-        if problem is not None:
-            result.refused_members.append(f"{member.name!r}: {problem}")
-            continue
-        members.add(member.name.removeprefix("./"), member)
-    for name in members.drop_duplicates():
-        result.refused_members.append(f"{name!r}: appears more than once in the bundle")
-    return members
-
-
-def _open_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
-    handle = tar.extractfile(member)
-    assert handle is not None  # a regular file
-    return handle
-
-
-@dataclass
-class Manifest:
-    """The manifest without its crate list, which `crates()` streams (it may hold 100,000 entries)."""
-
-    head: dict[str, Any]
-    crate_count: int
-    tar: tarfile.TarFile
-    member: tarfile.TarInfo
-
-    def crates(self) -> Iterator[object]:
-        yield from ijson.items(_open_member(self.tar, self.member), "crates.item", use_float=True)
-
-    def index_files(self) -> Iterator[object]:
-        yield from ijson.items(_open_member(self.tar, self.member), "index_files.item", use_float=True)
-
-
-def read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> Manifest:
-    """One streaming pass: every top-level value but the crate list is built, the crates are counted;
-    the whole document is parsed, so a second pass over the crates cannot fail halfway."""
-    if member is None:
-        raise BundleError(f"no {MANIFEST}: not a cratemirror bundle")
-    if member.size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{MANIFEST} is implausibly large ({format_size(member.size)})")
-    head: dict[str, Any] = {}
-    kinds: dict[str, str] = {}  # top-level key -> the first event of its value (start_array: a list)
-    crate_count = 0
-    key = ""
-    builder: ObjectBuilder | None = None
-    depth = 0
-    try:
-        # basic_parse: no prefix strings, so a deeply nested document costs linear time.
-        for event, value in ijson.basic_parse(_open_member(tar, member), use_float=True):
-            outer = depth
-            if event in ("start_map", "start_array"):
-                depth += 1
-                if depth > MAX_MANIFEST_DEPTH:
-                    raise RecursionError
-            elif event in ("end_map", "end_array"):
-                depth -= 1
-            if outer == 0:
-                if event != "start_map":
-                    raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
-                continue
-            if outer == 1 and event == "map_key":
-                key = str(value)
-                builder = None if key in STREAMED else ObjectBuilder()
-                continue
-            if outer == 1:
-                kinds.setdefault(key, event)
-            elif key == "crates" and outer == 2 and event not in ("end_array", "end_map", "map_key"):
-                crate_count += 1
-            if builder is not None and depth >= 1:
-                builder.event(event, value)
-                if depth == 1:  # the value is complete
-                    head[key] = builder.value
-    except ijson.JSONError as exc:
-        raise BundleError(f"{MANIFEST} is not valid JSON: {' '.join(str(exc).split())[:200]}") from None
-    except RecursionError:
-        raise BundleError(f"{MANIFEST} is nested too deeply to be a manifest") from None
-    if head.get("format") != FORMAT:
-        raise BundleError(f"{MANIFEST} does not describe a {FORMAT}")
-    if head.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle format version {head.get('format_version')!r}; "
-            f"this cratemirror reads version {FORMAT_VERSION}"
-        )
-    for name in ("crates", "index_files"):
-        if kinds.get(name) != "start_array":
-            raise BundleError(f"{MANIFEST}: {name!r} is not a list")
-    return Manifest(head, crate_count, tar, member)
 
 
 def _sha256_field(entry: dict[str, Any]) -> str:
@@ -390,7 +216,7 @@ class BundledIndexes:
             return None
         name, expected, record, tar_name, offset, size, done = row
         entry = json.loads(record)
-        body = _open_member(self.tar, Member(tar_name, offset, size).info()).read(self.max_index_size)
+        body = open_member(self.tar, Member(tar_name, offset, size).info()).read(self.max_index_size)
         digest = hashlib.sha256(body).hexdigest()
         first = not done
         self.db.execute("UPDATE listed SET done = 1 WHERE lower = ?", (lower,))
@@ -422,7 +248,7 @@ def import_crate(
     indexes: BundledIndexes,
     store: ImportTarget,
     result: ImportResult,
-    batch: list[tuple[Path, CrateMeta]],
+    batch: list[VerifiedCrate],
     max_crate_size: int,
 ) -> str:
     """Verify one crate and load it. Returns a progress line; refusals go to result.refused."""
@@ -449,22 +275,21 @@ def import_crate(
         return _refuse(result, f"{label}: no line for it in a verified index file from the bundle")
     if record.name != name:
         return _refuse(result, f"{label}: the index file spells the crate {record.name!r}")
-    existing = store.get_crate_meta(name, version)
-    if existing is not None and existing.sha256 == record.cksum and store.crate_path(name, version).exists():
+    if store.holds(wanted, record.cksum):
         result.already += 1
         return f"already cached {label}"
     temp = store.new_temp_file()
     verified = False
     try:
         with open(temp, "wb") as out:  # made durable by the batch's filesystem sync
-            digest, size = sha256_stream(_open_member(tar, member), out)
+            digest, size = sha256_stream(open_member(tar, member), out)
         if digest != expected:
             return _refuse(result, f"{label}: bytes hash to {digest}, the manifest says {expected}")
         if digest != record.cksum:
             return _refuse(
                 result, f"{label}: bytes hash to {digest}, its index line's cksum is {record.cksum}"
             )
-        batch.append((temp, CrateMeta(name, version, digest, size, time.time())))
+        batch.append(VerifiedCrate(wanted, temp, digest, size, time.time()))
         verified = True
     finally:
         if not verified:
@@ -486,7 +311,7 @@ def store_index_file(store: ImportTarget, lower: str, index: BundledIndex, resul
     # The manifest is input from another network: a date in the future would keep a forged file
     # "fresh" forever, so it counts as checked no later than now (an old date: revalidated soon).
     checked_at = min(_number(index.record.get("checked_at")), now)
-    held = store.get_index(lower)
+    held = store.get_index(CrateName(index.name))
     if held is not None and held.status == 200 and held.checked_at >= checked_at:
         result.index_kept += 1
         return
@@ -494,7 +319,7 @@ def store_index_file(store: ImportTarget, lower: str, index: BundledIndex, resul
     # The upstream's validators are not carried over: a forged body with the upstream's real ETag
     # would be confirmed by a 304 forever. Once online, the first revalidation fetches the file.
     entry = IndexEntry(200, index.body, body_etag(index.body), last_modified, checked_at)
-    store.put_index(lower, entry)
+    store.put_index(CrateName(index.name), entry)
     result.index_loaded += 1
 
 
@@ -573,7 +398,7 @@ def import_bundle(
     caps: Caps,
 ) -> ImportResult:
     result = ImportResult()
-    members = safe_members(tar, result)
+    members = safe_members(tar, result.refused_members)
     try:
         import_nested(tar, members, registries or {}, result, caps)
         return _import_members(tar, store, members, result, advisory_db, caps)
@@ -593,7 +418,7 @@ def _import_members(
     indexes = BundledIndexes(tar, members, manifest, store, result, caps.index)
     result.crates_listed += manifest.crate_count
     progress = Progress("import", manifest.crate_count)
-    batch: list[tuple[Path, CrateMeta]] = []
+    batch: list[VerifiedCrate] = []
     try:
         for entry in manifest.crates():
             line = import_crate(tar, members, entry, indexes, store, result, batch, caps.crate)
@@ -603,14 +428,14 @@ def _import_members(
             else:
                 progress.step(line, line)
             if len(batch) >= COMMIT_BATCH:
-                store.commit_crates(batch)
+                store.put_crates(batch)
                 batch.clear()
-        store.commit_crates(batch)
+        store.put_crates(batch)
         batch.clear()
     finally:
-        for temp, _ in batch:  # a failure mid-batch: nothing half-loaded stays behind
+        for item in batch:  # a failure mid-batch: nothing half-loaded stays behind
             with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
+                item.path.unlink()
     progress.finish()
     indexes.finish()
     advisories = {name: members.pop(name) for name in members if name.startswith(ADVISORY_PREFIX)}
@@ -627,34 +452,27 @@ def run_import(args: argparse.Namespace) -> int:
     if not bundle.is_file():
         raise ConfigError(f"{args.bundle}: expected a bundle file written by `cratemirror export`")
     config = tool_config(args)
-    if uses_bucket(config):
-        from cratemirror.tools.import_bucket import import_into_bucket
+    return run_tool(config, _import(config, bundle))
+
+
+async def _import(config: Config, bundle: Path) -> int:
+    loop = asyncio.get_running_loop()
+    async with open_stores(config, create=True) as opened:
+        targets = {one.name: ImportTarget(one.store, loop, one.local) for one in opened}
+        main = targets.pop("")
+
+        def work() -> ImportResult:
+            with tarfile.open(bundle, "r:*") as tar:
+                return import_bundle(tar, main, config.policy.advisory_db, targets, caps=Caps.of(config))
 
         try:
-            return _report(import_into_bucket(config, bundle), config, None)
+            result = await asyncio.to_thread(work)
         except (tarfile.TarError, BundleError) as exc:
             return error(f"{bundle}: {exc}")
         except OSError as exc:
             return error(f"{bundle}: {exc.strerror or exc}")
-    try:
-        store = Store(config.cache.dir)
-        registries = {name: Store(registry_cache_dir(config.cache.dir, name)) for name in config.registries}
-    except OSError as exc:
-        return error(f"cannot open the cache dir {config.cache.dir}: {exc.strerror or exc}")
-    try:
-        with tarfile.open(bundle, "r:*") as tar:
-            result = import_bundle(
-                tar, store, config.policy.advisory_db, registries, caps=Caps.of(config)
-            )  # fmt: skip
-        cached_bytes = store.crate_bytes()
-    except (tarfile.TarError, BundleError) as exc:
-        return error(f"{bundle}: {exc}")
-    except OSError as exc:
-        return error(f"{bundle}: {exc.strerror or exc}")
-    finally:
-        store.close()
-        for extra in registries.values():
-            extra.close()
+        # A cache dir is held to cache.max_size; the bucket has no bound of its own.
+        cached_bytes = (await opened[0].store.usage())[0] if backend_of(config).bounded else None
     return _report(result, config, cached_bytes)
 
 

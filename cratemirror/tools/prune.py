@@ -1,87 +1,114 @@
-"""`cratemirror prune [--max-size SIZE] [--dry-run]`: evict least-recently-used crates down to a size.
+"""`cratemirror prune [--max-size SIZE] [--dry-run]`: delete least-recently-used crates down to a size.
 
-The same eviction the server runs past cache.max_size (cratemirror.cache.eviction), under the same lock, so a
-prune and a server eviction never race each other. Index files are small and stay.
+Written once against the storage seam (ArtifactStore). Recency is the store's: in a cache dir the
+ledger's last use (the same order the server's eviction follows, under the same lock, so a prune and a
+server eviction never race, and a crate being filled is left in place); in the bucket (storage.backend
+s3) the object's LastModified, i.e. when a replica first stored it: S3 keeps no access time. Each
+registry's crates are held to the size on their own, as the server does. A pruned crate that is still
+wanted is fetched from upstream again on its next request. Index files are small and stay.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 
-from cratemirror.cache.eviction import EvictionReport, evict_to
-from cratemirror.config.schema import ConfigError
-from cratemirror.fleet.storage.disk import Store
+from cratemirror.config.schema import Config, ConfigError
+from cratemirror.fleet.storage import ArtifactStore, StoredCrate
 from cratemirror.tools.common import (
     EXIT_OK,
+    Backend,
     Progress,
-    extra_stores,
+    backend_of,
     format_size,
-    open_existing_store,
+    open_stores,
     plural,
+    run_tool,
     tool_config,
-    uses_bucket,
 )
 
+BATCH = 200  # crates deleted per call (a cache dir: one ledger transaction each)
+PRINT_LIMIT = 100  # crates named one per line; the rest are counted
 
-async def _evict_locked(store: Store, max_size: int, dry_run: bool) -> EvictionReport:
-    async with store.eviction_lock():  # the lock the server's eviction takes
-        excess = max(0, store.crate_bytes() - max_size)
-        progress = Progress("prune", 0)
-        progress.bar.unit = "B"
-        progress.bar.unit_scale = True
-        progress.total = excess
+
+async def oldest_over(store: ArtifactStore, max_size: int) -> tuple[list[StoredCrate], int]:
+    """The crates to delete, least recently used first, and the bytes stored before."""
+    total = (await store.usage())[0]
+    chosen: list[StoredCrate] = []
+    left = total
+    if left > max_size:
+        async for item in store.list_crates(oldest_first=True):
+            chosen.append(item)
+            left -= item.size
+            if left <= max_size:
+                break
+    return chosen, total
+
+
+async def prune(
+    store: ArtifactStore, max_size: int, dry_run: bool, verb: str
+) -> tuple[list[StoredCrate], int]:
+    """(the crates removed, or that would be, and the bytes stored before), under the store's prune lock."""
+    async with store.pruning():
+        chosen, total = await oldest_over(store, max_size)
+        if dry_run or not chosen:
+            return chosen, total
+        progress = Progress(verb, 0)
+        progress.bar.unit, progress.bar.unit_scale = "B", True
+        progress.total = sum(item.size for item in chosen)
+        removed: list[StoredCrate] = []
         try:
-            return await asyncio.to_thread(
-                evict_to, store, max_size, dry_run=dry_run, on_batch=lambda _, size: progress.advance(size)
-            )
+            for start in range(0, len(chosen), BATCH):
+                batch = chosen[start : start + BATCH]
+                gone = set(await store.delete_crates([item.key for item in batch]))
+                removed += [item for item in batch if item.key in gone]
+                progress.advance(sum(item.size for item in batch if item.key in gone))
         finally:
             progress.finish()
+        return removed, total
 
 
 def run_prune(args: argparse.Namespace) -> int:
     # --max-size goes through the config loader: parse_size, and the usual one-line error (exit 2).
     config = tool_config(args, {"cache.max_size": args.max_size})
-    if uses_bucket(config):
-        if args.max_size is None:  # cache.max_size bounds each replica's hot copy, not the bucket
-            raise ConfigError(
-                f"{config.source}: --max-size: expected a size like 100GiB for the bucket "
-                "(storage.backend s3 has no size bound of its own)"
-            )
-        from cratemirror.tools.prune_bucket import run_prune_bucket
+    backend = backend_of(config)
+    if not backend.bounded and args.max_size is None:  # cache.max_size bounds each replica's hot copy
+        raise ConfigError(
+            f"{config.source}: --max-size: expected a size like 100GiB for the bucket "
+            "(storage.backend s3 has no size bound of its own)"
+        )
+    return run_tool(config, _prune_all(config, backend, args.dry_run))
 
-        return run_prune_bucket(config, args.dry_run)
-    # Each registry's crates are held to max_size on their own, as the server does.
-    stores = [("", open_existing_store(config)), *extra_stores(config)]
-    try:
-        for name, store in stores:
-            _prune_one(store, f"prune [{name}]" if name else "prune", config.cache.max_size, args.dry_run)
-    finally:
-        for _, store in stores:
-            store.close()
+
+async def _prune_all(config: Config, backend: Backend, dry_run: bool) -> int:
+    async with open_stores(config) as opened:
+        for one in opened:
+            verb = f"prune{one.verb_suffix}"
+            removed, total = await prune(one.store, config.cache.max_size, dry_run, verb)
+            _report(verb, backend, removed, total, config.cache.max_size, dry_run)
     return EXIT_OK
 
 
-def _prune_one(store: Store, verb: str, max_size: int, dry_run: bool) -> None:
-    report = asyncio.run(_evict_locked(store, max_size, dry_run))
+def _report(
+    verb: str, backend: Backend, removed: list[StoredCrate], total: int, max_size: int, dry_run: bool
+) -> None:
+    if not removed:
+        print(f"{verb}: nothing to remove: {format_size(total)} is within max {format_size(max_size)}")
+        return
     action = "would remove" if dry_run else "removed"
-    removed = f"{plural(report.removed_count, 'crate')} ({format_size(report.removed_bytes)})"
-    for item in report.removed:
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(item.last_used))
-        print(f"{verb}: {action} {item.name} {item.version} ({format_size(item.size)}, last used {used})")
-    if report.removed_count > len(report.removed):
-        print(f"{verb}: ... and {report.removed_count - len(report.removed)} more")
-    sizes = (
-        f"{format_size(report.total_before)} -> {format_size(report.total_after)} "
-        f"(max {format_size(max_size)})"
-    )
-    if not report.removed_count:
+    for item in removed[:PRINT_LIMIT]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(item.recency))
+        used = "last used" if item.used_at is not None else "stored"
         print(
-            f"{verb}: nothing to remove: {format_size(report.total_before)} "
-            f"is within max {format_size(max_size)}"
+            f"{verb}: {action} {item.key.crate.name} {item.key.version} "
+            f"({format_size(item.size)}, {used} {when})"
         )
-    elif dry_run:
-        print(f"{verb}: dry run: would remove {removed}: {sizes}; nothing was removed")
+    if len(removed) > PRINT_LIMIT:
+        print(f"{verb}: ... and {len(removed) - PRINT_LIMIT} more")
+    size = sum(item.size for item in removed)
+    what = f"{plural(len(removed), 'crate')} ({format_size(size)}){backend.from_place}"
+    sizes = f"{format_size(total)} -> {format_size(total - size)} (max {format_size(max_size)})"
+    if dry_run:
+        print(f"{verb}: dry run: would remove {what}: {sizes}; nothing was removed")
     else:
-        print(f"{verb}: removed {removed}: {sizes}")
+        print(f"{verb}: removed {what}: {sizes}")

@@ -58,7 +58,7 @@ def _line(crate: CrateName, found: bool) -> Outcome:
 
 async def _direct(warmer: DirectWarmer, crates: list[CrateName]) -> list[Outcome]:
     async with warmer:
-        index = warmer.mirror.index
+        index = warmer.mirror.default.index
 
         async def one(crate: CrateName) -> Outcome:
             try:

@@ -11,7 +11,8 @@ from typing import Any
 
 from cratemirror.auth.tokens import TokenFileError, add_token, read_records, revoke_token, utcnow
 from cratemirror.config.client import ClientSetup, token_names, token_variable
-from cratemirror.config.schema import ConfigError, find_config_path, load_config, parse_duration
+from cratemirror.config.load import find_config_path, load_config
+from cratemirror.config.schema import ConfigError, parse_duration
 from cratemirror.tools.cli import CONFIG_HELP
 from cratemirror.tools.common import EXIT_OK, error
 

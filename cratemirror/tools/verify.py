@@ -1,177 +1,188 @@
-"""`cratemirror verify [--fix]`: re-hash every cached crate against the sha256 recorded when it was stored.
+"""`cratemirror verify [--fix]`: re-hash every stored crate against the sha256 recorded when it was stored.
 
-Safe while the server runs: without --fix nothing is written. With --fix, bad files and stale metadata are
-removed (a server that has the file open keeps its descriptor; the next request fetches it again).
+Written once against the storage seam (ArtifactStore): the cache dir's crate files, or with
+storage.backend s3 the bucket's crate objects. Each crate is streamed through SHA-256 (nothing is kept),
+a listing page at a time and JOBS at once, so memory stays flat however many crates are stored.
+
+Found: CORRUPT (bytes that do not hash to the record, or a bucket object larger than
+upstream.max_crate_size), a crate without a recorded checksum (ORPHANED in a cache dir; in the bucket
+UNAUTHENTICATED: only a record that authenticates with storage.s3.integrity_key counts), MISSING (a
+record without its file), and in a cache dir files this mirror would not have written (ORPHANED; in a
+bucket such objects are counted and left alone: its prefix may hold others').
+
+Safe while the server runs: without --fix nothing is written. With --fix, what is bad is removed
+(lock-safe beside the server's fills); the next request for one fetches it from upstream again.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
-from cratemirror.fleet.storage.disk import Store, sha256_stream
-from cratemirror.fleet.storage.ledger import STORED
+from cratemirror.config.schema import Config
+from cratemirror.fleet.storage import ArtifactStore, StoredCrate, Stray
+from cratemirror.names import CrateVersion
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
+    Backend,
+    Opened,
     Progress,
-    extra_stores,
-    open_existing_store,
+    backend_of,
+    open_stores,
     plural,
+    run_tool,
     tool_config,
-    uses_bucket,
 )
 
+JOBS = 8  # crates re-hashed at once
 QUIET_PROGRESS_EVERY = 1000
 
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    kind: str  # corrupt | orphaned | missing
-    path: Path
+    kind: str  # corrupt | unrecorded | missing | stray
+    label: str  # "name version", or where a stray lies
     detail: str
-    name: str | None = None  # None for a file whose name this mirror would never have written
-    version: str | None = None
+    key: CrateVersion | None = None  # removed with delete_crates
+    stray: Stray | None = None  # removed with delete_stray
 
-    def describe(self, root: Path) -> str:
-        what = f"{self.name} {self.version}" if self.name else str(self.path.relative_to(root))
-        return f"{self.kind.upper()} {what}: {self.detail}"
+    def describe(self, backend: Backend) -> str:
+        kind = {"stray": "orphaned", "unrecorded": backend.unrecorded}.get(self.kind, self.kind)
+        return f"{kind.upper()} {self.label}: {self.detail}"
 
 
 @dataclass
 class VerifyReport:
     checked: int = 0
     ok: int = 0
+    others: int = 0  # strays left alone (a bucket's)
     problems: list[Problem] = field(default_factory=list)
 
-    def count(self, kind: str) -> int:
-        return sum(1 for problem in self.problems if problem.kind == kind)
+    def count(self, *kinds: str) -> int:
+        return sum(1 for problem in self.problems if problem.kind in kinds)
 
 
-def verify_store(store: Store, progress: Progress) -> VerifyReport:
-    """The ledger a page at a time (each recorded crate re-hashed, or found missing), then one walk for
-    files nobody recorded: memory stays flat however many crates the cache holds."""
-    report = VerifyReport()
-    progress.total = store.ledger.totals()[1]
-    for row in store.iter_ledger():
-        if row.state != STORED:
-            continue  # a commit or an eviction in flight right now
-        path = store.crate_path(row.name, row.version)
-        if _is_missing(store, row.name, row.version):
-            gone = Problem("missing", path, "checksum recorded but no file", row.name, row.version)
-            _found(report, progress, gone, store.root)
-            continue
-        report.checked += 1
-        bad = _check_file(store, row.name, row.version, path)
-        if bad is None:
-            report.ok += 1
+class Verifier:
+    def __init__(self, store: ArtifactStore, backend: Backend, limit: int, progress: Progress) -> None:
+        self.store, self.backend, self.limit, self.progress = store, backend, limit, progress
+        self.report = VerifyReport()
+
+    async def run(self) -> VerifyReport:
+        """Every listed crate, then what lies beside them (strays)."""
+        await _bounded(self.store.list_crates(), self.check_crate, self.progress)
+        async for stray in self.store.list_strays():
+            await self.check_stray(stray)
+        self.progress.finish()
+        return self.report
+
+    async def check_crate(self, item: StoredCrate) -> None:
+        key = item.key
+        label = f"{key.crate.name} {key.version}"
+        copy = await self.store.read_crate(key, None, self.limit)
+        if copy is None:
+            record = await self.store.stat_crate(key)
+            if record is not None and record.sha256 is not None and not record.present:
+                self.found(Problem("missing", label, "checksum recorded but no file", key))
+            self.progress.step(label)  # else deleted since the listing (a prune, another verify --fix)
+            return
+        self.report.checked += 1
+        problem: Problem | None = None
+        if copy.too_large:
+            problem = Problem("corrupt", label, f"larger than upstream.max_crate_size ({self.limit} B)", key)
+        elif copy.recorded is None:
+            problem = Problem("unrecorded", label, self.unrecorded, key)
+        elif copy.sha256 != copy.recorded:
+            sizes = f"{copy.size} of {item.size} bytes"
+            detail = f"bytes hash to {copy.sha256}, expected {copy.recorded} ({sizes})"
+            problem = Problem("corrupt", label, detail, key)
+        if problem is None:
+            self.report.ok += 1
         else:
-            _found(report, progress, bad, store.root)
-        progress.step(f"{row.name} {row.version}")
-    for path, parsed in _crate_files(store):
-        if parsed is None:
-            problem: Problem | None = Problem("orphaned", path, "not a file this mirror wrote")
-        elif store.get_crate_meta(*parsed) is None:
-            problem = _check_file(store, parsed[0], parsed[1], path)
-        else:
-            continue  # recorded: checked above (or committed since)
-        if problem is not None:
-            report.checked += 1
-            _found(report, progress, problem, store.root)
-    progress.finish()
-    return report
+            self.found(problem)
+        self.progress.step(label)
+
+    async def check_stray(self, stray: Stray) -> None:
+        if stray.key is None:
+            if not self.backend.owns_strays:
+                self.report.others += 1
+                return
+            self.report.checked += 1
+            detail = f"not a {self.backend.thing} this mirror wrote"
+            self.found(Problem("stray", stray.name, detail, stray=stray))
+            return
+        copy = await self.store.read_crate(stray.key, None, self.limit)
+        if copy is None or copy.recorded is not None:
+            return  # gone, or recorded by a fill meanwhile
+        self.report.checked += 1
+        label = f"{stray.key.crate.name} {stray.key.version}"
+        self.found(Problem("unrecorded", label, self.unrecorded, stray=stray))
+
+    @property
+    def unrecorded(self) -> str:
+        return self.backend.unrecorded_detail
+
+    def found(self, problem: Problem) -> None:
+        self.report.problems.append(problem)
+        self.progress.note(problem.describe(self.backend))
 
 
-def _found(report: VerifyReport, progress: Progress, problem: Problem, root: Path) -> None:
-    report.problems.append(problem)
-    progress.note(problem.describe(root))
-
-
-def _crate_files(store: Store) -> Iterator[tuple[Path, tuple[str, str] | None]]:
-    """Every crate file, with (name, version) if it is named the way this mirror names its files."""
-    for path in store.iter_crate_files():
-        name, stem = path.parent.name, path.name[: -len(".crate")]
-        yield path, (name, stem[len(name) + 1 :]) if stem.startswith(f"{name}-") else None
-
-
-def _check_file(store: Store, name: str, version: str, path: Path) -> Problem | None:
-    meta = store.get_crate_meta(name, version)
-    if meta is None:
-        if not path.exists():
-            return None  # evicted while we looked: eviction removes the file before its metadata
-        return Problem("orphaned", path, "no checksum recorded for this file", name, version)
+async def _bounded(
+    listing: AsyncIterator[StoredCrate],
+    check: Callable[[StoredCrate], Coroutine[Any, Any, None]],
+    progress: Progress,
+) -> None:
+    """`check` every listed crate, JOBS at once; the first failure ends the run."""
+    pending: set[asyncio.Task[None]] = set()
     try:
-        with open(path, "rb") as handle:
-            digest, size = sha256_stream(handle)
-    except FileNotFoundError:
-        return None  # evicted meanwhile
-    if digest != meta.sha256:
-        return Problem(
-            "corrupt", path, f"bytes hash to {digest}, expected {meta.sha256} ({size} of {meta.size} bytes)",
-            name, version,
-        )  # fmt: skip
-    return None
+        async for item in listing:
+            progress.total = max(progress.total, progress.done + len(pending) + 1)
+            if len(pending) >= JOBS:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            pending.add(asyncio.create_task(check(item)))
+        await asyncio.gather(*pending)
+    finally:
+        for task in pending:
+            task.cancel()
 
 
-def _is_missing(store: Store, name: str, version: str) -> bool:
-    if store.crate_path(name, version).exists():
-        return False
-    # A fill or an eviction may be at work on it this moment: look again.
-    again = store.ledger.get(name, version)
-    return again is not None and again.state == STORED and not store.crate_path(name, version).exists()
-
-
-def fix(store: Store, report: VerifyReport) -> list[str]:
+async def fix(store: ArtifactStore, report: VerifyReport) -> list[str]:
     """Remove what is bad; the server fetches those crates again on the next request. Returns failures."""
     failures: list[str] = []
     for problem in report.problems:
         try:
-            if problem.name is not None and problem.version is not None and problem.kind != "orphaned":
-                store.remove_crate(problem.name, problem.version)  # the file and its metadata
-            elif not _recorded_since(store, problem):
-                with contextlib.suppress(FileNotFoundError):
-                    problem.path.unlink()
-        except OSError as exc:
-            failures.append(f"could not remove {problem.path}: {exc.strerror or exc}")
+            if problem.stray is not None:
+                await store.delete_stray(problem.stray)  # kept if a fill has recorded it since
+            elif problem.key is not None and not await store.delete_crates([problem.key]):
+                failures.append(f"could not remove {problem.label}: a fill holds it now; run verify again")
+        except Exception as exc:  # reported per crate; the rest are still removed
+            failures.append(f"could not remove {problem.label}: {' '.join(str(exc).split())[:300]}")
     return failures
-
-
-def _recorded_since(store: Store, problem: Problem) -> bool:
-    """An orphan that a fill has just recorded a checksum for is a good file now: keep it."""
-    if problem.name is None or problem.version is None:
-        return False
-    return store.get_crate_meta(problem.name, problem.version) is not None
 
 
 def run_verify(args: argparse.Namespace) -> int:
     config = tool_config(args)
-    if uses_bucket(config):
-        from cratemirror.tools.verify_bucket import run_verify_bucket
-
-        return run_verify_bucket(config, args.fix)
-    stores = [("", open_existing_store(config)), *extra_stores(config)]
-    try:
-        codes = [
-            _verify_one(store, f"verify [{name}]" if name else "verify", args.fix) for name, store in stores
-        ]
-    finally:
-        for _, store in stores:
-            store.close()
-    return max(codes)
+    return run_tool(config, _verify_all(config, args.fix))
 
 
-def _verify_one(store: Store, verb: str, fix_problems: bool) -> int:
-    """Verify one registry's cache (crates.io's at the top of cache.dir, or an extra registry's)."""
+async def _verify_all(config: Config, fix_problems: bool) -> int:
+    backend = backend_of(config)
+    limit = backend.read_limit(config)
+    async with open_stores(config) as opened:
+        return max([await _verify_one(one, backend, limit, fix_problems) for one in opened])
+
+
+async def _verify_one(opened: Opened, backend: Backend, limit: int, fix_problems: bool) -> int:
+    """Verify one registry's store (crates.io's, or an extra registry's)."""
+    verb = f"verify{opened.verb_suffix}"
     progress = Progress(verb, 0, every=QUIET_PROGRESS_EVERY)
-    report = verify_store(store, progress)
-    print(
-        f"{verb}: {plural(report.checked, 'crate file')} checked: {report.ok} ok, "
-        f"{report.count('corrupt')} corrupt, {report.count('orphaned')} orphaned; "
-        f"{report.count('missing')} missing (checksum recorded, no file)"
-    )
+    report = await Verifier(opened.store, backend, limit, progress).run()
+    print(f"{verb}: {_summary(report, backend)}")
     if not report.problems:
         return EXIT_OK
     if not fix_problems:
@@ -180,12 +191,27 @@ def _verify_one(store: Store, verb: str, fix_problems: bool) -> int:
             "(they are fetched again on the next request)"
         )
         return EXIT_FAILURE
-    failures = fix(store, report)
+    failures = await fix(opened.store, report)
     for failure in failures:
         print(f"{verb}: {failure}")
+    things = f"{backend.thing}s"
     print(
         f"{verb}: fixed {len(report.problems) - len(failures)} of {len(report.problems)}: removed "
-        f"{report.count('corrupt')} corrupt and {report.count('orphaned')} orphaned files, "
+        f"{report.count('corrupt')} corrupt and {report.count('unrecorded', 'stray')} "
+        f"{backend.unrecorded} {things}, "
         f"{report.count('missing')} stale checksum records"
     )
     return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _summary(report: VerifyReport, backend: Backend) -> str:
+    where = " in the bucket" if backend.bucket else ""
+    checked = plural(report.checked, f"crate {backend.thing}")
+    text = f"{checked}{where} checked: {report.ok} ok, {report.count('corrupt')} corrupt, "
+    if backend.owns_strays:
+        return text + (
+            f"{report.count('unrecorded', 'stray')} orphaned; "
+            f"{report.count('missing')} missing (checksum recorded, no file)"
+        )
+    others = f"; {plural(report.others, 'other object')} under crates/ left alone" if report.others else ""
+    return text + f"{report.count('unrecorded')} {backend.unrecorded}" + others

@@ -21,6 +21,7 @@ from typing import Protocol
 import aiohttp
 
 from cratemirror import __version__
+from cratemirror.cache.delivery import Blocked, Failed, FromFile, FromFill, HeadersOnly, Redirect
 from cratemirror.cache.index import find_version
 from cratemirror.config.schema import Config, ConfigError
 from cratemirror.http.app import create_app
@@ -49,6 +50,7 @@ FETCHED = "fetched"
 CACHED = "already cached"
 DEFAULT_JOBS = 8
 CHUNK = 256 * 1024
+WARM_CLIENT = "cratemirror-warm"  # who asked, in the policy's log and the audit trail
 
 
 class WarmFailure(Exception):
@@ -98,18 +100,28 @@ class DirectWarmer:
         await self.app.cleanup()
 
     async def warm(self, crate: LockedCrate) -> str:
+        """The server's own download decision (policy included), as a client named "warm" would get it."""
         crates, store = self.registry.crates, self.registry.store
         wanted = parse_crate_version(crate.name, crate.version)
         record = await crates.resolve(wanted)  # caches the index file too: cargo will ask for it
         check_lockfile(crate, record.cksum)
-        cached = crates.open_cached(record.name, wanted.version)
-        if cached is not None:
-            cached.file.close()
-            return CACHED
-        if self.config.offline:
-            raise WarmFailure("offline (config) and not cached")
-        fill, _ = crates.fill(record, wanted.version)
-        await fill.finished  # verified against the index cksum, fsynced and stored (or raised)
+        match await crates.deliver(wanted, head=False, client=WARM_CLIENT):
+            case FromFile(file=file):
+                file.close()
+                return CACHED
+            case Redirect():  # in the shared storage already
+                return CACHED
+            case FromFill(body=body, release=release):
+                try:
+                    await body.finished  # verified against the index cksum, fsynced and stored (or raised)
+                finally:
+                    release()
+            case Blocked(rule=rule, reason=reason):
+                raise WarmFailure(f"blocked by the policy ({rule}): {reason}")
+            case Failed(reason=reason):
+                raise WarmFailure(reason)
+            case HeadersOnly():
+                raise AssertionError("a GET is never answered with headers only")
         if store.get_crate_meta(record.name, wanted.version) is None:
             raise WarmFailure("downloaded and verified, but it could not be stored (see the log above)")
         return FETCHED

@@ -72,7 +72,7 @@ def mounts() -> Iterator[Mounts]:
 def store_of(client: Client) -> Store:
     app: web.Application | None = client.app
     assert app is not None
-    return app[MIRROR].store
+    return app[MIRROR].default.store
 
 
 def stored_crates(store: Store) -> set[str]:

@@ -82,7 +82,7 @@ async def test_the_server_evicts_to_the_low_water_mark(
         assert response.status == 200 and await response.read() == cv.data
     assert store.crate_bytes() <= max_size  # at most max_size: nothing evicted yet
 
-    crates = client.app[MIRROR].crates if client.app is not None else None
+    crates = client.app[MIRROR].default.crates if client.app is not None else None
     assert crates is not None and crates._eviction is None
 
     response = await client.get(crate_url("lw8", "1.0.0"))  # past max_size: eviction starts

@@ -5,7 +5,6 @@ a version published upstream is lockable by the real cargo within seconds after 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -18,6 +17,7 @@ from cratemirror.http.context import MIRROR
 from tests.conftest import MirrorFactory, make_config
 from tests.fake_upstream import FakeRegistry, run_cargo, write_cargo_home, write_cargo_project
 from tests.mirror_process import MirrorProcess, metric_value, wait_until
+from tests.system_tools import require_tool
 from tests.tools_support import run_cli, write_config
 
 INDEX = "/index/se/rd/serde"
@@ -91,7 +91,7 @@ async def test_one_background_revalidation_across_worker_processes(
         gate.set()
 
     async def settled() -> bool:
-        return not any(app.app[MIRROR].index._background for app in (first, second))
+        return not any(app.app[MIRROR].default.index._background for app in (first, second))
 
     await wait_until(settled, "both background revalidations to finish")
     assert registry.count(INDEX) == 2  # the first fetch and one revalidation
@@ -102,7 +102,7 @@ async def test_one_background_revalidation_across_worker_processes(
 async def test_refresh_makes_a_new_version_lockable_at_once(registry: FakeRegistry, tmp_path: Path) -> None:
     """`cargo update --precise NEW` fails while the mirror's copy is fresh (index_ttl 30s); after
     `cratemirror refresh` it works at once, through every worker of a running `serve --workers 2`."""
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     registry.add_crate("serde", "1.0.0")
     project = tmp_path / "app"
     write_cargo_project(project, {"serde": "1"})
@@ -183,7 +183,7 @@ async def test_new_version_lockable_within_index_ttl_without_refresh(
 ) -> None:
     """No refresh: once index_ttl has passed, one request revalidates behind its answer and the next
     cargo run sees the new version."""
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     ttl = 2.0
     registry.add_crate("serde", "1.0.0")
     mirror = await mirror_factory(cache__index_ttl=ttl, cache__stale_while_revalidate=300)

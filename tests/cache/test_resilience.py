@@ -55,7 +55,7 @@ async def metric(client: Client, name: str, **labels: str) -> float:
 def store_of(client: Client) -> Store:
     app: web.Application | None = client.app
     assert app is not None
-    return app[MIRROR].store
+    return app[MIRROR].default.store
 
 
 def temp_files(store: Store) -> list[Path]:

@@ -3,7 +3,6 @@ unchanged, and the flags the others need."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from tests.fake_upstream import (
     run_cargo,
     write_cargo_project,
 )
+from tests.system_tools import require_tool
 
 
 def cargo_home(path: Path, base: str, extra: str = "") -> Path:
@@ -28,7 +28,7 @@ def cargo_home(path: Path, base: str, extra: str = "") -> Path:
 async def test_cargo_commands_table(
     registry: FakeRegistry, mirror: TestClient[Any, Any], tmp_path: Path
 ) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     publish_small_tree(registry)
     base = str(mirror.make_url("")).rstrip("/")
     home = cargo_home(tmp_path / "home", base)

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from cratemirror.config.client import BadBaseURL, cargo_ci_snippet, cargo_config_snippet
 from tests.fake_upstream import FakeRegistry, run_cargo, write_cargo_project
+from tests.system_tools import require_tool
 
 
 async def client_config(*args: str) -> tuple[int, str, str]:
@@ -54,7 +55,7 @@ async def lock(project: Path, cargo_args: list[str], home: Path) -> None:
 async def test_printed_config_file_and_ci_forms_work_with_real_cargo(
     registry: FakeRegistry, mirror: TestClient[Any, Any], tmp_path: Path
 ) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     registry.add_crate("serde", "1.0.0")
     base = str(mirror.make_url("")).rstrip("/")
     project = tmp_path / "app"
@@ -146,7 +147,7 @@ registry = "sparse+http://old-mirror.invalid/index/"  # the mirror we used befor
 async def test_merge_updates_an_existing_cargo_config_in_place(
     registry: FakeRegistry, mirror: TestClient[Any, Any], tmp_path: Path
 ) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     registry.add_crate("serde", "1.0.0")
     base = str(mirror.make_url("")).rstrip("/")
     home = tmp_path / "home"

@@ -3,7 +3,6 @@ alone with the upstream down and a fresh CARGO_HOME."""
 
 from __future__ import annotations
 
-import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.fake_upstream import (
     write_cargo_project,
 )
 from tests.mirror_process import MirrorProcess
+from tests.system_tools import require_tool
 
 CRATES_IO_SOURCE = "registry+https://github.com/rust-lang/crates.io-index"
 EXPECTED = SMALL_TREE_RESOLVED
@@ -66,7 +66,7 @@ async def test_cargo_through_the_mirror(
     dl_template: str | None,
     record_property: Any,
 ) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     if dl_template is not None:
         registry.dl_template = dl_template
     publish_small_tree(registry)
@@ -120,7 +120,7 @@ async def test_cargo_through_the_mirror(
 
 async def test_cargo_through_the_served_process(registry: FakeRegistry, tmp_path: Path) -> None:
     """The same through `cratemirror serve --workers 2` (uvloop, SO_REUSEPORT, cross-process locks)."""
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     publish_small_tree(registry)
     project = tmp_path / "app"
     write_cargo_project(project, SMALL_TREE_DEPS)

@@ -4,7 +4,6 @@ cache must still fill, the mirror absorbing the failures)."""
 
 from __future__ import annotations
 
-import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import Dep, FakeRegistry, run_cargo, write_cargo_home, write_cargo_project
 from tests.mirror_process import metric_value
+from tests.system_tools import require_tool
 
 Client = TestClient[Any, Any]
 EXPECTED = {"top": "1.1.0", "mid": "0.2.0", "leaf": "0.3.1"}
@@ -28,7 +28,7 @@ def publish(registry: FakeRegistry) -> None:
 
 
 def require_cargo() -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
 
 
 async def cargo(args: list[str], project: Path, home: Path) -> str:

@@ -5,7 +5,6 @@ enforcement, and an edited advisory-db takes effect in a running server without 
 
 from __future__ import annotations
 
-import shutil
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,13 +18,14 @@ from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, run_cargo, write_cargo_home, write_cargo_project
 from tests.mirror_process import MirrorProcess, wait_until
 from tests.policy_support import LEAF_ADVISORY, LICENCES, publish_policy_tree, synthetic_db, write_advisory
+from tests.system_tools import require_tool
 from tests.tools_support import run_cli
 
 Client = TestClient[Any, Any]
 
 
 def require_cargo() -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
 
 
 def locked(project: Path) -> dict[str, str]:

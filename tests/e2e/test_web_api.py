@@ -3,7 +3,6 @@ JSON error that the real cargo prints, saying what to run instead."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, run_cargo, write_cargo_project
+from tests.system_tools import require_tool
 
 NOT_PROXIED = "does not proxy the crates.io web API"
 
@@ -52,7 +52,7 @@ async def test_download_route_with_another_method_is_405(mirror: TestClient[Any,
 async def test_cargo_search_through_the_mirror_prints_the_reason(
     registry: FakeRegistry, mirror: TestClient[Any, Any], tmp_path: Path
 ) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     base = str(mirror.make_url("")).rstrip("/")
     home = tmp_path / "home"
     home.mkdir()
@@ -72,7 +72,7 @@ async def test_cargo_search_through_the_mirror_prints_the_reason(
 async def test_cargo_search_through_the_mirror_with_an_api_url(
     registry: FakeRegistry, mirror_factory: MirrorFactory, tmp_path: Path
 ) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     registry.add_crate("serde", "1.0.0")
     registry.add_crate("serde", "1.0.219")
     registry.add_crate("serde_json", "1.0.140")

@@ -20,13 +20,16 @@ from tests.fleet_support import MotoS3
 LIMIT = 1 << 20
 
 
-def storage_config(moto: MotoS3, serve: str = "proxy", prefix: str = "m/") -> StorageConfig:
+def storage_config(
+    moto: MotoS3, serve: str = "proxy", prefix: str = "m/", integrity_key: str | None = None
+) -> StorageConfig:
     return StorageConfig.model_validate(
         {
             "backend": "s3",
             "s3": {
                 "bucket": moto.bucket, "prefix": prefix, "endpoint_url": moto.endpoint, "region": "us-east-1",
                 "access_key_id": moto.ACCESS_KEY, "secret_access_key": moto.SECRET_KEY, "serve": serve,
+                "integrity_key": integrity_key or moto.INTEGRITY_KEY,
             },
         }
     )  # fmt: skip
@@ -118,3 +121,38 @@ async def test_each_registry_has_its_own_prefix(moto: MotoS3, tmp_path: Path) ->
     finally:
         await internal.close()
     assert moto.object_keys() == ["m/registries/internal/crates/Serde_json/1.0.0%2Bbuild.5.crate"]
+
+
+async def test_an_object_authenticates_only_as_written_with_the_fleet_secret(
+    shared: SharedStorage, moto: MotoS3, tmp_path: Path
+) -> None:
+    """Moved to another name, read with another key, or written without a MAC (an older version): absent,
+    reported by kind; a fill then overwrites it despite If-None-Match."""
+    client = moto.client()
+    entry = IndexEntry(200, b'{"name":"serde"}\n', '"abc"', "Tue, 01 Dec 2026 00:00:00 GMT", time.time())
+    await shared.put_index(CrateName("serde"), entry)
+    assert await shared.get_index(CrateName("serde")) == entry
+    client.copy_object(Bucket=moto.bucket, Key="m/index/rand", CopySource=f"{moto.bucket}/m/index/serde")
+    failed: list[str] = []
+    rotated = make_shared_storage(
+        storage_config(moto, integrity_key="another-fleet-secret-0123456789abcdef"), LIMIT,
+        on_integrity_failure=failed.append,
+    )  # fmt: skip
+    await rotated.start()
+    try:
+        assert await shared.get_index(CrateName("rand")) is None  # another name: its MAC does not verify
+        assert await rotated.get_index(CrateName("serde")) is None
+        assert failed == ["index"]
+
+        data = b"crate bytes"
+        path, sha = crate_file(tmp_path, data)
+        client.put_object(Bucket=moto.bucket, Key="m/crates/Serde_json/1.0.0%2Bbuild.5.crate", Body=data,
+                          Metadata={"sha256": sha})  # fmt: skip
+        assert await rotated.fetch_crate(KEY, sha, tmp_path / "out", LIMIT) is None
+        assert await rotated.crate_url(KEY, sha) is None
+        assert failed == ["index", "crate", "crate"]
+        await rotated.put_crate(KEY, path, sha)  # the fill's upload replaces the object
+        assert await rotated.fetch_crate(KEY, sha, tmp_path / "out", LIMIT) == len(data)
+        assert await shared.fetch_crate(KEY, sha, tmp_path / "out", LIMIT) is None  # the old key's view
+    finally:
+        await rotated.close()

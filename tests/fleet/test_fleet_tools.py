@@ -4,7 +4,7 @@ same aiobotocore client code a MinIO or AWS bucket would see."""
 from __future__ import annotations
 
 import asyncio
-import datetime
+import hashlib
 import tarfile
 import time
 from pathlib import Path
@@ -18,14 +18,14 @@ from cratemirror.fleet.storage.disk import IndexEntry
 from cratemirror.fleet.storage.s3 import S3Shared
 from cratemirror.names import parse_crate_version, parse_name
 from tests.fake_upstream import FakeRegistry
-from tests.fleet_support import MotoS3, replicas
-from tests.tools_support import run_cli, write_config
+from tests.fleet_support import MotoS3, replicas, set_stored_at
+from tests.tools_support import CRATES_IO, run_cli, write_config
 
 
 def s3_config(moto: MotoS3, bucket: str | None = None) -> S3Config:
     return S3Config(
         bucket=bucket or moto.bucket, endpoint_url=moto.endpoint, region="us-east-1",
-        access_key_id=moto.ACCESS_KEY, secret_access_key=moto.SECRET_KEY,
+        access_key_id=moto.ACCESS_KEY, secret_access_key=moto.SECRET_KEY, integrity_key=moto.INTEGRITY_KEY,
     )  # fmt: skip
 
 
@@ -66,36 +66,34 @@ async def test_verify_finds_a_replaced_object_and_fix_deletes_it(
     assert clean.code == 0, clean.output
     assert "verify: 3 crate objects in the bucket checked: 3 ok, 0 corrupt" in clean.stdout, clean.output
 
-    # Bytes replaced behind the mirror's back (the recorded sha256 kept), with the raw client.
+    # Bytes replaced behind the mirror's back (the authentic record kept), with the raw client.
+    client = moto.client()
     good = registry.get_version("rand", "0.8.5")
+    record = (await asyncio.to_thread(client.head_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate"))[
+        "Metadata"
+    ]
     await asyncio.to_thread(
-        moto.client().put_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate",
-        Body=good.data[:20] + bytes([good.data[20] ^ 0xFF]) + good.data[21:], Metadata={"sha256": good.cksum},
+        client.put_object, Bucket=moto.bucket, Key="crates/rand/0.8.5.crate",
+        Body=good.data[:20] + bytes([good.data[20] ^ 0xFF]) + good.data[21:], Metadata=record,
+    )  # fmt: skip
+    # ... and another one's bytes and record both replaced: the record hashes right but is not the fleet's.
+    evil = b"evil crate bytes"
+    await asyncio.to_thread(
+        client.put_object, Bucket=moto.bucket, Key="crates/libc/0.2.1.crate", Body=evil,
+        Metadata={"sha256": hashlib.sha256(evil).hexdigest()},
     )  # fmt: skip
     found = await run_cli("verify", "--config", str(config), cwd=tmp_path)
     assert found.code == 1, found.output
     assert "CORRUPT rand 0.8.5: bytes hash to" in found.output, found.output
-    assert "3 ok" not in found.stdout and "2 ok, 1 corrupt" in found.stdout, found.output
+    assert "UNAUTHENTICATED libc 0.2.1: no sha256 recorded" in found.output, found.output
+    assert "1 ok, 1 corrupt, 1 unauthenticated" in found.stdout, found.output
 
     fixed = await run_cli("verify", "--fix", "--config", str(config), cwd=tmp_path)
     assert fixed.code == 0, fixed.output
     keys = await asyncio.to_thread(moto.object_keys)
-    assert sorted(k for k in keys if k.startswith("crates/")) == [
-        "crates/libc/0.2.1.crate",
-        "crates/serde/1.0.0.crate",
-    ]
+    assert sorted(k for k in keys if k.startswith("crates/")) == ["crates/serde/1.0.0.crate"]
     again = await run_cli("verify", "--config", str(config), cwd=tmp_path)
-    assert again.code == 0 and "2 ok, 0 corrupt" in again.stdout, again.output
-
-
-def set_stored_at(moto: MotoS3, key: str, when: float) -> None:
-    """Back-date an object's LastModified in moto's in-process backend: S3 stamps whole seconds, and a
-    test should not wait seconds for distinct ones."""
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-
-    bucket = s3_backends[DEFAULT_ACCOUNT_ID]["global"].buckets[moto.bucket]
-    bucket.keys[key].last_modified = datetime.datetime.fromtimestamp(when, datetime.UTC).replace(tzinfo=None)
+    assert again.code == 0 and "1 ok, 0 corrupt, 0 unauthenticated" in again.stdout, again.output
 
 
 async def test_prune_deletes_the_oldest_objects_down_to_the_size(
@@ -170,6 +168,8 @@ async def test_export_from_a_bucket_import_into_another_then_a_replica_serves_hi
     imported = await run_cli("import", str(bundle), "--config", str(target), cwd=tmp_path)
     assert imported.code == 0, imported.output
     assert "4 loaded" in imported.stdout and "3 index files loaded" in imported.stdout, imported.output
+    again = await run_cli("import", str(bundle), "--config", str(target), cwd=tmp_path)
+    assert again.code == 0 and "0 loaded (0 B), 4 already cached" in again.stdout, again.output
     listing = await asyncio.to_thread(moto.client().list_objects_v2, Bucket=second)
     keys = sorted(item["Key"] for item in listing["Contents"])
     assert [key for key in keys if key.startswith("crates/")] == [
@@ -191,3 +191,42 @@ async def test_export_from_a_bucket_import_into_another_then_a_replica_serves_hi
                 assert (response.status, response.headers.get("X-Cache")) == (200, "HIT"), (name, body[:200])
             assert body == registry.get_version(name, version).data, name
     assert registry.requests.total() == 0, dict(registry.requests)
+
+
+async def test_export_from_a_bucket_by_lockfile_and_verify_leaves_other_objects_alone(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path
+) -> None:
+    """One export and one verify for both backends: --lockfile selects from the bucket as from a cache
+    dir (case-folded names included), and an object this mirror never wrote is counted, never deleted."""
+    crates = [("Inflect", "0.1.0"), ("serde", "1.0.0"), ("rand", "0.8.5")]
+    for name, version in crates:
+        registry.add_crate(name, version)
+    await seed_bucket(moto, registry, crates, tmp_path)
+    inflect = registry.get_version("Inflect", "0.1.0")
+    lockfile = tmp_path / "Cargo.lock"
+    lockfile.write_text(
+        f'version = 4\n\n[[package]]\nname = "inflect"\nversion = "0.1.0"\nsource = "{CRATES_IO}"\n'
+        f'checksum = "{inflect.cksum}"\n\n'
+        f'[[package]]\nname = "absent"\nversion = "2.0.0"\nsource = "{CRATES_IO}"\n'
+    )
+    config = tool_config(tmp_path, registry, moto)
+    bundle = tmp_path / "locked.tar"
+    exported = await run_cli(
+        "export", str(bundle), "--config", str(config), "--lockfile", str(lockfile), cwd=tmp_path
+    )
+    assert exported.code == 1, exported.output
+    assert "export: MISSING absent 2.0.0" in exported.stderr, exported.output
+    with tarfile.open(bundle) as tar:
+        names = set(tar.getnames())
+    assert names == {"crates/Inflect/Inflect-0.1.0.crate", "index/in/fl/inflect", "manifest.json"}, names
+
+    await asyncio.to_thread(
+        moto.client().put_object, Bucket=moto.bucket, Key="crates/notes/README.txt", Body=b"someone else's"
+    )
+    found = await run_cli("verify", "--fix", "--config", str(config), cwd=tmp_path)
+    assert found.code == 0, found.output
+    assert (
+        "verify: 3 crate objects in the bucket checked: 3 ok, 0 corrupt, 0 unauthenticated; "
+        "1 other object under crates/ left alone"
+    ) in found.stdout, found.output
+    assert "crates/notes/README.txt" in await asyncio.to_thread(moto.object_keys)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import html
-import shutil
 import stat
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from tests.fake_upstream import (
     write_cargo_project,
 )
 from tests.mirror_process import MirrorProcess, clean_env, metric_value, wait_until
+from tests.system_tools import require_tool
 
 LOGIN_HINT = "cargo login --registry mirror"
 
@@ -249,7 +249,7 @@ async def token_revoke(config: Path, name: str) -> None:
 async def test_cargo_with_a_token_through_the_served_process(
     registry: FakeRegistry, tmp_path: Path, record_property: Any
 ) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     publish_small_tree(registry)
     config = auth_yaml(tmp_path)
     token = token_add(config, "ci")

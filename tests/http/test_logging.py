@@ -15,7 +15,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from cratemirror.http.app import create_app
-from cratemirror.server.logs import ACCESS_LOGGER, TEXT_FORMAT, AccessLogger
+from cratemirror.logsetup import TEXT_FORMAT
+from cratemirror.server.logs import ACCESS_LOGGER, AccessLogger
 from tests.conftest import make_config
 from tests.fake_upstream import FakeRegistry, index_path
 from tests.mirror_process import MirrorProcess

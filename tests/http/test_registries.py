@@ -27,6 +27,7 @@ from tests.fake_upstream import (
 )
 from tests.http.test_auth import client_home, printed_client_config, token_add
 from tests.mirror_process import MirrorProcess, metric_value
+from tests.system_tools import require_tool
 from tests.tools_support import run_cli, write_config
 
 CRATES_IO_INDEX = "https://github.com/rust-lang/crates.io-index"
@@ -164,7 +165,7 @@ def write_project(path: Path, private_index: str) -> None:
 async def test_cargo_builds_with_a_private_registry_through_the_mirror(
     registry: FakeRegistry, private: FakeRegistry, tmp_path: Path, record_property: Any
 ) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     publish_small_tree(registry)
     config = tmp_path / "mirror.yaml"
     config.write_text(

@@ -3,7 +3,6 @@ certificate it signed, and the real cargo trusting that CA through CARGO_HTTP_CA
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from tests.fake_upstream import (
     write_cargo_project,
 )
 from tests.mirror_process import MirrorProcess, clean_env, free_port
+from tests.system_tools import require_tool
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -31,7 +31,7 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
     """(CA certificate, server certificate for 127.0.0.1, server key), valid for a day."""
-    assert shutil.which("openssl") is not None, "the openssl CLI is required for this test"
+    require_tool("openssl", "Debian package openssl")
     directory.mkdir(parents=True, exist_ok=True)
     _openssl(
         "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
@@ -64,7 +64,7 @@ def tls_yaml(tmp_path: Path, cert: Path, key: Path | None) -> Path:
 
 
 async def test_cargo_over_https_with_a_test_ca(registry: FakeRegistry, tmp_path: Path) -> None:
-    assert shutil.which("cargo") is not None, "the real cargo is required for this test and is not on PATH"
+    require_tool("cargo", "rustup or Debian package cargo")
     ca, cert, key = make_test_ca(tmp_path / "pki")
     publish_small_tree(registry)
     project = tmp_path / "app"

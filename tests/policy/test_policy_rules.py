@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cratemirror.config.schema import ConfigError, PolicyConfig, load_config
+from cratemirror.config.load import load_config
+from cratemirror.config.schema import ConfigError, PolicyConfig
 from cratemirror.policy import advisories
 from cratemirror.policy.licenses import MAX_MANIFEST_BYTES, Allowlist, read_license
 from cratemirror.policy.rules import BLOCK, WARN, Rules, check_policy

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cratemirror.config import schema as config_module
-from cratemirror.config.load import effective_values, load, schema_keys
+from cratemirror.config.load import effective_values, find_config_path, load, load_config, schema_keys
 from cratemirror.config.schema import (
     AuthConfig,
     CacheConfig,
@@ -22,13 +22,12 @@ from cratemirror.config.schema import (
     ServerConfig,
     StorageConfig,
     UpstreamConfig,
-    find_config_path,
-    load_config,
     parse_duration,
     parse_size,
     with_source,
 )
 
+INTEGRITY_KEY = "a-fleet-secret-of-at-least-32-characters"
 REPO_MIRROR_YAML = Path(__file__).resolve().parents[2] / "mirror.yaml"
 GiB = 1024**3
 NO_ENV: dict[str, str] = {}
@@ -260,7 +259,16 @@ CONTRACT_KEYS = {
     "storage.backend",
     *(
         f"storage.s3.{k}"
-        for k in ["bucket", "prefix", "endpoint_url", "region", "access_key_id", "secret_access_key", "serve"]
+        for k in [
+            "bucket",
+            "prefix",
+            "endpoint_url",
+            "region",
+            "access_key_id",
+            "secret_access_key",
+            "serve",
+            "integrity_key",
+        ]
     ),
     "coordination.redis_url",
     "auth.required",
@@ -871,6 +879,7 @@ storage:
     access_key_id: AKIAEXAMPLE
     secret_access_key: s3-secret-value
     serve: redirect
+    integrity_key: {INTEGRITY_KEY}
 coordination:
   redis_url: redis://127.0.0.1:6379/0
 auth:
@@ -1033,7 +1042,8 @@ def test_bad_values_of_new_keys(tmp_path: Path, text: str, key: str, expected: s
 def test_unknown_key_in_nested_section_and_registry(tmp_path: Path) -> None:
     assert error_of(tmp_path, "storage:\n  s3:\n    buckett: x\n") == (
         f"{tmp_path / 'mirror.yaml'}: storage.s3.buckett: unknown key (did you mean 'bucket'?); "
-        "allowed keys: bucket, prefix, endpoint_url, region, access_key_id, secret_access_key, serve"
+        "allowed keys: bucket, prefix, endpoint_url, region, access_key_id, secret_access_key, serve, "
+        "integrity_key"
     )
     assert error_of(tmp_path, "registries:\n  a: {index_url: 'https://x.example', tokn: x}\n") == (
         f"{tmp_path / 'mirror.yaml'}: registries.a.tokn: unknown key (did you mean 'token'?); "
@@ -1063,8 +1073,34 @@ def test_s3_backend_needs_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     )
     # The bucket may come from another layer than the backend: the check runs on the merged whole.
     path = write(tmp_path, "storage:\n  backend: s3\n")
-    config = load_config(path, env={"CRATEMIRROR_STORAGE_S3_BUCKET": "crates"})
+    config = load_config(
+        path,
+        env={
+            "CRATEMIRROR_STORAGE_S3_BUCKET": "crates",
+            "CRATEMIRROR_STORAGE_S3_INTEGRITY_KEY": INTEGRITY_KEY,
+        },
+    )
     assert (config.storage.backend, config.storage.s3.bucket) == ("s3", "crates")
+
+
+def test_s3_backend_needs_an_integrity_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_module, "FLEET_MODULES", dict.fromkeys(config_module.FLEET_MODULES, "yaml"))
+    message = error_of(tmp_path, "storage:\n  backend: s3\n  s3: {bucket: crates}\n")
+    assert message.startswith(
+        f"{tmp_path / 'mirror.yaml'}: storage.s3.integrity_key: expected a secret shared by the replicas "
+        "when storage.backend is s3 (make one: python3 -c 'import secrets; print(secrets.token_hex(32))')"
+    )
+    assert "\n" not in message
+    short = error_of(tmp_path, "storage:\n  backend: s3\n  s3: {bucket: crates, integrity_key: tooshort}\n")
+    assert short == (
+        f"{tmp_path / 'mirror.yaml'}: storage.s3.integrity_key: expected a secret of at least 32 characters, "
+        "or null, got '<hidden>'"
+    )
+    config = load_text(
+        tmp_path, f"storage:\n  backend: s3\n  s3: {{bucket: crates, integrity_key: {INTEGRITY_KEY}}}\n"
+    )
+    assert config.storage.s3.integrity_secret() == INTEGRITY_KEY.encode()
+    assert INTEGRITY_KEY not in repr(config)
 
 
 def test_token_and_token_env_not_both(tmp_path: Path) -> None:
@@ -1145,6 +1181,7 @@ def test_env_nested_and_list_and_mapping_keys(monkeypatch: pytest.MonkeyPatch) -
             "CRATEMIRROR_STORAGE_BACKEND": "s3",
             "CRATEMIRROR_STORAGE_S3_BUCKET": "crates",
             "CRATEMIRROR_STORAGE_S3_SECRET_ACCESS_KEY": "s3-secret-value",
+            "CRATEMIRROR_STORAGE_S3_INTEGRITY_KEY": INTEGRITY_KEY,
             "CRATEMIRROR_SERVER_MAX_CONNECTIONS": "10",
             "CRATEMIRROR_CACHE_STALE_WHILE_REVALIDATE": "2m",
             "CRATEMIRROR_AUTH_REQUIRED": "yes",
@@ -1161,6 +1198,7 @@ def test_env_nested_and_list_and_mapping_keys(monkeypatch: pytest.MonkeyPatch) -
     )
     assert (config.server.max_connections, config.cache.stale_while_revalidate) == (10, 120.0)
     assert config.auth.required is True
+    assert config.storage.s3.integrity_secret() == INTEGRITY_KEY.encode()
     assert config.policy.ignore == ("RUSTSEC-2020-0071", "RUSTSEC-2021-0001")
     assert config.policy.licenses == ("MIT", "Apache-2.0")
     assert config.policy.deny == ()

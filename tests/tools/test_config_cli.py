@@ -76,10 +76,13 @@ def test_show_prints_every_key_with_its_origin_and_masks_secrets(tmp_path: Path)
         "registries:\n  internal: {index_url: 'https://x.example', token: registry-secret-value}\n",
         encoding="utf-8",
     )
+    fleet_secret = "fleet-integrity-secret-value-0123456789"
     result = cratemirror(
-        "config", "show", "--config", str(config), cwd=tmp_path, CRATEMIRROR_CACHE_MAX_SIZE="1GiB"
-    )
+        "config", "show", "--config", str(config), cwd=tmp_path, CRATEMIRROR_CACHE_MAX_SIZE="1GiB",
+        CRATEMIRROR_STORAGE_S3_INTEGRITY_KEY=fleet_secret,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert fleet_secret not in result.stdout
     assert "s3-secret-value" not in result.stdout
     assert "registry-secret-value" not in result.stdout
     assert "only-a-token-value" not in result.stdout  # a token that is the whole userinfo
@@ -93,6 +96,10 @@ def test_show_prints_every_key_with_its_origin_and_masks_secrets(tmp_path: Path)
     assert rows["cache.max_size"] == ("1GiB", "environment CRATEMIRROR_CACHE_MAX_SIZE")
     assert rows["server.host"] == ("127.0.0.1", "default")
     assert rows["storage.s3.secret_access_key"] == ("'**********'", str(config))
+    assert rows["storage.s3.integrity_key"] == (
+        "'**********'",
+        "environment CRATEMIRROR_STORAGE_S3_INTEGRITY_KEY",
+    )
     assert rows["registries.internal.token"] == ("'**********'", str(config))
     assert rows["registries.internal.index_url"] == ("https://x.example/", str(config))
     assert rows["upstream.index_url"] == ("https://***@index.example/", str(config))

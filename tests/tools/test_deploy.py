@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cratemirror.config.schema import load_config
+from cratemirror.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -60,6 +60,7 @@ CONTRACT_METRICS: frozenset[str] = frozenset(
         "cratemirror_upstream_bytes_total",
         "cratemirror_upstream_up",
         "cratemirror_cache_max_size_bytes",
+        "cratemirror_storage_integrity_failures_total",
     }
 )
 CONTRACT_HISTOGRAMS: frozenset[str] = frozenset(
@@ -79,6 +80,7 @@ EXPECTED_ALERTS = (
     "CratemirrorUpstreamDown",
     "CratemirrorHitRateCollapse",
     "CratemirrorChecksumFailures",
+    "CratemirrorStorageIntegrityFailures",
     "CratemirrorCacheNearMaxSize",
     "CratemirrorHighLatency",
 )
@@ -663,12 +665,15 @@ def test_dockerfile_healthcheck_uses_python() -> None:
 
 def test_dockerfile_copy_sources_exist() -> None:
     """COPY from the build context (the repository root) names only files that exist."""
+    checked = []
     for args in _dockerfile("COPY") + _dockerfile("ADD"):
         if args.startswith("--from"):
             continue
         *sources, _ = [a for a in shlex.split(args) if not a.startswith("--")]
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository root"
+            checked.append(source)
+    assert checked, "the Dockerfile copies nothing from the build context"
 
 
 class _HealthHandler(BaseHTTPRequestHandler):
@@ -730,11 +735,14 @@ def test_compose_services() -> None:
 
 
 def test_compose_bind_mounts_exist() -> None:
+    checked = []
     for name, service in _load_yaml(COMPOSE)["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name}: {source} does not exist"
+                checked.append(source)
+    assert checked, "the compose file bind-mounts nothing from deploy/"
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------------
@@ -742,7 +750,9 @@ def test_compose_bind_mounts_exist() -> None:
 
 @pytest.mark.parametrize("path", K8S_MANIFESTS, ids=lambda p: p.name)
 def test_kubernetes_manifest_shape(path: Path) -> None:
-    for doc in _load_yaml_all(path):
+    docs = _load_yaml_all(path)
+    assert docs, f"{path}: no documents"
+    for doc in docs:
         assert doc.get("apiVersion"), path
         assert doc.get("kind"), path
         assert doc.get("metadata", {}).get("name"), path

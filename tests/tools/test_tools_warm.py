@@ -177,6 +177,30 @@ async def test_warm_fails_on_a_lockfile_checksum_mismatch(registry: FakeRegistry
     assert registry.count("/crates/evil/") == 0  # refused before downloading
 
 
+async def test_warm_obeys_the_policy(registry: FakeRegistry, tmp_path: Path) -> None:
+    """warm takes the server's own download decision: what the policy blocks is never fetched."""
+    good = registry.add_crate("good", "1.0.0")
+    evil = registry.add_crate("evil", "2.0.0")
+    lockfile = tmp_path / "Cargo.lock"
+    lockfile.write_text(
+        "version = 3\n\n"
+        + "".join(
+            f'[[package]]\nname = "{c.name}"\nversion = "{c.vers}"\nsource = "{CRATES_IO}"\n'
+            f'checksum = "{c.cksum}"\n\n'
+            for c in (good, evil)
+        )
+    )
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "mirror.yaml", registry.index_url, cache)
+    config.write_text(config.read_text() + "policy:\n  mode: enforce\n  deny: [evil]\n")
+    result = await run_cli("warm", str(lockfile), "--config", str(config), "--jobs", "1", cwd=tmp_path)
+    assert result.code == 1, result.output
+    assert "FAILED evil 2.0.0: blocked by the policy (deny)" in result.stderr
+    assert crate_file(cache, "good", "1.0.0").is_file()
+    assert not crate_file(cache, "evil", "2.0.0").exists()
+    assert registry.count("/crates/evil/") == 0  # refused before downloading
+
+
 # --- warm --mirror: through a running mirror ---------------------------------------------------------
 
 

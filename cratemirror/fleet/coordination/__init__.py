@@ -17,9 +17,9 @@ from cratemirror.fleet.coordination.local import LocalCoordination
 from cratemirror.metrics import DEFAULT_REGISTRY
 
 if TYPE_CHECKING:
+    from cratemirror.fleet.coordination.health import UpstreamHealth
     from cratemirror.fleet.storage.disk import Store
     from cratemirror.metrics import Metrics
-    from cratemirror.upstream.client import Health
 
 __all__ = ["Coordination", "LocalCoordination", "make_coordination"]
 
@@ -37,7 +37,7 @@ class Coordination(Protocol):
         """Tell every replica that upstream did not have `key` at `checked_at`, for `ttl` seconds."""
         ...
 
-    async def share_health(self, health: Health) -> None:
+    async def share_health(self, health: UpstreamHealth) -> None:
         """Runs until cancelled: tells the other replicas when our upstream is down, and takes their word."""
         ...
 

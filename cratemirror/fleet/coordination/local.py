@@ -6,8 +6,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from cratemirror.fleet.coordination.health import UpstreamHealth
     from cratemirror.fleet.storage.disk import Store
-    from cratemirror.upstream.client import Health
 
 
 class LocalCoordination:
@@ -23,7 +23,7 @@ class LocalCoordination:
     async def remember_missing(self, key: str, checked_at: float, ttl: float) -> None:
         return None
 
-    async def share_health(self, health: Health) -> None:
+    async def share_health(self, health: UpstreamHealth) -> None:
         return None  # one replica: its own view is all there is
 
     async def problem(self) -> str | None:

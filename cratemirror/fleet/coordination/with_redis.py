@@ -26,9 +26,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from cratemirror.fleet.coordination.health import UpstreamHealth
 from cratemirror.fleet.coordination.local import LocalCoordination
 from cratemirror.metrics import Metrics
-from cratemirror.upstream.client import Health
 
 log = logging.getLogger("cratemirror.coordination")
 
@@ -182,7 +182,7 @@ class RedisCoordination:
 
     # ---- shared upstream health ------------------------------------------------------------------
 
-    async def share_health(self, health: Health) -> None:
+    async def share_health(self, health: UpstreamHealth) -> None:
         name = self.prefix + "upstream-down"
         while True:
             await asyncio.sleep(HEALTH_EVERY)

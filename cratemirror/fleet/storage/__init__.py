@@ -9,90 +9,53 @@ cache.max_size, evicted as before). `SharedStorage` is what the replicas have in
 
 Keys are the validated value objects of names.py (CrateVersion, CrateName): no backend ever sees raw
 request or upstream text. Crates go up only as verified temp files, come down only if they hash to
-the checksum the index gives.
+the checksum the index gives. What comes down from a bucket is authenticated with the fleet secret
+(integrity.py): an object that fails is treated as absent, reported through `on_integrity_failure`.
+
+`ArtifactStore` is the operator tools' view of one registry's stored artifacts, on either backend
+(`DiskArtifacts` over a cache dir, `S3Shared` over the bucket): per kind (crates, index files) list,
+read, stat, delete and put-verified. Another artifact kind joins with methods of its own kind.
+The values and interfaces live in seam.py (re-exported here), so a backend never imports this package.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING
 
+from cratemirror.fleet.storage.seam import (
+    ArtifactStore,
+    CrateCopy,
+    CrateRecord,
+    IntegrityFailure,
+    SharedStorage,
+    StoredCrate,
+    Stray,
+    VerifiedCrate,
+)
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import CrateName, CrateVersion
 
 if TYPE_CHECKING:
     from cratemirror.config.schema import StorageConfig
     from cratemirror.fleet.storage.disk import IndexEntry
+    from cratemirror.fleet.storage.s3 import S3Shared
 
-__all__ = ["CrateCopy", "LocalShared", "SharedStorage", "StoredCrate", "make_shared_storage"]
-
-
-@dataclass(frozen=True, slots=True)
-class StoredCrate:
-    """A crate object as listed by the store (for the operator tools: verify, prune, export)."""
-
-    key: CrateVersion
-    size: int
-    stored_at: float  # when it was written (S3: LastModified; the store keeps no access time)
-
-
-@dataclass(frozen=True, slots=True)
-class CrateCopy:
-    """What `read_crate` saw: the sha256 recorded with the object and what its bytes hash to."""
-
-    recorded: str | None
-    sha256: str
-    size: int
-    too_large: bool  # stopped reading past the limit: `sha256` covers only a prefix
-
-
-class SharedStorage(Protocol):
-    @property
-    def redirects(self) -> bool:
-        """Whether downloads are answered with a redirect to the store (storage.s3.serve: redirect)."""
-        ...
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def put_crate(self, key: CrateVersion, verified: Path, sha256: str) -> None:
-        """Store a crate file whose bytes hash to `sha256` (checked by the caller)."""
-        ...
-
-    async def fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
-        """Copy the stored crate into `into` if it is there and hashes to `sha256`: its size, else None."""
-        ...
-
-    async def crate_url(self, key: CrateVersion, sha256: str) -> str | None:
-        """A short-lived URL the client can download the stored crate from, or None if not stored."""
-        ...
-
-    async def get_index(self, crate: CrateName) -> IndexEntry | None: ...
-
-    async def put_index(self, crate: CrateName, entry: IndexEntry) -> None: ...
-
-    async def usage(self) -> tuple[int, int]:
-        """(bytes, crate files) stored."""
-        ...
-
-    def iter_crates(self) -> AsyncIterator[StoredCrate]:
-        """Every stored crate object whose key this mirror would have written, a listing page at a time;
-        `skipped` then counts the others."""
-        ...
-
-    async def read_crate(self, key: CrateVersion, out: IO[bytes] | None, limit: int) -> CrateCopy | None:
-        """Stream the stored crate through SHA-256 (into `out` if given): None if it is not stored."""
-        ...
-
-    async def delete_crate(self, key: CrateVersion) -> None: ...
-
-    async def problem(self) -> str | None:
-        """None while the store answers, else a one-line reason (/readyz: degraded)."""
-        ...
+__all__ = [
+    "ArtifactStore",
+    "CrateCopy",
+    "CrateRecord",
+    "IntegrityFailure",
+    "LocalShared",
+    "SharedStorage",
+    "StoredCrate",
+    "Stray",
+    "VerifiedCrate",
+    "make_bucket_store",
+    "make_shared_storage",
+]
 
 
 class LocalShared:
@@ -140,15 +103,28 @@ class LocalShared:
 
 
 def make_shared_storage(
-    config: StorageConfig, max_index_size: int, registry: str = DEFAULT_REGISTRY
+    config: StorageConfig,
+    max_index_size: int,
+    registry: str = DEFAULT_REGISTRY,
+    on_integrity_failure: IntegrityFailure | None = None,
 ) -> SharedStorage:
     """crates.io's objects sit at the top of storage.s3.prefix, an extra registry's in registries/NAME/."""
     if config.backend == "local":
         return LocalShared()
+    return make_bucket_store(config, max_index_size, registry, on_integrity_failure)
+
+
+def make_bucket_store(
+    config: StorageConfig,
+    max_index_size: int,
+    registry: str = DEFAULT_REGISTRY,
+    on_integrity_failure: IntegrityFailure | None = None,
+) -> S3Shared:
+    """One registry's part of the bucket (storage.backend s3): its SharedStorage and its ArtifactStore."""
     # The config refuses backend s3 when the `fleet` extra is missing; this is for direct callers.
     if importlib.util.find_spec("aiobotocore") is None:
         raise RuntimeError("storage.backend s3 needs the extra cratemirror[fleet]")
     from cratemirror.fleet.storage.s3 import S3Shared
 
     prefix = "" if registry == DEFAULT_REGISTRY else f"registries/{registry}/"
-    return S3Shared(config.s3, max_index_size, prefix)
+    return S3Shared(config.s3, max_index_size, prefix, on_integrity_failure)

@@ -31,13 +31,13 @@ import diskcache
 
 from cratemirror.fleet.storage.ledger import STORED, Ledger, LedgerRow
 from cratemirror.fleet.storage.locks import EVICT_LOCK, KeyLocks, flocked, try_flock
+from cratemirror.keys import CRATE_PREFIX, INDEX_PREFIX, crate_key, index_key
 from cratemirror.names import CrateName, CrateVersion
 
 log = logging.getLogger("cratemirror.store")
+# CRATE_PREFIX keys: crate checksums lived in diskcache before the ledger (migrated once).
 
 HASH_CHUNK = 1024 * 1024
-INDEX_PREFIX = "index:"
-CRATE_PREFIX = "crate:"  # crate checksums lived in diskcache before the ledger (migrated once)
 CRATE_BYTES_KEY = "stats:crate_bytes"
 LEDGER_FILE = "crates.sqlite"
 RENAME_ATTEMPTS = 3
@@ -129,13 +129,13 @@ class Store:
     # --- index files -------------------------------------------------------------------------
 
     def get_index(self, lower_name: str) -> IndexEntry | None:
-        value: Any = self.meta.get(f"{INDEX_PREFIX}{lower_name}")
+        value: Any = self.meta.get(index_key(lower_name))
         return value if isinstance(value, IndexEntry) else None
 
     def put_index(self, lower_name: str, entry: IndexEntry, expire: float | None = None) -> None:
         """`expire`: seconds after which the entry may be culled (remembered 404s, so junk names
         cannot grow the metadata without bound)."""
-        self.meta.set(f"{INDEX_PREFIX}{lower_name}", entry, expire=expire)
+        self.meta.set(index_key(lower_name), entry, expire=expire)
 
     # `cratemirror refresh` changed stored index files behind the workers' backs: each worker compares
     # this file's mtime (one stat, no SQLite) before trusting its in-memory copies.
@@ -232,6 +232,28 @@ class Store:
         self.ledger.delete(name, version)
         remove_empty_dir(path.parent)
 
+    def evict_rows(self, rows: list[LedgerRow]) -> tuple[list[LedgerRow], list[LedgerRow]]:
+        """Remove these crates as eviction does, safe beside running fills: (removed, left in place).
+        The rows leave the totals in one transaction; each file goes under its crate's fill lock, only
+        tried (a crate being filled stays); the rows are dropped in one transaction."""
+        marked = self.ledger.mark_evicting(rows)
+        gone: list[LedgerRow] = []
+        kept: list[LedgerRow] = []
+        for row in marked:
+            with self.try_lock_crate(row.name, row.version) as held:
+                # Under the crate's lock no fill is committing it; a fill that did so before we got here
+                # has made the row STORED again, and its new file must stay.
+                if not held or not self.ledger.is_evicting(row.name, row.version):
+                    kept.append(row)
+                    continue
+                path = self.crate_path(row.name, row.version)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            remove_empty_dir(path.parent)
+            gone.append(row)
+        self.ledger.finish_eviction(gone, kept)
+        return gone, kept
+
     def settle(self) -> int:
         """Finish the commits and evictions that dead processes left half done (start-up; cheap)."""
         return self.ledger.settle(
@@ -273,7 +295,7 @@ class Store:
     def try_lock_crate(self, name: str, version: str) -> Iterator[bool]:
         """The fill lock of one crate if it is free at once (eviction skips a crate being filled);
         held only for the few microseconds of an unlink, so a miss on the same stripe barely waits."""
-        with self.key_locks.try_lock(f"crate:{name}/{version}") as held:
+        with self.key_locks.try_lock(crate_key(name, version)) as held:
             yield held
 
     def writable_problem(self) -> str | None:

@@ -2,25 +2,32 @@
 aiobotocore. Tested against moto's S3 server; meant for MinIO/AWS/Ceph.
 
 Layout under storage.s3.prefix:
-  crates/<name>/<version, percent-encoded>.crate   body = the .crate; metadata sha256
-  index/<lowercase name>                           body = the index file; metadata = its validators
+  crates/<name>/<version, percent-encoded>.crate   body = the .crate; metadata sha256, mac
+  index/<lowercase name>                           body = the index file; metadata = its validators, mac
+
+Every object's metadata carries an HMAC-SHA256 made with storage.s3.integrity_key (integrity.py) over
+its key, body and validators: the bucket is storage, not a trusted source. An object that fails
+authentication, or a crate whose bytes do not hash to the authenticated sha256 (and to the index
+checksum), is treated as absent: counted, logged once per key, and overwritten by the next fill.
 
 Uploads are of verified temp files only, with their SHA-256 sent as the object checksum (the store
 refuses bytes that do not match) and If-None-Match: * (a second writer of the same crate is refused:
-the first copy stays). Downloads are hashed and dropped unless they match the index checksum: the
-bucket is storage, not a trusted source.
+the first copy stays, unless it fails authentication, then it is replaced).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import quote, unquote
@@ -31,8 +38,16 @@ from botocore.exceptions import ClientError
 from cachetools import LRUCache
 
 from cratemirror.config.schema import S3Config
-from cratemirror.fleet.storage import CrateCopy, StoredCrate
 from cratemirror.fleet.storage.disk import IndexEntry
+from cratemirror.fleet.storage.integrity import ObjectKind, Sealer
+from cratemirror.fleet.storage.seam import (
+    CrateCopy,
+    CrateRecord,
+    IntegrityFailure,
+    StoredCrate,
+    Stray,
+    VerifiedCrate,
+)
 from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum, parse_crate_version
 
 log = logging.getLogger("cratemirror.storage")
@@ -41,7 +56,10 @@ T = TypeVar("T")
 CHUNK = 256 * 1024
 PRESIGN_SECONDS = 300  # a redirect's URL is good for this long: enough to start the download
 KNOWN_LIMIT = 100_000  # crates known to be in the bucket (they never change once stored)
+HASH_IN_THREAD = 256 * 1024  # bytes: a larger index body is hashed off the event loop (~1.5 ms at 512 KiB)
+REPORTED_LIMIT = 10_000  # keys whose failed authentication was logged (once each)
 MAX_LIST_PAGES = 100_000
+JOBS = 8  # deletes or uploads at once (the operator tools)
 PROBLEM_MEMORY = (
     60.0  # seconds /readyz reports a failed call, unless one succeeds meanwhile  # usage(): 1000 keys a page
 )
@@ -65,13 +83,34 @@ def _parse_crate_key(rest: str) -> CrateVersion | None:
     return parsed if quote(parsed.version, safe="") == file[: -len(".crate")] else None
 
 
+async def _sha256(body: bytes) -> str:
+    """Hashing a file of many MiB would hold up every other request on this worker: a thread then."""
+    if len(body) > HASH_IN_THREAD:
+        return await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
+    return hashlib.sha256(body).hexdigest()
+
+
 def _ascii(value: str | None) -> str | None:
     """Object metadata travels in HTTP headers: ASCII only (an odd upstream validator is dropped)."""
     return value if value is not None and value.isascii() and value.isprintable() else None
 
 
 class S3Shared:
-    def __init__(self, config: S3Config, max_index_size: int, registry_prefix: str = "") -> None:
+    def __init__(
+        self,
+        config: S3Config,
+        max_index_size: int,
+        registry_prefix: str = "",
+        on_integrity_failure: IntegrityFailure | None = None,
+    ) -> None:
+        secret = config.integrity_secret()
+        if secret is None:  # the config refuses backend s3 without it; this is for direct callers
+            raise ValueError("storage.s3.integrity_key is required with storage.backend s3")
+        self._sealer = Sealer(secret)
+        self._on_integrity_failure = on_integrity_failure
+        # Object keys whose failure was logged (once per key) and crates a fill must overwrite.
+        self._reported: LRUCache[str, bool] = LRUCache(REPORTED_LIMIT)
+        self._replace: LRUCache[str, bool] = LRUCache(REPORTED_LIMIT)
         self.config = config
         self.bucket = config.bucket or ""
         self.prefix = config.prefix + registry_prefix
@@ -141,6 +180,77 @@ class S3Shared:
         await self._tracked(self._client.delete_object(Bucket=self.bucket, Key=self._crate_key(key)))
         self._known.pop(self._crate_key(key), None)
 
+    # ---- the operator tools' view (ArtifactStore) --------------------------------------------------
+
+    async def list_crates(self, oldest_first: bool = False) -> AsyncIterator[StoredCrate]:
+        """By key (grouped by name); oldest first needs the whole listing: about 100 bytes a crate."""
+        if not oldest_first:
+            async for item in self._iter_crates():
+                yield item
+            return
+        listed = [item async for item in self._iter_crates()]
+        listed.sort(key=lambda item: (item.recency, item.key.crate.name, item.key.version))
+        for item in listed:
+            yield item
+
+    async def list_strays(self) -> AsyncIterator[Stray]:
+        start = f"{self.prefix}crates/"
+        async for key in self._list_keys(start):
+            if _parse_crate_key(key[len(start) :]) is None:
+                yield Stray(key[len(start) :], None)
+
+    async def stat_crate(self, key: CrateVersion) -> CrateRecord | None:
+        """The record is the authenticated sha256 only (None if it does not authenticate)."""
+        name = self._crate_key(key)
+        try:
+            head = await self._tracked(self._client.head_object(Bucket=self.bucket, Key=name))
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        recorded, _ = self._crate_record(name, head.get("Metadata", {}))
+        modified = head.get("LastModified")
+        stored_at = modified.timestamp() if modified is not None else 0.0
+        return CrateRecord(key, recorded, True, stored_at)
+
+    async def delete_crates(self, keys: Sequence[CrateVersion]) -> list[CrateVersion]:
+        for start in range(0, len(keys), JOBS):
+            await asyncio.gather(*(self.delete_crate(key) for key in keys[start : start + JOBS]))
+        return list(keys)
+
+    async def delete_stray(self, stray: Stray) -> bool:
+        name = f"{self.prefix}crates/{stray.name}"
+        await self._tracked(self._client.delete_object(Bucket=self.bucket, Key=name))
+        return True
+
+    def new_temp_file(self) -> Path:
+        handle, name = tempfile.mkstemp(prefix="cratemirror-put-", suffix=".part")
+        os.close(handle)  # the caller opens it by name
+        return Path(name)
+
+    async def put_crates(self, batch: Sequence[VerifiedCrate]) -> None:
+        try:
+            for start in range(0, len(batch), JOBS):
+                chunk = batch[start : start + JOBS]
+                await asyncio.gather(*(self.put_crate(item.key, item.path, item.sha256) for item in chunk))
+        finally:
+            for item in batch:
+                with contextlib.suppress(FileNotFoundError):
+                    item.path.unlink()
+
+    def pruning(self) -> AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()  # the bucket has no eviction of its own to keep out
+
+    async def _list_keys(self, start: str) -> AsyncIterator[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        number = 0
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+            for item in page.get("Contents", []):
+                yield str(item.get("Key", ""))
+            number += 1
+            if number >= MAX_LIST_PAGES:
+                break
+
     async def _tracked(self, work: Awaitable[T]) -> T:
         try:
             result = await work
@@ -163,36 +273,94 @@ class S3Shared:
     def _index_key(self, crate: CrateName) -> str:
         return f"{self.prefix}index/{crate.lower}"
 
+    # ---- authentication ---------------------------------------------------------------------------
+
+    def _failed(self, kind: ObjectKind, name: str, reason: str) -> None:
+        """An object that failed authentication or its hash: counted every time, logged once per key."""
+        if self._on_integrity_failure is not None:
+            self._on_integrity_failure(kind)
+        if kind == "crate":
+            self._replace[name] = True  # the next fill overwrites it, whatever If-None-Match says
+        self._known.pop(name, None)
+        if name not in self._reported:
+            self._reported[name] = True
+            log.error("shared storage: %s has %s: ignored, replaced from upstream", name, reason)
+
+    def _passed(self, name: str) -> None:
+        self._reported.pop(name, None)  # a later failure of this key is news again
+
+    def _crate_record(self, name: str, meta: dict[str, str]) -> tuple[str | None, str | None]:
+        """(the authenticated sha256, None) or (None, why the record does not authenticate)."""
+        sha256 = meta.get("sha256")
+        if not is_cksum(sha256):
+            return None, "no valid sha256 recorded"
+        problem = self._sealer.problem("crate", name, str(sha256), meta)
+        return (None, problem) if problem is not None else (str(sha256), None)
+
     # ---- crates -----------------------------------------------------------------------------------
 
     async def _put_crate(self, key: CrateVersion, verified: Path, sha256: str) -> None:
         name = self._crate_key(key)
+        overwrite = self._replace.pop(name, None) is not None
+        if not await self._upload_crate(name, verified, sha256, overwrite=overwrite):
+            # Someone stored it first: keep theirs only if it is ours to trust and the same bytes.
+            try:
+                head = await self._client.head_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if _code(exc) not in _MISSING:
+                    raise
+                head = None  # deleted meanwhile (a prune, verify --fix)
+            recorded, problem = self._crate_record(name, head.get("Metadata", {}) if head else {})
+            if recorded != sha256:
+                if head is not None:
+                    self._failed("crate", name, problem or f"a record for other bytes ({recorded})")
+                    self._replace.pop(name, None)
+                await self._upload_crate(name, verified, sha256, overwrite=True)
+        self._passed(name)
+        self._known[name] = True
+
+    async def _upload_crate(self, name: str, verified: Path, sha256: str, *, overwrite: bool) -> bool:
+        """Whether it was written (False: If-None-Match found an object there)."""
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        meta = self._sealer.seal("crate", name, sha256, {"sha256": sha256})
+        condition = {} if overwrite else {"IfNoneMatch": "*"}
         with open(verified, "rb") as body:
             try:
                 await self._client.put_object(
                     Bucket=self.bucket, Key=name, Body=body, ChecksumSHA256=checksum,
-                    ContentType="application/gzip", Metadata={"sha256": sha256}, IfNoneMatch="*",
+                    ContentType="application/gzip", Metadata=meta, **condition,
                 )  # fmt: skip
             except ClientError as exc:
                 if _code(exc) not in _ALREADY:
                     raise
-        self._known[name] = True
+                return False
+        if overwrite:
+            log.warning("shared storage: %s replaced with verified bytes", name)
+        return True
 
     async def _fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
         name = self._crate_key(key)
         with open(into, "wb") as out:
-            copy = await self._read_crate(key, out, limit)
+            copy = await self._read_crate(key, out, limit, sha256)
             if copy is None:
                 return None
-            if copy.too_large:
-                log.error("%s in the bucket is larger than %d bytes: ignored", name, limit)
+            if copy.recorded is None:
+                return None  # failed authentication (counted and logged by _read_crate)
+            if copy.recorded != sha256:
+                # Authentic, but not what the (authenticated) index names: replaced by upstream's.
+                self._replace[name] = True
+                log.error("%s in the bucket is recorded as %s, not the index cksum %s: ignored",
+                          name, copy.recorded, sha256)  # fmt: skip
                 return None
-            if copy.sha256 != sha256:
-                log.error("%s in the bucket does not hash to the index cksum %s: ignored", name, sha256)
+            if copy.too_large:
+                self._failed("crate", name, f"more than upstream.max_crate_size ({limit} bytes)")
+                return None
+            if copy.sha256 != copy.recorded:
+                self._failed("crate", name, f"bytes that do not hash to its authenticated sha256 {sha256}")
                 return None
             out.flush()
             os.fsync(out.fileno())  # the caller renames it into the cache: durable first
+        self._passed(name)
         self._known[name] = True
         return copy.size
 
@@ -205,22 +373,38 @@ class S3Shared:
                 if _code(exc) in _MISSING:
                     return None
                 raise
-            if head.get("Metadata", {}).get("sha256") != sha256:
-                return None  # not the bytes the index names: let the fill replace nothing, serve upstream's
+            recorded, problem = self._crate_record(name, head.get("Metadata", {}))
+            if problem is not None:
+                self._failed("crate", name, problem)
+                return None  # never a URL for an unauthenticated record: the fill serves upstream's
+            if recorded != sha256:
+                self._replace[name] = True
+                return None  # not the bytes the index names: the fill replaces them with upstream's
+            self._passed(name)
             self._known[name] = True
         url = await self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=PRESIGN_SECONDS
         )
         return str(url)
 
-    async def _read_crate(self, key: CrateVersion, out: IO[bytes] | None, limit: int) -> CrateCopy | None:
+    async def _read_crate(
+        self, key: CrateVersion, out: IO[bytes] | None, limit: int, wanted: str | None = None
+    ) -> CrateCopy | None:
+        """`wanted`: the index cksum the caller needs; the body is not read if the record does not
+        authenticate or names other bytes (then `sha256` is empty and `recorded` None or not `wanted`)."""
+        name = self._crate_key(key)
         try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=self._crate_key(key))
+            response = await self._client.get_object(Bucket=self.bucket, Key=name)
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 return None
             raise
-        recorded = response.get("Metadata", {}).get("sha256")
+        recorded, problem = self._crate_record(name, response.get("Metadata", {}))
+        if problem is not None and wanted is not None:
+            self._failed("crate", name, problem)  # serving; the tools (no `wanted`) report it themselves
+        if wanted is not None and recorded != wanted:
+            response["Body"].close()
+            return CrateCopy(recorded, "", 0, False)
         hasher = hashlib.sha256()
         size = 0
         async with response["Body"] as stream:
@@ -231,7 +415,6 @@ class S3Shared:
                 hasher.update(chunk)
                 if out is not None:
                     out.write(chunk)
-        recorded = recorded if is_cksum(recorded) else None
         return CrateCopy(recorded, hasher.hexdigest(), size, size > limit)
 
     async def _iter_crates(self) -> AsyncIterator[StoredCrate]:
@@ -256,8 +439,9 @@ class S3Shared:
     # ---- index files ------------------------------------------------------------------------------
 
     async def _get_index(self, crate: CrateName) -> IndexEntry | None:
+        name = self._index_key(crate)
         try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=self._index_key(crate))
+            response = await self._client.get_object(Bucket=self.bucket, Key=name)
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 return None
@@ -266,15 +450,29 @@ class S3Shared:
         length = int(response.get("ContentLength", 0))
         if length > self.max_index_size:
             response["Body"].close()
+            self._failed("index", name, f"more than upstream.max_index_size ({self.max_index_size} bytes)")
             return None
+        parts: list[bytes] = []
+        size = 0
         async with response["Body"] as stream:
-            body = await stream.read()
+            while (chunk := await stream.read(CHUNK)) and size <= self.max_index_size:
+                size += len(chunk)  # read(n) returns at most n bytes: loop to the end
+                parts.append(chunk)
+        body = b"".join(parts)
+        if size > self.max_index_size:
+            self._failed("index", name, f"more than upstream.max_index_size ({self.max_index_size} bytes)")
+            return None
+        problem = self._sealer.problem("index", name, await _sha256(body), meta)
+        if problem is not None:
+            self._failed("index", name, problem)
+            return None
         try:
             checked_at = float(meta["checked-at"])
         except (KeyError, ValueError):
             return None
-        if not math.isfinite(checked_at) or len(body) > self.max_index_size or not meta.get("etag"):
+        if not math.isfinite(checked_at) or not meta.get("etag"):
             return None
+        self._passed(name)
         return IndexEntry(
             200, body, meta["etag"], meta.get("last-modified", ""), checked_at,
             meta.get("upstream-etag") or None, meta.get("upstream-last-modified") or None,
@@ -290,9 +488,10 @@ class S3Shared:
             "upstream-etag": _ascii(entry.upstream_etag) or "",
             "upstream-last-modified": _ascii(entry.upstream_last_modified) or "",
         }
-        await self._client.put_object(
-            Bucket=self.bucket, Key=self._index_key(crate), Body=entry.body, Metadata=meta
-        )
+        name = self._index_key(crate)
+        sealed = self._sealer.seal("index", name, await _sha256(entry.body), meta)
+        await self._client.put_object(Bucket=self.bucket, Key=name, Body=entry.body, Metadata=sealed)
+        self._passed(name)
 
     async def _usage(self) -> tuple[int, int]:
         total = count = 0
