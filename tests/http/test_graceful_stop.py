@@ -4,12 +4,15 @@ within server.shutdown_timeout, exits 0 and logs one line saying so."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from cratemirror.config.schema import ServerConfig
+from cratemirror.server.serve import WORKER_EXIT_GRACE
 from tests.fake_upstream import FakeRegistry
 from tests.mirror_process import MirrorProcess, listening_sockets, wait_until
 
@@ -97,3 +100,20 @@ async def test_answers_still_in_flight_at_the_timeout_are_cut_off(
         gate.set()
     stops = [line for line in mirror.output().splitlines() if "stopped on SIGTERM" in line]
     assert len(stops) == 1 and "cut off" in stops[0], mirror.output()
+
+
+def test_the_deploy_files_wait_longer_than_a_graceful_stop() -> None:
+    """systemd, Kubernetes and compose must not SIGKILL a mirror that is still finishing its answers."""
+    repo = Path(__file__).resolve().parents[2]
+    needed = ServerConfig().shutdown_timeout + WORKER_EXIT_GRACE
+    found = {
+        "deploy/systemd/cratemirror.service": r"TimeoutStopSec=(\d+)s",
+        "deploy/kubernetes/statefulset.yaml": r"terminationGracePeriodSeconds: (\d+)",
+        "deploy/kubernetes/fleet/deployment.yaml": r"terminationGracePeriodSeconds: (\d+)",
+        "deploy/docker-compose.yml": r"stop_grace_period: (\d+)s",
+        "deploy/compose/docker-compose.fleet.yml": r"stop_grace_period: (\d+)s",
+    }
+    for name, pattern in found.items():
+        match = re.search(pattern, (repo / name).read_text(encoding="utf-8"))
+        assert match is not None, name
+        assert int(match.group(1)) > needed, name
