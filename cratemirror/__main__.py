@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ EXIT_USAGE = 2
 
 Command = Callable[[argparse.Namespace], int]
 DEFAULT_URL = "http://127.0.0.1:8080"  # client-config's --url: the mirror on its default address
+# A flag that sets a config key, reported by the config loader ("--port: server.port: expected ...")
+_CONFIG_LAYER = re.compile(r"(--[\w-]+|[\w-]+: --[\w-]+): [a-z_]+\.[a-z_.]+: ")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -144,7 +147,10 @@ def _usage_on_error(parser: argparse.ArgumentParser) -> None:
 
 def _about_the_command_line(message: str) -> bool:
     """A ConfigError about a flag or argument ("--expires: ...", "client-config: --url: ...",
-    "refresh: ..."), not about a config file."""
+    "refresh: ..."), not about a config file. A flag that sets a config key ("--port: server.port: ...")
+    is reported as the config layer it is: one line naming the key, like a bad file or variable."""
+    if _CONFIG_LAYER.match(message):
+        return False
     head = message.split(": ", 2)
     return (
         message.startswith("--")

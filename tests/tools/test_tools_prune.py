@@ -70,11 +70,10 @@ async def test_prune_keeps_the_most_recently_used(
     assert crate_file(cache, "newest", "1.0.0").exists()
 
 
-async def test_prune_bad_max_size_is_a_usage_error(registry: FakeRegistry, tmp_path: Path) -> None:
+async def test_prune_bad_max_size_is_a_one_line_usage_error(registry: FakeRegistry, tmp_path: Path) -> None:
     config = write_config(tmp_path / "mirror.yaml", registry.index_url, tmp_path / "cache")
     result = await run_cli("prune", "--config", str(config), "--max-size", "lots", cwd=tmp_path)
     assert result.code == 2, result.output
-    assert result.stderr.splitlines() == [
-        "usage: cratemirror prune [-h] [--config PATH] [--max-size SIZE] [--dry-run]",
-        "cratemirror prune: error: --max-size: cache.max_size: expected a size like 20GiB, got 'lots'",
-    ]
+    assert (
+        result.stderr == "cratemirror: --max-size: cache.max_size: expected a size like 20GiB, got 'lots'\n"
+    )
