@@ -66,3 +66,9 @@ def test_the_configuration_page_names_every_key() -> None:
         if not any(form in text for form in (f"`{dotted}`", f"`{key}`", f"{key}`", f"`{key}:")):
             missing.append(dotted)
     assert missing == []
+
+
+def test_every_test_file_the_docs_cite_exists() -> None:
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for cited in re.findall(r"tests/[\w/]+\.py", path.read_text(encoding="utf-8")):
+            assert (REPO / cited).is_file(), f"{path.name}: {cited}"
