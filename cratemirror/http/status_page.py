@@ -18,7 +18,13 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from cratemirror import __version__
-from cratemirror.config.client import BadBaseURL, cargo_ci_snippet, cargo_config_snippet, client_setup
+from cratemirror.config.client import (
+    BadBaseURL,
+    cargo_ci_snippet,
+    cargo_config_snippet,
+    checked_base,
+    client_setup,
+)
 from cratemirror.config.schema import Config
 from cratemirror.http.context import MIRROR, Mirror, RecentMiss
 from cratemirror.http.routes import base_url
@@ -72,10 +78,14 @@ def _snippets(base: str, config: Config) -> dict[str, str]:
         return {
             "config_snippet": _esc(cargo_config_snippet(base, setup)),
             "env_snippet": _esc(cargo_ci_snippet(base, setup)),
+            # the same base URL check as the snippets: nothing a Host header says reaches a shell line
+            "merge_command": _esc(
+                f"cratemirror client-config --url {checked_base(base)} --merge ~/.cargo/config.toml"
+            ),
         }
     except BadBaseURL as exc:  # e.g. a server.public_url with userinfo or a query: say so, never guess
         reason = _esc(f"no snippet for this base URL: {exc}")
-        return {"config_snippet": reason, "env_snippet": reason}
+        return {"config_snippet": reason, "env_snippet": reason, "merge_command": reason}
 
 
 def _health(mirror: Mirror, snap: Snapshot) -> dict[str, str]:

@@ -129,6 +129,8 @@ async def test_status_page_copy_texts_are_the_printed_ones_whatever_the_host_hea
         assert code == 0, output
         assert not (tmp_path / "pwned").exists()
         assert (tmp_path / "home" / "config.toml").read_text() == cargo_config_snippet(base)
+        (merge,) = re.findall(r'<code id="merge-command">(.*?)</code>', page)
+        assert html.unescape(merge) == f"cratemirror client-config --url {base} --merge ~/.cargo/config.toml"
 
 
 USER_CONFIG = """\
