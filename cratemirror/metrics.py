@@ -196,6 +196,14 @@ class Metrics:
             "cratemirror_policy_decisions_total", "Policy decisions by action and rule", ["action", "rule"],
             registry=r,
         )  # fmt: skip
+        # Beyond the contract (issue 18): what a broken input left out, never silently.
+        self.advisory_errors = Counter(
+            "cratemirror_policy_advisory_errors_total", "Advisory files left out: unreadable", registry=r
+        )
+        self.tokens_file_errors = Counter(
+            "cratemirror_auth_tokens_file_errors_total", "Reads of a broken tokens file (old set kept)",
+            registry=r,
+        )  # fmt: skip
         self._bind(DEFAULT_REGISTRY)
 
     def _bind(self, name: str) -> None:

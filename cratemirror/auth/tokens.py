@@ -17,7 +17,7 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -237,9 +237,13 @@ class TokenChecker:
     """What a worker asks on every request. Looks at the file's identity at most every `recheck`
     seconds (one stat) and re-reads it only when that changed; a broken file keeps the last good set."""
 
-    def __init__(self, path: Path, recheck: float = 1.0) -> None:
+    def __init__(
+        self, path: Path, recheck: float = 1.0, on_problem: Callable[[str], None] | None = None
+    ) -> None:
+        """`on_problem`: told once per broken version of the file (to log and count it)."""
         self.path = path
         self.recheck = recheck
+        self.on_problem = on_problem
         self.problem: str | None = None
         self._records: list[TokenRecord] = []
         self._identity: tuple[int, int, int, int] | None = None
@@ -257,7 +261,7 @@ class TokenChecker:
         except FileNotFoundError:
             identity = (0, 0, 0, 0)
         except OSError as exc:
-            self.problem = f"{self.path}: cannot read: {exc.strerror or exc}"
+            self._broken(f"{self.path}: cannot read: {exc.strerror or exc}")
             return
         if identity == self._identity:
             return
@@ -265,8 +269,13 @@ class TokenChecker:
             self._records = read_records(self.path)
             self.problem = None
         except TokenFileError as exc:
-            self.problem = str(exc)  # keep the last good set: a half-edited file must not lock everyone out
+            self._broken(str(exc))  # keep the last good set: a half-edited file must not lock everyone out
         self._identity = identity
+
+    def _broken(self, problem: str) -> None:
+        if problem != self.problem and self.on_problem is not None:
+            self.on_problem(problem)
+        self.problem = problem
 
     def check(self, token: str | None) -> Verdict:
         if not token:

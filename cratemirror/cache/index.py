@@ -146,14 +146,22 @@ class IndexService:
         result = await self.get(crate, count=False)
         return result.entry.body if result.entry.status == 200 else None
 
-    async def refresh(self, crate: CrateName) -> IndexResult:
+    async def refresh(self, crate: CrateName, since: float | None = None) -> IndexResult:
         """Revalidate with upstream now, whatever the copy's age (`cratemirror refresh`): always an
         upstream request, never answered from the shared storage or another replica's word; every
-        worker process then drops its in-memory copies. Refreshes of one name at once share one."""
+        worker process then drops its in-memory copies. Refreshes of one name at once share one.
+        `since`: another caller's refresh of this name, started then, stands (POST /-/refresh reaches
+        upstream once a second per name): its answer, or the copy it stored, is this one's too."""
         if self.offline:  # the cached copy as it is (OfflineMiss if none)
             return await self.get(crate, newer_than=time.time(), count=False)
+        key = refresh_key(crate.lower)
+        if since is not None:
+            if self._flights.active(key):  # in this worker: join it
+                result, _ = await self._flights.run(key, lambda: self._refresh(crate, since))
+                return result
+            return await self.get(crate, newer_than=since, count=False)
         result, _ = await self._flights.run(
-            refresh_key(crate.lower), lambda: self._refresh(crate, time.time(), from_upstream=True)
+            key, lambda: self._refresh(crate, time.time(), from_upstream=True)
         )
         await asyncio.to_thread(self.store.bump_index_generation)
         return result
@@ -177,6 +185,14 @@ class IndexService:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background revalidation failed: %s", task.exception())
+
+    def answers_from_cache(self, crate: CrateName) -> bool:
+        """Whether get() would answer without waiting on upstream (fresh, offline, or stale within the
+        stale-while-revalidate window): such a lookup costs the client nothing."""
+        entry = self._lookup(crate.lower)
+        if entry is None:
+            return self.offline
+        return self.offline or self._is_fresh(entry, None) or self._may_serve_stale(entry)
 
     def is_cached(self, crate: CrateName) -> bool:
         """Whether any copy (fresh or not, found or remembered as missing) is held."""

@@ -8,6 +8,10 @@ every round but the first; a dependency cargo does not pick is one small index f
 other. Only what cargo is about to ask for is fetched: the normal and build dependencies (never dev)
 of the newest release, optional ones only when its default features turn them on, of the same
 registry. Everything here is upstream input, validated and bounded.
+
+Bounded per client request, too: whatever one request's index file sets off (the dependencies'
+files, theirs in turn) is at most MAX_PER_TRIGGER index files and MAX_DEPTH rounds deep, so a crafted
+fan-out tree costs the upstream a fixed amount per request, not the whole registry.
 """
 
 from __future__ import annotations
@@ -34,9 +38,24 @@ MAX_REQ_LENGTH = 200
 MAX_VERSIONS = 4096  # lines read to pick a version for a crate prefetch
 PICK_IN_THREAD = 64 * 1024
 MAX_PENDING = 256  # names queued or being fetched, per worker and registry; beyond it cargo asks itself
+MAX_PER_TRIGGER = 64  # index files prefetched for one client request, all rounds together
+MAX_DEPTH = 4  # rounds of dependencies followed from the client's index file
 
 
 PrefetchMode = Literal["off", "index", "crates"]
+
+
+@dataclass
+class _Trigger:
+    """The client request a chain of prefetches started from: what it may still cost."""
+
+    left: int = MAX_PER_TRIGGER
+
+
+# Set in each prefetch task's own context (the request's own stays unset): its trigger and its depth.
+_CHAIN: contextvars.ContextVar[tuple[_Trigger, int] | None] = contextvars.ContextVar(
+    "prefetch_chain", default=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +203,9 @@ class Prefetcher:
         """`crate`'s index file just came from upstream with `body`: prefetch what it depends on."""
         if self.mode == "off":
             return
+        trigger, depth = _CHAIN.get() or (_Trigger(), 0)  # unset: a client request's own fetch
+        if depth >= MAX_DEPTH:
+            return
         for dependency in dependencies(body):
             name = dependency.name
             if len(self._pending) >= MAX_PENDING:
@@ -191,10 +213,17 @@ class Prefetcher:
                 return
             if name.lower == crate.lower or name.lower in self._pending:
                 continue
+            if trigger.left <= 0:
+                log.debug("prefetch budget of this request spent: not prefetching past %s", crate.name)
+                return
+            trigger.left -= 1
             self._pending.add(name.lower)
-            # A context of its own: its upstream time is no client request's (the access log's upstream=)
+            # A context of its own: its upstream time is no client request's (the access log's upstream=);
+            # it carries the trigger's budget and the round it is in.
+            context = contextvars.Context()
+            context.run(_CHAIN.set, (trigger, depth + 1))
             loop = asyncio.get_running_loop()
-            task = loop.create_task(self._run(dependency), context=contextvars.Context())
+            task = loop.create_task(self._run(dependency), context=context)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

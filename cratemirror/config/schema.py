@@ -10,6 +10,7 @@ become those lines lives in cratemirror.config.load; this module is the schema.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -271,6 +272,14 @@ def _not_reserved(name: str) -> str:
     return name
 
 
+def _network(text: object) -> object:
+    """A CIDR (or a lone address) as ipaddress reads it; the text is kept as written."""
+    if isinstance(text, str):
+        ipaddress.ip_network(text.strip(), strict=False)  # ValueError: not a network
+        return text.strip()
+    return text
+
+
 def _matching(regex: str) -> StringConstraints:
     return StringConstraints(strip_whitespace=True, pattern=f"^{regex}$")
 
@@ -338,6 +347,7 @@ def _long_secret(value: SecretStr) -> SecretStr:
 AdvisoryId = Annotated[str, _matching(_ADVISORY_ID)]
 LicenseId = Annotated[str, _matching(_SPDX_ID)]
 CrateRule = Annotated[str, _matching(_CRATE_RULE)]
+Network = Annotated[str, BeforeValidator(_network)]
 RegistryName = Annotated[str, _matching(_REGISTRY_NAME), AfterValidator(_not_reserved)]
 
 
@@ -389,6 +399,10 @@ class ServerConfig(_Section):
     """PEM certificate (chain) to serve https directly; a fleet terminates TLS in its front instead."""
     tls_key: Annotated[ExistingFile | None, Expected("a path to an existing PEM key file, or null")] = None
     """PEM private key for tls_cert."""
+    trusted_proxies: Annotated[
+        tuple[Network, ...], Expected("a list of CIDRs like 10.0.0.0/8 or addresses like ::1")
+    ] = ("127.0.0.1/8", "::1/128")
+    """Only from these are X-Forwarded-* honoured; the client is the right-most untrusted X-Forwarded-For."""
     shutdown_timeout: Annotated[Duration, Expected("a duration like 10s")] = 10.0
     """On SIGTERM: stop accepting, finish answers in flight within this long, then exit."""
 

@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from cratemirror.cache.ratelimit import FILE_NAME as BUDGET_FILE
+from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, search, status_page
-from cratemirror.http.auth import auth_middleware
+from cratemirror.http.auth import auth_middleware, token_checker
 from cratemirror.http.context import MIRROR, TIMING, Mirror, RecentMiss
 from cratemirror.metrics import DEFAULT_REGISTRY, Metrics, start_request_timing
 from cratemirror.policy.service import create_policy
@@ -33,10 +35,12 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         default.crates.gate = policy
         default.index.prefetch.allowed = lambda name, version: not policy.blocks(name, version)
     mirror = Mirror(config, metrics, disk_trouble, policy, registries)
+    mirror.unknown_names = UnknownNameBudget(config.cache.dir / BUDGET_FILE, default.coordination)
 
     middlewares: list[Middleware] = [_instrument]
     if config.auth.required:
-        middlewares.append(auth_middleware(config.auth, metrics))
+        mirror.tokens = token_checker(config.auth, metrics)
+        middlewares.append(auth_middleware(config.auth, metrics, mirror.tokens))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
     search.setup(app, config, default.upstream)  # before routes: its catch-all would take /api/v1/crates
@@ -67,6 +71,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await mirror.policy.start()
     yield
     await mirror.policy.close()
+    mirror.unknown_names.close()
     for task in health:
         task.cancel()
     await asyncio.gather(*health, return_exceptions=True)

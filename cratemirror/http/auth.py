@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -11,6 +13,8 @@ from cratemirror.config.schema import AuthConfig
 from cratemirror.http.responses import error
 from cratemirror.http.routes import base_url
 from cratemirror.metrics import Metrics
+
+log = logging.getLogger("cratemirror.auth")
 
 # The token's name (never the token) for the access log.
 TOKEN_NAME = web.RequestKey("cratemirror.token_name", str)
@@ -35,8 +39,19 @@ def presented_token(request: web.Request) -> str | None:
     return value or None
 
 
-def auth_middleware(config: AuthConfig, metrics: Metrics) -> Middleware:
-    checker = TokenChecker(config.tokens_file)
+def token_checker(config: AuthConfig, metrics: Metrics) -> TokenChecker:
+    """The worker's view of the tokens file; a broken one is logged and counted (and /readyz says
+    degraded) while the last good set stays in force."""
+
+    def broken(problem: str) -> None:
+        metrics.tokens_file_errors.inc()
+        log.error("tokens file unusable, keeping the last good set of tokens: %s", problem)
+
+    return TokenChecker(config.tokens_file, on_problem=broken)
+
+
+def auth_middleware(config: AuthConfig, metrics: Metrics, checker: TokenChecker | None = None) -> Middleware:
+    checker = checker or token_checker(config, metrics)
     open_paths = ALWAYS_OPEN if config.protect_status else ALWAYS_OPEN | STATUS_PATHS
 
     @web.middleware

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from cratemirror.auth.tokens import TokenChecker
 from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import Registry
 from cratemirror.config.schema import Config
@@ -41,6 +42,7 @@ class Mirror:
     registries: dict[str, Registry]
     started_at: float = field(default_factory=time.time)
     unknown_names: UnknownNameBudget = field(default_factory=UnknownNameBudget)
+    tokens: TokenChecker | None = None  # with auth.required: the tokens file as this worker reads it
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
 

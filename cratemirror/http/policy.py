@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from cratemirror.http.clients import client_address
 from cratemirror.http.responses import error
 
 POLICY_HEADER = "X-Cratemirror-Policy"
@@ -18,4 +19,4 @@ def refusal(rule: str, reason: str, x_cache: str) -> web.Response:
 
 def client_of(request: web.BaseRequest) -> str:
     """Who asked, for the audit line: the client address (client tokens, when they land, add a name)."""
-    return request.remote or "-"
+    return client_address(request)

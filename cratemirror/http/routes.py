@@ -12,6 +12,8 @@ from aiohttp import web
 from cratemirror.cache.delivery import Blocked, Failed, FromFile, FromFill, GrowingBody, HeadersOnly, Redirect
 from cratemirror.cache.index import GZIP_MIN, OfflineMiss
 from cratemirror.cache.registry import Registry
+from cratemirror.http.budget import charge
+from cratemirror.http.clients import from_trusted_proxy
 from cratemirror.http.context import MIRROR
 from cratemirror.http.policy import client_of, refusal
 from cratemirror.http.responses import error, not_modified, send_file
@@ -25,6 +27,7 @@ RESULT = web.RequestKey("cratemirror.result", str)
 BYTES = web.RequestKey("cratemirror.bytes", int)
 REGISTRY = web.RequestKey("cratemirror.registry", str)
 
+REFRESH_INTERVAL = 1.0  # seconds: POST /-/refresh/<name> reaches upstream at most this often per name
 
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
@@ -45,10 +48,12 @@ def base_url(request: web.Request) -> str:
     public = request.app[MIRROR].config.server.public_url
     if public:
         return public
-    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip().lower()
+    # X-Forwarded-* only from server.trusted_proxies: anyone else could point cargo elsewhere.
+    forwarded = request.headers if from_trusted_proxy(request) else {}
+    proto = forwarded.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip().lower()
     if proto not in ("http", "https"):
         proto = request.scheme
-    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    host = forwarded.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
     if not _HOST_RE.fullmatch(host):
         # Never the raw header (it reaches config.json and copyable shell lines): the address the
         # client connected to.
@@ -120,15 +125,12 @@ async def index_file(request: web.Request) -> web.Response:
     except InvalidRequest as exc:
         return error(400, str(exc))
     mirror = request.app[MIRROR]
-    client = request.remote or "-"
-    wait = mirror.unknown_names.retry_after(client)
-    if wait is not None and not registry.index.is_cached(crate):
-        return error(
-            429, f"too many lookups of crates that do not exist from {client}; retry in {wait}s",
-            headers={"Retry-After": str(wait)},
-        )  # fmt: skip
+    charged = await charge(request, registry.index, crate)
+    if isinstance(charged, web.Response):
+        return charged
     try:
         result = await registry.index.get(crate)
+        await charged.settle(request, found=result.entry.status == 200)
     except OfflineMiss as exc:
         return error(503, str(exc), "MISS")
     except UpstreamError as exc:
@@ -138,8 +140,6 @@ async def index_file(request: web.Request) -> web.Response:
     if registry.is_default:  # the policy gates crates.io's crates (its advisories name crates.io's)
         entry = await mirror.policy.view(crate.lower, entry)  # blocked versions yanked, with enforce
     if entry.status != 200:
-        if result.result == "miss":  # this client's lookup went upstream for nothing
-            mirror.unknown_names.charge(client)
         return error(404, "crate not found", result.x_cache)
     headers = {
         "Content-Type": "text/plain",
@@ -172,7 +172,14 @@ async def download(request: web.Request) -> web.StreamResponse:
         wanted = parse_crate_version(request.match_info["name"], request.match_info["version"])
     except InvalidRequest as exc:
         return error(400, str(exc))
+    # A crate the store holds costs nothing; anything else may ask upstream for the name's index file.
+    stored = registry.store.crate_path(wanted.crate.name, wanted.version).exists()
+    charged = None if stored else await charge(request, registry.index, wanted.crate)
+    if isinstance(charged, web.Response):
+        return charged
     delivery = await registry.crates.deliver(wanted, head=request.method == "HEAD", client=client_of(request))
+    if charged is not None:
+        await charged.settle(request, found=not (isinstance(delivery, Failed) and delivery.status == 404))
     request[RESULT] = delivery.result
     match delivery:
         case FromFile(file=file, size=size, headers=headers):
@@ -272,8 +279,15 @@ async def refresh(request: web.Request) -> web.Response:
         return error(400, str(exc))
     if mirror.config.offline:
         return error(503, "offline: the mirror does not contact upstream")
+    charged = await charge(request, mirror.default.index, crate, always=True)
+    if isinstance(charged, web.Response):
+        return charged
     try:
-        result = await mirror.default.index.refresh(crate)
+        # At most one upstream request per name per second, whoever asks: the others get the copy that
+        # refresh brought (joining its flight, or finding it fresh once they hold the fill lock).
+        standing = await mirror.unknown_names.claim_refresh(crate.lower, REFRESH_INTERVAL)
+        result = await mirror.default.index.refresh(crate, since=standing)
+        await charged.settle(request, found=result.entry.status == 200)
     except UpstreamError as exc:
         return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}")
     body = {"name": crate.name, "found": result.entry.status == 200, "etag": result.entry.etag}
@@ -302,6 +316,9 @@ async def readyz(request: web.Request) -> web.Response:
         return error(503, problem)
     # A fleet without Redis still serves (each replica coalesces its own fills): ready, but say so.
     degraded = None
+    if mirror.tokens is not None:  # still serving with the last good set: ready, but say so
+        mirror.tokens.refresh()
+        degraded = mirror.tokens.problem and f"degraded: {mirror.tokens.problem}"
     for registry in mirror.registries.values():
         degraded = degraded or await registry.coordination.problem() or await registry.shared.problem()
     return web.Response(text=f"ready ({degraded})\n" if degraded else "ready\n")

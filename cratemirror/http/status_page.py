@@ -7,6 +7,7 @@ Every figure is an element with an id and its exact value in `data-value`, for s
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 import string
@@ -26,6 +27,7 @@ from cratemirror.config.client import (
     client_setup,
 )
 from cratemirror.config.schema import Config
+from cratemirror.http.auth import TOKEN_NAME, presented_token
 from cratemirror.http.context import MIRROR, Mirror, RecentMiss
 from cratemirror.http.routes import base_url
 from cratemirror.metrics import KINDS, RESULTS, Snapshot
@@ -46,35 +48,51 @@ _Format = Callable[[float], str]
 async def status(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
     await mirror.refresh_usage()  # exactly what a scrape now would show
-    page = render(mirror, mirror.metrics.snapshot(), base_url(request))
+    page = render(mirror, mirror.metrics.snapshot(), base_url(request), anonymous=_anonymous(request))
     return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
-def render(mirror: Mirror, snap: Snapshot, base: str) -> str:
+def _anonymous(request: web.Request) -> bool:
+    """With auth.required, a viewer without a valid token (the page is open unless protect_status)."""
+    mirror = request.app[MIRROR]
+    if not mirror.config.auth.required or request.get(TOKEN_NAME) is not None:
+        return False
+    return mirror.tokens is None or mirror.tokens.check(presented_token(request)).reason is not None
+
+
+def render(mirror: Mirror, snap: Snapshot, base: str, anonymous: bool = False) -> str:
+    """`anonymous`: for a viewer without a token while auth is required, nothing about the extra
+    registries (no /registries/ path) and no client address."""
     now = time.time()
+    misses: Iterable[RecentMiss] = reversed(mirror.recent_misses)
+    if anonymous:
+        misses = (miss for miss in misses if not miss.path.startswith("/registries/"))
     return TEMPLATE.substitute(
         host=_esc(urlsplit(base).netloc or base),
         version=_esc(__version__),
         upstream_url=_esc(redact(mirror.config.upstream.index_url)),
-        **_snippets(base, mirror.config),
+        **_snippets(base, mirror.config, anonymous),
         **_health(mirror, snap),
         **_summary(snap),
         **_results_table(snap),
         **_upstream(snap),
         last_error=_esc(redact(mirror.default.upstream.last_error or "none since this worker started")),
         last_error_class="" if mirror.default.upstream.last_error else " none",
-        recent_misses=_misses_table(reversed(mirror.recent_misses), now, snap),
-        policy_panel=policy_panel(mirror.policy, now),
+        recent_misses=_misses_table(misses, now, snap),
+        policy_panel=policy_panel(mirror.policy, now, show_clients=not anonymous),
         pid=str(os.getpid()),
         uptime=_duration(now - mirror.started_at),
         rendered_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
     )
 
 
-def _snippets(base: str, config: Config) -> dict[str, str]:
-    """Exactly what `cratemirror client-config [--ci]` prints, so the copy buttons paste cleanly."""
+def _snippets(base: str, config: Config, anonymous: bool = False) -> dict[str, str]:
+    """Exactly what `cratemirror client-config [--ci]` prints, so the copy buttons paste cleanly
+    (`anonymous`: crates.io's part alone)."""
     try:
         setup = client_setup(config)
+        if anonymous:
+            setup = dataclasses.replace(setup, registries=())
         return {
             "config_snippet": _esc(cargo_config_snippet(base, setup)),
             "env_snippet": _esc(cargo_ci_snippet(base, setup)),

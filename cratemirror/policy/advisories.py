@@ -10,6 +10,7 @@ does not parse is left out (and listed in `errors`) rather than taking the whole
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tomllib
@@ -26,7 +27,12 @@ from cratemirror.versions import (
     unaffected_ranges,
 )
 
+log = logging.getLogger("cratemirror.policy")
+
 MAX_ADVISORY_BYTES = 256 * 1024
+# Real advisories nest two or three levels; deeper front matter is refused before the TOML parser
+# (recursive: `x = [[[...]]]` of 50k levels would raise RecursionError) ever sees it.
+MAX_NESTING = 32
 MAX_ADVISORIES = 50_000
 MAX_ERRORS_KEPT = 50
 ADVISORY_FILE_RE = re.compile(r"RUSTSEC-(\d{4})-(\d{4})\.md")
@@ -80,13 +86,27 @@ def _strings(value: object, origin: str, key: str) -> list[str]:
     return list(value)
 
 
+def _check_nesting(toml_text: str, origin: str) -> None:
+    """AdvisoryError if brackets or braces open deeper than MAX_NESTING, over the whole block (line
+    breaks and strings counted too: a conservative bound that real advisories never come near)."""
+    depth = 0
+    for char in toml_text:
+        if char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise AdvisoryError(f"{origin}: nested deeper than {MAX_NESTING} levels")
+        elif char in "]}":
+            depth = max(0, depth - 1)
+
+
 def parse_advisory(text: str, origin: str, crate_dir: str) -> Advisory:
     """One advisory file's text; `crate_dir` is the directory it lies in (the package must match)."""
     toml_text, markdown = _front_matter(text, origin)
+    _check_nesting(toml_text, origin)
     try:
         document = tomllib.loads(toml_text)
-    except tomllib.TOMLDecodeError as exc:
-        raise AdvisoryError(f"{origin}: not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise AdvisoryError(f"{origin}: not valid TOML: {str(exc)[:200]}") from None
     meta = document.get("advisory")
     if not isinstance(meta, dict):
         raise AdvisoryError(f"{origin}: no [advisory] table")
@@ -189,7 +209,8 @@ class AdvisoryDb:
     count: int = 0
     newest_date: str | None = None  # the newest advisory's date: how current the checkout is
     changed_at: float | None = None  # the newest file's mtime
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the first MAX_ERRORS_KEPT files left out, why
+    failed: int = 0  # advisory files left out because they could not be read
 
     def for_crate(self, name: str) -> tuple[Advisory, ...]:
         return self.by_crate.get(name.lower(), ())
@@ -212,9 +233,12 @@ def load(root: Path | None) -> AdvisoryDb:
             advisory = parse_advisory(text, origin, item.crate_dir)
             if advisory.id != item.path.stem:
                 raise AdvisoryError(f"{origin}: advisory.id {advisory.id} differs from the file name")
-        except (AdvisoryError, OSError, UnicodeDecodeError) as exc:
+        except Exception as exc:  # one file, whatever is wrong with it, never takes the rest down
+            db.failed += 1
             if len(db.errors) < MAX_ERRORS_KEPT:
-                db.errors.append(str(exc) if isinstance(exc, AdvisoryError) else f"{origin}: {exc}")
+                reason = str(exc) if isinstance(exc, AdvisoryError) else f"{origin}: {type(exc).__name__}"
+                db.errors.append(reason[:300])
+                log.warning("advisory file left out: %s", reason[:300])
             continue
         by_crate.setdefault(item.crate_dir.lower(), []).append(advisory)
         db.count += 1

@@ -5,6 +5,11 @@ advisory file of `policy.advisory_db` and lists them (path, sha256, size) under 
 manifest. Import checks every one strictly (the path rebuilt from a valid crate name and file name,
 size capped, sha256 as listed) and, only if all of them pass, replaces the `crates/` directory of the
 importing mirror's `policy.advisory_db` in one rename; a running server picks it up on its next check.
+
+A bundle never wipes or rolls back the db in place: one with no readable advisory, or whose newest
+advisory is older than the newest one installed, is refused unless the operator says
+`--replace-advisory-db`. What an install changed (added, removed, rewritten files; the newest date
+before and after) is reported.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from cratemirror.names import InvalidRequest, parse_name
-from cratemirror.policy.advisories import ADVISORY_FILE_RE, MAX_ADVISORIES, MAX_ADVISORY_BYTES, scan
+from cratemirror.policy.advisories import (
+    ADVISORY_FILE_RE,
+    MAX_ADVISORIES,
+    MAX_ADVISORY_BYTES,
+    AdvisoryError,
+    load,
+    parse_advisory,
+    scan,
+)
 
 PREFIX = "advisory-db/"
 MANIFEST_KEY = "advisory_db"
@@ -48,6 +61,58 @@ class DbImport:
     installed: int = 0
     target: Path | None = None
     refused: list[str] = field(default_factory=list)
+    changes: str = ""  # one line: what the install changed
+
+
+def _newest(files: dict[tuple[str, str], bytes]) -> tuple[int, str | None]:
+    """(readable advisories, the newest one's date) among a bundle's verified files."""
+    count, newest = 0, None
+    for (crate, name), body in files.items():
+        try:
+            advisory = parse_advisory(body.decode("utf-8"), f"{crate}/{name}", crate)
+        except (AdvisoryError, UnicodeDecodeError, RecursionError):
+            continue
+        count += 1
+        newest = advisory.date if newest is None or advisory.date > newest else newest
+    return count, newest
+
+
+def _current(target: Path) -> dict[tuple[str, str], bytes]:
+    return {
+        (item.crate_dir, item.path.name): item.path.read_bytes()[: MAX_ADVISORY_BYTES + 1]
+        for item in scan(target)
+    }
+
+
+def _rollback_refusal(target: Path, files: dict[tuple[str, str], bytes]) -> str | None:
+    """Why installing `files` would wipe or roll back the db in place; None if it would not."""
+    installed = load(target)
+    if installed.count == 0:
+        return None
+    count, newest = _newest(files)
+    if count == 0:
+        return (
+            f"advisory db: the bundle holds no readable advisory, and {target} holds {installed.count}: "
+            "not wiped (--replace-advisory-db to install it anyway)"
+        )
+    if installed.newest_date is not None and (newest is None or newest < installed.newest_date):
+        return (
+            f"advisory db: the bundle's newest advisory is from {newest}, older than the newest in "
+            f"{target} ({installed.newest_date}): not rolled back "
+            "(--replace-advisory-db to install it anyway)"
+        )
+    return None
+
+
+def _changes(before: dict[tuple[str, str], bytes], after: dict[tuple[str, str], bytes]) -> str:
+    added = len(after.keys() - before.keys())
+    removed = len(before.keys() - after.keys())
+    rewritten = sum(1 for key in after.keys() & before.keys() if after[key] != before[key])
+    newest_before, newest_after = _newest(before)[1], _newest(after)[1]
+    return (
+        f"{added} added, {removed} removed, {rewritten} rewritten; newest advisory "
+        f"{newest_before or '-'} -> {newest_after or '-'}"
+    )
 
 
 def _relative_path(entry: object) -> tuple[str, str, str]:
@@ -74,9 +139,14 @@ def _relative_path(entry: object) -> tuple[str, str, str]:
 
 
 def import_advisory_db(
-    tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], manifest: dict[str, Any], target: Path | None
+    tar: tarfile.TarFile,
+    members: dict[str, tarfile.TarInfo],
+    manifest: dict[str, Any],
+    target: Path | None,
+    replace: bool = False,
 ) -> DbImport:
-    """Verify and install the bundle's advisory db; pops its members from `members` either way."""
+    """Verify and install the bundle's advisory db; pops its members from `members` either way.
+    `replace`: install it even if it is empty or older than the db in place."""
     result = DbImport(target=target)
     ours = {name: members.pop(name) for name in [name for name in members if name.startswith(PREFIX)]}
     section = manifest.get(MANIFEST_KEY)
@@ -109,8 +179,14 @@ def import_advisory_db(
     if result.refused:
         result.refused.append("advisory db: not installed (every file must pass)")
         return result
+    refusal = None if replace else _rollback_refusal(target, files)
+    if refusal is not None:
+        result.refused.append(refusal)
+        return result
+    before = _current(target)
     _install(target, files)
     result.installed = len(files)
+    result.changes = _changes(before, files)
     return result
 
 

@@ -113,14 +113,7 @@ class Rules:
         shown = f"{name} {version}"
         for entry in self.deny:
             if entry.matches(lower, version):
-                return Verdict(
-                    Decision(
-                        DENY_RULE,
-                        BLOCK,
-                        f"{shown} is blocked by the mirror's deny list ({entry.text}); choose another "
-                        "version, or ask the mirror's operators for an allow entry",
-                    )
-                )
+                return _denied(shown, entry)
         block: Decision | None = None
         warnings: list[Decision] = []
         for advisory in db.for_crate(lower):
@@ -141,6 +134,34 @@ class Rules:
                 )  # fmt: skip
         return Verdict(block, tuple(warnings))
 
+    def unjudgeable(self, db: AdvisoryDb, name: str, text: str) -> Verdict:
+        """The verdict for a version string that is not semver (the mirror's looser path rules let
+        `1.0.0-01` through): fail closed. A bare-name allow passes and a bare-name deny blocks, as for
+        any version; a crate that a versioned entry or an advisory names is blocked, saying why."""
+        lower = name.lower()
+        if any(entry.lower == lower and entry.requirement is None for entry in self.allow):
+            return PASS
+        shown = f"{name} {text}"
+        for entry in self.deny:
+            if entry.lower == lower and entry.requirement is None:
+                return _denied(shown, entry)
+        cannot = f"{shown} is not a semver version, so the mirror's policy cannot judge it"
+        if any(entry.lower == lower for entry in self.deny):
+            return Verdict(
+                Decision(DENY_RULE, BLOCK, f"{cannot} against its deny list; choose another version")
+            )
+        for advisory in db.for_crate(lower):
+            if advisory.withdrawn or advisory.id in self.ignore:
+                continue
+            if advisory.informational is not None and advisory.informational not in self.informational:
+                continue
+            return Verdict(
+                Decision(
+                    advisory.id, BLOCK, f"{cannot} against advisory {advisory.id}; choose another version"
+                )
+            )
+        return PASS
+
     def _advisory_decision(self, advisory: Advisory, shown: str, version: Version) -> Decision | None:
         if advisory.withdrawn or advisory.id in self.ignore:
             return None
@@ -160,6 +181,17 @@ class Rules:
             f"{shown} is affected by {what} {advisory.id}{title}; {advice}; see https://rustsec.org/advisories/"
             f"{advisory.id}",
         )  # fmt: skip
+
+
+def _denied(shown: str, entry: Entry) -> Verdict:
+    return Verdict(
+        Decision(
+            DENY_RULE,
+            BLOCK,
+            f"{shown} is blocked by the mirror's deny list ({entry.text}); choose another "
+            "version, or ask the mirror's operators for an allow entry",
+        )
+    )
 
 
 def check_policy(config: Config) -> Rules:

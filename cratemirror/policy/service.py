@@ -66,7 +66,10 @@ class PolicyService:
             return
         if not self.root.is_dir():
             log.warning("advisory database %s not found: no advisory applies until it appears", self.root)
-        await self.reload_if_changed()
+        try:
+            await self.reload_if_changed()
+        except Exception:  # start-up never depends on the checkout: the watcher tries again
+            log.exception("could not read the advisory database %s; serving without it for now", self.root)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self) -> None:
@@ -92,6 +95,8 @@ class PolicyService:
         db = await asyncio.to_thread(advisories.load, self.root)
         self._loaded = True
         self.db = db
+        if db.failed:
+            self.metrics.advisory_errors.inc(db.failed)
         self._views.clear()
         log.info(
             "advisory database %s: %d advisories, newest %s%s",
@@ -144,8 +149,8 @@ class PolicyService:
             return Verdict()
         try:
             parsed = parse_version(version)
-        except RequirementError:
-            return Verdict()
+        except RequirementError:  # fail closed: what cannot be judged is not passed unseen
+            return self.rules.unjudgeable(self.db, name, version)
         known = self.known_licenses(name.lower()) if self.rules.licenses else {}
         license_text = known.get(version)
         return self.rules.verdict(self.db, name, parsed, license_text or None, license_text is not None)
@@ -219,14 +224,15 @@ class PolicyService:
     def _make_view(self, lower: str, entry: IndexEntry, known: dict[str, str]) -> IndexEntry:
         blocked = set()
         for version in versions(entry.body):
+            license_text = known.get(version)
             try:
                 parsed = parse_version(version)
             except RequirementError:
-                continue
-            license_text = known.get(version)
-            verdict = self.rules.verdict(
-                self.db, lower, parsed, license_text or None, license_text is not None
-            )
+                verdict = self.rules.unjudgeable(self.db, lower, version)
+            else:
+                verdict = self.rules.verdict(
+                    self.db, lower, parsed, license_text or None, license_text is not None
+                )
             if verdict.block is not None:
                 blocked.add(version)
         body = mark_yanked(entry.body, blocked)

@@ -19,7 +19,8 @@ def _list(values: tuple[str, ...] | frozenset[str]) -> str:
     return ", ".join(_esc(value) for value in sorted(values)) or "—"
 
 
-def policy_panel(policy: PolicyService, now: float) -> str:
+def policy_panel(policy: PolicyService, now: float, show_clients: bool = True) -> str:
+    """`show_clients`: False for a viewer without a token while auth is required (no addresses)."""
     rules = policy.rules
     if not policy.enabled:
         return (
@@ -56,11 +57,11 @@ def policy_panel(policy: PolicyService, now: float) -> str:
         f"{_HEAD}\n"
         f'    <dl class="facts">\n{rows}\n    </dl>\n'
         f'  <h3>Recent decisions <small class="empty">(every worker, newest first)</small></h3>\n'
-        f'  <div class="wide">\n{_decisions(policy.recent(), now)}\n  </div>\n</section>'
+        f'  <div class="wide">\n{_decisions(policy.recent(), now, show_clients)}\n  </div>\n</section>'
     )
 
 
-def _decisions(recent: list[dict[str, Any]], now: float) -> str:
+def _decisions(recent: list[dict[str, Any]], now: float, show_clients: bool) -> str:
     if not recent:
         return '  <p class="empty" id="no-policy-decisions">Nothing blocked or warned about yet.</p>'
     rows = []
@@ -70,7 +71,8 @@ def _decisions(recent: list[dict[str, Any]], now: float) -> str:
         rows.append(
             f"      <tr><td>{_esc(ago)}</td><td>{_esc(item.get('policy_action'))}</td>"
             f'<td class="mono">{_esc(item.get("crate"))} {_esc(item.get("version"))}</td>'
-            f'<td class="mono">{_esc(item.get("rule"))}</td><td>{_esc(item.get("client"))}</td>'
+            f'<td class="mono">{_esc(item.get("rule"))}</td>'
+            f"<td>{_esc(item.get('client')) if show_clients else 'hidden'}</td>"
             f'<td class="left">{_esc(item.get("reason"))}</td></tr>'
         )
     head = "<tr><th>When</th><th>Action</th><th>Crate</th><th>Rule</th><th>Client</th><th>Reason</th></tr>"

@@ -141,6 +141,7 @@ def access_fields(request: BaseRequest, response: StreamResponse, duration: floa
     # Imported here: the supervisor process imports this module for setup_logging alone, and must not
     # load prometheus_client before PROMETHEUS_MULTIPROC_DIR is set.
     from cratemirror.http.auth import TOKEN_NAME
+    from cratemirror.http.clients import client_address
     from cratemirror.http.context import TIMING
     from cratemirror.http.routes import BYTES
     from cratemirror.metrics import RequestTiming
@@ -152,7 +153,7 @@ def access_fields(request: BaseRequest, response: StreamResponse, duration: floa
         if timing.upstream_requests:
             upstream_ms = round(timing.upstream_seconds * 1000, 3)
     fields: dict[str, Any] = {
-        "remote": clean_text(request.remote or "-"),
+        "remote": clean_text(client_address(request)),
         # As sent (still percent-encoded): no decoded newline can forge a log line; a token in the
         # query string is masked.
         "method": clean_text(request.method),

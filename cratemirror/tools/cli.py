@@ -160,6 +160,11 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     importer.add_argument("bundle", metavar="BUNDLE", help="a tar file written by `cratemirror export`")
     importer.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    importer.add_argument(
+        "--replace-advisory-db",
+        action="store_true",
+        help="install the bundle's advisory db even if it is empty or older than the one in place",
+    )
     importer.set_defaults(run=_import)
 
     policy = commands.add_parser(

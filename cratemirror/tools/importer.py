@@ -396,12 +396,13 @@ def import_bundle(
     registries: Mapping[str, ImportTarget] | None = None,
     *,
     caps: Caps,
+    replace_advisory_db: bool = False,
 ) -> ImportResult:
     result = ImportResult()
     members = safe_members(tar, result.refused_members)
     try:
         import_nested(tar, members, registries or {}, result, caps)
-        return _import_members(tar, store, members, result, advisory_db, caps)
+        return _import_members(tar, store, members, result, advisory_db, caps, replace_advisory_db)
     finally:
         members.close()
 
@@ -413,6 +414,7 @@ def _import_members(
     result: ImportResult,
     advisory_db: Path | None,
     caps: Caps,
+    replace_advisory_db: bool = False,
 ) -> ImportResult:
     manifest = read_manifest(tar, members.pop(MANIFEST, None))
     indexes = BundledIndexes(tar, members, manifest, store, result, caps.index)
@@ -439,7 +441,9 @@ def _import_members(
     progress.finish()
     indexes.finish()
     advisories = {name: members.pop(name) for name in members if name.startswith(ADVISORY_PREFIX)}
-    result.advisory_db = import_advisory_db(tar, advisories, manifest.head, advisory_db)
+    result.advisory_db = import_advisory_db(
+        tar, advisories, manifest.head, advisory_db, replace=replace_advisory_db
+    )
     result.refused_members.extend(result.advisory_db.refused)
     for name in members.left_over():
         result.refused_members.append(f"{name!r}: not listed in the manifest")
@@ -452,10 +456,10 @@ def run_import(args: argparse.Namespace) -> int:
     if not bundle.is_file():
         raise ConfigError(f"{args.bundle}: expected a bundle file written by `cratemirror export`")
     config = tool_config(args)
-    return run_tool(config, _import(config, bundle))
+    return run_tool(config, _import(config, bundle, args.replace_advisory_db))
 
 
-async def _import(config: Config, bundle: Path) -> int:
+async def _import(config: Config, bundle: Path, replace_advisory_db: bool) -> int:
     loop = asyncio.get_running_loop()
     async with open_stores(config, create=True) as opened:
         targets = {one.name: ImportTarget(one.store, loop, one.local) for one in opened}
@@ -463,7 +467,10 @@ async def _import(config: Config, bundle: Path) -> int:
 
         def work() -> ImportResult:
             with tarfile.open(bundle, "r:*") as tar:
-                return import_bundle(tar, main, config.policy.advisory_db, targets, caps=Caps.of(config))
+                return import_bundle(
+                    tar, main, config.policy.advisory_db, targets, caps=Caps.of(config),
+                    replace_advisory_db=replace_advisory_db,
+                )  # fmt: skip
 
         try:
             result = await asyncio.to_thread(work)
@@ -494,7 +501,7 @@ def _report(result: ImportResult, config: Config, cached_bytes: int | None) -> i
     if result.advisory_db.installed:
         print(
             f"import: {plural(result.advisory_db.installed, 'advisory', 'advisories')} installed into "
-            f"{result.advisory_db.target}"
+            f"{result.advisory_db.target}: {result.advisory_db.changes}"
         )
     if cached_bytes is not None and cached_bytes > config.cache.max_size:
         print(

@@ -11,7 +11,13 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from cratemirror.cache.prefetch import MAX_DEPENDENCIES, dependencies, newest_matching
+from cratemirror.cache.prefetch import (
+    MAX_DEPENDENCIES,
+    MAX_DEPTH,
+    MAX_PER_TRIGGER,
+    dependencies,
+    newest_matching,
+)
 from cratemirror.http.context import MIRROR
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import (
@@ -244,3 +250,40 @@ async def test_crates_mode_never_fetches_what_the_policy_blocks(
     await prefetched(mirror)
     assert registry.count("/crates/leaf/1.1.0/") == 0
     assert registry.count("/crates/leaf/1.0.0/download") == 1
+
+
+def publish_fan_out(registry: FakeRegistry, width: int = 6, depth: int = 4) -> int:
+    """A tree where every crate depends on `width` others, `depth` levels deep: sum(width^k) crates."""
+    level = ["fan"]
+    total = 0
+    for round_ in range(depth + 1):
+        following = [f"{name}-{n}" for name in level for n in range(width)] if round_ < depth else []
+        for position, name in enumerate(level):
+            children = following[position * width : (position + 1) * width]
+            registry.add_crate(name, "1.0.0", deps=[Dep(child, "^1") for child in children])
+            total += 1
+        level = following
+    return total
+
+
+async def test_one_request_sets_off_a_bounded_prefetch(
+    registry: FakeRegistry, mirror_factory: MirrorFactory
+) -> None:
+    total = publish_fan_out(registry)
+    assert total > 1000  # what an unbounded prefetch would walk
+    mirror = await mirror_factory(upstream__prefetch="crates")
+    assert (await mirror.get(f"/index/{index_path('fan')}")).status == 200
+    await prefetched(mirror)
+    index_files = registry.count("/index/") - registry.count("/index/config.json")
+    assert 1 < index_files <= 1 + MAX_PER_TRIGGER, index_files
+    assert registry.count("/download") <= MAX_PER_TRIGGER
+    # Never deeper than MAX_DEPTH rounds from the crate the client asked for.
+    deepest = max(path.rsplit("/", 1)[1].count("-") for path in registry.requests if "/index/" in path)
+    assert deepest <= MAX_DEPTH
+    # The good path: the next client request gets its own budget, and what was prefetched is a hit.
+    registry.reset_counts()
+    response = await mirror.get(f"/index/{index_path('fan-0')}")
+    assert response.status == 200 and response.headers["X-Cache"] == "HIT"
+    assert (await mirror.get(f"/index/{index_path('fan-5-5-5-5')}")).status == 200
+    await prefetched(mirror)
+    assert 1 <= registry.count("/index/") <= 1 + MAX_PER_TRIGGER

@@ -230,6 +230,7 @@ CONTRACT_KEYS = {
             "idle_timeout",
             "tls_cert",
             "tls_key",
+            "trusted_proxies",
             "shutdown_timeout",
         ]
     ),
@@ -523,7 +524,7 @@ def test_unknown_key_names_dotted_key_and_allowed_keys(tmp_path: Path) -> None:
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: server.prot: unknown key (did you mean 'port'?); "
         "allowed keys: host, port, workers, public_url, max_connections, idle_timeout, tls_cert, tls_key, "
-        "shutdown_timeout"
+        "trusted_proxies, shutdown_timeout"
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry
-from tests.policy_support import LEAF_ADVISORY, publish_policy_tree, synthetic_db
+from tests.policy_support import LEAF_ADVISORY, publish_policy_tree, synthetic_db, write_advisory
 from tests.tools_support import run_cli, seed_cache, write_config
 
 
@@ -105,3 +105,57 @@ async def test_hostile_advisory_entries_refuse_the_whole_db(registry: FakeRegist
     result = await run_cli("import", str(bundle), "--config", str(config), cwd=tmp_path)
     assert result.code == 1 and "does not hash" in result.stderr, result.output
     assert not (tmp_path / "etc").exists()
+
+
+def _advisory_bundle(path: Path, source: Path) -> None:
+    """A bundle carrying every advisory file of `source` (none: an empty advisory_db section)."""
+    files = [
+        (f"advisory-db/{file.relative_to(source)}", file.read_bytes())
+        for file in sorted(source.rglob("*.md"))
+    ]
+    listed: list[dict[str, object]] = [
+        {
+            "path": name.removeprefix("advisory-db/"),
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "size": len(body),
+        }
+        for name, body in files
+    ]
+    _bundle(path, files, listed)
+
+
+async def test_a_bundle_never_wipes_or_rolls_back_the_advisory_db(
+    registry: FakeRegistry, tmp_path: Path
+) -> None:
+    target_db = synthetic_db(tmp_path / "db")  # newest advisory 2099-01-02
+    before = {path: path.read_bytes() for path in target_db.rglob("*.md")}
+    config = with_policy(write_config(tmp_path / "m.yaml", registry.index_url, tmp_path / "cache"), target_db)
+    empty = tmp_path / "empty.tar"
+    _advisory_bundle(empty, tmp_path / "nothing")
+    older_db = tmp_path / "older"
+    write_advisory(older_db, "leaf", "RUSTSEC-2098-0001", date="2098-05-05")
+    older = tmp_path / "older.tar"
+    _advisory_bundle(older, older_db)
+
+    for bundle, why in ((empty, "no readable advisory"), (older, "older than the newest")):
+        result = await run_cli("import", str(bundle), "--config", str(config), cwd=tmp_path)
+        assert result.code == 1, result.output
+        assert why in result.stderr and "--replace-advisory-db" in result.stderr, result.output
+        assert {path: path.read_bytes() for path in target_db.rglob("*.md")} == before
+
+    # The good path: a newer db installs and says what it changed.
+    newer_db = synthetic_db(tmp_path / "newer")
+    write_advisory(newer_db, "top", "RUSTSEC-2099-0050", date="2099-03-03")
+    newer = tmp_path / "newer.tar"
+    _advisory_bundle(newer, newer_db)
+    result = await run_cli("import", str(newer), "--config", str(config), cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert "4 advisories installed" in result.stdout
+    assert "1 added, 0 removed, 0 rewritten; newest advisory 2099-01-02 -> 2099-03-03" in result.stdout
+    # The operator may still roll back or empty it, on purpose.
+    result = await run_cli(
+        "import", str(older), "--config", str(config), "--replace-advisory-db", cwd=tmp_path
+    )
+    assert result.code == 0, result.output
+    assert "1 added, 4 removed" in result.stdout and "2099-03-03 -> 2098-05-05" in result.stdout
+    assert [path.name for path in target_db.rglob("*.md")] == ["RUSTSEC-2098-0001.md"]

@@ -45,6 +45,19 @@ class Coordination(Protocol):
         """None when coordination works as configured, else a one-line reason (/readyz: degraded)."""
         ...
 
+    async def take_token(self, key: str, burst: int, per_second: float) -> float | None:
+        """One token of a fleet-wide bucket: tokens left, or -(seconds until one); None: not shared."""
+        ...
+
+    async def give_token(self, key: str, burst: int) -> bool:
+        """Give a token back to a fleet-wide bucket; False: not shared."""
+        ...
+
+    async def claim_once(self, key: str, seconds: float) -> tuple[bool, float] | None:
+        """Claim `key` fleet-wide for `seconds`: (claimed by this caller, when the standing claim was
+        made); None: not shared."""
+        ...
+
     async def close(self) -> None: ...
 
 

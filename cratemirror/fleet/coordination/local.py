@@ -29,5 +29,14 @@ class LocalCoordination:
     async def problem(self) -> str | None:
         return None
 
+    async def take_token(self, key: str, burst: int, per_second: float) -> float | None:
+        return None  # no fleet-wide buckets: the host's budget file is all there is
+
+    async def give_token(self, key: str, burst: int) -> bool:
+        return False
+
+    async def claim_once(self, key: str, seconds: float) -> tuple[bool, float] | None:
+        return None
+
     async def close(self) -> None:
         return None

@@ -50,6 +50,27 @@ _RENEW = (
 )
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
+# A client's token bucket (the unknown-name budget), refilled to Redis' own clock: one script per take,
+# so replicas never race. Returns the tokens left, or minus the seconds until one is back (as text).
+_TAKE = """
+local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('time')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local held = redis.call('hmget', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(held[1]) or burst
+local at = tonumber(held[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+if tokens < 1 then return tostring(-(1 - tokens) / rate) end
+redis.call('hset', KEYS[1], 'tokens', tostring(tokens - 1), 'at', tostring(now))
+redis.call('expire', KEYS[1], math.ceil(burst / rate) + 60)
+return tostring(tokens - 1)
+"""
+_GIVE = """
+local held = tonumber(redis.call('hget', KEYS[1], 'tokens'))
+if held then redis.call('hset', KEYS[1], 'tokens', tostring(math.min(tonumber(ARGV[1]), held + 1))) end
+return 1
+"""
+
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
@@ -87,6 +108,8 @@ class RedisCoordination:
         )
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
+        self._take = self.client.register_script(_TAKE)
+        self._give = self.client.register_script(_GIVE)
         self._down_since: float | None = None
         self._down_reason = ""
         self._retry_at = 0.0
@@ -231,6 +254,55 @@ class RedisCoordination:
             self._failed(exc)
             return
         self._worked()
+
+    async def take_token(self, key: str, burst: int, per_second: float) -> float | None:
+        """One token of a client's fleet-wide bucket (see cratemirror.cache.ratelimit); None while
+        Redis is unreachable (the host's own buckets count meanwhile)."""
+        if not self._usable():
+            return None
+        try:
+            value = await self._take(keys=[self.prefix + "budget:" + key], args=[burst, per_second])
+        except _FAILURES as exc:
+            self._failed(exc)
+            return None
+        self._worked()
+        try:  # checked like any other input
+            left = float(value)
+        except (TypeError, ValueError):
+            return None
+        return left if math.isfinite(left) else None
+
+    async def give_token(self, key: str, burst: int) -> bool:
+        if not self._usable():
+            return False
+        try:
+            await self._give(keys=[self.prefix + "budget:" + key], args=[burst])
+        except _FAILURES as exc:
+            self._failed(exc)
+            return False
+        self._worked()
+        return True
+
+    async def claim_once(self, key: str, seconds: float) -> tuple[bool, float] | None:
+        """Claim `key` for `seconds` fleet-wide: (claimed by us, when the standing claim was made)."""
+        if not self._usable():
+            return None
+        name = self.prefix + "claim:" + key
+        now = time.time()
+        try:
+            if await self.client.set(name, repr(now), nx=True, px=max(1, int(seconds * 1000))):
+                self._worked()
+                return True, now
+            value = await self.client.get(name)
+        except _FAILURES as exc:
+            self._failed(exc)
+            return None
+        self._worked()
+        try:  # checked like any other input
+            at = float(value) if value is not None else now
+        except ValueError:
+            at = now
+        return False, at if math.isfinite(at) and at <= now else now
 
     async def close(self) -> None:
         with contextlib.suppress(*_FAILURES):

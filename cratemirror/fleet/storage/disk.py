@@ -3,6 +3,7 @@
 Layout under `cache.dir`:
   meta/                diskcache: index files (body + validators) and the upstream's config
   crates.sqlite        the crate ledger: checksum, size, last use per crate, and running totals (ledger.py)
+  budgets.sqlite       per-client unknown-name budgets shared by the worker processes (cache/ratelimit.py)
   crates/<name>/<name>-<version>.crate   verified tarballs, served with sendfile
   tmp/<pid>-<random>.part                fills in progress (same filesystem, so rename is atomic)
   locks/<key hash>.lock                  flock files that coalesce fills across worker processes
