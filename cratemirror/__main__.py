@@ -42,6 +42,13 @@ def _client_config(args: argparse.Namespace) -> int:
         base = checked_base(DEFAULT_URL if args.url is None else args.url)
     except BadBaseURL as exc:
         raise ConfigError(f"client-config: --url: {exc}") from exc
+    if args.rustup and args.merge is not None:
+        raise ConfigError("client-config: --merge: not with --rustup (rustup reads variables, not a file)")
+    if args.rustup:  # rustup's two environment variables (no config file needed)
+        from cratemirror.config.rustup_client import rustup_ci_snippet, rustup_env_snippet
+
+        print(rustup_ci_snippet(base) if args.ci else rustup_env_snippet(base), end="")
+        return EXIT_OK
     # The mirror's config says whether tokens are needed and which extra registries it serves.
     config = load_config(find_config_path(args.config, os.environ, Path.cwd()), os.environ)
     try:
@@ -120,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="PATH",
         help="the mirror's config (auth.required, registries); default: $CRATEMIRROR_CONFIG, ./mirror.yaml",
+    )
+    client_config.add_argument(
+        "--rustup",
+        action="store_true",
+        help="print the RUSTUP_DIST_SERVER and RUSTUP_UPDATE_ROOT lines for rustup instead (--ci: a CI step)",
     )
     client_config.set_defaults(run=_client_config)
 

@@ -36,7 +36,7 @@ LATENCY_BUCKETS = (
 # The *_created series double every counter and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-KINDS = ("index", "crate", "config", "search")
+KINDS = ("index", "crate", "config", "toolchain", "search")
 RESULTS = ("hit", "miss", "revalidated", "stale", "negative", "error")
 AUTH_REASONS = ("missing", "unknown", "expired", "revoked")
 
@@ -160,7 +160,7 @@ class Metrics:
             multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self._cache_max_size = Gauge(
-            "cratemirror_cache_max_size_bytes", "The configured bound (cache.max_size for crates)",
+            "cratemirror_cache_max_size_bytes", "The configured bound (cache/toolchains.max_size)",
             ["kind", "registry"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self._bytes_served = Counter(

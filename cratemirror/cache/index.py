@@ -30,6 +30,9 @@ from cratemirror.names import CrateName, CrateVersion, InvalidRequest, is_cksum
 from cratemirror.upstream.client import Upstream, UpstreamError, UpstreamNotFound
 
 log = logging.getLogger("cratemirror.index")
+# A refresh another caller claimed stands this long; its copy is looked for this often meanwhile.
+STANDING_REFRESH_WAIT = 1.0
+STANDING_REFRESH_POLL = 0.02
 
 V = TypeVar("V")
 
@@ -159,12 +162,30 @@ class IndexService:
             if self._flights.active(key):  # in this worker: join it
                 result, _ = await self._flights.run(key, lambda: self._refresh(crate, since))
                 return result
+            stored = await self._await_standing_refresh(crate, since)
+            if stored is not None:
+                return stored
             return await self.get(crate, newer_than=since, count=False)
         result, _ = await self._flights.run(
             key, lambda: self._refresh(crate, time.time(), from_upstream=True)
         )
         await asyncio.to_thread(self.store.bump_index_generation)
         return result
+
+    async def _await_standing_refresh(self, crate: CrateName, since: float) -> IndexResult | None:
+        """The copy another worker's or replica's standing refresh stores, once it has: that refresh
+        holds the key's lock while it asks upstream, but may not have taken it yet when we look, so we
+        look again after it could have (bounded: its claim lasts STANDING_REFRESH_WAIT at most)."""
+        deadline = time.monotonic() + STANDING_REFRESH_WAIT
+        while True:
+            async with self.coordination.lock(index_key(crate.lower)):
+                entry = self.store.get_index(crate.lower)
+            if entry is not None and entry.checked_at >= since:
+                _remember(self._hot, crate.lower, entry)
+                return dataclasses.replace(self._cached_result(entry), shared=True)
+            if time.monotonic() >= deadline:
+                return None  # the refresh that stood did not store a copy: ask ourselves
+            await asyncio.sleep(STANDING_REFRESH_POLL)
 
     def _may_serve_stale(self, entry: IndexEntry) -> bool:
         # Only files: a remembered 404 is asked again at once, so a new crate is visible immediately.

@@ -77,7 +77,9 @@ _GIVE = "UPDATE budget SET tokens = min(:burst, tokens + 1) WHERE client = :clie
 _CLAIMS = "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, at REAL NOT NULL)"
 _CLAIM = (
     "INSERT INTO claims (key, at) VALUES (:key, :now) ON CONFLICT (key) DO UPDATE SET at = :now "
-    "WHERE at <= :now - :seconds OR at > :now RETURNING at"
+    # A claim from the future beyond its own length is a clock that jumped; one a moment ahead of our
+    # `now` is another worker's, taken between our clock read and this statement.
+    "WHERE at <= :now - :seconds OR at > :now + :seconds RETURNING at"
 )
 
 
@@ -152,7 +154,11 @@ class UnknownNameBudget:
         self.burst = burst
         self.per_second = per_second
         self.shared = shared
-        self._file = _BudgetFile(path)
+        try:
+            self._file = _BudgetFile(path)
+        except sqlite3.Error as exc:  # a full or broken cache dir at start-up: this process's own buckets
+            log.warning("unknown-name budget file %s unavailable, counting per process: %s", path, exc)
+            self._file = _BudgetFile(None)
 
     async def take(self, client: str) -> int | None:
         """Charge one possible upstream request to `client`: None if it may go ahead, else the seconds

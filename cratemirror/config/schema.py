@@ -614,6 +614,24 @@ class PolicyConfig(_Section):
     """Crates that pass whatever else says: "name" or "name@<semver requirement>"."""
 
 
+class ToolchainsConfig(_Section):
+    upstream: Annotated[
+        Annotated[str, BeforeValidator(_public_url)] | None,
+        Expected("an http(s) URL like https://static.rust-lang.org, or null"),
+    ] = "https://static.rust-lang.org"
+    """rustup's dist server the /toolchains routes pull through; null turns the routes off."""
+    manifest_ttl: Annotated[Duration, Expected("a duration like 10m")] = 600.0
+    """Moving names (channel-rust-{stable,beta,nightly,X.Y}.toml, release-stable.toml, rustup/dist/*) are
+    revalidated after this; dated files are immutable."""
+    signing_key: Annotated[
+        ExistingFile | None, Expected("a path to an existing OpenPGP public key file, or null")
+    ] = None
+    """The OpenPGP public key that must have signed every channel manifest (.asc); null = the Rust release
+    key shipped with cratemirror (108F 6620 5EAE B0AA A8DD 5E1C 85AB 96E6 FA1B E5FE)."""
+    max_size: Annotated[Size, Expected("a size like 50GiB")] = 50 * GiB
+    """Toolchain files are evicted least-recently-used beyond this."""
+
+
 # Which optional modules a setting needs; without them start-up stops naming the extra that brings them.
 FLEET_MODULES: dict[str, str] = {"storage.backend": "aiobotocore", "coordination.redis_url": "redis"}
 
@@ -658,6 +676,7 @@ class MirrorSchema(BaseModel):
     )
     """More upstream registries, each under /registries/<name>/ (name: lowercase letters, digits, - and _)."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    toolchains: ToolchainsConfig = Field(default_factory=ToolchainsConfig)
 
     @field_validator(
         "server",
@@ -669,6 +688,7 @@ class MirrorSchema(BaseModel):
         "auth",
         "policy",
         "registries",
+        "toolchains",
         mode="before",
     )
     @classmethod

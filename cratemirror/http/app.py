@@ -16,7 +16,7 @@ from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
-from cratemirror.http import routes, search, status_page
+from cratemirror.http import routes, search, status_page, toolchains
 from cratemirror.http.auth import auth_middleware, token_checker
 from cratemirror.http.context import MIRROR, TIMING, Mirror, RecentMiss
 from cratemirror.metrics import DEFAULT_REGISTRY, Metrics, start_request_timing
@@ -47,6 +47,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app.add_routes(routes.routes)
     app.add_routes(status_page.routes)
     app.cleanup_ctx.append(_lifecycle)
+    toolchains.install(app)  # /toolchains/: rustup's dist server (toolchains.upstream)
     return app
 
 

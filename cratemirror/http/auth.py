@@ -21,6 +21,7 @@ TOKEN_NAME = web.RequestKey("cratemirror.token_name", str)
 
 ALWAYS_OPEN = frozenset({"/healthz", "/readyz"})
 STATUS_PATHS = frozenset({"/", "/metrics"})
+OPEN_PREFIXES = ("/toolchains/",)  # rustup sends no token: its toolchains are open (contract.md)
 
 _EXPLAIN: dict[Reason, str] = {
     "missing": "token missing: this mirror needs a token (Authorization header); see the status page",
@@ -56,7 +57,7 @@ def auth_middleware(config: AuthConfig, metrics: Metrics, checker: TokenChecker 
 
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths:
+        if request.path in open_paths or request.path.startswith(OPEN_PREFIXES):
             return await handler(request)
         verdict = checker.check(presented_token(request))
         if verdict.reason is None:

@@ -26,6 +26,7 @@ from cratemirror.config.client import (
     checked_base,
     client_setup,
 )
+from cratemirror.config.rustup_client import rustup_env_snippet
 from cratemirror.config.schema import Config
 from cratemirror.http.auth import TOKEN_NAME, presented_token
 from cratemirror.http.context import MIRROR, Mirror, RecentMiss
@@ -80,9 +81,30 @@ def render(mirror: Mirror, snap: Snapshot, base: str, anonymous: bool = False) -
         last_error_class="" if mirror.default.upstream.last_error else " none",
         recent_misses=_misses_table(misses, now, snap),
         policy_panel=policy_panel(mirror.policy, now, show_clients=not anonymous),
+        rustup_panel=rustup_panel(base, mirror.config),
         pid=str(os.getpid()),
         uptime=_duration(now - mirror.started_at),
         rendered_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
+    )
+
+
+def rustup_panel(base: str, config: Config) -> str:
+    """The two lines `cratemirror client-config --rustup` prints, with a copy button (toolchains on)."""
+    if config.toolchains.upstream is None:
+        return ""
+    try:
+        snippet = _esc(rustup_env_snippet(base))
+    except BadBaseURL as exc:
+        snippet = _esc(f"no snippet for this base URL: {exc}")
+    return (
+        "<h3>Point rustup at this mirror</h3>\n"
+        "  <p>Toolchains (<code>rustup toolchain install</code>, <code>rust-toolchain.toml</code>, "
+        "<code>rustup-init</code>) come through the mirror, checked against the Rust release signature, "
+        "with these two variables (what <code>cratemirror client-config --rustup</code> prints):</p>\n"
+        '  <div class="snippet">\n'
+        f'    <pre id="rustup-env">{snippet}</pre>\n'
+        '    <button type="button" class="copy" data-copy="rustup-env">Copy</button>\n'
+        "  </div>"
     )
 
 

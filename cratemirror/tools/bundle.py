@@ -3,6 +3,7 @@
     crates/<name>/<name>-<version>.crate    the verified tarballs (already gzip: no point compressing again)
     index/<prefix>/<name>                   the sparse-index files, byte for byte
     registries/<name>.tar                   an extra registry's own bundle, in this same format
+    toolchains.tar                          rustup toolchain files (export --toolchain; toolchain_bundle.py)
     manifest.json                           written last: format, creation time, upstream dl config,
                                             every crate (name, version, sha256, size, fetched_at) and
                                             every index file (name, sha256 of the body, validators)
@@ -37,6 +38,7 @@ from cratemirror.tools.common import format_size
 FORMAT = "cratemirror-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TOOLCHAINS_MEMBER = "toolchains.tar"  # rustup toolchain files (tools/toolchain_bundle.py)
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # about 300,000 crate entries
 STREAMED = ("crates", "index_files")  # the manifest's long lists: read an entry at a time
 MAX_MANIFEST_DEPTH = 32  # a manifest nests 3 deep; the crate list is streamed only after this check

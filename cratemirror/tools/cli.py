@@ -23,9 +23,18 @@ def _positive_int(text: str) -> int:
 
 
 def _warm(args: argparse.Namespace) -> int:
+    from cratemirror.config.schema import ConfigError
     from cratemirror.tools.warm import run_warm
+    from cratemirror.tools.warm_toolchains import is_toolchain_file, run_warm_toolchains
 
-    return run_warm(args)
+    toolchain_files = [path for path in args.lockfiles if is_toolchain_file(path)]
+    args.lockfiles = [path for path in args.lockfiles if not is_toolchain_file(path)]
+    if not args.lockfiles and not toolchain_files and not args.toolchain:
+        raise ConfigError("warm: expected a Cargo.lock, a rust-toolchain.toml or --toolchain SPEC")
+    code = run_warm(args) if args.lockfiles else 0
+    if toolchain_files or args.toolchain:
+        code = max(code, run_warm_toolchains(args, toolchain_files))
+    return code
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -84,7 +93,20 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         description="Prefetch the crates.io crates (and index files) of one or more Cargo.lock files: "
         "straight into the configured cache dir, or through a running mirror with --mirror.",
     )
-    _add_lockfiles(warm)
+    warm.add_argument(
+        "lockfiles", nargs="*", metavar="LOCKFILE",
+        help="a Cargo.lock (format 1 to 4), or a rust-toolchain.toml / rust-toolchain file",
+    )  # fmt: skip
+    warm.add_argument(
+        "--toolchain", action="append", metavar="SPEC",
+        help="a rustup toolchain to fetch: stable, beta, nightly, 1.79, 1.79.0, nightly-2024-06-13",
+    )  # fmt: skip
+    warm.add_argument(
+        "--profile", choices=["minimal", "default", "complete"], help="rustup profile for --toolchain"
+    )
+    warm.add_argument(
+        "--target", action="append", metavar="TRIPLE", help="also rust-std for this target (--toolchain)"
+    )
     _cache_or_mirror(warm, "fill this config's cache dir")
     warm.add_argument(
         "--jobs", type=_positive_int, default=8, metavar="N", help="crates fetched at once (default 8)"
@@ -150,6 +172,10 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="also carry policy.advisory_db (the RustSec advisory files) for `import` to install",
     )
+    export.add_argument(
+        "--toolchain", action="append", metavar="SPEC",
+        help="also carry this cached rustup toolchain (stable, 1.79.0, nightly-2024-06-13; repeatable)",
+    )  # fmt: skip
     export.set_defaults(run=_export)
 
     importer = commands.add_parser(

@@ -33,6 +33,7 @@ from cratemirror.names import CrateName, InvalidRequest, parse_crate_version
 from cratemirror.policy.bundle import MANIFEST_KEY, export_advisory_db
 from cratemirror.tools.bundle import (
     MANIFEST,
+    TOOLCHAINS_MEMBER,
     Records,
     add_bytes,
     bundle_file,
@@ -272,16 +273,21 @@ async def write_bundle(
     backend: Backend,
     advisory_db: Path | None = None,
     nested: Sequence[tuple[str, Path]] = (),
+    toolchains: Path | None = None,
 ) -> ExportResult:
     """Write the tar next to `target`, then rename it into place: no half-written bundle is left.
-    `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar.
+    `nested`: (registry name, bundle file) of extra registries, carried as registries/<name>.tar;
+    `toolchains`: the toolchain files (tools/toolchain_bundle.py), carried as toolchains.tar.
     The manifest goes last, as it lists everything before it."""
     total = 0 if backend.bucket else (await opened.store.usage())[1]  # a bucket would list it all
     progress = Progress(f"export{opened.verb_suffix}", total)
     upstream_config = opened.local.get_json(UPSTREAM_CONFIG_KEY) if opened.local is not None else None
     with bundle_file(target) as tar:
-        for name, path in nested:
-            info = tarfile.TarInfo(registry_member(name))
+        members = [(registry_member(name), path) for name, path in nested]
+        if toolchains is not None:
+            members.append((TOOLCHAINS_MEMBER, toolchains))
+        for member, path in members:
+            info = tarfile.TarInfo(member)
             info.size, info.mtime, info.mode = path.stat().st_size, int(time.time()), 0o644
             with open(path, "rb") as handle:
                 tar.addfile(info, handle)
@@ -305,7 +311,30 @@ def run_export(args: argparse.Namespace) -> int:
             f"{config.source}: policy.advisory_db: expected an advisory-db checkout for --advisory-db, "
             f"got {str(advisory_db) if advisory_db else None!r}"
         )
-    return run_tool(config, _export(config, Path(args.bundle), since, args.lockfile, advisory_db))
+    target = Path(args.bundle)
+    toolchains = _export_toolchains(config, args.toolchain or [], target)
+    try:
+        code = run_tool(
+            config, _export(config, target, since, args.lockfile, advisory_db, toolchains and toolchains[0])
+        )
+    finally:
+        if toolchains is not None:
+            toolchains[0].unlink(missing_ok=True)
+    return max(code, EXIT_FAILURE if toolchains and toolchains[1] else EXIT_OK)
+
+
+def _export_toolchains(config: Config, specs: Sequence[str], target: Path) -> tuple[Path, int] | None:
+    """`--toolchain SPEC ...`: the cached toolchain files as the inner toolchains.tar; (file, problems)."""
+    if not specs:
+        return None
+    from cratemirror.tools.toolchain_bundle import export_toolchains
+
+    path = target.with_name(f".{target.name}.toolchains.{os.getpid()}.part")
+    counts = export_toolchains(config, specs, path)
+    for problem in counts.problems:
+        print(f"export: {problem}", file=sys.stderr)
+    print(f"export: {plural(counts.files, 'toolchain file')} ({format_size(counts.size)})")
+    return path, len(counts.problems)
 
 
 async def _export(
@@ -314,6 +343,7 @@ async def _export(
     since: float | None,
     lockfiles: Sequence[str] | None,
     advisory_db: Path | None,
+    toolchains: Path | None = None,
 ) -> int:
     backend = backend_of(config)
     limit = backend.read_limit(config)
@@ -345,7 +375,7 @@ async def _export(
                 print(f"export: {problem}", file=sys.stderr)
             try:
                 result = await write_bundle(
-                    main, selection.crates, target, limit, backend, advisory_db, nested
+                    main, selection.crates, target, limit, backend, advisory_db, nested, toolchains
                 )
             except OSError as exc:
                 return error(f"cannot write bundle {target}: {exc.strerror or exc}")

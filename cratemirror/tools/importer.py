@@ -22,7 +22,7 @@ import re
 import sys
 import tarfile
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ from cratemirror.policy.bundle import PREFIX as ADVISORY_PREFIX
 from cratemirror.policy.bundle import DbImport, import_advisory_db
 from cratemirror.tools.bundle import (
     MANIFEST,
+    TOOLCHAINS_MEMBER,
     BundleError,
     Caps,
     Manifest,
@@ -396,11 +397,18 @@ def import_bundle(
     registries: Mapping[str, ImportTarget] | None = None,
     *,
     caps: Caps,
+    toolchains: Callable[[tarfile.TarFile, tarfile.TarInfo], list[str]] | None = None,
     replace_advisory_db: bool = False,
 ) -> ImportResult:
+    """`toolchains`: loads the toolchains.tar member (tools/toolchain_bundle.py), returns what it refused."""
     result = ImportResult()
     members = safe_members(tar, result.refused_members)
     try:
+        toolchain_member = members.pop(TOOLCHAINS_MEMBER, None)
+        if toolchain_member is not None and toolchains is not None:
+            result.refused_members += toolchains(tar, toolchain_member)
+        elif toolchain_member is not None:
+            result.refused_members.append(f"{TOOLCHAINS_MEMBER!r}: toolchains are not imported here")
         import_nested(tar, members, registries or {}, result, caps)
         return _import_members(tar, store, members, result, advisory_db, caps, replace_advisory_db)
     finally:
@@ -469,6 +477,7 @@ async def _import(config: Config, bundle: Path, replace_advisory_db: bool) -> in
             with tarfile.open(bundle, "r:*") as tar:
                 return import_bundle(
                     tar, main, config.policy.advisory_db, targets, caps=Caps.of(config),
+                    toolchains=lambda outer, member: _import_toolchains(config, outer, member),
                     replace_advisory_db=replace_advisory_db,
                 )  # fmt: skip
 
@@ -481,6 +490,18 @@ async def _import(config: Config, bundle: Path, replace_advisory_db: bool) -> in
         # A cache dir is held to cache.max_size; the bucket has no bound of its own.
         cached_bytes = (await opened[0].store.usage())[0] if backend_of(config).bounded else None
     return _report(result, config, cached_bytes)
+
+
+def _import_toolchains(config: Config, tar: tarfile.TarFile, member: tarfile.TarInfo) -> list[str]:
+    """The bundle's toolchain files, each re-verified (manifests by signature); what was refused."""
+    from cratemirror.tools.toolchain_bundle import import_toolchains
+
+    loaded = import_toolchains(config, tar, member)
+    print(
+        f"import: toolchain files: {loaded.loaded} loaded, {loaded.already} already cached, "
+        f"{len(loaded.refused)} refused"
+    )
+    return loaded.refused
 
 
 def _report(result: ImportResult, config: Config, cached_bytes: int | None) -> int:

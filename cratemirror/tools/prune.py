@@ -77,7 +77,11 @@ def run_prune(args: argparse.Namespace) -> int:
             f"{config.source}: --max-size: expected a size like 100GiB for the bucket "
             "(storage.backend s3 has no size bound of its own)"
         )
-    return run_tool(config, _prune_all(config, backend, args.dry_run))
+    code = run_tool(config, _prune_all(config, backend, args.dry_run))
+    from cratemirror.tools.toolchain_upkeep import prune_toolchains
+
+    prune_toolchains(config, None, args.dry_run)  # bounded by toolchains.max_size, not --max-size
+    return code
 
 
 async def _prune_all(config: Config, backend: Backend, dry_run: bool) -> int:

@@ -167,7 +167,10 @@ async def fix(store: ArtifactStore, report: VerifyReport) -> list[str]:
 
 def run_verify(args: argparse.Namespace) -> int:
     config = tool_config(args)
-    return run_tool(config, _verify_all(config, args.fix))
+    code = run_tool(config, _verify_all(config, args.fix))
+    from cratemirror.tools.toolchain_upkeep import verify_toolchains
+
+    return max(code, verify_toolchains(config, args.fix))  # a no-op for a cache that has no toolchains
 
 
 async def _verify_all(config: Config, fix_problems: bool) -> int:

@@ -121,8 +121,11 @@ class Upstream:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def fetch_index(self, path: str, etag: str | None, last_modified: str | None) -> IndexFetch:
-        """GET an index file (`path` relative to the index root), conditionally when we hold a copy."""
+    async def fetch_index(
+        self, path: str, etag: str | None, last_modified: str | None, kind: str = "index"
+    ) -> IndexFetch:
+        """GET an index file (`path` relative to the index root), conditionally when we hold a copy;
+        `kind` labels the metrics (a toolchain manifest is fetched the same way)."""
         headers = {"Accept": "text/plain", "Accept-Encoding": "gzip"}
         if etag:
             headers["If-None-Match"] = etag
@@ -131,14 +134,14 @@ class Upstream:
         url = self.index_url.join(URL(path))
 
         async def attempt() -> IndexFetch:
-            async with self._request("index", url, headers) as response:
+            async with self._request(kind, url, headers) as response:
                 if response.status == 304:
                     return IndexFetch(304, b"", etag, last_modified)
                 if response.status in (403, 404, 410, 451):
                     return IndexFetch(404, b"", None, None)
                 self._raise_for_status(response)
                 body = await read_capped(response, self.config.max_index_size, "index file")
-                self.metrics.upstream_bytes.labels("index").inc(len(body))
+                self.metrics.upstream_bytes.labels(kind).inc(len(body))
                 return IndexFetch(
                     200, body, response.headers.get("ETag"), response.headers.get("Last-Modified")
                 )
@@ -178,12 +181,12 @@ class Upstream:
         return body
 
     @contextlib.asynccontextmanager
-    async def open_crate(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def open_crate(self, url: str, kind: str = "crate") -> AsyncIterator[aiohttp.ClientResponse]:
         """An upstream 200 response for a tarball, retried until its headers arrive; the caller reads
         the body. Raises UpstreamNotFound (a 403/404/410 from the store) or UpstreamError."""
 
         async def attempt() -> aiohttp.ClientResponse:
-            response = await self._send("crate", URL(url, encoded=True), {"Accept-Encoding": "identity"})
+            response = await self._send(kind, URL(url, encoded=True), {"Accept-Encoding": "identity"})
             try:
                 if response.status in (403, 404, 410, 451):
                     raise UpstreamNotFound(url)

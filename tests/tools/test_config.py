@@ -280,6 +280,7 @@ CONTRACT_KEYS = {
         f"policy.{k}"
         for k in ["mode", "advisory_db", "advisories", "informational", "ignore", "licenses", "deny", "allow"]
     ),
+    *(f"toolchains.{k}" for k in ["upstream", "manifest_ttl", "signing_key", "max_size"]),
 }
 
 
@@ -533,7 +534,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
         "allowed keys: server, upstream, cache, offline, logging, storage, coordination, auth, registries, "
-        "policy"
+        "policy, toolchains"
     )
 
 

@@ -84,6 +84,12 @@ class LocalShared:
     async def put_index(self, crate: CrateName, entry: IndexEntry) -> None:
         return None
 
+    async def put_toolchain(self, path: str, verified: Path, sha256: str) -> None:
+        return None
+
+    async def fetch_toolchain(self, path: str, sha256: str, into: Path, limit: int) -> int | None:
+        return None
+
     async def usage(self) -> tuple[int, int]:
         return 0, 0
 

@@ -4,9 +4,9 @@ does not hold the secret cannot make a replica take an object it did not write.
 
 Every object a replica writes carries, in its metadata, an HMAC-SHA256 over
 
-    "cratemirror/storage-object" v1, the object's kind (index | crate), its full key (prefix included,
-    so an object cannot be moved to another name or registry), the SHA-256 of its body and each of its
-    validators (a fixed list per kind, in a fixed order)
+    "cratemirror/storage-object" v1, the object's kind (index | crate | toolchain), its full key
+    (prefix included, so an object cannot be moved to another name or registry), the SHA-256 of its
+    body and each of its validators (a fixed list per kind, in a fixed order)
 
 every field length-prefixed, so no two different records encode to the same bytes. A crate's body is
 authenticated through its SHA-256: the reader hashes the bytes as they arrive and drops them unless
@@ -23,7 +23,7 @@ from typing import Literal
 
 __all__ = ["CRATE_FIELDS", "INDEX_FIELDS", "KEY_ID_FIELD", "MAC_FIELD", "ObjectKind", "Sealer"]
 
-ObjectKind = Literal["index", "crate"]
+ObjectKind = Literal["index", "crate", "toolchain"]
 
 DOMAIN = b"cratemirror/storage-object"
 VERSION = "v1"
@@ -32,7 +32,12 @@ KEY_ID_FIELD = "mac-key"  # which secret made it (a fingerprint, not the secret)
 # The validators each kind records in its metadata, all of them under the MAC.
 INDEX_FIELDS = ("etag", "last-modified", "checked-at", "upstream-etag", "upstream-last-modified")
 CRATE_FIELDS = ("sha256",)
-_FIELDS: dict[ObjectKind, Sequence[str]] = {"index": INDEX_FIELDS, "crate": CRATE_FIELDS}
+# A toolchain file (component, rustup-init) is authenticated like a crate: through its sha256.
+_FIELDS: dict[ObjectKind, Sequence[str]] = {
+    "index": INDEX_FIELDS,
+    "crate": CRATE_FIELDS,
+    "toolchain": CRATE_FIELDS,
+}
 MAX_FIELD = 4096  # S3 user metadata is 2 KiB in all: anything longer is not ours
 
 

@@ -167,6 +167,12 @@ class S3Shared:
     async def put_index(self, crate: CrateName, entry: IndexEntry) -> None:
         await self._tracked(self._put_index(crate, entry))
 
+    async def put_toolchain(self, path: str, verified: Path, sha256: str) -> None:
+        await self._tracked(self._put_toolchain(path, verified, sha256))
+
+    async def fetch_toolchain(self, path: str, sha256: str, into: Path, limit: int) -> int | None:
+        return await self._tracked(self._fetch_toolchain(path, sha256, into, limit))
+
     async def usage(self) -> tuple[int, int]:
         return await self._tracked(self._usage())
 
@@ -279,7 +285,7 @@ class S3Shared:
         """An object that failed authentication or its hash: counted every time, logged once per key."""
         if self._on_integrity_failure is not None:
             self._on_integrity_failure(kind)
-        if kind == "crate":
+        if kind in ("crate", "toolchain"):
             self._replace[name] = True  # the next fill overwrites it, whatever If-None-Match says
         self._known.pop(name, None)
         if name not in self._reported:
@@ -435,6 +441,65 @@ class S3Shared:
             number += 1
             if number >= MAX_LIST_PAGES:
                 break
+
+    # ---- toolchain files (components, rustup-init) ------------------------------------------------
+
+    def _toolchain_key(self, path: str) -> str:
+        return f"{self.prefix}toolchains/{path}"
+
+    async def _put_toolchain(self, path: str, verified: Path, sha256: str) -> None:
+        """Written once (If-None-Match); an object already there that does not authenticate as these
+        bytes is overwritten."""
+        name = self._toolchain_key(path)
+        meta = self._sealer.seal("toolchain", name, sha256, {"sha256": sha256})
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        overwrite = self._replace.pop(name, None) is not None
+        condition = {} if overwrite else {"IfNoneMatch": "*"}
+        with open(verified, "rb") as body:
+            try:
+                await self._client.put_object(
+                    Bucket=self.bucket, Key=name, Body=body, ChecksumSHA256=checksum,
+                    ContentType="application/octet-stream", Metadata=meta, **condition,
+                )  # fmt: skip
+            except ClientError as exc:
+                if _code(exc) not in _ALREADY:
+                    raise
+
+    async def _fetch_toolchain(self, path: str, sha256: str, into: Path, limit: int) -> int | None:
+        name = self._toolchain_key(path)
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        meta = response.get("Metadata", {})
+        problem = self._sealer.problem("toolchain", name, sha256, meta)
+        if problem is not None or meta.get("sha256") != sha256:
+            response["Body"].close()
+            self._failed("toolchain", name, problem or "a record for other bytes")
+            return None
+        hasher = hashlib.sha256()
+        size = 0
+        with open(into, "wb") as out:
+            async with response["Body"] as stream:
+                while chunk := await stream.read(CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        self._failed("toolchain", name, f"more than {limit} bytes")
+                        return None
+                    hasher.update(chunk)
+                    out.write(chunk)
+            if hasher.hexdigest() != sha256:
+                self._failed(
+                    "toolchain", name, f"bytes that do not hash to its authenticated sha256 {sha256}"
+                )
+                self._replace[name] = True
+                return None
+            out.flush()
+            os.fsync(out.fileno())  # the caller renames it into the cache: durable first
+        self._passed(name)
+        return size
 
     # ---- index files ------------------------------------------------------------------------------
 

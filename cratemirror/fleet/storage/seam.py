@@ -103,6 +103,16 @@ class SharedStorage(Protocol):
 
     async def put_index(self, crate: CrateName, entry: IndexEntry) -> None: ...
 
+    async def put_toolchain(self, path: str, verified: Path, sha256: str) -> None:
+        """Store a toolchain file (a component, rustup-init) whose bytes hash to `sha256`; `path` is a
+        ToolchainPath's validated path (cache/toolchains/paths.py), never request text."""
+        ...
+
+    async def fetch_toolchain(self, path: str, sha256: str, into: Path, limit: int) -> int | None:
+        """Copy the stored toolchain file into `into` if it is there, authenticated, and hashes to
+        `sha256` (the verified manifest's): its size, else None."""
+        ...
+
     async def usage(self) -> tuple[int, int]:
         """(bytes, crate files) stored."""
         ...

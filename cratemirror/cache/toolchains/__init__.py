@@ -1,0 +1,1 @@
+"""rustup toolchains through the mirror: path parsing, manifest verification and the service."""
