@@ -59,6 +59,24 @@ def snapshot() -> Snapshot:
     return Snapshot(busy, total, ours)
 
 
+def tree_seconds(root: int) -> float:
+    """CPU seconds (user + system) used so far by `root` and its descendants: a server's cost per
+    request, which other people's load on the CPUs changes far less than its requests per second."""
+    table = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks = 0
+    stack = [root]
+    for _ in range(len(table) + 1):  # bounded walk of the process tree
+        if not stack:
+            break
+        pid = stack.pop()
+        ticks += table.get(pid, (0, 0))[1]
+        stack.extend(children.get(pid, []))
+    return ticks / TICKS
+
+
 def others_share(before: Snapshot, after: Snapshot) -> float:
     """The share of the machine's CPU time (0..1) used by processes that are not ours."""
     total = after.total - before.total

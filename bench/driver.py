@@ -28,6 +28,7 @@ from bench import cargo, cold, memory, report, warm
 from bench.catalog import Catalog, Params, build
 from bench.nginx import Nginx, nginx_binary
 from bench.procs import Child, mirror_worker, nginx_worker
+from bench.trivial import Trivial
 from tests.mirror_process import MirrorProcess, clean_env
 
 T = TypeVar("T")
@@ -38,6 +39,7 @@ LOCAL_RESULTS = REPO / "bench" / "RESULTS.local.md"
 COMMITTED_RESULTS = REPO / "bench" / "RESULTS.md"
 WORKLOADS = ("index", "small", "large", "cold", "cargo", "memory")
 UPSTREAM_START_TIMEOUT = 120.0
+MIRROR_WORKERS = 2
 INSTALL_HINT = "apt-get install -y nginx wrk   (cargo: https://rustup.rs, or apt-get install -y cargo)"
 
 
@@ -197,8 +199,9 @@ def new_mirror(upstream: Upstream, tmp: Path, name: str, config: Path) -> Mirror
     workdir = tmp / name
     workdir.mkdir(parents=True, exist_ok=True)
     return MirrorProcess(
-        upstream.index_url, workdir / "cache", workdir, workers=2, extra_args=["--config", str(config)]
-    )
+        upstream.index_url, workdir / "cache", workdir, workers=MIRROR_WORKERS,
+        extra_args=["--config", str(config)],
+    )  # fmt: skip
 
 
 # ---- phases ------------------------------------------------------------------------------------------
@@ -231,14 +234,22 @@ async def warm_phase(
         stack.push_async_callback(mirror.stop)
         await nginx.start()
         stack.push_async_callback(nginx.stop)
-        servers = {"cratemirror": mirror.url, "nginx": nginx.url}
         all_paths = [p for w in workloads for p in w.paths]
-        for name, url in servers.items():
+        for name, url in {"cratemirror": mirror.url, "nginx": nginx.url}.items():
             raw.warm_x_cache[name] = dict(await warm.fill(url, all_paths))
             log(f"warmed {name}: second pass X-Cache {raw.warm_x_cache[name]}")
+        # The stack's ceiling: the same bytes from a dict, same worker count and event loop.
+        trivial = Trivial(tmp, MIRROR_WORKERS)
+        await trivial.copy_answers(mirror.url, all_paths)
+        await trivial.start()
+        stack.push_async_callback(trivial.stop)
+        servers = {"cratemirror": mirror.url, "trivial": trivial.url, "nginx": nginx.url}
         before = await upstream.requests()
+        assert mirror.proc is not None
+        pids = {"cratemirror": mirror.proc.pid, "trivial": trivial.pid, "nginx": nginx.pid}
         raw.warm = await warm.drive(
             servers,
+            pids,
             workloads,
             rounds=s.rounds,
             seconds=s.seconds,
@@ -408,15 +419,19 @@ def settings_line(s: Settings) -> str:
     return (
         f"- mode {s.mode}: {s.rounds} rounds of {s.seconds:g} s per wrk run (wrk -t2, after a "
         f"{s.warmup_seconds:g} s unrecorded run), {s.cold_keys} cold keys per round, {s.cargo_rounds} "
-        f"cargo round(s), cratemirror with 2 workers, nginx with 2 worker processes, index TTL "
-        f"{s.index_ttl} s on both"
+        f"cargo round(s), cratemirror and the trivial aiohttp server (uvloop) with 2 workers each, "
+        f"nginx with 2 worker processes, index TTL {s.index_ttl} s on both caches"
     )
 
 
 NOTES = """\
-How to read it: "baseline" is nginx (proxy_cache) for warm hits and memory, and the upstream asked
-directly for cold misses and cargo. Ratios are cratemirror / baseline (for cargo: how many times faster
-than direct). Every number is the median over the rounds; the per-round numbers are below.
+How to read it: for warm hits there are two baselines: "trivial aiohttp" (the same bytes from a dict,
+aiohttp on uvloop with the mirror's worker count: the serving stack's ceiling) and nginx (proxy_cache);
+for memory nginx, and the upstream asked directly for cold misses and cargo. Ratios are
+cratemirror / baseline (for cargo: how many times faster than direct). "CPU µs/request" is the CPU
+time of the server's processes during the run divided by the requests answered: less sensitive to
+other load on the machine than requests per second. Every number is the median over the rounds; the
+per-round numbers are below.
 Cold-miss requests are timed to the response headers (TTFB) and to the last byte; the crate is asked
 for after its index file, as cargo does, so the mirror already holds the checksum. Memory is the peak
 of the summed RSS of the worker processes minus its value before the cold phase, sampled every 20 ms,

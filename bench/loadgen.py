@@ -26,6 +26,11 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     others: float = 0.0  # share of the CPUs used by other people's processes during the run
+    server_cpu: float = 0.0  # CPU seconds the server's processes used during the run (0: not measured)
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.server_cpu / self.requests * 1e6 if self.requests else 0.0
 
     @property
     def rps(self) -> float:
@@ -42,13 +47,20 @@ def write_paths(path: Path, paths: Sequence[str]) -> Path:
 
 
 async def run_wrk(
-    base_url: str, paths_file: Path, *, connections: int, seconds: float, threads: int = 2
+    base_url: str,
+    paths_file: Path,
+    *,
+    connections: int,
+    seconds: float,
+    threads: int = 2,
+    server_pid: int | None = None,
 ) -> WrkResult:
     argv = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
         "--timeout", "10s", "--latency", "-s", str(LUA), base_url, "--", str(paths_file),
     ]  # fmt: skip
     before = cpu.snapshot()
+    server_before = cpu.tree_seconds(server_pid) if server_pid is not None else 0.0
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -64,6 +76,7 @@ async def run_wrk(
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
     others = cpu.others_share(before, cpu.snapshot())
+    server_cpu = cpu.tree_seconds(server_pid) - server_before if server_pid is not None else 0.0
     text = out.decode(errors="replace")
     line = next((ln for ln in text.splitlines() if ln.startswith(_MARK)), None)
     if proc.returncode != 0 or line is None:
@@ -78,4 +91,5 @@ async def run_wrk(
         p50_ms=int(data["p50_us"]) / 1e3,
         p99_ms=int(data["p99_us"]) / 1e3,
         others=others,
+        server_cpu=server_cpu,
     )

@@ -53,27 +53,49 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms"
 
 
+# Warm-hit targets per workload and baseline (issue 5: against nginx; issue 24: against the trivial
+# aiohttp handler, the serving stack's ceiling).
+WARM_TARGETS: dict[tuple[str, str, str], float] = {
+    ("index", "trivial", "req/s"): 0.8,
+    ("small", "trivial", "req/s"): 0.8,
+    ("index", "nginx", "req/s"): 0.5,
+    ("small", "nginx", "req/s"): 0.5,
+    ("large", "nginx", "MB/s"): 0.9,
+    ("index", "nginx", "p99 latency"): 3.0,
+    ("small", "nginx", "p99 latency"): 3.0,
+}
+BASELINE_NAMES = {"trivial": "trivial aiohttp", "nginx": "nginx"}
+
+
 def _warm_rows(key: str, title: str, runs: dict[str, list[WrkResult]]) -> list[Row]:
-    mine, theirs = runs["cratemirror"], runs["nginx"]
+    mine = runs["cratemirror"]
     rows: list[Row] = []
 
     def ratio_row(
-        metric: str, get: Callable[[WrkResult], float], fmt: str, target: float | None, higher: bool
+        baseline: str, metric: str, get: Callable[[WrkResult], float], fmt: str, higher: bool
     ) -> None:
+        theirs = runs.get(baseline)
+        if not theirs:
+            return
         a, b = _med([get(r) for r in mine]), _med([get(r) for r in theirs])
         ratio = a / b if b else float("inf")
+        target = WARM_TARGETS.get((key, baseline, metric))
         target_text = "" if target is None else (f"≥ {target:g}" if higher else f"≤ {target:g}")
         met = "" if target is None else _verdict(ratio >= target if higher else ratio <= target)
-        rows.append(Row(title if not rows else "", metric, fmt.format(a), fmt.format(b), f"{ratio:.2f}",
-                        target_text, met))  # fmt: skip
+        rows.append(Row(title if not rows else "", f"{metric} vs {BASELINE_NAMES[baseline]}", fmt.format(a),
+                        fmt.format(b), f"{ratio:.2f}", target_text, met))  # fmt: skip
 
-    if key == "large":
-        ratio_row("MB/s", lambda r: r.mb_per_s, "{:,.0f}", 0.9, True)
-        ratio_row("req/s", lambda r: r.rps, "{:,.0f}", None, True)
-    else:
-        ratio_row("req/s", lambda r: r.rps, "{:,.0f}", 0.5, True)
-    ratio_row("p50 latency", lambda r: r.p50_ms, "{:.2f} ms", None, False)
-    ratio_row("p99 latency", lambda r: r.p99_ms, "{:.2f} ms", None if key == "large" else 3.0, False)
+    for baseline in ("trivial", "nginx"):
+        if key == "large":
+            ratio_row(baseline, "MB/s", lambda r: r.mb_per_s, "{:,.0f}", True)
+        else:
+            ratio_row(baseline, "req/s", lambda r: r.rps, "{:,.0f}", True)
+    if all(r.server_cpu for r in mine):
+        for baseline in ("trivial", "nginx"):
+            ratio_row(baseline, "CPU µs/request", lambda r: r.cpu_us_per_request, "{:.1f}", False)
+    for baseline in ("trivial", "nginx"):
+        ratio_row(baseline, "p50 latency", lambda r: r.p50_ms, "{:.2f} ms", False)
+        ratio_row(baseline, "p99 latency", lambda r: r.p99_ms, "{:.2f} ms", False)
     return rows
 
 
@@ -153,6 +175,7 @@ def raw_section(raw: Raw) -> str:
         for server, results in runs.items():
             cells = ", ".join(
                 f"{r.rps:,.0f} req/s {r.mb_per_s:,.0f} MB/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f} "
+                f"cpu {r.cpu_us_per_request:.1f} us/req "
                 f"(others {r.others:.0%})" + (f" errors {r.errors}" if r.errors else "")
                 for r in results
             )

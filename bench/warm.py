@@ -53,6 +53,7 @@ def log(message: str) -> None:
 
 async def drive(
     servers: dict[str, str],
+    pids: dict[str, int],
     workloads: Sequence[Workload],
     *,
     rounds: int,
@@ -75,13 +76,14 @@ async def drive(
             for name in order:
                 await cpu.wait_for_quiet(budget=quiet_budget)
                 result = await run_wrk(
-                    servers[name], paths_file, connections=workload.connections, seconds=seconds
-                )
+                    servers[name], paths_file, connections=workload.connections, seconds=seconds,
+                    server_pid=pids.get(name),
+                )  # fmt: skip
                 per_server[name].append(result)
                 log(
                     f"  {workload.key:<6} round {rnd + 1}/{rounds} {name:<11} {result.rps:9.0f} req/s "
                     f"{result.mb_per_s:8.1f} MB/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms"
-                    + f"  others {result.others:4.0%}"
+                    + f"  cpu {result.cpu_us_per_request:6.1f} us/req  others {result.others:4.0%}"
                     + (f"  ERRORS {result.errors}" if result.errors else "")
                 )
         results[workload.key] = per_server

@@ -18,6 +18,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 def clean_text(text: str) -> str:
     """Lone surrogates (aiohttp decodes undecodable request bytes with surrogateescape) become
     backslash escapes, so every line is valid UTF-8 and JSON parsers accept it."""
+    if text.isascii():  # nearly every request: no copy made
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

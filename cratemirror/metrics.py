@@ -27,6 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from cratemirror.metric_batches import BATCH
+
 # From warm hits (a few hundred microseconds) to multi-second upstream fetches.
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -196,6 +198,11 @@ class Metrics:
             "cratemirror_policy_decisions_total", "Policy decisions by action and rule", ["action", "rule"],
             registry=r,
         )  # fmt: skip
+        self.advisory_exposure = Gauge(
+            "cratemirror_advisory_exposure",
+            "Clients served a version the advisory affects, within audit.retention",
+            ["advisory"], registry=r, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
         # Beyond the contract (issue 18): what a broken input left out, never silently.
         self.advisory_errors = Counter(
             "cratemirror_policy_advisory_errors_total", "Advisory files left out: unreadable", registry=r
@@ -219,10 +226,15 @@ class Metrics:
         self.bytes_served = Labelled(self._bytes_served, name)
         self.upstream_bytes = Labelled(self._upstream_bytes, name)
         self.storage_integrity_failures = Labelled(self._storage_integrity_failures, name)
-        # Pre-create label sets so dashboards see every series (at 0) from the first scrape.
+        # Pre-create label sets so dashboards see every series (at 0) from the first scrape; a request's
+        # three children are bound once here, not looked up per request.
         for kind in KINDS:
             for result in RESULTS:
-                self.cache_requests.labels(kind, result)
+                self._request_children[(kind, result)] = (
+                    self.request_duration.labels(kind),
+                    self.cache_requests.labels(kind, result),
+                    self.bytes_served.labels(kind),
+                )
             self.request_duration.labels(kind)
             self.coalesced.labels(kind)
             self.bytes_served.labels(kind)
@@ -252,11 +264,7 @@ class Metrics:
                 self.cache_requests.labels(kind, result),
                 self.bytes_served.labels(kind),
             )
-        duration, requests, served = children
-        duration.observe(seconds)
-        requests.inc()
-        if body_bytes:
-            served.inc(body_bytes)
+        BATCH.add(children, seconds, body_bytes)  # written to the shared values once per loop iteration
 
     def _aggregated(self) -> CollectorRegistry:
         """This process's registry, or in multiprocess mode one that sums the files of all workers."""
@@ -269,10 +277,12 @@ class Metrics:
 
     def render(self) -> bytes:
         """The text exposition: summed over all workers in multiprocess mode."""
+        BATCH.flush()
         return bytes(generate_latest(self._aggregated()))
 
     def snapshot(self) -> Snapshot:
         """The same figures as render(), as numbers (for the status page)."""
+        BATCH.flush()
         return Snapshot(dict(_samples(self._aggregated())))
 
 

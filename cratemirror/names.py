@@ -84,6 +84,17 @@ def parse_crate_version(name: str, version: str) -> CrateVersion:
     return CrateVersion(parse_name(name), parse_version(version))
 
 
+def is_crate_version(name: object, version: object) -> bool:
+    """The checks of parse_crate_version as a yes/no, without building values (for bulk validation)."""
+    return (
+        isinstance(name, str)
+        and isinstance(version, str)
+        and len(version) <= MAX_VERSION_LENGTH
+        and _NAME_RE.fullmatch(name) is not None
+        and _VERSION_RE.fullmatch(version) is not None
+    )
+
+
 _CKSUM_RE = re.compile(r"[0-9a-f]{64}")
 
 

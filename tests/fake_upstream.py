@@ -104,6 +104,7 @@ class CrateVersion:
     yanked: bool = False
     deps: tuple[Dep, ...] = ()
     features: dict[str, list[str]] = field(default_factory=dict)
+    pubtime: str | None = None  # RFC 3339, as crates.io writes it ("2025-01-02T03:04:05Z"); None: omitted
 
     def index_line(self) -> bytes:
         """One index line exactly as crates.io serialises it (compact, key order of crates.io,
@@ -126,6 +127,8 @@ class CrateVersion:
         obj["yanked"] = self.yanked
         if features2:
             obj["v"] = 2
+        if self.pubtime is not None:
+            obj["pubtime"] = self.pubtime
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -408,6 +411,7 @@ class FakeRegistry:
         pad_to: int = 0,
         lib_rs: str | None = None,
         license: str | None = "MIT OR Apache-2.0",
+        pubtime: str | None = None,
     ) -> CrateVersion:
         """Publish a version: builds its tarball (``license`` in its Cargo.toml, none if None) and
         appends a line to the crate's index file."""
@@ -426,6 +430,7 @@ class FakeRegistry:
             yanked=yanked,
             deps=tuple(deps),
             features=feats,
+            pubtime=pubtime,
         )
         versions.append(cv)
         self._touch(index_path(name))

@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 from cachetools import LRUCache
+from multidict import CIMultiDict
 
 from cratemirror.cache.commits import CommitQueue
 from cratemirror.cache.delivery import (
@@ -79,6 +80,22 @@ class BodyCutOff(Exception):
 
 class ChecksumMismatch(Exception):
     """The upstream bytes do not hash to the index cksum: the client gets 502 (or a cut connection)."""
+
+
+_STORED_HEADERS_MEMO = 4096
+_stored_headers: dict[tuple[str, str], CIMultiDict[str]] = {}
+
+
+def stored_headers(sha256: str, x_cache: str) -> CIMultiDict[str]:
+    """A stored crate's response headers, made once per crate and X-Cache value; a copy each time
+    (the response adds to its headers). A warm hit builds no header dict."""
+    headers = _stored_headers.get((sha256, x_cache))
+    if headers is None:
+        if len(_stored_headers) >= _STORED_HEADERS_MEMO:
+            _stored_headers.clear()
+        headers = CIMultiDict({**CRATE_HEADERS, "ETag": f'"{sha256}"', "X-Cache": str(x_cache)})
+        _stored_headers[(sha256, x_cache)] = headers
+    return headers.copy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +205,7 @@ class CrateService:
         self._missing_checked: LRUCache[str, float] = LRUCache(MEMO_LIMIT)
         # "name/version" -> sha256: saves a metadata read per hit
         self._sha_memo: LRUCache[str, str] = LRUCache(MEMO_LIMIT)
+        self._paths: dict[tuple[str, str], str] = {}  # (name, version) -> its file, once validated
         self.disk_trouble = disk_trouble
         # The policy, for the registries it applies to: asked before a crate is fetched or sent.
         self.gate: Gate | None = None
@@ -201,10 +219,27 @@ class CrateService:
             # Its thread cannot be cancelled: give it a bounded time to finish (warm exits right after).
             await asyncio.wait({self._eviction}, timeout=EVICTION_SHUTDOWN_WAIT)
 
+    def _path(self, name: str, version: str) -> str:
+        """The stored file of a version, validated and built once per key (not per hit)."""
+        path = self._paths.get((name, version))
+        if path is None:
+            path = str(self.store.crate_path(name, version))
+            if len(self._paths) >= MEMO_LIMIT:
+                self._paths.clear()
+            self._paths[(name, version)] = path
+        return path
+
+    def holds(self, name: str, version: str) -> bool:
+        """Whether the store has the file (one stat)."""
+        return os.path.exists(self._path(name, version))
+
     def open_cached(self, name: str, version: str) -> CachedCrate | None:
-        path = self.store.crate_path(name, version)
+        if self.index.internal and self.index.internal.matches(name):
+            return None  # policy.internal_names: not even a copy cached before the rule is served
+        path = self._path(name, version)
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - handed to the response, which closes it
+            # Unbuffered: the answer is a pread or a sendfile of the descriptor, never a buffered read.
+            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - handed to the response, which closes it
         except (FileNotFoundError, NotADirectoryError):
             return None
         key = f"{name}/{version}"
@@ -398,8 +433,7 @@ class CrateService:
 
     @staticmethod
     def _from_store(cached: CachedCrate, x_cache: CacheResult, result: MetricResult) -> FromFile:
-        headers = {**CRATE_HEADERS, "ETag": f'"{cached.sha256}"', "X-Cache": x_cache}
-        return FromFile(cached.file, cached.size, headers, result)
+        return FromFile(cached.file, cached.size, stored_headers(cached.sha256, x_cache), result)
 
     async def prefetch(self, crate: CrateName, body: bytes, version: str) -> None:
         """Fetch and store a version before a client asks (upstream.prefetch: crates); a client that

@@ -12,12 +12,14 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import TypeVar
 
 from cachetools import LRUCache
 
+from cratemirror.cache.internal import INTERNAL_RULE, InternalNames
 from cratemirror.cache.prefetch import Prefetcher, PrefetchMode
 from cratemirror.cache.singleflight import SingleFlight
 from cratemirror.config.schema import CacheConfig
@@ -37,7 +39,9 @@ STANDING_REFRESH_POLL = 0.02
 V = TypeVar("V")
 
 UPSTREAM_CONFIG_KEY = "upstream-config"
-HOT_BYTES = 64 * 1024 * 1024  # per worker: the index files of a typical CI working set fit many times
+# How often a warm hit may look at the refresh generation stamp (a stat): `cratemirror refresh` reaches
+# every worker within this, and a worker answering thousands of hits a second stats a few hundred times.
+GENERATION_CHECK_SECONDS = 0.005
 GZIP_BYTES = 16 * 1024 * 1024
 GZIP_MIN = 1024  # smaller bodies gain too little to be worth a Content-Encoding
 GZIP_IN_THREAD = 64 * 1024  # compressing a larger body would hold up the event loop for milliseconds
@@ -95,8 +99,11 @@ class IndexService:
         self.cache = cache
         self.offline = offline
         self._flights: SingleFlight[IndexResult] = SingleFlight()
-        # Recently used entries in memory, least-recently-used out beyond a byte budget.
-        self._hot: LRUCache[str, IndexEntry] = LRUCache(HOT_BYTES, getsizeof=_entry_size)
+        # Recently used entries in memory, least-recently-used out beyond cache.memory_size.
+        self._hot: LRUCache[str, IndexEntry] = LRUCache(cache.memory_size, getsizeof=_entry_size)
+        # Told the key of every entry that changes in this worker (None: all of them).
+        self._listeners: list[Callable[[str | None], None]] = []
+        self._generation_checked_at = 0.0
         # Gzipped bodies by ETag, made on the first request that accepts gzip (cargo's curl does).
         self._gzipped: LRUCache[str, bytes] = LRUCache(GZIP_BYTES, getsizeof=len)
         self._dl_template: str | None = None
@@ -106,6 +113,7 @@ class IndexService:
         # Revalidations running behind stale answers (kept so they are not garbage-collected).
         self._background: set[asyncio.Task[tuple[IndexResult, bool]]] = set()
         self._generation = store.index_generation()
+        self.internal: InternalNames | None = None  # policy.internal_names, on crates.io's bundle only
         self.prefetch = Prefetcher(
             self._prefetch_one, "off" if offline else prefetch, upstream.config.max_connections
         )
@@ -125,6 +133,8 @@ class IndexService:
         """The index file for `crate`. `newer_than`: a wall-clock time the copy must have been checked
         after (a download asking for a version the cached copy lacks). `count`: whether coalescing
         counts in metrics (False for the lookup a download does internally)."""
+        if self.internal and self.internal.matches(crate.name):  # crates.io only: never asked upstream
+            return self._internal(crate)
         entry = self._lookup(crate.lower)
         if entry is not None and (self.offline or self._is_fresh(entry, newer_than)):
             return self._cached_result(entry)
@@ -144,6 +154,12 @@ class IndexService:
                 served = "hit" if result.entry.status == 200 else "negative"
                 result = dataclasses.replace(result, result=served)
         return result
+
+    def _internal(self, crate: CrateName) -> IndexResult:
+        assert self.internal is not None
+        self.internal.refuse(crate.name)
+        self.metrics.policy_decisions.labels("block", INTERNAL_RULE).inc()
+        return IndexResult(IndexEntry(404, b"", '""', "", time.time()), "HIT", "negative")
 
     async def _prefetch_one(self, crate: CrateName) -> bytes | None:
         result = await self.get(crate, count=False)
@@ -170,6 +186,7 @@ class IndexService:
             key, lambda: self._refresh(crate, time.time(), from_upstream=True)
         )
         await asyncio.to_thread(self.store.bump_index_generation)
+        self.check_generation(force=True)
         return result
 
     async def _await_standing_refresh(self, crate: CrateName, since: float) -> IndexResult | None:
@@ -219,19 +236,46 @@ class IndexService:
         """Whether any copy (fresh or not, found or remembered as missing) is held."""
         return crate.lower in self._hot or self.store.get_index(crate.lower) is not None
 
+    def on_change(self, listener: Callable[[str | None], None]) -> None:
+        """Call `listener(lower)` whenever this worker holds a new entry for a key, and
+        `listener(None)` when it drops them all (a refresh elsewhere): for copies made from entries."""
+        self._listeners.append(listener)
+
+    def _changed(self, lower: str | None) -> None:
+        for listener in self._listeners:
+            listener(lower)
+
+    def _keep(self, lower: str, entry: IndexEntry) -> None:
+        _remember(self._hot, lower, entry)
+        self._changed(lower)
+
+    def check_generation(self, *, force: bool = False) -> None:
+        """Drop the in-memory copies if `cratemirror refresh` rewrote stored entries (in any worker or
+        process): one stat at most every GENERATION_CHECK_SECONDS, not one per request."""
+        now = time.monotonic()
+        if not force and now - self._generation_checked_at < GENERATION_CHECK_SECONDS:
+            return
+        self._generation_checked_at = now
+        generation = self.store.index_generation()
+        if generation != self._generation:
+            self._generation = generation
+            self._hot.clear()
+            self._changed(None)
+
+    def current(self, lower: str) -> IndexEntry | None:
+        """The entry this worker holds in memory for `lower` (no I/O)."""
+        return self._hot.get(lower)
+
     def _lookup(self, lower: str) -> IndexEntry | None:
         """The hot copy while it is fresh (no SQLite read, no unpickling on a warm hit), else the
         store's, which another worker process may have refreshed meanwhile."""
-        generation = self.store.index_generation()
-        if generation != self._generation:  # `cratemirror refresh` rewrote stored entries
-            self._generation = generation
-            self._hot.clear()
+        self.check_generation()
         entry = self._hot.get(lower)
         if entry is not None and self._is_fresh(entry, None):
             return entry
         entry = self.store.get_index(lower)
         if entry is not None:
-            _remember(self._hot, lower, entry)
+            self._keep(lower, entry)
         return entry
 
     async def gzipped(self, entry: IndexEntry) -> bytes:
@@ -267,7 +311,7 @@ class IndexService:
             # Another worker process may have refreshed it while we waited for the lock.
             entry = self.store.get_index(crate.lower)
             if not from_upstream and entry is not None and self._is_fresh(entry, newer_than):
-                _remember(self._hot, crate.lower, entry)
+                self._keep(crate.lower, entry)
                 return dataclasses.replace(self._cached_result(entry), shared=True)
             shared = None if from_upstream else await self._shared_entry(crate)
             if shared is not None and (entry is None or shared.checked_at > entry.checked_at):
@@ -361,7 +405,7 @@ class IndexService:
 
     async def _put(self, lower: str, entry: IndexEntry, expire: float | None = None) -> None:
         """Store an entry; a full or read-only disk costs the cache, never the answer."""
-        _remember(self._hot, lower, entry)
+        self._keep(lower, entry)
         try:
             await asyncio.to_thread(self.store.put_index, lower, entry, expire)
         except (OSError, sqlite3.Error) as exc:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cratemirror.cache.crates import CrateService
 from cratemirror.cache.index import IndexService
+from cratemirror.cache.internal import InternalNames
 from cratemirror.config.schema import CacheConfig, Config, ConfigError, RegistryConfig, UpstreamConfig
 from cratemirror.fleet.coordination import Coordination, make_coordination
 from cratemirror.fleet.storage import SharedStorage, make_shared_storage
@@ -132,6 +133,8 @@ def build_registries(config: Config, metrics: Metrics, disk_trouble: DiskTrouble
             DEFAULT_REGISTRY, "", config.cache, config.upstream, config, metrics, disk_trouble, None
         )
     }
+    if config.policy.internal_names:  # private registries serve these names as before
+        registries[DEFAULT_REGISTRY].index.internal = InternalNames(config.policy.internal_names)
     for name, extra in config.registries.items():
         overrides = {
             key: value

@@ -296,6 +296,8 @@ _ADVISORY_ID = r"RUSTSEC-\d{4}-\d{4}"
 _SPDX_ID = r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}\+?"
 # "name" or "name@<semver requirement>"; the requirement itself is checked by the policy module.
 _CRATE_RULE = r"[A-Za-z][A-Za-z0-9_-]{0,63}(?:@[0-9A-Za-z.,<>=~^* +-]{1,100})?"
+# A glob over crate names ("acme-*", "acme_?", "corp-[ab]*"): name characters and fnmatch's * ? [ ] !.
+_NAME_GLOB = r"[A-Za-z0-9_*?\[\]!-]{1,64}"
 
 # JSON Schema forms for the values YAML writes as strings (sizes, durations), so editors accept them too.
 _SIZE_SCHEMA = {
@@ -347,6 +349,7 @@ def _long_secret(value: SecretStr) -> SecretStr:
 AdvisoryId = Annotated[str, _matching(_ADVISORY_ID)]
 LicenseId = Annotated[str, _matching(_SPDX_ID)]
 CrateRule = Annotated[str, _matching(_CRATE_RULE)]
+NameGlob = Annotated[str, _matching(_NAME_GLOB)]
 Network = Annotated[str, BeforeValidator(_network)]
 RegistryName = Annotated[str, _matching(_REGISTRY_NAME), AfterValidator(_not_reserved)]
 
@@ -458,6 +461,8 @@ class CacheConfig(_Section):
     """How long an upstream 404 is remembered."""
     stale_if_error: Annotated[ForeverDuration, Expected("a duration like 7d, forever, or 0")] = 7 * DAY
     """How long past its TTL an index file may still be served while upstream fails (forever, 0 disables)."""
+    memory_size: Annotated[Size, Expected("a size like 64MiB, or 0")] = 64 * MiB
+    """Per worker: hot index files kept in memory as prepared answers (0 = none)."""
 
 
 class LoggingConfig(_Section):
@@ -612,6 +617,17 @@ class PolicyConfig(_Section):
     """Crates refused: "name" or "name@<semver requirement>"."""
     allow: Annotated[tuple[CrateRule, ...], Expected('a list of "name" or "name@<semver requirement>"')] = ()
     """Crates that pass whatever else says: "name" or "name@<semver requirement>"."""
+    min_release_age: Annotated[Duration, Expected("a duration like 3d, or 0")] = 0.0
+    """A version younger than this is held back like a blocked one (pubtime, else first seen); 0 = off."""
+    cooldown_exempts_fixes: Annotated[bool, Expected("true or false")] = True
+    """The patched release of an advisory against the previous version is never held back."""
+    internal_names: Annotated[tuple[NameGlob, ...], Expected('a list of crate-name globs like "acme-*"')] = ()
+    """Globs, e.g. "acme-*": on crates.io these answer 404 without asking upstream (- and _ alike)."""
+
+
+class AuditConfig(_Section):
+    retention: Annotated[Duration, Expected("a duration like 90d, or 0")] = 90 * DAY
+    """Every download and refusal is recorded (who, what, when, result) and kept this long; 0 = off."""
 
 
 class ToolchainsConfig(_Section):
@@ -677,6 +693,7 @@ class MirrorSchema(BaseModel):
     """More upstream registries, each under /registries/<name>/ (name: lowercase letters, digits, - and _)."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     toolchains: ToolchainsConfig = Field(default_factory=ToolchainsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator(
         "server",
@@ -687,6 +704,7 @@ class MirrorSchema(BaseModel):
         "coordination",
         "auth",
         "policy",
+        "audit",
         "registries",
         "toolchains",
         mode="before",

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Middleware
 
 from cratemirror.cache.ratelimit import FILE_NAME as BUDGET_FILE
 from cratemirror.cache.ratelimit import UnknownNameBudget
@@ -17,9 +16,11 @@ from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, search, status_page, toolchains
+from cratemirror.http.audit import install_audit
 from cratemirror.http.auth import auth_middleware, token_checker
-from cratemirror.http.context import MIRROR, TIMING, Mirror, RecentMiss
-from cratemirror.metrics import DEFAULT_REGISTRY, Metrics, start_request_timing
+from cratemirror.http.context import MIRROR, Mirror
+from cratemirror.http.index_answers import IndexAnswers
+from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
 from cratemirror.policy.service import create_policy
 
 log = logging.getLogger("cratemirror")
@@ -36,8 +37,11 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         default.index.prefetch.allowed = lambda name, version: not policy.blocks(name, version)
     mirror = Mirror(config, metrics, disk_trouble, policy, registries)
     mirror.unknown_names = UnknownNameBudget(config.cache.dir / BUDGET_FILE, default.coordination)
+    mirror.index_answers = IndexAnswers(config.cache.memory_size)
+    for name, registry in registries.items():
+        mirror.index_answers.watch(name, registry.index)
 
-    middlewares: list[Middleware] = [_instrument]
+    middlewares: list[Middleware] = []  # none on the hit path: the counted routes carry their own hook
     if config.auth.required:
         mirror.tokens = token_checker(config.auth, metrics)
         middlewares.append(auth_middleware(config.auth, metrics, mirror.tokens))
@@ -48,6 +52,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app.add_routes(status_page.routes)
     app.cleanup_ctx.append(_lifecycle)
     toolchains.install(app)  # /toolchains/: rustup's dist server (toolchains.upstream)
+    install_audit(app)  # after _lifecycle: started after the stores, closed before them
     return app
 
 
@@ -78,32 +83,3 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*health, return_exceptions=True)
     for registry in mirror.registries.values():
         await registry.close()
-
-
-@web.middleware
-async def _instrument(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts client requests by kind and cache result, times them (the contract's metrics), and keeps
-    the request's upstream time for the access log and the status page's recent misses."""
-    timing = request[TIMING] = start_request_timing()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        kind = request.get(routes.KIND)
-        if kind is not None:
-            mirror = request.app[MIRROR]
-            elapsed = time.perf_counter() - timing.started
-            result = request.get(routes.RESULT, "error")
-            sent = 0 if request.method == "HEAD" else request.get(routes.BYTES, 0)
-            registry = mirror.registries.get(request.get(routes.REGISTRY, DEFAULT_REGISTRY))
-            metrics = registry.metrics if registry is not None else mirror.metrics
-            metrics.observe_request(kind, result, elapsed, sent)
-            if result in ("miss", "error"):  # as /metrics counts them: an upstream failure is no hit
-                mirror.recent_misses.append(
-                    RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)
-                )

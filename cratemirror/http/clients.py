@@ -98,6 +98,16 @@ def client_address(request: web.BaseRequest) -> str:
     if known is None:
         headers = request.headers  # a plain dict on a request that did not parse: nothing forwarded
         forwarded = headers.getall("X-Forwarded-For", []) if isinstance(headers, CIMultiDictProxy) else []
-        known = resolve_client(request.remote, forwarded, _networks(request))
+        if forwarded:
+            known = resolve_client(request.remote, forwarded, _networks(request))
+        else:  # trusted peer or not, the peer itself: parsed once per address, not per request
+            known = _peer_text(request.remote)
         request[_CLIENT] = known
     return known
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_text(peer: str | None) -> str:
+    """resolve_client(peer, [], any networks): the peer's address in normal form."""
+    address = parse_address(peer or "")
+    return peer or "-" if address is None else str(address)

@@ -21,11 +21,11 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 log = logging.getLogger("cratemirror.connections")
 
@@ -56,9 +56,13 @@ class ConnectionGuard:
 
     # --- wiring --------------------------------------------------------------------------------
 
-    def attach(self, server: web.Server) -> None:
-        """Hook the server's connection events (its public callbacks) and start the sweeper."""
-        made, lost = server.connection_made, server.connection_lost
+    def attach(self, server: web.Server, on_request: Callable[[web.BaseRequest], None] | None = None) -> None:
+        """Hook the server's connection events and its request handler (its public callbacks; each
+        connection takes the handler when it opens, so this runs before the site listens) and start the
+        sweeper. No application middleware: the request hook is one call around the handler, and calls
+        `on_request` first (the access log's timing)."""
+        made, lost, handle = server.connection_made, server.connection_lost, server.request_handler
+        conns = self._conns
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
             made(handler, transport)
@@ -71,8 +75,22 @@ class ConnectionGuard:
             self._conns.pop(handler, None)
             lost(handler, exc)
 
+        async def request_handler(request: web.BaseRequest) -> web.StreamResponse:
+            if on_request is not None:
+                on_request(request)
+            conn = conns.get(request.protocol)
+            if conn is None:  # already gone
+                return await handle(request)
+            conn.in_flight += 1
+            try:
+                return await handle(request)
+            finally:
+                conn.in_flight -= 1
+                conn.idle_since = time.monotonic()
+
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
+        server.request_handler = request_handler
         self._task = asyncio.get_running_loop().create_task(self._sweep())
 
     async def close(self) -> None:
@@ -80,18 +98,6 @@ class ConnectionGuard:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        conn = self._conns.get(request.protocol)
-        if conn is None:  # not attached (tests' in-process servers) or already gone
-            return await handler(request)
-        conn.in_flight += 1
-        try:
-            return await handler(request)
-        finally:
-            conn.in_flight -= 1
-            conn.idle_since = time.monotonic()
 
     # --- policy --------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import Registry
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
+from cratemirror.http.index_answers import IndexAnswers
 from cratemirror.metrics import DEFAULT_REGISTRY, Metrics, RequestTiming
 from cratemirror.policy.service import PolicyService
 
@@ -45,6 +46,8 @@ class Mirror:
     tokens: TokenChecker | None = None  # with auth.required: the tokens file as this worker reads it
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
+    # Warm index hits' prepared answers (create_app sizes them by cache.memory_size).
+    index_answers: IndexAnswers = field(default_factory=lambda: IndexAnswers(0))
 
     @property
     def default(self) -> Registry:
@@ -64,5 +67,5 @@ class Mirror:
 
 
 MIRROR = web.AppKey("mirror", Mirror)
-# The request key under which the instrumentation middleware keeps the request's RequestTiming.
+# The request key under which the counted routes' hook (http/instrument.py) keeps the RequestTiming.
 TIMING = web.RequestKey("cratemirror.timing", RequestTiming)

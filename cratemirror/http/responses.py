@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from cratemirror.http.sendfile import can_sendfile, sendfile
 from cratemirror.redact import redact
 
 _CHUNK = 256 * 1024
@@ -57,8 +58,9 @@ async def send_file(
                 raise ConnectionResetError("client went away")
             try:
                 await asyncio.get_running_loop().sendfile(transport, file, 0, size)
-            except NotImplementedError:  # an event loop without sendfile (uvloop): copy in chunks
-                while chunk := file.read(_CHUNK):
+            except NotImplementedError:  # an event loop without sendfile (uvloop): our own, else copy
+                sent = can_sendfile(transport) and await sendfile(transport, file.fileno(), size)
+                while not sent and (chunk := file.read(_CHUNK)):
                     await response.write(chunk)
         await response.write_eof()
         return response

@@ -10,22 +10,25 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from cratemirror.cache.delivery import Blocked, Failed, FromFile, FromFill, GrowingBody, HeadersOnly, Redirect
-from cratemirror.cache.index import GZIP_MIN, OfflineMiss
+from cratemirror.cache.index import OfflineMiss
 from cratemirror.cache.registry import Registry
 from cratemirror.http.budget import charge
 from cratemirror.http.clients import from_trusted_proxy
 from cratemirror.http.context import MIRROR
+from cratemirror.http.index_answers import (
+    Answer,
+    IndexAnswers,
+    fresh_until,
+    headers_for,
+    make_answer,
+    wants_gzip,
+)
+from cratemirror.http.instrument import BYTES, KIND, REGISTRY, RESULT, instrumented
 from cratemirror.http.policy import client_of, refusal
 from cratemirror.http.responses import error, not_modified, send_file
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path, parse_name
 from cratemirror.upstream.client import UpstreamError
-
-# Keys on the request that the instrumentation middleware reads.
-KIND = web.RequestKey("cratemirror.kind", str)
-RESULT = web.RequestKey("cratemirror.result", str)
-BYTES = web.RequestKey("cratemirror.bytes", int)
-REGISTRY = web.RequestKey("cratemirror.registry", str)
 
 REFRESH_INTERVAL = 1.0  # seconds: POST /-/refresh/<name> reaches upstream at most this often per name
 
@@ -94,6 +97,7 @@ def _no_registry() -> web.Response:
 
 @routes.get("/index/config.json")
 @routes.get("/registries/{registry}/index/config.json")
+@instrumented
 async def config_json(request: web.Request) -> web.Response:
     registry = _registry(request)
     if registry is None:
@@ -115,17 +119,26 @@ async def config_json(request: web.Request) -> web.Response:
 
 @routes.get("/index/{path:.+}")
 @routes.get("/registries/{registry}/index/{path:.+}")
+@instrumented
 async def index_file(request: web.Request) -> web.Response:
     registry = _registry(request)
     if registry is None:
         return _no_registry()
     _mark(request, "index", "error")
+    mirror = request.app[MIRROR]
+    answers = mirror.index_answers
+    path = request.match_info["path"]
+    registry.index.check_generation()  # a stat every few ms at most, not per request
+    # Found: `path` is a validated crate's index path.
+    answer = answers.get(registry.name, path, mirror.policy.changes)
+    if answer is not None:
+        request[RESULT] = "hit"
+        return await _send_answer(request, registry, answers, path, answer, "HIT")
     try:
-        crate = parse_index_path(request.match_info["path"])
+        crate = parse_index_path(path)
     except InvalidRequest as exc:
         return error(400, str(exc))
-    mirror = request.app[MIRROR]
-    charged = await charge(request, registry.index, crate)
+    charged = await charge(request, registry.index, crate)  # nothing taken for a cached name
     if isinstance(charged, web.Response):
         return charged
     try:
@@ -137,32 +150,42 @@ async def index_file(request: web.Request) -> web.Response:
         return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}", "MISS")
     request[RESULT] = result.result
     entry = result.entry
-    if registry.is_default:  # the policy gates crates.io's crates (its advisories name crates.io's)
+    # The policy gates crates.io's crates (its advisories name crates.io's); off, it is not consulted.
+    policy_on = registry.is_default and mirror.policy.enabled
+    policy_changes = mirror.policy.changes  # read before the view: a change meanwhile makes it stale
+    if policy_on:
         entry = await mirror.policy.view(crate.lower, entry)  # blocked versions yanked, with enforce
     if entry.status != 200:
         return error(404, "crate not found", result.x_cache)
-    headers = {
-        "Content-Type": "text/plain",
-        "ETag": entry.etag,
-        "Last-Modified": entry.last_modified,
-        "Vary": "Accept-Encoding",
-        "X-Cache": result.x_cache,
-    }
-    send_gzip = len(entry.body) >= GZIP_MIN and "gzip" in request.headers.get("Accept-Encoding", "")
-    if send_gzip:
-        headers["ETag"] = f"W/{entry.etag}"  # the same bytes once decoded, but another representation
-    if not_modified(request, entry.etag, entry.last_modified):
+    until = fresh_until(result.entry, registry.index, policy_on and mirror.policy.rules.enforcing)
+    answer = make_answer(entry, until, policy_changes)
+    # Kept for the next hits while fresh, unless the service took a newer entry meanwhile.
+    if result.x_cache != "STALE" and registry.index.current(crate.lower) is result.entry:
+        answers.put(registry.name, crate.index_path, answer)
+    return await _send_answer(request, registry, answers, crate.index_path, answer, result.x_cache)
+
+
+async def _send_answer(
+    request: web.Request, registry: Registry, answers: IndexAnswers, path: str, answer: Answer, x_cache: str
+) -> web.Response:
+    gzip = wants_gzip(request, answer)
+    headers = headers_for(answer, gzip, x_cache)
+    shown = answer.shown
+    if not_modified(request, shown.etag, shown.last_modified):
         return web.Response(status=304, headers=headers)
-    body = entry.body
-    if send_gzip:
-        body = await registry.index.gzipped(entry)
-        headers["Content-Encoding"] = "gzip"
+    body = shown.body
+    if gzip:
+        if answer.gzipped is None:
+            answer.gzipped = await registry.index.gzipped(shown)
+            answers.resized(registry.name, path, answer)
+        body = answer.gzipped
     request[BYTES] = len(body)
     return web.Response(body=body, headers=headers)
 
 
 @routes.get("/api/v1/crates/{name}/{version}/download")
 @routes.get("/registries/{registry}/api/v1/crates/{name}/{version}/download")
+@instrumented
 async def download(request: web.Request) -> web.StreamResponse:
     registry = _registry(request)
     if registry is None:
@@ -173,7 +196,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     except InvalidRequest as exc:
         return error(400, str(exc))
     # A crate the store holds costs nothing; anything else may ask upstream for the name's index file.
-    stored = registry.store.crate_path(wanted.crate.name, wanted.version).exists()
+    stored = registry.crates.holds(wanted.crate.name, wanted.version)
     charged = None if stored else await charge(request, registry.index, wanted.crate)
     if isinstance(charged, web.Response):
         return charged

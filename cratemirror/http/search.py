@@ -12,6 +12,7 @@ from aiohttp import web
 from cratemirror.cache.search import BadQuery, SearchQuery, SearchService, SearchUnavailable
 from cratemirror.config.schema import Config
 from cratemirror.http import routes as http_routes
+from cratemirror.http.instrument import BYTES, instrumented
 from cratemirror.upstream.client import Upstream
 
 SEARCH = web.AppKey("cratemirror.search", SearchService)
@@ -26,6 +27,7 @@ def setup(app: web.Application, config: Config, upstream: Upstream) -> None:
 
 
 @routes.get("/api/v1/crates")
+@instrumented  # counted as kind=search, like the index and download routes
 async def search(request: web.Request) -> web.StreamResponse:
     service = request.app[SEARCH]
     if not service.enabled:
@@ -40,6 +42,6 @@ async def search(request: web.Request) -> web.StreamResponse:
     except SearchUnavailable as exc:
         return http_routes.api_error(exc.status, str(exc))
     http_routes.mark(request, "search", result)
-    request[http_routes.BYTES] = len(body)
+    request[BYTES] = len(body)
     headers = {"Content-Type": "application/json", "X-Cache": result.upper()}
     return web.Response(body=body, headers=headers)

@@ -28,8 +28,8 @@ from cratemirror.cache.toolchains.paths import UnknownToolchainPath, parse_toolc
 from cratemirror.cache.toolchains.service import ToolchainService, build_toolchains
 from cratemirror.http import routes as routes_module
 from cratemirror.http.context import MIRROR
+from cratemirror.http.instrument import BYTES, KIND, RESULT, instrumented
 from cratemirror.http.responses import error, not_modified
-from cratemirror.http.routes import BYTES, KIND, RESULT
 from cratemirror.metrics import DEFAULT_REGISTRY
 from cratemirror.names import InvalidRequest
 
@@ -66,6 +66,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 @routes.route("*", "/toolchains/{path:.*}")
+@instrumented
 async def toolchain_file(request: web.Request) -> web.StreamResponse:
     request[KIND] = "toolchain"
     request[RESULT] = "error"

@@ -81,6 +81,9 @@ class Rules:
     licenses: Allowlist
     deny: tuple[Entry, ...]
     allow: tuple[Entry, ...]
+    min_release_age: float = 0.0
+    cooldown_exempts_fixes: bool = True
+    internal_names: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: PolicyConfig, source: str) -> Rules:
@@ -93,11 +96,17 @@ class Rules:
             licenses=Allowlist(config.licenses),
             deny=_entries(config.deny, source, "deny"),
             allow=_entries(config.allow, source, "allow"),
+            min_release_age=config.min_release_age,
+            cooldown_exempts_fixes=config.cooldown_exempts_fixes,
+            internal_names=config.internal_names,
         )
 
     @property
     def enforcing(self) -> bool:
         return self.mode == "enforce"
+
+    def allowed(self, lower: str, version: Version) -> bool:
+        return any(entry.matches(lower, version) for entry in self.allow)
 
     def names_rules_for(self, lower: str) -> bool:
         """Whether a deny or allow entry names this crate (the index view needs a closer look)."""
@@ -162,12 +171,14 @@ class Rules:
             )
         return PASS
 
-    def _advisory_decision(self, advisory: Advisory, shown: str, version: Version) -> Decision | None:
+    def acts_on(self, advisory: Advisory) -> bool:
+        """Not withdrawn, not ignored, and informational only when its kind is listed."""
         if advisory.withdrawn or advisory.id in self.ignore:
-            return None
-        if advisory.informational is not None and advisory.informational not in self.informational:
-            return None
-        if not advisory.affects(version):
+            return False
+        return advisory.informational is None or advisory.informational in self.informational
+
+    def _advisory_decision(self, advisory: Advisory, shown: str, version: Version) -> Decision | None:
+        if not self.acts_on(advisory) or not advisory.affects(version):
             return None
         what = f"{advisory.informational} advisory" if advisory.informational else "security advisory"
         title = f" ({advisory.title})" if advisory.title else ""

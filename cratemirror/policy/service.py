@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -27,6 +28,8 @@ from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import IndexEntry, Store
 from cratemirror.metrics import Metrics
 from cratemirror.policy import advisories
+from cratemirror.policy.cooldown import COOLDOWN_RULE, Cooldown
+from cratemirror.policy.exposure import MAX_WARNED, WARNED_KEY, exposure
 from cratemirror.policy.licenses import read_license
 from cratemirror.policy.rules import BLOCK, WARN, Decision, Rules, Verdict, check_policy
 from cratemirror.policy.view import mark_yanked, versions
@@ -44,16 +47,36 @@ VIEW_IN_THREAD = 256 * 1024
 
 
 class PolicyService:
-    def __init__(self, rules: Rules, advisory_db: Path | None, store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        rules: Rules,
+        advisory_db: Path | None,
+        store: Store,
+        metrics: Metrics,
+        *,
+        cache_dir: Path | None = None,
+        audit_retention: float = 0.0,
+    ) -> None:
         self.rules = rules
         self.root = advisory_db
         self.store = store
         self.metrics = metrics
         self.db = advisories.AdvisoryDb(advisory_db)
         self._licenses: TTLCache[str, dict[str, str]] = TTLCache(4096, LICENSE_MEMO_SECONDS)
-        self._views: LRUCache[tuple[Any, ...], IndexEntry] = LRUCache(VIEW_BYTES, getsizeof=_view_size)
+        # A view is good until its key changes or, with the cooldown, until a held version passes.
+        self._views: LRUCache[tuple[Any, ...], tuple[IndexEntry, float]] = LRUCache(
+            VIEW_BYTES, getsizeof=_view_size
+        )
+        self.cooldown = Cooldown(store, rules.min_release_age, rules.cooldown_exempts_fixes)
         self._watcher: asyncio.Task[None] | None = None
         self._loaded = False
+        # Counts what can change this worker's index view (a reloaded database, a learned licence):
+        # copies made from a view are good while it is unchanged.
+        self.changes = 0
+        # Advisory exposure (from the audit trail): advisory id -> clients served an affected version.
+        self.cache_dir = cache_dir
+        self.audit_retention = audit_retention if cache_dir is not None else 0.0
+        self.exposed: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -62,7 +85,8 @@ class PolicyService:
     # --- the advisory database -----------------------------------------------------------------
 
     async def start(self) -> None:
-        if not self.enabled or self.root is None:
+        # The database is read for the policy, and for the exposure gauge even with mode: off.
+        if not (self.enabled or self.audit_retention > 0) or self.root is None:
             return
         if not self.root.is_dir():
             log.warning("advisory database %s not found: no advisory applies until it appears", self.root)
@@ -98,12 +122,48 @@ class PolicyService:
         if db.failed:
             self.metrics.advisory_errors.inc(db.failed)
         self._views.clear()
+        self.changes += 1
         log.info(
             "advisory database %s: %d advisories, newest %s%s",
             self.root, db.count, db.newest_date or "-",
             f"; {len(db.errors)} files left out, e.g. {db.errors[0]}" if db.errors else "",
         )  # fmt: skip
+        try:
+            await self.update_exposure()
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not read the audit trail for advisory exposure: %s", exc)
         return True
+
+    async def update_exposure(self) -> None:
+        """Who was served what each advisory affects: the gauge, and one warning per newly exposed
+        advisory for the whole mirror (the advisories already warned about are kept in the store)."""
+        if self.cache_dir is None or self.audit_retention <= 0:
+            return
+        found = await asyncio.to_thread(exposure, self.db, self.rules, self.cache_dir, self.audit_retention)
+        counts = {advisory_id: len(clients) for advisory_id, clients in found.items()}
+        for gone in set(self.exposed) - set(counts):
+            self.metrics.advisory_exposure.labels(gone).set(0)
+        for advisory_id, count in counts.items():
+            self.metrics.advisory_exposure.labels(advisory_id).set(count)
+        self.exposed = counts
+        if not counts:
+            return
+        async with self.store.lock(WARNED_KEY):
+            stored = self.store.get_json(WARNED_KEY)
+            warned = {item for item in stored if isinstance(item, str)} if isinstance(stored, list) else set()
+            new = sorted(set(counts) - warned)
+            if not new:
+                return
+            await asyncio.to_thread(self.store.put_json, WARNED_KEY, sorted(warned | set(new))[-MAX_WARNED:])
+        for advisory_id in new:
+            clients = sorted(found[advisory_id])
+            shown = ", ".join(clients[:10]) + (f" and {len(clients) - 10} more" if len(clients) > 10 else "")
+            log.warning(
+                "advisory %s affects versions this mirror already served to %d client%s (%s); "
+                "see `cratemirror audit impact %s`",
+                advisory_id, len(clients), "" if len(clients) == 1 else "s", shown, advisory_id,
+                extra={"fields": {"advisory": advisory_id, "clients": len(clients)}},
+            )  # fmt: skip
 
     # --- licences learned from the crates ------------------------------------------------------
 
@@ -141,6 +201,7 @@ class PolicyService:
             except (OSError, sqlite3.Error) as exc:
                 log.warning("could not store the licence of %s %s: %s", name, version, exc)
             self._licenses[lower] = table
+            self.changes += 1
 
     # --- verdicts ------------------------------------------------------------------------------
 
@@ -153,7 +214,13 @@ class PolicyService:
             return self.rules.unjudgeable(self.db, name, version)
         known = self.known_licenses(name.lower()) if self.rules.licenses else {}
         license_text = known.get(version)
-        return self.rules.verdict(self.db, name, parsed, license_text or None, license_text is not None)
+        verdict = self.rules.verdict(self.db, name, parsed, license_text or None, license_text is not None)
+        if verdict.block is None and self.cooldown.enabled and not self.rules.allowed(name.lower(), parsed):
+            hold = self.cooldown.hold(name.lower(), version)
+            if hold is not None:
+                reason = self.cooldown.reason(name, version, hold)
+                return Verdict(Decision(COOLDOWN_RULE, BLOCK, reason), verdict.warnings)
+        return verdict
 
     def blocks(self, name: str, version: str) -> bool:
         return self.verdict(name, version).block is not None
@@ -205,23 +272,31 @@ class PolicyService:
     async def view(self, lower: str, entry: IndexEntry) -> IndexEntry:
         """The entry as clients see it: with `enforce`, blocked versions are yanked (and the ETag is
         the view's own); anything else is the stored entry itself."""
-        if not self.rules.enforcing or entry.status != 200:
+        cooling = self.enabled and self.cooldown.enabled  # learns release times in report mode too
+        if not (self.rules.enforcing or cooling) or entry.status != 200:
             return entry
         known = self.known_licenses(lower) if self.rules.licenses else {}
-        if not known and not self.db.for_crate(lower) and not self.rules.names_rules_for(lower):
+        if not (cooling or known or self.db.for_crate(lower) or self.rules.names_rules_for(lower)):
             return entry
         key = (lower, entry.etag, self.db.signature, tuple(sorted(known.items())))
-        shown = self._views.get(key)
-        if shown is None:
-            if len(entry.body) > VIEW_IN_THREAD:  # parsing every line of a big file would stall the loop
-                shown = await asyncio.to_thread(self._make_view, lower, entry, known)
+        cached = self._views.get(key)
+        if cached is None or cached[1] <= time.time():
+            # Parsing every line of a big file would stall the loop; the cooldown may write to the store.
+            if len(entry.body) > VIEW_IN_THREAD or cooling:
+                cached = await asyncio.to_thread(self._make_view, lower, entry, known)
             else:
-                shown = self._make_view(lower, entry, known)
+                cached = self._make_view(lower, entry, known)
             with contextlib.suppress(ValueError):
-                self._views[key] = shown
-        return shown
+                self._views[key] = cached
+        return cached[0]
 
-    def _make_view(self, lower: str, entry: IndexEntry, known: dict[str, str]) -> IndexEntry:
+    def _make_view(self, lower: str, entry: IndexEntry, known: dict[str, str]) -> tuple[IndexEntry, float]:
+        """The view and until when it holds (when the next held-back version passes its cooldown)."""
+        now = time.time()
+        until = math.inf
+        releases = self.cooldown.learn(lower, entry.body, self.db) if self.cooldown.enabled else {}
+        if not self.rules.enforcing:
+            return entry, until
         blocked = set()
         for version in versions(entry.body):
             license_text = known.get(version)
@@ -235,8 +310,18 @@ class PolicyService:
                 )
             if verdict.block is not None:
                 blocked.add(version)
+                continue
+            release = releases.get(version)
+            if release is None or release[1] or self.rules.allowed(lower, parsed):
+                continue
+            passes = release[0] + self.cooldown.min_age
+            if now < passes:
+                blocked.add(version)
+                until = min(until, passes)
         body = mark_yanked(entry.body, blocked)
-        return entry if body == entry.body else dataclasses.replace(entry, body=body, etag=body_etag(body))
+        if body == entry.body:
+            return entry, until
+        return dataclasses.replace(entry, body=body, etag=body_etag(body)), until
 
 
 class _Positional(io.RawIOBase):
@@ -257,9 +342,12 @@ class _Positional(io.RawIOBase):
         return len(data)
 
 
-def _view_size(entry: IndexEntry) -> int:
-    return len(entry.body) + 256
+def _view_size(view: tuple[IndexEntry, float]) -> int:
+    return len(view[0].body) + 256
 
 
 def create_policy(config: Config, store: Store, metrics: Metrics) -> PolicyService:
-    return PolicyService(check_policy(config), config.policy.advisory_db, store, metrics)
+    return PolicyService(
+        check_policy(config), config.policy.advisory_db, store, metrics,
+        cache_dir=config.cache.dir, audit_retention=config.audit.retention,
+    )  # fmt: skip

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +44,7 @@ class AccessSink:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._second = -1
         self._second_text = ""
+        self._pid = os.getpid()  # each worker process makes its own sink (setup_logging)
 
     def write(self, level: int, logger: str, message: str, fields: dict[str, Any]) -> None:
         line = self._render(time.time(), logging.getLevelName(level), logger, message, fields)
@@ -63,13 +65,13 @@ class AccessSink:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
             document = {
                 "time": f"{stamp}.{millis}Z", "level": level.lower(), "logger": logger,
-                "pid": os.getpid(), "message": message, **fields,
+                "pid": self._pid, "message": message, **fields,
             }  # fmt: skip
             return json.dumps(document, separators=(",", ":"))
         if int(now) != self._second:  # as TEXT_FORMAT writes a record; strftime once a second
             self._second = int(now)
             self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        return f"{self._second_text},{millis} {level} {logger}[{os.getpid()}]: {message}"
+        return f"{self._second_text},{millis} {level} {logger}[{self._pid}]: {message}"
 
     def flush(self) -> None:
         if self._flush_handle is not None:
@@ -117,38 +119,105 @@ class AccessLogger(AbstractAccessLogger):
     error answer also its one-line reason. 5xx answers are logged as warnings so they stand out."""
 
     def log(self, request: BaseRequest, response: StreamResponse, duration: float) -> None:
-        if not self.logger.isEnabledFor(logging.WARNING if response.status >= 500 else logging.INFO):
+        sink = _access_sink
+        if response.status < 400 and sink is not None and not sink.json_format:
+            if self.logger.isEnabledFor(logging.INFO):
+                line = plain_line(request, response, duration)
+                sink.write(logging.INFO, self.logger.name, line, _NO_FIELDS)
+            return
+        level = logging.WARNING if response.status >= 500 else logging.INFO
+        if not self.logger.isEnabledFor(level):
             return
         fields = access_fields(request, response, duration)
-        text = '{remote} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms {cache}'.format(
-            **fields | {"method": quote_text(fields["method"]), "path": quote_text(fields["path"])}
+        text = (
+            f'{fields["remote"]} "{quote_text(fields["method"])} {quote_text(fields["path"])}" '
+            f"{fields['status']} {fields['bytes']} {fields['duration_ms']:.1f}ms {fields['cache']}"
         )
         if fields["upstream_ms"] is not None:
             text += f" upstream={fields['upstream_ms']:.1f}ms"
-        text += f" {json.dumps(fields['user_agent'])}"
+        text += f" {_quoted_agent(fields['user_agent'])}"
         if "token" in fields:  # the token's name, never the token
             text += f" token={fields['token']}"
         if "error" in fields:
             text += f" error={json.dumps(fields['error'])}"
-        level = logging.WARNING if response.status >= 500 else logging.INFO
-        if _access_sink is not None:
-            _access_sink.write(level, self.logger.name, text, fields)
+        if sink is not None:
+            sink.write(level, self.logger.name, text, fields)
         else:
             self.logger.log(level, "%s", text, extra={"fields": fields})
 
 
-def access_fields(request: BaseRequest, response: StreamResponse, duration: float) -> dict[str, Any]:
-    # Imported here: the supervisor process imports this module for setup_logging alone, and must not
-    # load prometheus_client before PROMETHEUS_MULTIPROC_DIR is set.
-    from cratemirror.http.auth import TOKEN_NAME
-    from cratemirror.http.clients import client_address
-    from cratemirror.http.context import TIMING
-    from cratemirror.http.routes import BYTES
-    from cratemirror.metrics import RequestTiming
+_NO_FIELDS: dict[str, Any] = {}
 
-    timing = request.get(TIMING)
+
+def plain_line(request: BaseRequest, response: StreamResponse, duration: float) -> str:
+    """The text line of a successful answer (no error field), as AccessLogger.log writes it from
+    access_fields, without making the fields: this runs for every hit."""
+    timing_key, bytes_key, token_key, client_address = _keys()
+    try:
+        timing = request[timing_key]
+    except KeyError:
+        timing = None
+    upstream = ""
+    if timing is not None:
+        duration = time.perf_counter() - timing.started  # the whole answer, sent
+        if timing.upstream_requests:
+            upstream = f" upstream={round(timing.upstream_seconds * 1000, 3):.1f}ms"
+    try:
+        counted = request[bytes_key]
+    except KeyError:
+        counted = None
+    method = quote_text(clean_text(request.method))
+    path = quote_text(clean_text(redact(request.raw_path)))
+    agent = _quoted_agent(clean_text(request.headers.get("User-Agent", "-")))
+    text = (
+        f'{clean_text(client_address(request))} "{method} {path}" {response.status} '
+        f"{body_bytes(request, response, counted)} {round(duration * 1000, 3):.1f}ms "
+        f"{response.headers.get('X-Cache', '-')}{upstream} {agent}"
+    )
+    try:  # noqa: SIM105 (contextlib.suppress costs a context manager per request)
+        text += f" token={request[token_key]}"  # the token's name, never the token
+    except KeyError:
+        pass
+    return text
+
+
+_QUOTED_AGENTS: dict[str, str] = {}  # a fleet's clients send a handful of User-Agents
+_QUOTED_AGENTS_MAX = 256
+
+
+def _quoted_agent(agent: str) -> str:
+    quoted = _QUOTED_AGENTS.get(agent)
+    if quoted is None:
+        quoted = json.dumps(agent)
+        if len(_QUOTED_AGENTS) >= _QUOTED_AGENTS_MAX:
+            _QUOTED_AGENTS.clear()
+        _QUOTED_AGENTS[agent] = quoted
+    return quoted
+
+
+_request_keys: tuple[Any, Any, Any, Callable[[BaseRequest], str]] | None = None
+
+
+def _keys() -> tuple[Any, Any, Any, Callable[[BaseRequest], str]]:
+    """The request keys the access line reads, imported on first use, not per line: the supervisor
+    process imports this module for setup_logging alone, and must not load prometheus_client before
+    PROMETHEUS_MULTIPROC_DIR is set."""
+    global _request_keys
+    if _request_keys is None:
+        from cratemirror.http.auth import TOKEN_NAME
+        from cratemirror.http.clients import client_address
+        from cratemirror.http.context import TIMING
+        from cratemirror.http.instrument import BYTES
+
+        _request_keys = (TIMING, BYTES, TOKEN_NAME, client_address)
+    return _request_keys
+
+
+def access_fields(request: BaseRequest, response: StreamResponse, duration: float) -> dict[str, Any]:
+    timing_key, bytes_key, token_key, client_address = _keys()
+    timing = request.get(timing_key)
     upstream_ms = None
-    if isinstance(timing, RequestTiming):
+    if timing is not None:
         duration = time.perf_counter() - timing.started  # the whole answer, sent
         if timing.upstream_requests:
             upstream_ms = round(timing.upstream_seconds * 1000, 3)
@@ -159,18 +228,19 @@ def access_fields(request: BaseRequest, response: StreamResponse, duration: floa
         "method": clean_text(request.method),
         "path": clean_text(redact(request.raw_path)),
         "status": response.status,
-        "bytes": body_bytes(request, response, request.get(BYTES)),
+        "bytes": body_bytes(request, response, request.get(bytes_key)),
         "duration_ms": round(duration * 1000, 3),
         "cache": response.headers.get("X-Cache", "-"),
         "upstream_ms": upstream_ms,
         "user_agent": clean_text(request.headers.get("User-Agent", "-")),
     }
-    token_name = request.get(TOKEN_NAME)
+    token_name = request.get(token_key)
     if token_name is not None:
         fields["token"] = token_name
-    reason = error_text(response)
-    if reason is not None:
-        fields["error"] = clean_text(redact(reason))
+    if response.status >= 400:
+        reason = error_text(response)
+        if reason is not None:
+            fields["error"] = clean_text(redact(reason))
     return fields
 
 

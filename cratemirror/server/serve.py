@@ -121,6 +121,7 @@ def run_worker(
     from aiohttp import web
 
     from cratemirror.http.app import create_app
+    from cratemirror.http.instrument import start_timing
     from cratemirror.server.logs import AccessLogger, flush_access_log
 
     setup_logging(config.logging)
@@ -136,7 +137,6 @@ def run_worker(
     asyncio.set_event_loop(runner_loop)
     guard = ConnectionGuard(config.server.max_connections, config.server.idle_timeout)
     app = create_app(config)
-    app.middlewares.insert(0, guard.middleware)
 
     stopped: list[str] = []  # the signal that stopped this worker, once one did
 
@@ -157,7 +157,7 @@ def run_worker(
         await runner.setup()
         try:
             assert runner.server is not None
-            guard.attach(runner.server)
+            guard.attach(runner.server, on_request=start_timing)
             site = web.TCPSite(
                 runner, config.server.host, config.server.port, reuse_port=config.server.workers > 1,
                 ssl_context=server_ssl_context(config),

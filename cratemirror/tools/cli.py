@@ -208,3 +208,7 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     _add_lockfiles(check)
     check.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     check.set_defaults(run=_policy_check)
+
+    from cratemirror.tools.audit import add_audit_command
+
+    add_audit_command(commands)

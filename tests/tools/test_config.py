@@ -252,7 +252,15 @@ CONTRACT_KEYS = {
     ),
     *(
         f"cache.{k}"
-        for k in ["dir", "max_size", "index_ttl", "stale_while_revalidate", "negative_ttl", "stale_if_error"]
+        for k in [
+            "dir",
+            "max_size",
+            "index_ttl",
+            "stale_while_revalidate",
+            "negative_ttl",
+            "stale_if_error",
+            "memory_size",
+        ]
     ),
     "offline",
     "logging.level",
@@ -278,9 +286,22 @@ CONTRACT_KEYS = {
     "registries",
     *(
         f"policy.{k}"
-        for k in ["mode", "advisory_db", "advisories", "informational", "ignore", "licenses", "deny", "allow"]
+        for k in [
+            "mode",
+            "advisory_db",
+            "advisories",
+            "informational",
+            "ignore",
+            "licenses",
+            "deny",
+            "allow",
+            "min_release_age",
+            "cooldown_exempts_fixes",
+            "internal_names",
+        ]
     ),
     *(f"toolchains.{k}" for k in ["upstream", "manifest_ttl", "signing_key", "max_size"]),
+    "audit.retention",
 }
 
 
@@ -483,6 +504,7 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
         ("cache:\n  index_ttl: forever\n", "cache.index_ttl", "a duration like 5m", "'forever'"),
         ("cache:\n  negative_ttl: 1 week\n", "cache.negative_ttl", "a duration like 1m", "'1 week'"),
         ("cache:\n  stale_if_error: always\n", "cache.stale_if_error", "a duration like 7d", "'always'"),
+        ("cache:\n  memory_size: plenty\n", "cache.memory_size", "a size like 64MiB, or 0", "'plenty'"),
         ("offline: maybe\n", "offline", "true or false", "'maybe'"),
         ("offline: 2\n", "offline", "true or false", "2"),
         ("offline: null\n", "offline", "true or false", "None"),
@@ -534,7 +556,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: database: unknown key; "
         "allowed keys: server, upstream, cache, offline, logging, storage, coordination, auth, registries, "
-        "policy, toolchains"
+        "policy, toolchains, audit"
     )
 
 

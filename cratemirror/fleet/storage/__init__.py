@@ -107,6 +107,17 @@ class LocalShared:
     async def problem(self) -> str | None:
         return None
 
+    async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
+        return None
+
+    async def iter_audit(self, since_hour: int) -> AsyncIterator[tuple[str, int]]:
+        nothing: tuple[tuple[str, int], ...] = ()
+        for item in nothing:
+            yield item
+
+    async def get_audit(self, replica: str, hour: int, limit: int) -> bytes | None:
+        return None
+
 
 def make_shared_storage(
     config: StorageConfig,

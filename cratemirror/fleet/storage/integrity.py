@@ -23,7 +23,7 @@ from typing import Literal
 
 __all__ = ["CRATE_FIELDS", "INDEX_FIELDS", "KEY_ID_FIELD", "MAC_FIELD", "ObjectKind", "Sealer"]
 
-ObjectKind = Literal["index", "crate", "toolchain"]
+ObjectKind = Literal["index", "crate", "toolchain", "audit"]
 
 DOMAIN = b"cratemirror/storage-object"
 VERSION = "v1"
@@ -37,6 +37,8 @@ _FIELDS: dict[ObjectKind, Sequence[str]] = {
     "index": INDEX_FIELDS,
     "crate": CRATE_FIELDS,
     "toolchain": CRATE_FIELDS,
+    # An audit object (cache/audit.py) has no validators: its key and body are what is authenticated.
+    "audit": (),
 }
 MAX_FIELD = 4096  # S3 user metadata is 2 KiB in all: anything longer is not ours
 

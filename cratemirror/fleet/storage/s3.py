@@ -4,6 +4,7 @@ aiobotocore. Tested against moto's S3 server; meant for MinIO/AWS/Ceph.
 Layout under storage.s3.prefix:
   crates/<name>/<version, percent-encoded>.crate   body = the .crate; metadata sha256, mac
   index/<lowercase name>                           body = the index file; metadata = its validators, mac
+  audit/<replica>/<epoch hour>.jsonl.gz            one replica's audit records of an hour; mac
 
 Every object's metadata carries an HMAC-SHA256 made with storage.s3.integrity_key (integrity.py) over
 its key, body and validators: the bucket is storage, not a trusted source. An object that fails
@@ -24,6 +25,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -63,6 +65,8 @@ JOBS = 8  # deletes or uploads at once (the operator tools)
 PROBLEM_MEMORY = (
     60.0  # seconds /readyz reports a failed call, unless one succeeds meanwhile  # usage(): 1000 keys a page
 )
+_REPLICA_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_AUDIT_KEY_RE = re.compile(r"([a-z0-9][a-z0-9-]{0,63})/(\d{10})\.jsonl\.gz")
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _ALREADY = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
@@ -271,10 +275,57 @@ class S3Shared:
             return None
         return f"shared storage failing ({self._failure[:200]}); serving from this replica and upstream"
 
+    async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
+        name = self._audit_key(replica, hour)
+        meta = self._sealer.seal("audit", name, await _sha256(body), {})
+        await self._tracked(self._client.put_object(Bucket=self.bucket, Key=name, Body=body, Metadata=meta))
+
+    async def iter_audit(self, since_hour: int) -> AsyncIterator[tuple[str, int]]:
+        """Audit objects whose key parses back into a replica name and an hour; others are skipped."""
+        start = f"{self.prefix}audit/"
+        paginator = self._client.get_paginator("list_objects_v2")
+        number = 0
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+            for item in page.get("Contents", []):
+                match = _AUDIT_KEY_RE.fullmatch(str(item.get("Key", ""))[len(start) :])
+                if match is not None and int(match.group(2)) >= since_hour:
+                    yield match.group(1), int(match.group(2))
+            number += 1
+            if number >= MAX_LIST_PAGES:
+                break
+
+    async def get_audit(self, replica: str, hour: int, limit: int) -> bytes | None:
+        """The object's bytes if they authenticate with the fleet secret (else None, counted)."""
+        name = self._audit_key(replica, hour)
+        try:
+            response = await self._tracked(self._client.get_object(Bucket=self.bucket, Key=name))
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        if int(response.get("ContentLength", 0)) > limit:
+            response["Body"].close()
+            return None
+        async with response["Body"] as stream:
+            body = bytes(await stream.read(limit + 1))
+        if len(body) > limit:
+            return None
+        problem = self._sealer.problem("audit", name, await _sha256(body), response.get("Metadata", {}))
+        if problem is not None:
+            self._failed("audit", name, problem)
+            return None
+        self._passed(name)
+        return body
+
     # ---- keys (from validated values only) --------------------------------------------------------
 
     def _crate_key(self, key: CrateVersion) -> str:
         return f"{self.prefix}crates/{key.crate.name}/{quote(key.version, safe='')}.crate"
+
+    def _audit_key(self, replica: str, hour: int) -> str:
+        if not _REPLICA_RE.fullmatch(replica) or not 0 <= hour < 10**9:
+            raise ValueError("invalid audit object name")
+        return f"{self.prefix}audit/{replica}/{hour:010d}.jsonl.gz"
 
     def _index_key(self, crate: CrateName) -> str:
         return f"{self.prefix}index/{crate.lower}"
@@ -290,7 +341,8 @@ class S3Shared:
         self._known.pop(name, None)
         if name not in self._reported:
             self._reported[name] = True
-            log.error("shared storage: %s has %s: ignored, replaced from upstream", name, reason)
+            then = "" if kind == "audit" else ", replaced from upstream"
+            log.error("shared storage: %s has %s: ignored%s", name, reason, then)
 
     def _passed(self, name: str) -> None:
         self._reported.pop(name, None)  # a later failure of this key is news again

@@ -132,6 +132,18 @@ class SharedStorage(Protocol):
         """None while the store answers, else a one-line reason (/readyz: degraded)."""
         ...
 
+    async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
+        """One replica's audit records of one hour (epoch hours), replacing an earlier upload."""
+        ...
+
+    def iter_audit(self, since_hour: int) -> AsyncIterator[tuple[str, int]]:
+        """(replica, hour) of every audit object from `since_hour` on."""
+        ...
+
+    async def get_audit(self, replica: str, hour: int, limit: int) -> bytes | None:
+        """An audit object's bytes; None if it is missing or larger than `limit`."""
+        ...
+
 
 class ArtifactStore(Protocol):
     """One registry's stored crates and index files, as verify, prune, export and import see them.

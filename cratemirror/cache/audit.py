@@ -1,0 +1,433 @@
+"""The audit trail: who took which crate version, when, and with what result.
+
+One `AuditTrail` per worker process. The hot path (`record`) is one append to an in-memory list; a
+background task moves the list into `audit.sqlite` in the cache dir (SQLite in WAL mode, shared by the
+workers, one transaction per batch, in a thread so the event loop never waits on the disk), drops
+records older than `audit.retention`, and with a shared store (storage.backend: s3) uploads each
+hour's records as one object, `audit/<replica>/<hour>.jsonl.gz`, so one query sees the fleet.
+
+A committed batch survives a kill -9 (WAL: the commit is in the log before it returns); what sits in
+the list is at most FLUSH_SECONDS old. Records read back (from the file or the bucket) are input like
+any other: each is parsed into an `AuditRecord` with bounded fields, and anything else is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cratemirror.fleet.storage import SharedStorage
+from cratemirror.names import is_crate_version
+
+log = logging.getLogger("cratemirror.audit")
+
+AUDIT_FILE = "audit.sqlite"
+REPLICA_FILE = "replica-id"
+FLUSH_SECONDS = 1.0  # the longest a record waits in memory
+BATCH = 2048  # a list this long is flushed at once
+MAX_PENDING = 200_000  # beyond this (the disk is stuck) records are dropped and counted, never the server
+PRUNE_SECONDS = 3600.0
+REOPEN_SECONDS = 10.0  # a file that could not be opened (a full disk) is tried again this often
+UPLOAD_SECONDS = 60.0  # a replica's current hour goes to the bucket this often (and at shutdown)
+HOUR = 3600
+MAX_OBJECT_BYTES = 64 * 1024 * 1024  # one hour's gzipped object, read back
+MAX_OBJECT_LINES = 2_000_000
+MAX_LINE = 4096
+MAX_DECOMPRESSED = 512 * 1024 * 1024
+MAX_WHO = 200
+MAX_RULE = 100
+MAX_ROWS = 5_000_000  # one query reads at most this many records
+
+SERVED = "served"
+BLOCKED = "blocked"
+NOT_FOUND = "not-found"
+FAILED = "failed"
+RESULTS = frozenset({SERVED, BLOCKED, NOT_FOUND, FAILED})
+
+REPLICA_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_REGISTRY_RE = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?")
+_RULE_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_WHO_RE = re.compile(r"[\x21-\x7e]{1,200}")  # a token name or an address: printable, no spaces
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    at: float  # wall clock
+    registry: str
+    crate: str  # as requested, lowercased
+    version: str
+    result: str  # served | blocked | not-found | failed
+    rule: str  # the policy rule of a refusal ("" otherwise)
+    who: str  # the token's name, or the client address
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "at": self.at, "registry": self.registry, "crate": self.crate, "version": self.version,
+            "result": self.result, "rule": self.rule, "who": self.who,
+        }  # fmt: skip
+
+
+def parse_record(value: object, now: float | None = None) -> AuditRecord | None:
+    """A record from outside the process (a row, a bucket line), validated; None if it is not one."""
+    if isinstance(value, tuple) and len(value) == 7:
+        at, registry, crate, version, result, rule, who = value
+    elif isinstance(value, dict):
+        at, registry, crate, version, result, rule, who = (
+            value.get(key) for key in ("at", "registry", "crate", "version", "result", "rule", "who")
+        )
+    elif isinstance(value, list) and len(value) == 7:
+        at, registry, crate, version, result, rule, who = value
+    else:
+        return None
+    if type(at) is not float and (isinstance(at, bool) or not isinstance(at, int)):
+        return None
+    if not 0 <= at <= (now if now is not None else time.time()) + 86400:  # NaN fails too
+        return None
+    if result not in RESULTS or not is_crate_version(crate, version):
+        return None
+    if not isinstance(registry, str) or not _REGISTRY_RE.fullmatch(registry):
+        return None
+    if not isinstance(rule, str) or (rule and not _RULE_RE.fullmatch(rule)):
+        return None
+    if not isinstance(who, str) or not _WHO_RE.fullmatch(who):
+        return None
+    return AuditRecord(float(at), registry, str(crate).lower(), str(version), str(result), rule, who)
+
+
+# --- the file ------------------------------------------------------------------------------------
+
+
+class AuditDb:
+    """audit.sqlite: one row per record; WAL, so workers append side by side and readers never block."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        self._db = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process
+            self._db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS records (
+                    at REAL NOT NULL, registry TEXT NOT NULL, crate TEXT NOT NULL, version TEXT NOT NULL,
+                    result TEXT NOT NULL, rule TEXT NOT NULL, who TEXT NOT NULL);
+                CREATE INDEX IF NOT EXISTS records_at ON records(at);
+                CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                """
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def append(self, batch: Iterable[tuple[float, str, str, str, str, str, str]]) -> int:
+        now = time.time()
+        rows = []
+        for item in batch:
+            record = parse_record(item, now)
+            if record is not None:
+                rows.append((record.at, record.registry, record.crate, record.version, record.result,
+                             record.rule, record.who))  # fmt: skip
+        return self._insert(rows)
+
+    def append_own(self, batch: list[str]) -> int:
+        """The trail's own records (tab-separated lines): their time, registry, result and rule are this
+        process's values and `who` a token name or address, so only what came from the request is
+        checked again (crate and version, as at the edge) and every length bounded; a line that does not
+        split into seven fields is dropped. Reading back validates everything."""
+        rows = []
+        for line in batch:
+            fields = line.split("\t")
+            if len(fields) != 7:
+                continue
+            at, registry, crate, version, result, rule, who = fields
+            if is_crate_version(crate, version) and len(who) <= MAX_WHO and len(rule) <= MAX_RULE:
+                with contextlib.suppress(ValueError):
+                    rows.append((float(at), registry, crate.lower(), version, result, rule, who))
+        return self._insert(rows)
+
+    def _insert(self, rows: list[tuple[float, str, str, str, str, str, str]]) -> int:
+        if not rows:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return len(rows)
+
+    def prune(self, before: float) -> int:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM records WHERE at < ?", (before,))
+            return cursor.rowcount
+
+    def select(
+        self, since: float = 0.0, until: float | None = None, limit: int = MAX_ROWS
+    ) -> Iterator[AuditRecord]:
+        """Records from `since` (up to `until`), oldest first, each validated on the way out. (One index,
+        on the time: each more would cost every append; the tools filter by crate as they read.)"""
+        sql = "SELECT at, registry, crate, version, result, rule, who FROM records WHERE at >= ?"
+        args: list[object] = [since]
+        if until is not None:
+            sql += " AND at < ?"
+            args.append(until)
+        sql += " ORDER BY at LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        now = time.time()
+        for row in rows:
+            record = parse_record(row, now)
+            if record is not None:
+                yield record
+
+    def served(self, since: float) -> list[tuple[str, str, str]]:
+        """Distinct (crate, version, who) served from `since` on, unvalidated (see served_clients)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT crate, version, who FROM records WHERE result = ? AND at >= ? LIMIT ?",
+                (SERVED, since, MAX_ROWS),
+            ).fetchall()
+        return [(str(crate), str(version), str(who)) for crate, version, who in rows]
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+def replica_id(cache_dir: Path, create: bool = True) -> str | None:
+    """This cache dir's name in the bucket: made once (random), kept in `replica-id`."""
+    path = cache_dir / REPLICA_FILE
+    with contextlib.suppress(OSError):
+        text = path.read_text(encoding="ascii").strip()
+        if REPLICA_RE.fullmatch(text):
+            return text
+    if not create:
+        return None
+    made = secrets.token_hex(8)
+    temp = cache_dir / f"{REPLICA_FILE}.{os.getpid()}.tmp"
+    temp.write_text(made + "\n", encoding="ascii")
+    with contextlib.suppress(FileExistsError):
+        os.link(temp, path)  # the first worker's name wins; the others read it
+    temp.unlink(missing_ok=True)
+    text = path.read_text(encoding="ascii").strip()
+    return text if REPLICA_RE.fullmatch(text) else None
+
+
+def encode_hour(records: Iterable[AuditRecord]) -> bytes:
+    lines = (json.dumps(record.as_json(), separators=(",", ":")) for record in records)
+    return gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=6)
+
+
+def decode_hour(data: bytes, now: float | None = None) -> Iterator[AuditRecord]:
+    """One hour object from the bucket, bounded: compressed size, decompressed size (a gzip bomb stops
+    at MAX_DECOMPRESSED), line length (a longer line is skipped, never held whole) and line count."""
+    if len(data) > MAX_OBJECT_BYTES:
+        return
+    read = 0
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+            for _ in range(MAX_OBJECT_LINES):
+                line = stream.readline(MAX_LINE + 1)
+                if not line:
+                    return
+                read += len(line)
+                if len(line) > MAX_LINE:  # longer than allowed: skip to its end, never holding it whole
+                    while not line.endswith(b"\n"):
+                        line = stream.readline(MAX_LINE + 1)
+                        read += len(line)
+                        if not line or read > MAX_DECOMPRESSED:
+                            return
+                    continue
+                if read > MAX_DECOMPRESSED:
+                    return
+                try:
+                    value = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                record = parse_record(value, now)
+                if record is not None:
+                    yield record
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
+        return
+
+
+# --- the recorder --------------------------------------------------------------------------------
+
+
+class AuditTrail:
+    """Records downloads and refusals; `retention` 0 turns it off (record() then does nothing)."""
+
+    def __init__(self, cache_dir: Path, retention: float, shared: SharedStorage | None = None) -> None:
+        self.cache_dir = cache_dir
+        self.retention = retention
+        self.enabled = retention > 0
+        self.shared = shared
+        # One tab-separated line per record: a string is no garbage-collected container, so thousands
+        # waiting for the flush do not make the collector run more often on the serving thread.
+        self.pending: list[str] = []
+        self.dropped = 0
+        self.db: AuditDb | None = None
+        self.replica: str | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pruned_at: float | None = None  # pruned at the first round, then every PRUNE_SECONDS
+        self._uploaded_at: float | None = None
+        self._opened_at = 0.0
+
+    def record(self, registry: str, crate: str, version: str, result: str, rule: str, who: str) -> None:
+        """The hot path: one append (the background task validates and writes it)."""
+        if not self.enabled:
+            return
+        pending = self.pending
+        if len(pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        pending.append(f"{time.time()!r}\t{registry}\t{crate}\t{version}\t{result}\t{rule}\t{who}")
+        if len(pending) == BATCH:
+            self._wake.set()
+
+    async def start(self) -> None:
+        if not self.enabled:
+            return
+        await self._open()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _open(self) -> bool:
+        """Open the file (and learn the replica's name); a disk that refuses is retried later, and the
+        records wait in memory meanwhile (bounded by MAX_PENDING)."""
+        self._opened_at = time.monotonic()
+        try:
+            self.db = await asyncio.to_thread(AuditDb, self.cache_dir / AUDIT_FILE)
+            if self.shared is not None:
+                self.replica = await asyncio.to_thread(replica_id, self.cache_dir)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning(
+                "audit: cannot open %s (%s): records are kept in memory and the file is retried",
+                self.cache_dir / AUDIT_FILE, exc,
+            )  # fmt: skip
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.db is None and self.pending and self.enabled:
+            await self._open()
+        if self.db is not None:
+            await self.flush()
+            with contextlib.suppress(Exception):
+                await self.upload(final=True)
+            self.db.close()
+            self.db = None
+
+    async def flush(self) -> int:
+        """Write what is pending; records stay pending if the disk refuses (and are retried)."""
+        if self.db is None or not self.pending:
+            return 0
+        batch, self.pending = self.pending, []
+        try:
+            return await asyncio.to_thread(self.db.append_own, batch)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("audit: could not write %d records (kept in memory, retried): %s", len(batch), exc)
+            self.pending = (batch + self.pending)[:MAX_PENDING]
+            return 0
+
+    async def prune(self) -> int:
+        if self.db is None:
+            return 0
+        return await asyncio.to_thread(self.db.prune, time.time() - self.retention)
+
+    async def upload(self, final: bool = False) -> int:
+        """Each hour not yet uploaded in full, and the current one, as one object per replica and hour."""
+        if self.db is None or self.shared is None or self.replica is None:
+            return 0
+        now = time.time()
+        current = int(now // HOUR)
+        done = await asyncio.to_thread(self.db.get_meta, "uploaded-through")
+        first = int(done) if done and done.isdigit() else int((now - self.retention) // HOUR)
+        first = max(first, int((now - self.retention) // HOUR), current - 24 * 400)
+        uploaded = 0
+        for hour in range(first, current + 1):
+            records = await asyncio.to_thread(self._hour_records, hour)
+            if not records:
+                continue
+            body = await asyncio.to_thread(encode_hour, records)
+            await self.shared.put_audit(self.replica, hour, body)
+            uploaded += 1
+        await asyncio.to_thread(self.db.set_meta, "uploaded-through", str(current))
+        return uploaded
+
+    def _hour_records(self, hour: int) -> list[AuditRecord]:
+        return list(self.db.select(hour * HOUR, (hour + 1) * HOUR)) if self.db is not None else []
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
+            self._wake.clear()
+            too_soon = time.monotonic() - self._opened_at < REOPEN_SECONDS
+            if self.db is None and (too_soon or not await self._open()):
+                continue
+            await self.flush()
+            if self.dropped:
+                log.warning("audit: %d records dropped (the audit file could not keep up)", self.dropped)
+                self.dropped = 0
+            now = time.monotonic()
+            try:
+                if self._pruned_at is None or now - self._pruned_at >= PRUNE_SECONDS:
+                    self._pruned_at = now
+                    removed = await self.prune()
+                    if removed:
+                        log.info("audit: dropped %d records older than audit.retention", removed)
+                due = self._uploaded_at is None or now - self._uploaded_at >= UPLOAD_SECONDS
+                if self.shared is not None and due:
+                    self._uploaded_at = now
+                    await self.upload()
+            except Exception as exc:  # the bucket or the disk failing must not end the recording
+                log.warning("audit: %s", exc)
+
+
+def served_clients(cache_dir: Path, since: float) -> Iterator[tuple[str, str, str]]:
+    """(crate, version, who) of every distinct download served from `since` on, read from this cache
+    dir's audit file (none if there is no file yet); each row validated like any record."""
+    path = cache_dir / AUDIT_FILE
+    if not path.is_file():
+        return
+    db = AuditDb(path, readonly=True)
+    try:
+        rows = db.served(since)
+    finally:
+        db.close()
+    now = time.time()
+    for crate, version, who in rows:
+        record = parse_record((now, "crates-io", crate, version, SERVED, "", who), now)
+        if record is not None:
+            yield record.crate, record.version, record.who

@@ -1,0 +1,77 @@
+"""The counted routes' hook: times a client request of the index, download or config routes, counts it by
+kind and cache result (the contract's metrics), and keeps its upstream time for the access log and the
+status page's recent misses.
+
+A decorator on those routes rather than an application middleware: a middleware runs on every request
+(and makes aiohttp build a handler chain around each one), while only these routes are counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from cratemirror.http.context import MIRROR, TIMING, RecentMiss
+from cratemirror.metrics import RequestTiming, start_request_timing
+
+# Keys on the request that the handlers set and the hook reads.
+KIND = web.RequestKey("cratemirror.kind", str)
+RESULT = web.RequestKey("cratemirror.result", str)
+BYTES = web.RequestKey("cratemirror.bytes", int)
+REGISTRY = web.RequestKey("cratemirror.registry", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def start_timing(request: web.BaseRequest) -> None:
+    """Time any request from the start of its handling (the server calls this for every request, so the
+    access log has a fine-grained duration: uvloop's loop.time() counts whole milliseconds)."""
+    request[TIMING] = start_request_timing()
+
+
+def instrumented(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def counted(request: web.Request) -> web.StreamResponse:
+        try:
+            timing = request[TIMING]  # started by the server for every request
+        except KeyError:
+            timing = request[TIMING] = start_request_timing()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            _record(request, timing, status)
+
+    return counted
+
+
+def _record(request: web.Request, timing: RequestTiming, status: int) -> None:
+    try:
+        kind = request[KIND]  # unset: the request was refused before it was a client request of a kind
+    except KeyError:
+        return
+    elapsed = time.perf_counter() - timing.started
+    result = request[RESULT]
+    sent = 0
+    if request.method != "HEAD":
+        try:  # noqa: SIM105 (contextlib.suppress costs a context manager per request)
+            sent = request[BYTES]
+        except KeyError:
+            pass
+    mirror = request.app[MIRROR]
+    name = request.match_info.get("registry")  # crates.io's routes have none
+    registry = mirror.registries.get(name) if name is not None else None
+    metrics = registry.metrics if registry is not None else mirror.metrics
+    metrics.observe_request(kind, result, elapsed, sent)
+    if result in ("miss", "error"):  # as /metrics counts them: an upstream failure is no hit
+        mirror.recent_misses.append(
+            RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)
+        )
