@@ -12,7 +12,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import TypeVar
@@ -35,6 +35,7 @@ log = logging.getLogger("cratemirror.index")
 # A refresh another caller claimed stands this long; its copy is looked for this often meanwhile.
 STANDING_REFRESH_WAIT = 1.0
 STANDING_REFRESH_POLL = 0.02
+REFRESH_ROUNDS = 3  # a refresh waits out at most this many standing ones
 
 V = TypeVar("V")
 
@@ -188,6 +189,26 @@ class IndexService:
         await asyncio.to_thread(self.store.bump_index_generation)
         self.check_generation(force=True)
         return result
+
+    async def refresh_once_per(
+        self, crate: CrateName, interval: float, claim: Callable[[], Awaitable[float | None]]
+    ) -> IndexResult:
+        """A refresh that reaches upstream at most once per `interval` per name, across workers and
+        replicas: `claim` takes the name's slot (None), or says when the standing refresh started. A
+        caller that arrives while that one is in flight shares its answer; one that arrives after it
+        finished waits out its interval and asks upstream itself, so the answer is never older than
+        the request."""
+        asked_at = time.time()
+        standing = None
+        for _ in range(REFRESH_ROUNDS):
+            standing = await claim()
+            if standing is None:
+                return await self.refresh(crate)
+            entry = self.store.get_index(crate.lower)
+            if entry is None or not standing <= entry.checked_at <= asked_at:
+                break  # still in flight: share it
+            await asyncio.sleep(max(STANDING_REFRESH_POLL, standing + interval - time.time()))
+        return await self.refresh(crate, since=standing)
 
     async def _await_standing_refresh(self, crate: CrateName, since: float) -> IndexResult | None:
         """The copy another worker's or replica's standing refresh stores, once it has: that refresh

@@ -306,10 +306,10 @@ async def refresh(request: web.Request) -> web.Response:
     if isinstance(charged, web.Response):
         return charged
     try:
-        # At most one upstream request per name per second, whoever asks: the others get the copy that
-        # refresh brought (joining its flight, or finding it fresh once they hold the fill lock).
-        standing = await mirror.unknown_names.claim_refresh(crate.lower, REFRESH_INTERVAL)
-        result = await mirror.default.index.refresh(crate, since=standing)
+        # At most one upstream request per name per second, whoever asks.
+        result = await mirror.default.index.refresh_once_per(
+            crate, REFRESH_INTERVAL, lambda: mirror.unknown_names.claim_refresh(crate.lower, REFRESH_INTERVAL)
+        )
         await charged.settle(request, found=result.entry.status == 200)
     except UpstreamError as exc:
         return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}")
