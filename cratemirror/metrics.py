@@ -28,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from cratemirror.metric_batches import BATCH
+from cratemirror.names import DEFAULT_REGISTRY
 
 # From warm hits (a few hundred microseconds) to multi-second upstream fetches.
 LATENCY_BUCKETS = (
@@ -97,9 +98,6 @@ class Snapshot:
         return sum(
             value for (sample, have), value in self.samples.items() if sample == name and wanted <= have
         )
-
-
-DEFAULT_REGISTRY = "crates-io"
 
 
 class Labelled:

@@ -16,7 +16,8 @@ from cratemirror.config.schema import CacheConfig, Config, ConfigError, Registry
 from cratemirror.fleet.coordination import Coordination, make_coordination
 from cratemirror.fleet.storage import SharedStorage, make_shared_storage
 from cratemirror.fleet.storage.disk import DiskTrouble, Store
-from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
+from cratemirror.metrics import Metrics
+from cratemirror.names import DEFAULT_REGISTRY
 from cratemirror.upstream.client import Upstream
 
 CRATES_IO_INDEX = "https://github.com/rust-lang/crates.io-index"

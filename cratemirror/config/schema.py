@@ -40,6 +40,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cratemirror.names import DEFAULT_REGISTRY
+
 __all__ = [
     "AuthConfig",
     "CacheConfig",
@@ -72,7 +74,6 @@ ENV_PREFIX = "CRATEMIRROR_"
 # Names the config file, so it is not itself a setting (and must not be rejected as an unknown one).
 ENV_CONFIG = "CRATEMIRROR_CONFIG"
 # The name the default registry has wherever registries are named (URLs, metric labels).
-DEFAULT_REGISTRY = "crates-io"
 FLEET_EXTRA = "cratemirror[fleet]"
 
 

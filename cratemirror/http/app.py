@@ -20,7 +20,8 @@ from cratemirror.http.audit import install_audit
 from cratemirror.http.auth import auth_middleware, token_checker
 from cratemirror.http.context import MIRROR, Mirror
 from cratemirror.http.index_answers import IndexAnswers
-from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
+from cratemirror.metrics import Metrics
+from cratemirror.names import DEFAULT_REGISTRY
 from cratemirror.policy.service import create_policy
 
 log = logging.getLogger("cratemirror")

@@ -26,8 +26,13 @@ from cratemirror.http.index_answers import (
 from cratemirror.http.instrument import BYTES, KIND, REGISTRY, RESULT, instrumented
 from cratemirror.http.policy import client_of, refusal
 from cratemirror.http.responses import error, not_modified, send_file
-from cratemirror.metrics import DEFAULT_REGISTRY
-from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path, parse_name
+from cratemirror.names import (
+    DEFAULT_REGISTRY,
+    InvalidRequest,
+    parse_crate_version,
+    parse_index_path,
+    parse_name,
+)
 from cratemirror.upstream.client import UpstreamError
 
 REFRESH_INTERVAL = 1.0  # seconds: POST /-/refresh/<name> reaches upstream at most this often per name
