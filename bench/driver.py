@@ -33,6 +33,10 @@ from tests.mirror_process import MirrorProcess, clean_env
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
+# A run writes here unless told otherwise: untracked (.gitignore), so trying the bench never dirties the
+# checkout. `--write-results` updates the committed table instead.
+LOCAL_RESULTS = REPO / "bench" / "RESULTS.local.md"
+COMMITTED_RESULTS = REPO / "bench" / "RESULTS.md"
 WORKLOADS = ("index", "small", "large", "cold", "cargo", "memory")
 UPSTREAM_START_TIMEOUT = 120.0
 MIRROR_WORKERS = 2
@@ -76,7 +80,14 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--only", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}"
     )
-    parser.add_argument("--output", type=Path, default=REPO / "bench" / "RESULTS.md", help="results file")
+    parser.add_argument(
+        "--output", type=Path, default=None, help=f"results file (default {LOCAL_RESULTS.relative_to(REPO)})"
+    )
+    parser.add_argument(
+        "--write-results",
+        action="store_true",
+        help=f"update the committed {COMMITTED_RESULTS.relative_to(REPO)} (default: an untracked file)",
+    )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs)")
     args = parser.parse_args(argv)
     workloads = tuple(w.strip() for w in args.only.split(",") if w.strip())
@@ -101,9 +112,17 @@ def parse_args(argv: list[str] | None) -> Settings:
         index_ttl=3600,
         large_size=int(args.large_mib * 1024 * 1024),
         workloads=workloads,
-        output=args.output,
+        output=results_path(args.output, bool(args.write_results), parser),
         keep_tmp=bool(args.keep_tmp),
     )
+
+
+def results_path(output: Path | None, write_results: bool, parser: argparse.ArgumentParser) -> Path:
+    if output is not None and write_results:
+        parser.error("--output and --write-results: choose one")
+    if write_results:
+        return COMMITTED_RESULTS
+    return output if output is not None else LOCAL_RESULTS
 
 
 def log(message: str) -> None:

@@ -28,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from cratemirror.metric_batches import BATCH
+from cratemirror.names import DEFAULT_REGISTRY
 
 # From warm hits (a few hundred microseconds) to multi-second upstream fetches.
 LATENCY_BUCKETS = (
@@ -38,7 +39,7 @@ LATENCY_BUCKETS = (
 # The *_created series double every counter and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-KINDS = ("index", "crate", "config", "toolchain")
+KINDS = ("index", "crate", "config", "toolchain", "search")
 RESULTS = ("hit", "miss", "revalidated", "stale", "negative", "error")
 AUTH_REASONS = ("missing", "unknown", "expired", "revoked")
 
@@ -99,9 +100,6 @@ class Snapshot:
         )
 
 
-DEFAULT_REGISTRY = "crates-io"
-
-
 class Labelled:
     """A collector with a `kind` label whose trailing `registry` label is already filled in, so the
     services label by kind alone and each registry's bundle counts under its own name."""
@@ -160,6 +158,10 @@ class Metrics:
         self._cache_entries = Gauge(
             "cratemirror_cache_entries", "Entries in the cache", ["kind", "registry"], registry=r,
             multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self._cache_max_size = Gauge(
+            "cratemirror_cache_max_size_bytes", "The configured bound (cache/toolchains.max_size)",
+            ["kind", "registry"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self._bytes_served = Counter(
             "cratemirror_bytes_served_total", "Body bytes sent to clients", ["kind", "registry"], registry=r
@@ -223,6 +225,7 @@ class Metrics:
         self.coalesced = Labelled(self._coalesced, name)
         self.cache_size = Labelled(self._cache_size, name)
         self.cache_entries = Labelled(self._cache_entries, name)
+        self.cache_max_size = Labelled(self._cache_max_size, name)
         self.bytes_served = Labelled(self._bytes_served, name)
         self.upstream_bytes = Labelled(self._upstream_bytes, name)
         self.storage_integrity_failures = Labelled(self._storage_integrity_failures, name)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# The name of crates.io among the registries (metrics label, cache layout, config).
+DEFAULT_REGISTRY = "crates-io"
+
 MAX_NAME_LENGTH = 64
 MAX_VERSION_LENGTH = 150
 

@@ -38,10 +38,11 @@ def make_config(index_url: str, cache_dir: Path, **changes: Any) -> Config:
     """A test config: short timeouts and quick retries so fault tests finish fast. No
     stale-while-revalidate window unless a test asks for one (`cache__stale_while_revalidate=...`):
     `cache__index_ttl=0` then means "revalidate before every answer". No dependency prefetch unless a
-    test asks for it (`upstream__prefetch="index"`): the tests count upstream requests."""
+    test asks for it (`upstream__prefetch="index"`): the tests count upstream requests. No web API for
+    `cargo search` unless a test names one (`upstream__api_url=registry.url`): never crates.io itself."""
     config = Config(
         server=ServerConfig(host="127.0.0.1", port=8080, workers=1),
-        upstream=UpstreamConfig(index_url=index_url, timeout=2.0, retries=1, prefetch="off"),
+        upstream=UpstreamConfig(index_url=index_url, timeout=2.0, retries=1, prefetch="off", api_url=None),
         cache=CacheConfig(dir=cache_dir, stale_while_revalidate=0),
     )
     for dotted, value in changes.items():

@@ -347,6 +347,8 @@ class FakeRegistry:
         self.index_held = 0
 
         self._crates: dict[str, list[CrateVersion]] = {}  # key: lowercased name
+        #: the query parameters of every search API request (GET /api/v1/crates)
+        self.search_queries: list[dict[str, str]] = []
         self._raw: dict[str, bytes] = {}  # key: path relative to the index root
         self._mtimes: dict[str, int] = {}  # key: path relative to the index root
         self._clock = 0
@@ -656,7 +658,29 @@ class FakeRegistry:
                 if not released:
                     return self._reset_connection(request)
             return self._handle_index(request, self._rel(unquote(raw_path)))
+        if raw_path == "/api/v1/crates" and request.method == "GET":
+            return self._handle_search(request)
         return await self._handle_crate(request, raw_path, raw_query)
+
+    def _handle_search(self, request: web.Request) -> web.Response:
+        """crates.io's search API in small: `q` matched against names (substring, case-insensitive),
+        newest version per crate, `per_page` (default 10) of them, and the total."""
+        self.search_queries.append(dict(request.query))
+        query = request.query.get("q", "").lower()
+        try:
+            per_page = int(request.query.get("per_page", "10"))
+        except ValueError:
+            return web.json_response({"errors": [{"detail": "invalid per_page"}]}, status=400)
+        matches = sorted(key for key in self._crates if query in key and self._crates[key])
+        crates = [
+            {
+                "name": self._crates[key][-1].name,
+                "max_version": self._crates[key][-1].vers,
+                "description": f"fake crate {self._crates[key][-1].name}",
+            }
+            for key in matches[:per_page]
+        ]
+        return web.json_response({"crates": crates, "meta": {"total": len(matches)}})
 
     def _handle_index(self, request: web.Request, rel: str) -> web.Response:
         body = self._index_body(rel)
@@ -853,8 +877,8 @@ async def run_cargo(
     return proc.returncode, out.decode(errors="replace")
 
 
-# crates.io's real index files (shared/ lies beside the checkout, in CI too).
-REAL_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "crates-io-index"
+# crates.io's real index files, copied into the repository (tests/data/README.md says which).
+REAL_INDEX = Path(__file__).resolve().parent / "data" / "crates-io-index"
 
 
 # What cargo resolves `a = "1"`, `Inflect = "0.1"` to in publish_small_tree's registry.

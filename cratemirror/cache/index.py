@@ -392,9 +392,11 @@ class IndexService:
                     fetched.last_modified or formatdate(checked_at, usegmt=True), checked_at,
                     fetched.etag, fetched.last_modified,
                 )  # fmt: skip
+                # Before the file is stored: its dependencies' fetches are in flight before any client
+                # can read it and ask for them (a client asking then joins the prefetch, never races it).
+                self.prefetch.after_fetch(crate, fresh.body)
                 await self._put(crate.lower, fresh)
                 await self._share(crate, fresh)
-                self.prefetch.after_fetch(crate, fresh.body)
                 return IndexResult(fresh, "MISS", "miss")
             # 404 (or a 304 we did not ask for): remember "not found" for negative_ttl.
             missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)

@@ -17,7 +17,8 @@ from cratemirror.fleet.coordination import Coordination, make_coordination
 from cratemirror.fleet.storage import SharedStorage, make_shared_storage
 from cratemirror.fleet.storage.disk import DiskTrouble, Store
 from cratemirror.fleet.storage.guarded import GuardedShared
-from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
+from cratemirror.metrics import Metrics
+from cratemirror.names import DEFAULT_REGISTRY
 from cratemirror.upstream.client import Upstream
 
 CRATES_IO_INDEX = "https://github.com/rust-lang/crates.io-index"
@@ -123,6 +124,7 @@ def _bundle(
         coordination=coordination, shared=shared,
     )  # fmt: skip
     index.prefetch.fetch_crate = crates.prefetch
+    metrics.cache_max_size.labels("crate").set(cache.max_size)  # what alerts compare the size against
     return Registry(
         name, mount, upstream_config.index_url, cache, store, upstream, index, crates, metrics,
         coordination, shared,

@@ -93,6 +93,11 @@ def _tables(base: str, setup: ClientSetup) -> list[tuple[str, list[tuple[str, st
     return tables
 
 
+def cargo_tables(base: str, setup: ClientSetup = ClientSetup()) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The tables and keys the client config sets (for `client-config --merge`)."""
+    return _tables(base, setup)
+
+
 def token_names(setup: ClientSetup) -> list[str]:
     """The registries cargo asks a token for (all get the same mirror token), when auth is required."""
     if not setup.auth_required:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from cratemirror.config.load import Loaded, effective_values, find_config_path, load
-from cratemirror.config.schema import MirrorSchema
+from cratemirror.config.paths import missing_paths
+from cratemirror.config.schema import ConfigError, MirrorSchema
 
 ACTIONS = ("check", "show", "schema")
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -37,6 +38,9 @@ def run_config(args: argparse.Namespace) -> int:
         return 0
     loaded = _load(args)
     if args.action == "check":
+        missing = missing_paths(loaded.config)
+        if missing:  # a check that names a path must find it
+            raise ConfigError("\n".join(missing))
         set_here = sum(1 for origin in loaded.origins.values() if origin)
         print(f"{loaded.config.source}: ok ({set_here} key(s) set, the rest default)")
         return 0
@@ -48,6 +52,26 @@ def run_config(args: argparse.Namespace) -> int:
     return 0
 
 
+ACTION_HELP = {
+    "check": (
+        "validate the config and the paths it names",
+        "Validate the config: exit 0 with one line, or 2 with one line per problem naming the file, the "
+        "key and the expected form. Paths the config names (policy.advisory_db, auth.tokens_file when "
+        "auth.required) must exist.",
+    ),
+    "show": (
+        "every effective value and where it came from",
+        "Print every effective value (sizes and durations as written, workers auto as `auto (N)`) and "
+        "where it came from: default, the file, an environment variable or a flag; `= default` marks a "
+        "value set to what the default is anyway. Secrets are masked.",
+    ),
+    "schema": (
+        "print the JSON Schema of mirror.yaml",
+        "Print the JSON Schema of mirror.yaml, for editors (committed as mirror.schema.json).",
+    ),
+}
+
+
 def add_config_command(commands: argparse._SubParsersAction[Any]) -> None:
     config = commands.add_parser(
         "config",
@@ -56,8 +80,12 @@ def add_config_command(commands: argparse._SubParsersAction[Any]) -> None:
         "form); show: every effective value and where it came from (default, the file, an environment "
         "variable), secrets masked; schema: the JSON Schema of mirror.yaml for editors.",
     )
-    config.add_argument("action", choices=ACTIONS, help="check | show | schema")
-    config.add_argument(
-        "--config", metavar="PATH", help="config file (default: $CRATEMIRROR_CONFIG, ./mirror.yaml)"
-    )
+    config_help = "config file (default: $CRATEMIRROR_CONFIG, ./mirror.yaml)"
+    config.add_argument("--config", metavar="PATH", help=config_help)
+    actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action in ACTIONS:
+        summary, description = ACTION_HELP[action]
+        sub = actions.add_parser(action, help=summary, description=description)
+        # SUPPRESS: `config --config X check` keeps X (a subcommand's default would overwrite it)
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     config.set_defaults(run=run_config)

@@ -31,6 +31,7 @@ from cratemirror.config.schema import (
     ConfigError,
     Expected,
     MirrorSchema,
+    Size,
     with_source,
 )
 from cratemirror.redact import redact
@@ -390,6 +391,8 @@ def _check_alone(layer: _Layer) -> None:
 class Loaded:
     config: Config
     origins: Mapping[str, str]  # dotted key -> the file, variable or flag that set it; absent = default
+    # dotted key -> the value as that file, variable or flag wrote it (`20GiB`, `auto`), for `config show`
+    written: Mapping[str, object] = field(default_factory=dict)
 
 
 def load(path: Path | None, env: Mapping[str, str] | None, overrides: Mapping[str, object] | None) -> Loaded:
@@ -407,9 +410,19 @@ def load(path: Path | None, env: Mapping[str, str] | None, overrides: Mapping[st
     finally:
         LOADING.reset(token)
     origins: dict[str, str] = {}
+    written: dict[str, object] = {}
     for layer in reversed(layers):
         origins.update(layer.origins)
-    return Loaded(with_source(config, DEFAULTS_SOURCE if path is None else str(path)), origins)
+        written.update((dotted, _written(layer.values, dotted)) for dotted in layer.origins)
+    source = DEFAULTS_SOURCE if path is None else str(path)
+    return Loaded(with_source(config, source), origins, written)
+
+
+def _written(values: Mapping[str, Any], dotted: str) -> object:
+    value: object = values
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
 
 
 def _is_process_cwd(cwd: Path) -> bool:
@@ -473,8 +486,11 @@ def plain(value: object) -> str:
     return redact(str(value))
 
 
-def effective_values(loaded: Loaded) -> Iterator[tuple[str, str, str]]:
-    """(dotted key, value, where it came from) for every key, in schema order."""
+def effective_values(loaded: Loaded, defaults: Config | None = None) -> Iterator[tuple[str, str, str]]:
+    """(dotted key, value, where it came from) for every key, in schema order. Sizes and durations are
+    shown as they were written (`20GiB`, `30s`; a default as its usual spelling), `workers: auto` as
+    `auto (2)`; a value set to what the default is anyway says so (`mirror.yaml, = default`)."""
+    default_config = defaults if defaults is not None else load(None, {}, {}).config
 
     def origin(dotted: str) -> str:
         parts = dotted.split(".")
@@ -484,17 +500,52 @@ def effective_values(loaded: Loaded) -> Iterator[tuple[str, str, str]]:
                 return found
         return "default"
 
-    for dotted, _ in schema_keys():
-        value: object = loaded.config
-        for part in dotted.split("."):
-            value = getattr(value, part)
+    for dotted, info in schema_keys():
+        value = _setting(loaded.config, dotted)
         if isinstance(value, dict) and value:  # registries: each entry's keys
             for name, entry in value.items():
-                for key in type(entry).model_fields:
+                for key, entry_info in type(entry).model_fields.items():
                     full = f"{dotted}.{name}.{key}"
-                    yield full, plain(getattr(entry, key)), origin(full)
-        else:
-            yield dotted, plain(value), origin(dotted)
+                    yield full, _shown(full, entry_info, getattr(entry, key), loaded), origin(full)
+            continue
+        where = origin(dotted)
+        if where != "default" and plain(value) == plain(_setting(default_config, dotted)):
+            where += ", = default"
+        yield dotted, _shown(dotted, info, value, loaded), where
+
+
+def _setting(config: Config, dotted: str) -> object:
+    value: object = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+_SIZE_MARK = get_args(Size)[1]  # the validator every size field carries
+_BINARY = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+_DECIMAL = (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("KB", 1000))
+
+
+def _shown(dotted: str, info: FieldInfo, value: object, loaded: Loaded) -> str:
+    written = loaded.written.get(dotted)
+    if dotted == "server.workers" and (
+        dotted not in loaded.origins or (isinstance(written, str) and written.strip().lower() == "auto")
+    ):
+        return f"auto ({value})"
+    is_size = _SIZE_MARK in info.metadata
+    if (is_size or _mentions(info.annotation, float)) and isinstance(written, str) and written.strip():
+        return written.strip()  # as the file, variable or flag spelled it: 20GiB, 30s, forever
+    if is_size and isinstance(value, int):
+        return size_text(value)
+    return plain(value)
+
+
+def size_text(size: int) -> str:
+    """Bytes in the largest unit that divides them exactly (20GiB, 1TB), else plain bytes."""
+    for unit, factor in (*_BINARY, *_DECIMAL):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
 
 
 def load_config(

@@ -40,6 +40,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cratemirror.names import DEFAULT_REGISTRY
+
 __all__ = [
     "AuthConfig",
     "CacheConfig",
@@ -72,7 +74,6 @@ ENV_PREFIX = "CRATEMIRROR_"
 # Names the config file, so it is not itself a setting (and must not be rejected as an unknown one).
 ENV_CONFIG = "CRATEMIRROR_CONFIG"
 # The name the default registry has wherever registries are named (URLs, metric labels).
-DEFAULT_REGISTRY = "crates-io"
 FLEET_EXTRA = "cratemirror[fleet]"
 
 
@@ -406,6 +407,8 @@ class ServerConfig(_Section):
         tuple[Network, ...], Expected("a list of CIDRs like 10.0.0.0/8 or addresses like ::1")
     ] = ("127.0.0.1/8", "::1/128")
     """Only from these are X-Forwarded-* honoured; the client is the right-most untrusted X-Forwarded-For."""
+    shutdown_timeout: Annotated[Duration, Expected("a duration like 10s")] = 10.0
+    """On SIGTERM: stop accepting, finish answers in flight within this long, then exit."""
 
     @model_validator(mode="after")
     def _tls_pair(self, info: ValidationInfo) -> ServerConfig:
@@ -440,6 +443,10 @@ class UpstreamConfig(_Section):
     """When an index file first arrives, fetch what cargo will ask for next: index = the index files of
     its newest release's dependencies; crates = also the .crate of the version cargo's resolver picks
     for each (a lockfile pinning an older one makes that download a waste); off = nothing."""
+    api_url: Annotated[HttpUrl | None, Expected("an http(s) URL like https://crates.io, or null")] = (
+        "https://crates.io"
+    )
+    """The registry's web API, for `cargo search` through the mirror (cached a minute); null = not proxied."""
 
 
 class CacheConfig(_Section):

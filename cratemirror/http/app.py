@@ -15,12 +15,13 @@ from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
-from cratemirror.http import routes, status_page, toolchains
+from cratemirror.http import routes, search, status_page, toolchains
 from cratemirror.http.audit import install_audit
 from cratemirror.http.auth import auth_middleware, token_checker
 from cratemirror.http.context import MIRROR, Mirror
 from cratemirror.http.index_answers import IndexAnswers
-from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
+from cratemirror.metrics import Metrics
+from cratemirror.names import DEFAULT_REGISTRY
 from cratemirror.policy.service import create_policy
 
 log = logging.getLogger("cratemirror")
@@ -47,6 +48,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         middlewares.append(auth_middleware(config.auth, metrics, mirror.tokens))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[MIRROR] = mirror
+    search.setup(app, config, default.upstream)  # before routes: its catch-all would take /api/v1/crates
     app.add_routes(routes.routes)
     app.add_routes(status_page.routes)
     app.cleanup_ctx.append(_lifecycle)

@@ -17,7 +17,7 @@ from cratemirror.http.auth import TOKEN_NAME
 from cratemirror.http.context import MIRROR
 from cratemirror.http.instrument import KIND
 from cratemirror.http.policy import POLICY_HEADER, client_of
-from cratemirror.metrics import DEFAULT_REGISTRY
+from cratemirror.names import DEFAULT_REGISTRY
 
 AUDIT = web.AppKey("audit", AuditTrail)
 

@@ -16,7 +16,8 @@ from cratemirror.cache.registry import Registry
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http.index_answers import IndexAnswers
-from cratemirror.metrics import DEFAULT_REGISTRY, Metrics, RequestTiming
+from cratemirror.metrics import Metrics, RequestTiming
+from cratemirror.names import DEFAULT_REGISTRY
 from cratemirror.policy.service import PolicyService
 
 RECENT_MISSES = 20

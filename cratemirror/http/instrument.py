@@ -71,7 +71,7 @@ def _record(request: web.Request, timing: RequestTiming, status: int) -> None:
     registry = mirror.registries.get(name) if name is not None else None
     metrics = registry.metrics if registry is not None else mirror.metrics
     metrics.observe_request(kind, result, elapsed, sent)
-    if result == "miss":
+    if result in ("miss", "error"):  # as /metrics counts them: an upstream failure is no hit
         mirror.recent_misses.append(
             RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)
         )

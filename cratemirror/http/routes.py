@@ -26,8 +26,13 @@ from cratemirror.http.index_answers import (
 from cratemirror.http.instrument import BYTES, KIND, REGISTRY, RESULT, instrumented
 from cratemirror.http.policy import client_of, refusal
 from cratemirror.http.responses import error, not_modified, send_file
-from cratemirror.metrics import DEFAULT_REGISTRY
-from cratemirror.names import InvalidRequest, parse_crate_version, parse_index_path, parse_name
+from cratemirror.names import (
+    DEFAULT_REGISTRY,
+    InvalidRequest,
+    parse_crate_version,
+    parse_index_path,
+    parse_name,
+)
 from cratemirror.upstream.client import UpstreamError
 
 REFRESH_INTERVAL = 1.0  # seconds: POST /-/refresh/<name> reaches upstream at most this often per name
@@ -37,9 +42,13 @@ _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?
 routes = web.RouteTableDef()
 
 
-def _mark(request: web.Request, kind: str, result: str) -> None:
+def mark(request: web.Request, kind: str, result: str) -> None:
+    """What the instrumentation middleware counts this request as (kind, cache result)."""
     request[KIND] = kind
     request[RESULT] = result
+
+
+_mark = mark
 
 
 def base_url(request: web.Request) -> str:
@@ -267,15 +276,15 @@ GET_HEAD = {"Allow": "GET, HEAD"}
 
 @routes.route("*", "/api/v1/{tail:.*}")
 async def web_api(request: web.Request) -> web.Response:
-    tail = request.match_info["tail"]
+    tail = request.match_info.get("tail", request.path.removeprefix("/api/v1/"))  # or from http.search
     if _DOWNLOAD_RE.fullmatch(tail):  # the one route served here, asked with another method
-        return _api_error(405, f"{request.method} is not allowed here: downloads are GET or HEAD", GET_HEAD)
+        return api_error(405, f"{request.method} is not allowed here: downloads are GET or HEAD", GET_HEAD)
     what, instead = "this", "the same cargo command with --registry crates-io"
     for pattern, operation, command in _API_HINTS:
         if pattern.fullmatch(tail):
             what, instead = operation, f"`{command}`"
             break
-    return _api_error(
+    return api_error(
         404,
         f"this is a crates.io mirror (cratemirror): it serves the index and crate downloads but does not "
         f"proxy the crates.io web API, so {what} does not work through it; use {instead} "
@@ -283,7 +292,7 @@ async def web_api(request: web.Request) -> web.Response:
     )
 
 
-def _api_error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+def api_error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
     body = json.dumps({"errors": [{"detail": detail}]})
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 

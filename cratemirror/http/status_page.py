@@ -19,7 +19,13 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from cratemirror import __version__
-from cratemirror.config.client import BadBaseURL, cargo_ci_snippet, cargo_config_snippet, client_setup
+from cratemirror.config.client import (
+    BadBaseURL,
+    cargo_ci_snippet,
+    cargo_config_snippet,
+    checked_base,
+    client_setup,
+)
 from cratemirror.config.rustup_client import rustup_env_snippet
 from cratemirror.config.schema import Config
 from cratemirror.http.auth import TOKEN_NAME, presented_token
@@ -73,7 +79,7 @@ def render(mirror: Mirror, snap: Snapshot, base: str, anonymous: bool = False) -
         **_upstream(snap),
         last_error=_esc(redact(mirror.default.upstream.last_error or "none since this worker started")),
         last_error_class="" if mirror.default.upstream.last_error else " none",
-        recent_misses=_misses_table(misses, now),
+        recent_misses=_misses_table(misses, now, snap),
         policy_panel=policy_panel(mirror.policy, now, show_clients=not anonymous),
         rustup_panel=rustup_panel(base, mirror.config),
         pid=str(os.getpid()),
@@ -112,21 +118,34 @@ def _snippets(base: str, config: Config, anonymous: bool = False) -> dict[str, s
         return {
             "config_snippet": _esc(cargo_config_snippet(base, setup)),
             "env_snippet": _esc(cargo_ci_snippet(base, setup)),
+            # the same base URL check as the snippets: nothing a Host header says reaches a shell line
+            "merge_command": _esc(
+                f"cratemirror client-config --url {checked_base(base)} --merge ~/.cargo/config.toml"
+            ),
         }
     except BadBaseURL as exc:  # e.g. a server.public_url with userinfo or a query: say so, never guess
         reason = _esc(f"no snippet for this base URL: {exc}")
-        return {"config_snippet": reason, "env_snippet": reason}
+        return {"config_snippet": reason, "env_snippet": reason, "merge_command": reason}
 
 
 def _health(mirror: Mirror, snap: Snapshot) -> dict[str, str]:
+    """What this worker knows of the upstream: nothing until it has answered or failed once (the gauge
+    starts at 1, which says nothing yet), failing while its last request failed, down once the gauge is 0."""
     up = snap.value("cratemirror_upstream_up")
+    health = mirror.default.upstream.health
+    shown = _number(up)
     if mirror.config.offline:
         css, text = "offline", "Offline mode"
-    elif up >= 1:
-        css, text = "up", "Upstream up"
-    else:
+    elif up < 1:
         css, text = "down", "Upstream down"
-    return {"health_class": css, "health_text": text, "upstream_up": _number(up)}
+    elif health.last_success_at == 0 and health.last_failure_at == 0:
+        css, text, shown = "unknown", "Upstream not asked yet", ""
+    elif health.last_failure_at > health.last_success_at:
+        failures = health.consecutive_failures
+        css, text = "down", f"Upstream failing ({failures} failure{'s' if failures != 1 else ''} in a row)"
+    else:
+        css, text = "up", "Upstream up"
+    return {"health_class": css, "health_text": text, "upstream_up": shown}
 
 
 def _summary(snap: Snapshot) -> dict[str, str]:
@@ -199,10 +218,17 @@ def _is_failure(status: str) -> bool:
     return status in ("error", "timeout") or status.startswith("5")
 
 
-def _misses_table(misses: Iterable[RecentMiss], now: float) -> str:
+def _misses_table(misses: Iterable[RecentMiss], now: float, snap: Snapshot) -> str:
     rows = [_miss_row(miss, now) for miss in misses]
     if not rows:
-        return '  <p class="empty" id="no-misses">No misses since this worker started.</p>'
+        missed = snap.total(REQUESTS, result="miss")
+        failed = snap.total(REQUESTS, result="error")
+        if missed or failed:  # another worker's: this list is per worker, /metrics counts them all
+            return (
+                f'  <p class="empty" id="no-misses">None on this worker; /metrics counts '
+                f"{_count(missed)} misses and {_count(failed)} errors over all workers.</p>"
+            )
+        return '  <p class="empty" id="no-misses">No misses or errors since this worker started.</p>'
     head = (
         '<tr><th>When</th><th class="left">Kind</th><th class="path">Path</th>'
         "<th>Status</th><th>Time</th><th>Upstream</th></tr>"

@@ -30,8 +30,7 @@ from cratemirror.http import routes as routes_module
 from cratemirror.http.context import MIRROR
 from cratemirror.http.instrument import BYTES, KIND, RESULT, instrumented
 from cratemirror.http.responses import error, not_modified
-from cratemirror.metrics import DEFAULT_REGISTRY
-from cratemirror.names import InvalidRequest
+from cratemirror.names import DEFAULT_REGISTRY, InvalidRequest
 
 TOOLCHAINS = web.AppKey("toolchains", ToolchainService)
 CHUNK = 256 * 1024

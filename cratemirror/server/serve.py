@@ -9,6 +9,7 @@ died and stops them all on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -35,6 +36,7 @@ from cratemirror.server.readiness import Readiness
 log = logging.getLogger("cratemirror")
 
 MAX_RESTARTS_PER_MINUTE = 10
+WORKER_EXIT_GRACE = 5.0  # past server.shutdown_timeout, for a worker's own clean-up, before SIGKILL
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -130,23 +132,28 @@ def run_worker(
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
-    import asyncio
 
     runner_loop = loop_factory() if loop_factory else asyncio.new_event_loop()
     asyncio.set_event_loop(runner_loop)
     guard = ConnectionGuard(config.server.max_connections, config.server.idle_timeout)
     app = create_app(config)
 
+    stopped: list[str] = []  # the signal that stopped this worker, once one did
+
     async def serve() -> None:
         # run_app's steps, with a hold on the Server object so the guard can watch its connections.
         runner = web.AppRunner(
             app,
-            handle_signals=True,
+            handle_signals=False,  # our own handlers below: a graceful stop that is not a cancellation
             access_log_class=AccessLogger,
             access_log=logging.getLogger("cratemirror.access"),
             keepalive_timeout=config.server.idle_timeout,
-            shutdown_timeout=10,
+            shutdown_timeout=config.server.shutdown_timeout,
         )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _on_signal, signum, stop, stopped)
         await runner.setup()
         try:
             assert runner.server is not None
@@ -157,15 +164,20 @@ def run_worker(
             )  # fmt: skip
             await site.start()
             _ready(ready, on_ready)  # this worker accepts connections now
-            await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
+            await stop.wait()  # until SIGTERM/SIGINT
         finally:
+            # The listening socket closes first (no new connections), idle keep-alive connections
+            # close, and answers in flight get server.shutdown_timeout to finish.
+            started = time.monotonic()
             await guard.close()
             await runner.cleanup()
+            if stopped and on_ready is not None:  # a single-process server: its own one line
+                log.info("%s", stop_line(stopped[0], time.monotonic() - started, config))
 
     main_task = runner_loop.create_task(serve())
     try:
         runner_loop.run_until_complete(main_task)
-    except (web.GracefulExit, KeyboardInterrupt):
+    except KeyboardInterrupt:
         main_task.cancel()  # runs the cleanup above: in-flight requests get shutdown_timeout to finish
         with contextlib.suppress(asyncio.CancelledError):
             runner_loop.run_until_complete(main_task)
@@ -175,6 +187,22 @@ def run_worker(
         runner_loop.run_until_complete(asyncio.sleep(0))
         runner_loop.run_until_complete(runner_loop.shutdown_asyncgens())
         flush_access_log()  # worker processes end with os._exit: atexit handlers do not run
+
+
+def _on_signal(signum: int, stop: asyncio.Event, stopped: list[str]) -> None:
+    if not stopped:
+        stopped.append(signal.Signals(signum).name)
+    stop.set()
+
+
+def stop_line(signame: str, seconds: float, config: Config) -> str:
+    """The one line a stop logs: what stopped it, and whether every answer in flight could finish."""
+    limit = config.server.shutdown_timeout
+    if seconds >= limit:
+        outcome = f"answers still in flight after server.shutdown_timeout ({limit:g}s) were cut off"
+    else:
+        outcome = f"answers in flight finished (server.shutdown_timeout {limit:g}s)"
+    return f"stopped on {signame} in {seconds:.2f}s: stopped accepting, {outcome}"
 
 
 def _ready(ready: Connection | None, on_ready: Callable[[], None] | None) -> None:
@@ -195,8 +223,13 @@ def _supervise(config: Config, readiness: Readiness) -> int:
     stopping = False
     restarts: list[float] = []
 
+    stop_signal = "SIGTERM"
+    stop_started = 0.0
+
     def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_signal, stop_started
+        if not stopping:
+            stop_signal, stop_started = signal.Signals(signum).name, time.monotonic()
         stopping = True
         for worker in workers:
             if worker.is_alive():
@@ -215,10 +248,12 @@ def _supervise(config: Config, readiness: Readiness) -> int:
                 if all(worker.pid in ready_pids for worker in workers):
                     readiness.announce()  # every worker accepts connections (once; restarts are quiet)
             if stopping:
+                deadline = stop_started + config.server.shutdown_timeout + WORKER_EXIT_GRACE
                 for worker in workers:
-                    worker.join(timeout=15)
+                    worker.join(timeout=max(0.0, deadline - time.monotonic()))
                     if worker.is_alive():
                         worker.kill()
+                log.info("%s", stop_line(stop_signal, time.monotonic() - stop_started, config))
                 return 0
             for position, worker in enumerate(workers):
                 if worker.is_alive():

@@ -278,11 +278,19 @@ def add_audit_command(commands: argparse._SubParsersAction[Any]) -> None:
         description="Query the audit trail: every download the mirror answered or refused, and who asked.",
     )
     sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
-    query = sub.add_parser("query", help="downloads and refusals, newest last")
+    query = sub.add_parser(
+        "query",
+        help="downloads and refusals, newest last",
+        description="List the downloads the mirror answered or refused (time, crate, version, result, "
+        "rule, who), newest last, filtered by crate, client and age.",
+    )
     query.add_argument("--crate", metavar="NAME[@REQ]", help="only this crate (and versions matching REQ)")
     query.add_argument("--who", metavar="NAME", help="only this token name or client address")
     impact = sub.add_parser(
-        "impact", help="who was served the versions an advisory (or a requirement) affects"
+        "impact",
+        help="who was served the versions an advisory (or a requirement) affects",
+        description="Who was served the versions a RustSec advisory (from policy.advisory_db) or a "
+        "requirement (--crate NAME@REQ) affects, within the audit trail's retention.",
     )
     impact.add_argument("advisory", nargs="?", metavar="RUSTSEC-ID", help="an advisory in policy.advisory_db")
     impact.add_argument("--crate", metavar="NAME@REQ", help="instead of an advisory: these versions")

@@ -20,7 +20,7 @@ from cratemirror.config.schema import Config, ConfigError
 from cratemirror.fleet.storage.disk import Store
 from cratemirror.fleet.storage.disk_artifacts import DiskArtifacts
 from cratemirror.logsetup import setup_records
-from cratemirror.metrics import DEFAULT_REGISTRY
+from cratemirror.names import DEFAULT_REGISTRY
 
 if TYPE_CHECKING:
     from cratemirror.fleet.storage import ArtifactStore

@@ -31,6 +31,10 @@ class RefreshFailure(Exception):
     """One name could not be refreshed; str() is the one-line reason."""
 
 
+class NotFound(RefreshFailure):
+    """Upstream has no such crate: a refresh that cannot have done what was asked (exit 1)."""
+
+
 Outcome = str | RefreshFailure  # the line to print, or why it failed
 
 
@@ -46,8 +50,10 @@ def parse_names(texts: Sequence[str]) -> list[CrateName]:
     return list({crate.lower: crate for crate in crates}.values())
 
 
-def _line(crate: CrateName, found: bool) -> str:
-    return f"refresh: {crate.name}: {'revalidated' if found else 'not found upstream'}"
+def _line(crate: CrateName, found: bool) -> Outcome:
+    if not found:
+        return NotFound(f"{crate.name}: not found upstream")
+    return f"refresh: {crate.name}: revalidated"
 
 
 async def _direct(warmer: DirectWarmer, crates: list[CrateName]) -> list[Outcome]:

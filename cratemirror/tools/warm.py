@@ -26,8 +26,7 @@ from cratemirror.cache.index import find_version
 from cratemirror.config.schema import Config, ConfigError
 from cratemirror.http.app import create_app
 from cratemirror.http.context import MIRROR
-from cratemirror.metrics import DEFAULT_REGISTRY
-from cratemirror.names import CrateName, parse_crate_version
+from cratemirror.names import DEFAULT_REGISTRY, CrateName, parse_crate_version
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,

@@ -167,6 +167,19 @@ class Upstream:
 
         return await self._with_retries(attempt)
 
+    async def fetch_api(self, url: URL, limit: int) -> bytes:
+        """One GET of the registry's web API (`cargo search`): the body, at most `limit` bytes. Not
+        retried and not counted in the index's health (another host; the caller answers from its
+        cache); a redirect is refused."""
+        try:
+            async with self._request("search", url, {"Accept": "application/json"}) as response:
+                self._raise_for_status(response)
+                body = await read_capped(response, limit, "search answer")
+        except _Retryable as exc:
+            raise UpstreamError(str(exc), status=504 if exc.timeout else 502) from exc
+        self.metrics.upstream_bytes.labels("search").inc(len(body))
+        return body
+
     @contextlib.asynccontextmanager
     async def open_crate(self, url: str, kind: str = "crate") -> AsyncIterator[aiohttp.ClientResponse]:
         """An upstream 200 response for a tarball, retried until its headers arrive; the caller reads
@@ -246,6 +259,8 @@ class Upstream:
                 raise UpstreamError(f"{url}: upstream redirected to an invalid location") from None
             if target.scheme not in ("http", "https") or not target.host:
                 raise UpstreamError(f"{url}: upstream redirected to a non-http(s) location")
+            if kind == "search":  # the API answers where it is asked; a hop elsewhere is not followed
+                raise UpstreamError(f"{url}: the registry's API redirected the search")
             if kind != "crate" and target.origin() != self.index_url.origin():
                 raise UpstreamError(f"{url}: upstream redirected the {kind} request to another host")
             url = target

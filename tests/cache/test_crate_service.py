@@ -24,8 +24,8 @@ from cratemirror.cache.delivery import (
 )
 from cratemirror.cache.registry import Registry, build_registries
 from cratemirror.fleet.storage.disk import DiskTrouble
-from cratemirror.metrics import DEFAULT_REGISTRY, Metrics
-from cratemirror.names import parse_crate_version
+from cratemirror.metrics import Metrics
+from cratemirror.names import DEFAULT_REGISTRY, parse_crate_version
 from tests.conftest import make_config
 from tests.fake_upstream import FakeRegistry
 

@@ -156,7 +156,7 @@ async def test_refresh_makes_a_new_version_lockable_at_once(registry: FakeRegist
 async def test_refresh_refuses_bad_names_and_too_many(tmp_path: Path) -> None:
     result = await run_cli("refresh", "../etc", "--mirror", "http://127.0.0.1:9", cwd=tmp_path)
     assert (result.code, result.stdout) == (2, "")
-    assert "refresh: invalid crate name '../etc'" in result.stderr
+    assert "cratemirror refresh: error: invalid crate name '../etc'" in result.stderr
     many = [f"c{n}" for n in range(1001)]
     result = await run_cli("refresh", *many, "--mirror", "http://127.0.0.1:9", cwd=tmp_path)
     assert result.code == 2 and "at most 1000 crate names" in result.stderr

@@ -100,7 +100,10 @@ async def test_printed_config_file_and_ci_forms_work_with_real_cargo(
 async def test_urls_that_could_escape_quoting_are_refused(url: str) -> None:
     code, out, err = await client_config("--url", url)
     assert (code, out) == (2, "")
-    assert err.startswith("cratemirror: client-config: --url: expected an http(s) URL")
+    lines = err.splitlines()  # its own usage, then the reason (argparse's form)
+    usage, message = lines[0], lines[-1]
+    assert usage.startswith("usage: cratemirror client-config ")
+    assert message.startswith("cratemirror client-config: error: --url: expected an http(s) URL")
     with pytest.raises(BadBaseURL):
         cargo_ci_snippet(url)
 
@@ -126,3 +129,57 @@ async def test_status_page_copy_texts_are_the_printed_ones_whatever_the_host_hea
         assert code == 0, output
         assert not (tmp_path / "pwned").exists()
         assert (tmp_path / "home" / "config.toml").read_text() == cargo_config_snippet(base)
+        (merge,) = re.findall(r'<code id="merge-command">(.*?)</code>', page)
+        assert html.unescape(merge) == f"cratemirror client-config --url {base} --merge ~/.cargo/config.toml"
+
+
+USER_CONFIG = """\
+# my own cargo settings: kept by --merge
+[net]
+retry = 5  # flaky wifi
+
+[alias]
+b = "build"  # a shortcut
+
+[source.mirror]
+registry = "sparse+http://old-mirror.invalid/index/"  # the mirror we used before
+"""
+
+
+async def test_merge_updates_an_existing_cargo_config_in_place(
+    registry: FakeRegistry, mirror: TestClient[Any, Any], tmp_path: Path
+) -> None:
+    require_tool("cargo", "rustup or Debian package cargo")
+    registry.add_crate("serde", "1.0.0")
+    base = str(mirror.make_url("")).rstrip("/")
+    home = tmp_path / "home"
+    home.mkdir()
+    config = home / "config.toml"
+    config.write_text(USER_CONFIG)
+
+    for _ in range(2):  # a second merge changes nothing
+        code, out, err = await client_config("--url", base, "--merge", str(config))
+        assert (code, out) == (0, ""), err
+        merged = config.read_text()
+        for kept in (
+            "# my own cargo settings: kept by --merge",
+            "retry = 5  # flaky wifi",
+            'b = "build"  # a shortcut',
+        ):
+            assert kept in merged, merged
+        assert "old-mirror.invalid" not in merged
+        assert merged.count("[source.mirror]") == 1 and merged.count("[source.crates-io]") == 1
+    project = tmp_path / "app"
+    write_cargo_project(project, {"serde": "1"})
+    await lock(project, [], home)  # the real cargo reads the merged file and resolves through the mirror
+    assert registry.count("/index/se/rd/serde") == 1
+
+    fresh = tmp_path / "new-home" / "config.toml"  # missing: created, as printed
+    code, _, err = await client_config("--url", base, "--merge", str(fresh))
+    assert code == 0, err
+    assert fresh.read_text() == cargo_config_snippet(base)
+
+    config.write_text("[source\n")  # not TOML: refused, untouched
+    code, _, err = await client_config("--url", base, "--merge", str(config))
+    assert code == 2 and "does not parse" in err, err
+    assert config.read_text() == "[source\n"

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.conftest import MirrorFactory
 from tests.fake_upstream import FakeRegistry, run_cargo, write_cargo_project
 from tests.system_tools import require_tool
 
@@ -66,3 +67,25 @@ async def test_cargo_search_through_the_mirror_prints_the_reason(
     assert code != 0
     assert NOT_PROXIED in output and "cargo owner --registry crates-io" in output, output
     assert registry.requests.total() == 0  # nothing of it reached upstream
+
+
+async def test_cargo_search_through_the_mirror_with_an_api_url(
+    registry: FakeRegistry, mirror_factory: MirrorFactory, tmp_path: Path
+) -> None:
+    require_tool("cargo", "rustup or Debian package cargo")
+    registry.add_crate("serde", "1.0.0")
+    registry.add_crate("serde", "1.0.219")
+    registry.add_crate("serde_json", "1.0.140")
+    mirror = await mirror_factory(upstream__api_url=registry.url)
+    base = str(mirror.make_url("")).rstrip("/")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[registries.mirror]\nindex = "sparse+{base}/index/"\n')
+    project = tmp_path / "app"
+    write_cargo_project(project, {})
+    for _ in range(2):  # the second one from the mirror's cache
+        code, output = await run_cargo(["search", "--registry", "mirror", "serde"], project, home)
+        assert code == 0, output
+        assert 'serde = "1.0.219"' in output and 'serde_json = "1.0.140"' in output, output
+    assert registry.count("/api/v1/crates") == 1
+    assert registry.search_queries[0]["q"] == "serde"

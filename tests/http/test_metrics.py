@@ -353,3 +353,12 @@ async def test_two_workers_sum_and_survive_a_worker_death(registry: FakeRegistry
                 async with session.get(mirror.url + "/metrics") as response:
                     assert samples(await response.text()) == samples(text)
         assert await mirror.stop() == 0
+
+
+async def test_the_configured_cache_bound_is_a_gauge(mirror_factory: MirrorFactory) -> None:
+    """cache.max_size and toolchains.max_size as cratemirror_cache_max_size_bytes{kind}: what the alert
+    compares each kind's size with."""
+    mirror = await mirror_factory(cache__max_size=5 * 1024**3, toolchains__max_size=7 * 1024**3)
+    text = await scrape(mirror)
+    assert metric_value(text, "cratemirror_cache_max_size_bytes", kind="crate") == 5 * 1024**3
+    assert metric_value(text, "cratemirror_cache_max_size_bytes", kind="toolchain") == 7 * 1024**3

@@ -153,12 +153,17 @@ async def test_status_page_in_chromium(
         text, "cratemirror_upstream_requests_total", kind="index", status="500"
     )
     assert page.value("upstream-status") == metric_value(text, "cratemirror_upstream_up") == 1
-    assert "Upstream up" in page.texts["upstream-status"]
+    # The last upstream request failed (the 500): failing, though not yet down.
+    assert "Upstream failing (2 failures in a row)" in page.texts["upstream-status"]
     assert "upstream answered 500" in page.texts["last-error"]
     assert f"/index/{index_path('broken')}" in page.texts["last-error"]
 
     misses = page.texts["recent-misses"]
-    for path in ("/api/v1/crates/serde/1.0.0/download", "/api/v1/crates/tokio/1.0.0/download"):
+    for path in (
+        "/api/v1/crates/serde/1.0.0/download",
+        "/api/v1/crates/tokio/1.0.0/download",
+        f"/index/{index_path('broken')}",  # the error, as /metrics counts it
+    ):
         assert path in misses
     assert misses.index("tokio") < misses.index("serde")  # newest first
 
@@ -178,3 +183,27 @@ async def test_status_page_before_any_traffic_and_with_public_url(mirror_factory
     assert "Offline mode" in page.texts["upstream-status"]
     assert "no-misses" in page.texts
     assert "none since this worker started" in page.texts["last-error"]
+
+
+async def test_status_page_is_honest_about_an_upstream_that_never_answered(
+    mirror_factory: MirrorFactory,
+) -> None:
+    # Nothing listens on port 9 of loopback: every upstream request is refused at once.
+    mirror = await mirror_factory(upstream__index_url="http://127.0.0.1:9/index/")
+    page = Page(await (await mirror.get("/")).text())
+    assert page.texts["upstream-status"].strip() == "Upstream not asked yet"  # not a green "up"
+    assert page.attrs["upstream-status"]["data-value"] == ""
+    # An empty cache holds nothing: 0 bytes, whatever the metadata database's own pages take.
+    for element_id in ("cache-size", "cache-size-index", "cache-size-crate"):
+        assert page.value(element_id) == 0 and page.texts[element_id] == "0 B", element_id
+
+    for n in range(16):
+        assert (await mirror.get(f"/index/{index_path(f'failing{n}')}")).status >= 500
+    text = await (await mirror.get("/metrics")).text()
+    errors = metric_value(text, REQUESTS, kind="index", result="error")
+    assert errors == 16
+    page = Page(await (await mirror.get("/")).text())
+    assert page.texts["upstream-status"].strip() == "Upstream down"
+    assert "no-misses" not in page.texts
+    assert page.texts["recent-misses"].count("/index/") == 16  # every failed request, as /metrics counts
+    assert page.value("requests-index-error") == errors

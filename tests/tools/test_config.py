@@ -231,6 +231,7 @@ CONTRACT_KEYS = {
             "tls_cert",
             "tls_key",
             "trusted_proxies",
+            "shutdown_timeout",
         ]
     ),
     *(
@@ -246,6 +247,7 @@ CONTRACT_KEYS = {
             "max_index_size",
             "max_crate_size",
             "prefetch",  # an addition this round (README); contract.md is read-only here
+            "api_url",
         ]
     ),
     *(
@@ -547,7 +549,7 @@ def test_unknown_key_names_dotted_key_and_allowed_keys(tmp_path: Path) -> None:
     assert message == (
         f"{tmp_path / 'mirror.yaml'}: server.prot: unknown key (did you mean 'port'?); "
         "allowed keys: host, port, workers, public_url, max_connections, idle_timeout, tls_cert, tls_key, "
-        "trusted_proxies"
+        "trusted_proxies, shutdown_timeout"
     )
 
 

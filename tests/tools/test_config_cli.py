@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,9 @@ def test_check_bad_environment_and_missing_file(tmp_path: Path) -> None:
     result = cratemirror("config", "check", "--config", "nope.yaml", cwd=tmp_path)
     assert (result.returncode, result.stderr) == (
         2,
-        "cratemirror: --config: expected a path to an existing config file, got 'nope.yaml'\n",
+        "usage: cratemirror config check [-h] [--config PATH]\n"
+        "cratemirror config check: error: --config: expected a path to an existing config file, "
+        "got 'nope.yaml'\n",
     )
 
 
@@ -90,7 +93,7 @@ def test_show_prints_every_key_with_its_origin_and_masks_secrets(tmp_path: Path)
         rows[key] = (value.strip(), origin)
     assert result.stdout.splitlines()[0] == f"# config: {config}"
     assert rows["server.port"] == ("9001", str(config))
-    assert rows["cache.max_size"] == (str(1024**3), "environment CRATEMIRROR_CACHE_MAX_SIZE")
+    assert rows["cache.max_size"] == ("1GiB", "environment CRATEMIRROR_CACHE_MAX_SIZE")
     assert rows["server.host"] == ("127.0.0.1", "default")
     assert rows["storage.s3.secret_access_key"] == ("'**********'", str(config))
     assert rows["storage.s3.integrity_key"] == (
@@ -146,3 +149,34 @@ def test_repo_mirror_yaml_validates_against_the_schema() -> None:
 )
 def test_schema_rejects_what_the_loader_rejects(document: dict[str, object]) -> None:
     assert list(schema_validator().iter_errors(document)) != []
+
+
+def show_rows(stdout: str) -> dict[str, tuple[str, str]]:
+    rows = {}
+    for line in stdout.splitlines()[1:]:
+        setting, _, origin = line.partition("  # ")
+        key, _, value = setting.partition(" = ")
+        rows[key.strip()] = (value.strip(), origin)
+    return rows
+
+
+def test_show_marks_defaults_and_prints_values_as_written(tmp_path: Path) -> None:
+    """The shipped mirror.yaml sets every key to its default: `show` says so instead of attributing
+    48 choices to the file; sizes and durations read as written, `workers: auto` as `auto (N)`."""
+    shipped = tmp_path / "mirror.yaml"
+    shipped.write_text((REPO / "mirror.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    rows = show_rows(cratemirror("config", "show", cwd=tmp_path).stdout)
+    cpus = os.cpu_count() or 1
+    assert rows["server.workers"] == (f"auto ({cpus})", "mirror.yaml, = default")
+    assert rows["cache.max_size"] == ("20GiB", "mirror.yaml, = default")
+    assert rows["upstream.max_index_size"] == ("64MiB", "mirror.yaml, = default")
+    assert rows["cache.index_ttl"] == ("30s", "mirror.yaml, = default")
+    assert all(origin.endswith("= default") for origin in (origin for _, origin in rows.values())), rows
+
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("server:\n  workers: 3\ncache:\n  max_size: 1536MiB\n  index_ttl: 90s\n")
+    rows = show_rows(cratemirror("config", "show", "--config", str(custom), cwd=tmp_path).stdout)
+    assert rows["server.workers"] == ("3", str(custom))
+    assert rows["cache.max_size"] == ("1536MiB", str(custom))  # as written, not 1.5GiB or bytes
+    assert rows["cache.index_ttl"] == ("90s", str(custom))
+    assert rows["upstream.max_crate_size"] == ("1GiB", "default")

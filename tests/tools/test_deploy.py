@@ -59,6 +59,7 @@ CONTRACT_METRICS: frozenset[str] = frozenset(
         "cratemirror_bytes_served_total",
         "cratemirror_upstream_bytes_total",
         "cratemirror_upstream_up",
+        "cratemirror_cache_max_size_bytes",
         "cratemirror_storage_integrity_failures_total",
     }
 )

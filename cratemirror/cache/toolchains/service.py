@@ -101,6 +101,7 @@ class ToolchainService:
         self.stale_if_error = config.cache.stale_if_error
         self.negative_ttl = config.cache.negative_ttl
         self.max_size = config.toolchains.max_size
+        metrics.cache_max_size.labels("toolchain").set(self.max_size)  # the alert's bound for this kind
         # path -> the answer of the manifest refresh in progress (set once verified, before it is stored)
         self._refreshing: dict[str, asyncio.Future[StoredManifest | None]] = {}
         self._fills: SingleFlight[None] = SingleFlight()
@@ -232,7 +233,10 @@ class ToolchainService:
         started = time.time()
         async with self.coordination.lock(toolchain_key(key.path)):
             stored = await asyncio.to_thread(self.files.read_manifest, key)
-            if stored is not None and stored.checked_at >= started:  # another worker just did
+            # Another worker did while we waited (or just before we looked): its copy is fresh.
+            if stored is not None and (
+                stored.checked_at >= started or not key.moving or time.time() - stored.checked_at < self.ttl
+            ):
                 ready.set_result(stored)
                 return
             # Both at once: a manifest costs one upstream round trip, not two.

@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from cratemirror.fleet.coordination.local import LocalCoordination
-from cratemirror.metrics import DEFAULT_REGISTRY
+from cratemirror.names import DEFAULT_REGISTRY
 
 if TYPE_CHECKING:
     from cratemirror.fleet.coordination.health import UpstreamHealth

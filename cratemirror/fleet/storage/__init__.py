@@ -35,8 +35,7 @@ from cratemirror.fleet.storage.seam import (
     Stray,
     VerifiedCrate,
 )
-from cratemirror.metrics import DEFAULT_REGISTRY
-from cratemirror.names import CrateName, CrateVersion
+from cratemirror.names import DEFAULT_REGISTRY, CrateName, CrateVersion
 
 if TYPE_CHECKING:
     from cratemirror.config.schema import StorageConfig

@@ -325,7 +325,9 @@ class Store:
 
     def usage(self) -> dict[str, tuple[int, int]]:
         """(bytes, entries) by kind from running totals: O(1) per scrape, never a walk or a count."""
-        return {"crate": self.ledger.totals(), "index": (int(self.meta.volume()), self.index_entries())}
+        entries = self.index_entries()
+        # The metadata database's own pages are no cached index file: an empty cache holds 0 bytes.
+        return {"crate": self.ledger.totals(), "index": (int(self.meta.volume()) if entries else 0, entries)}
 
     def index_entries(self) -> int:
         """Index files stored: diskcache keeps the key count itself; subtract the few other keys."""
