@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from cratemirror.config.schema import CacheConfig, Config, ServerConfig, UpstreamConfig
 from cratemirror.http.app import create_app
+from tests.dist_server import AGENT_HOMES, stop_agents
 from tests.fake_upstream import FakeRegistry
 from tests.fleet_support import MotoS3, RedisServer
 
@@ -23,6 +24,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         folder = item.path.parent.name
         if folder in TIER_OF_FOLDER:
             item.add_marker(TIER_OF_FOLDER[folder])
+
+
+@pytest.fixture(autouse=True)
+def _stop_gpg_agents() -> Iterator[None]:
+    """gpg starts an agent per GNUPGHOME and leaves it running: stopped after the test that made it."""
+    yield
+    if AGENT_HOMES:
+        stop_agents()
 
 
 MirrorFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

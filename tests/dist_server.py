@@ -34,6 +34,20 @@ def have_gpg() -> bool:
     return shutil.which("gpg") is not None and shutil.which("gpgv") is not None
 
 
+# GNUPGHOMEs whose gpg-agent a test started: the conftest stops them after each test.
+AGENT_HOMES: list[Path] = []
+
+
+def stop_agents() -> None:
+    """Stop the gpg-agent every TestSigningKey of the test started (gpg leaves it running)."""
+    while AGENT_HOMES:
+        home = AGENT_HOMES.pop()
+        subprocess.run(
+            ["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+            capture_output=True, timeout=GPG_TIMEOUT, check=False,
+        )  # fmt: skip
+
+
 class TestSigningKey:
     """An ed25519 signing key made in a temporary GNUPGHOME; `public_key` is its armored export."""
 
@@ -41,6 +55,7 @@ class TestSigningKey:
 
     def __init__(self, home: Path, uid: str = "cratemirror test <test@example.invalid>") -> None:
         self.home = home
+        AGENT_HOMES.append(home)
         home.mkdir(parents=True, exist_ok=True)
         os.chmod(home, 0o700)
         self.uid = uid
