@@ -296,7 +296,11 @@ class CrateService:
         if result.entry.status != 200:
             raise NotFound(f"crate {request.crate.name!r} not found")
         record = await find_version_async(result.entry.body, request.crate, request.version)
-        if record is None and result.x_cache != "MISS" and self._may_recheck(request.crate.lower, asked_at):
+        if (
+            record is None
+            and result.x_cache != CacheResult.MISS
+            and self._may_recheck(request.crate.lower, asked_at)
+        ):
             result = await self.index.get(request.crate, newer_than=asked_at, count=False)
             if result.entry.status == 200:
                 record = await find_version_async(result.entry.body, request.crate, request.version)

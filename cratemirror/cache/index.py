@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from cachetools import LRUCache
 
+from cratemirror.cache.delivery import CacheResult, MetricResult
 from cratemirror.cache.internal import INTERNAL_RULE, InternalNames
 from cratemirror.cache.prefetch import Prefetcher, PrefetchMode
 from cratemirror.cache.singleflight import SingleFlight
@@ -61,8 +62,8 @@ class OfflineMiss(Exception):
 @dataclass(frozen=True, slots=True)
 class IndexResult:
     entry: IndexEntry  # status 200 (a file) or 404 (not found upstream)
-    x_cache: str  # HIT | MISS | REVALIDATED | STALE
-    result: str  # the metric label: hit | miss | revalidated | stale | negative
+    x_cache: CacheResult
+    result: MetricResult  # the metric label (a 404 from upstream: negative)
     shared: bool = False  # another worker process fetched it while this one waited on the lock
 
 
@@ -148,15 +149,15 @@ class IndexService:
         if entry is not None and newer_than is None and self._may_serve_stale(entry):
             # RFC 5861 stale-while-revalidate: a warm client never waits on upstream inside the window.
             self._revalidate_behind(crate)
-            return IndexResult(entry, "STALE", "stale")
+            return IndexResult(entry, CacheResult.STALE, MetricResult.STALE)
         key = index_key(crate.lower)
         result, joined = await self._flights.run(key, lambda: self._refresh(crate, newer_than))
         if joined or result.shared:
             # Served by someone else's fetch: one upstream request is one miss, however many waited.
             if count:
                 self.metrics.coalesced.labels("index").inc()
-            if result.result in ("miss", "revalidated"):
-                served = "hit" if result.entry.status == 200 else "negative"
+            if result.result in (MetricResult.MISS, MetricResult.REVALIDATED):
+                served = MetricResult.HIT if result.entry.status == 200 else MetricResult.NEGATIVE
                 result = dataclasses.replace(result, result=served)
         return result
 
@@ -164,7 +165,8 @@ class IndexService:
         assert self.internal is not None
         self.internal.refuse(crate.name)
         self.metrics.policy_decisions.labels("block", INTERNAL_RULE).inc()
-        return IndexResult(IndexEntry(404, b"", '""', "", time.time()), "HIT", "negative")
+        refused = IndexEntry(404, b"", '""', "", time.time())
+        return IndexResult(refused, CacheResult.HIT, MetricResult.NEGATIVE)
 
     async def _prefetch_one(self, crate: CrateName) -> bytes | None:
         result = await self.get(crate, count=False)
@@ -325,10 +327,10 @@ class IndexService:
 
     def _cached_result(self, entry: IndexEntry) -> IndexResult:
         if entry.status != 200:
-            return IndexResult(entry, "HIT", "negative")
+            return IndexResult(entry, CacheResult.HIT, MetricResult.NEGATIVE)
         if time.time() - entry.checked_at < self.cache.index_ttl:
-            return IndexResult(entry, "HIT", "hit")
-        return IndexResult(entry, "STALE", "stale")  # offline: served however old
+            return IndexResult(entry, CacheResult.HIT, MetricResult.HIT)
+        return IndexResult(entry, CacheResult.STALE, MetricResult.STALE)  # offline: served however old
 
     async def _refresh(
         self, crate: CrateName, newer_than: float | None, *, from_upstream: bool = False
@@ -346,7 +348,7 @@ class IndexService:
                 await self._put(crate.lower, shared)
                 entry = shared
                 if self._is_fresh(entry, newer_than):
-                    return IndexResult(entry, "HIT", "hit", shared=True)
+                    return IndexResult(entry, CacheResult.HIT, MetricResult.HIT, shared=True)
             missing_since = None
             if not from_upstream:
                 missing_since = await self.coordination.missing_since(index_key(crate.lower))
@@ -354,7 +356,7 @@ class IndexService:
                 # Another replica asked upstream a moment ago: "not found" holds here too.
                 known = IndexEntry(404, b"", "", formatdate(missing_since, usegmt=True), missing_since)
                 await self._put(crate.lower, known, expire=self.cache.negative_ttl + NEGATIVE_GRACE)
-                return IndexResult(known, "HIT", "negative", shared=True)
+                return IndexResult(known, CacheResult.HIT, MetricResult.NEGATIVE, shared=True)
             held = entry if entry is not None and entry.status == 200 else None
             try:
                 fetched = await self.upstream.fetch_index(
@@ -365,7 +367,7 @@ class IndexService:
             except UpstreamError as exc:
                 if held is not None and self._within_stale_window(held):
                     self._stale.happened(f"{crate.index_path}: {exc}")
-                    return IndexResult(held, "STALE", "stale")
+                    return IndexResult(held, CacheResult.STALE, MetricResult.STALE)
                 raise
             self._stale.ended()
             checked_at = time.time()
@@ -382,7 +384,7 @@ class IndexService:
                 )
                 await self._put(crate.lower, renewed)
                 await self._share(crate, renewed)
-                return IndexResult(renewed, "REVALIDATED", "revalidated")
+                return IndexResult(renewed, CacheResult.REVALIDATED, MetricResult.REVALIDATED)
             if fetched.status == 200:
                 # Hashing a file of many MiB would hold up every other request on this worker.
                 big = len(fetched.body) > FIND_IN_THREAD
@@ -397,14 +399,14 @@ class IndexService:
                 self.prefetch.after_fetch(crate, fresh.body)
                 await self._put(crate.lower, fresh)
                 await self._share(crate, fresh)
-                return IndexResult(fresh, "MISS", "miss")
+                return IndexResult(fresh, CacheResult.MISS, MetricResult.MISS)
             # 404 (or a 304 we did not ask for): remember "not found" for negative_ttl.
             missing = IndexEntry(404, b"", "", formatdate(checked_at, usegmt=True), checked_at)
             await self._put(crate.lower, missing, expire=self.cache.negative_ttl + NEGATIVE_GRACE)
             await self.coordination.remember_missing(
                 index_key(crate.lower), checked_at, self.cache.negative_ttl
             )
-            return IndexResult(missing, "MISS", "miss")
+            return IndexResult(missing, CacheResult.MISS, MetricResult.MISS)
 
     def _within_stale_window(self, entry: IndexEntry) -> bool:
         age = time.time() - entry.checked_at

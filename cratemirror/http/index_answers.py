@@ -24,6 +24,7 @@ from aiohttp import web
 from cachetools import LRUCache
 from multidict import CIMultiDict
 
+from cratemirror.cache.delivery import CacheResult
 from cratemirror.cache.index import GZIP_MIN, IndexService
 from cratemirror.fleet.storage.disk import IndexEntry
 from cratemirror.names import index_path
@@ -52,7 +53,7 @@ def make_answer(shown: IndexEntry, fresh_until: float, policy_changes: int) -> A
             "ETag": shown.etag,
             "Last-Modified": shown.last_modified,
             "Vary": "Accept-Encoding",
-            "X-Cache": "HIT",
+            "X-Cache": CacheResult.HIT,
         }
     )
     gzip_headers = None
@@ -114,6 +115,6 @@ def wants_gzip(request: web.Request, answer: Answer) -> bool:
 def headers_for(answer: Answer, gzip: bool, x_cache: str) -> CIMultiDict[str]:
     """A copy of the answer's headers (aiohttp adds to a response's headers)."""
     headers = (answer.gzip_headers if gzip and answer.gzip_headers is not None else answer.headers).copy()
-    if x_cache != "HIT":
+    if x_cache != CacheResult.HIT:
         headers["X-Cache"] = x_cache
     return headers

@@ -9,7 +9,16 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from cratemirror.cache.delivery import Blocked, Failed, FromFile, FromFill, GrowingBody, HeadersOnly, Redirect
+from cratemirror.cache.delivery import (
+    Blocked,
+    CacheResult,
+    Failed,
+    FromFile,
+    FromFill,
+    GrowingBody,
+    HeadersOnly,
+    Redirect,
+)
 from cratemirror.cache.index import OfflineMiss
 from cratemirror.cache.registry import Registry
 from cratemirror.http.budget import charge
@@ -118,7 +127,7 @@ async def config_json(request: web.Request) -> web.Response:
     body = json.dumps(document).encode()
     request[BYTES] = len(body)
     # no-store: its `dl` follows the request's host, so no shared cache may hand it to another client.
-    headers = {"X-Cache": "HIT", "Cache-Control": "no-store"}
+    headers = {"X-Cache": CacheResult.HIT, "Cache-Control": "no-store"}
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 
@@ -138,7 +147,7 @@ async def index_file(request: web.Request) -> web.Response:
     answer = answers.get(registry.name, path, mirror.policy.changes)
     if answer is not None:
         request[RESULT] = "hit"
-        return await _send_answer(request, registry, answers, path, answer, "HIT")
+        return await _send_answer(request, registry, answers, path, answer, CacheResult.HIT)
     try:
         crate = parse_index_path(path)
     except InvalidRequest as exc:
@@ -150,9 +159,9 @@ async def index_file(request: web.Request) -> web.Response:
         result = await registry.index.get(crate)
         await charged.settle(request, found=result.entry.status == 200)
     except OfflineMiss as exc:
-        return error(503, str(exc), "MISS")
+        return error(503, str(exc), CacheResult.MISS)
     except UpstreamError as exc:
-        return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}", "MISS")
+        return error(exc.status, f"upstream error for index file {crate.index_path}: {exc}", CacheResult.MISS)
     request[RESULT] = result.result
     entry = result.entry
     # The policy gates crates.io's crates (its advisories name crates.io's); off, it is not consulted.
@@ -165,7 +174,7 @@ async def index_file(request: web.Request) -> web.Response:
     until = fresh_until(result.entry, registry.index, policy_on and mirror.policy.rules.enforcing)
     answer = make_answer(entry, until, policy_changes)
     # Kept for the next hits while fresh, unless the service took a newer entry meanwhile.
-    if result.x_cache != "STALE" and registry.index.current(crate.lower) is result.entry:
+    if result.x_cache != CacheResult.STALE and registry.index.current(crate.lower) is result.entry:
         answers.put(registry.name, crate.index_path, answer)
     return await _send_answer(request, registry, answers, crate.index_path, answer, result.x_cache)
 

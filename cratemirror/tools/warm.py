@@ -21,7 +21,7 @@ from typing import Protocol
 import aiohttp
 
 from cratemirror import __version__
-from cratemirror.cache.delivery import Blocked, Failed, FromFile, FromFill, HeadersOnly, Redirect
+from cratemirror.cache.delivery import Blocked, CacheResult, Failed, FromFile, FromFill, HeadersOnly, Redirect
 from cratemirror.cache.index import find_version
 from cratemirror.config.schema import Config, ConfigError
 from cratemirror.http.app import create_app
@@ -162,7 +162,7 @@ class MirrorWarmer:
         # HEAD first: a cached crate's ETag is its sha256, so nothing needs to be transferred.
         async with self.session.head(url) as response:
             if (
-                response.headers.get("X-Cache") == "HIT"
+                response.headers.get("X-Cache") == CacheResult.HIT
                 and response.headers.get("ETag") == f'"{record.cksum}"'
             ):
                 return CACHED
@@ -176,7 +176,7 @@ class MirrorWarmer:
                 raise WarmFailure(
                     f"the mirror sent bytes hashing to {hasher.hexdigest()}, not {record.cksum}"
                 )
-            return CACHED if response.headers.get("X-Cache") == "HIT" else FETCHED
+            return CACHED if response.headers.get("X-Cache") == CacheResult.HIT else FETCHED
 
     def _index_file(self, crate: CrateName) -> asyncio.Task[bytes]:
         """One request per index file, however many versions of the crate the lockfiles hold."""

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from cratemirror import __version__
-from cratemirror.cache.delivery import Failed, FromFile, FromFill, HeadersOnly
+from cratemirror.cache.delivery import CacheResult, Failed, FromFile, FromFill, HeadersOnly
 from cratemirror.cache.toolchains.paths import (
     Kind,
     ToolchainPath,
@@ -190,7 +190,7 @@ class DirectSource:
         match delivery:
             case FromFile(file=file, headers=headers):
                 file.close()
-                return CACHED if headers.get("X-Cache") == "HIT" else FETCHED
+                return CACHED if headers.get("X-Cache") == CacheResult.HIT else FETCHED
             case FromFill(body=body, release=release):
                 try:
                     await body.finished  # verified against the manifest and stored (or raised)
@@ -242,7 +242,7 @@ class MirrorSource:
                 hasher.update(chunk)
             if hasher.hexdigest() != sha256:
                 raise WarmFailure(f"the mirror sent bytes hashing to {hasher.hexdigest()}, not {sha256}")
-            return CACHED if response.headers.get("X-Cache") == "HIT" else FETCHED
+            return CACHED if response.headers.get("X-Cache") == CacheResult.HIT else FETCHED
 
 
 async def warm_toolchain(source: Source, request: ToolchainRequest, host: str, jobs: int) -> bool:

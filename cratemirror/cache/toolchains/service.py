@@ -337,11 +337,11 @@ class ToolchainService:
         headers["Cache-Control"] = MOVING if key.moving else IMMUTABLE
         opened = self.files.open(key)
         if opened is not None:
-            return FromFile(opened[0], opened[1], {**headers, "X-Cache": "HIT"}, MetricResult.HIT)
+            return FromFile(opened[0], opened[1], {**headers, "X-Cache": CacheResult.HIT}, MetricResult.HIT)
         if self.offline:
             return Failed(503, f"offline and {key.path} is not cached")
         if head:
-            return HeadersOnly({**headers, "X-Cache": "MISS"}, MetricResult.MISS)
+            return HeadersOnly({**headers, "X-Cache": CacheResult.MISS}, MetricResult.MISS)
         fill, joined = self._fill(key, digest)
         if joined:
             self.metrics.coalesced.labels(KIND).inc()
@@ -362,7 +362,7 @@ class ToolchainService:
             return Failed(502, str(exc))
         hit = joined or fill.stored_elsewhere
         result = MetricResult.HIT if hit else MetricResult.MISS
-        x_cache = "HIT" if hit else "MISS"
+        x_cache = CacheResult.HIT if hit else CacheResult.MISS
         if ranged or small or fill.stored_elsewhere:
             opened = self.files.open(key)
             if opened is not None:
@@ -573,7 +573,9 @@ class ToolchainService:
         if key.kind is Kind.RUSTUP_INIT_SHA256:
             body = f"{stored_digest}  {target.name}\n".encode()
             headers = {"Content-Type": "text/plain", "Cache-Control": MOVING if key.moving else IMMUTABLE}
-            return FromFile(io.BytesIO(body), len(body), {**headers, "X-Cache": "HIT"}, MetricResult.HIT)
+            return FromFile(
+                io.BytesIO(body), len(body), {**headers, "X-Cache": CacheResult.HIT}, MetricResult.HIT
+            )
         return await self._deliver_file(target, stored_digest, head=head, ranged=ranged)
 
     async def _deliver_release(self, key: ToolchainPath) -> Delivery:
@@ -585,14 +587,14 @@ class ToolchainService:
             body = path.read_bytes()
             age = time.time() - path.stat().st_mtime
         if body is not None and (self.offline or age < self.ttl):
-            return self._small(body, "HIT", MetricResult.HIT)
+            return self._small(body, CacheResult.HIT, MetricResult.HIT)
         if self.offline:
             return Failed(503, f"offline and {key.path} is not cached")
         try:
             fetch = await self.upstream.fetch_index(key.path, None, None, kind=KIND)
         except UpstreamError as exc:
             if body is not None and age < self.ttl + self.stale_if_error:
-                return self._small(body, "STALE", MetricResult.STALE)
+                return self._small(body, CacheResult.STALE, MetricResult.STALE)
             return Failed(exc.status, str(exc))
         if fetch.status == 404:
             return Failed(404, f"upstream has no {key.path}", result=MetricResult.NEGATIVE)
@@ -600,7 +602,9 @@ class ToolchainService:
             return Failed(502, f"upstream's {key.path} is larger than {MAX_SMALL} bytes")
         with contextlib.suppress(OSError):
             await asyncio.to_thread(self.files.write_atomic, path, fetch.body)
-        return self._small(fetch.body, "MISS" if body is None else "REVALIDATED", MetricResult.MISS)
+        return self._small(
+            fetch.body, CacheResult.MISS if body is None else CacheResult.REVALIDATED, MetricResult.MISS
+        )
 
     @staticmethod
     def _small(body: bytes, x_cache: str, result: MetricResult) -> FromFile:
