@@ -380,21 +380,29 @@ class S3Shared:
 
     async def _upload_crate(self, name: str, verified: Path, sha256: str, *, overwrite: bool) -> bool:
         """Whether it was written (False: If-None-Match found an object there)."""
+        written = await self._put_verified("crate", name, verified, sha256, "application/gzip", overwrite)
+        if written and overwrite:
+            log.warning("shared storage: %s replaced with verified bytes", name)
+        return written
+
+    async def _put_verified(
+        self, kind: ObjectKind, name: str, verified: Path, sha256: str, content_type: str, overwrite: bool
+    ) -> bool:
+        """One verified file, sealed with the fleet secret; written once (If-None-Match) unless
+        `overwrite`. Whether it was written (False: an object was already there)."""
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
-        meta = self._sealer.seal("crate", name, sha256, {"sha256": sha256})
+        meta = self._sealer.seal(kind, name, sha256, {"sha256": sha256})
         condition = {} if overwrite else {"IfNoneMatch": "*"}
         with open(verified, "rb") as body:
             try:
                 await self._client.put_object(
                     Bucket=self.bucket, Key=name, Body=body, ChecksumSHA256=checksum,
-                    ContentType="application/gzip", Metadata=meta, **condition,
+                    ContentType=content_type, Metadata=meta, **condition,
                 )  # fmt: skip
             except ClientError as exc:
                 if _code(exc) not in _ALREADY:
                     raise
                 return False
-        if overwrite:
-            log.warning("shared storage: %s replaced with verified bytes", name)
         return True
 
     async def _fetch_crate(self, key: CrateVersion, sha256: str, into: Path, limit: int) -> int | None:
@@ -504,19 +512,8 @@ class S3Shared:
         """Written once (If-None-Match); an object already there that does not authenticate as these
         bytes is overwritten."""
         name = self._toolchain_key(path)
-        meta = self._sealer.seal("toolchain", name, sha256, {"sha256": sha256})
-        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
         overwrite = self._replace.pop(name, None) is not None
-        condition = {} if overwrite else {"IfNoneMatch": "*"}
-        with open(verified, "rb") as body:
-            try:
-                await self._client.put_object(
-                    Bucket=self.bucket, Key=name, Body=body, ChecksumSHA256=checksum,
-                    ContentType="application/octet-stream", Metadata=meta, **condition,
-                )  # fmt: skip
-            except ClientError as exc:
-                if _code(exc) not in _ALREADY:
-                    raise
+        await self._put_verified("toolchain", name, verified, sha256, "application/octet-stream", overwrite)
 
     async def _fetch_toolchain(self, path: str, sha256: str, into: Path, limit: int) -> int | None:
         name = self._toolchain_key(path)
