@@ -185,7 +185,8 @@ async def test_cargo_finds_the_next_round_cached(registry: FakeRegistry, tmp_pat
         write_cargo_project(project, {"top": "1"})
         code, output = await run_cargo(["fetch"], project, home)
         assert code == 0, output
-        log = mirror.output()
+        assert await mirror.stop() == 0, mirror.output()
+    log = mirror.output()  # after the stop: every worker has flushed its batched access lines
     for name in ("top", "middle", "leaf", "builder"):
         assert registry.count(f"/index/{index_path(name)}") == 1, name
     # Only cargo's first request waited on an upstream fetch of its own ("upstream=" in the access
