@@ -460,12 +460,9 @@ class S3Shared:
         """`wanted`: the index cksum the caller needs; the body is not read if the record does not
         authenticate or names other bytes (then `sha256` is empty and `recorded` None or not `wanted`)."""
         name = self._crate_key(key)
-        try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=name)
-        except ClientError as exc:
-            if _code(exc) in _MISSING:
-                return None
-            raise
+        response = await self._get_object(name)
+        if response is None:
+            return None
         recorded, problem = self._crate_record(name, response.get("Metadata", {}))
         if problem is not None and wanted is not None:
             self._failed("crate", name, problem)  # serving; the tools (no `wanted`) report it themselves
@@ -505,6 +502,15 @@ class S3Shared:
 
     # ---- toolchain files (components, rustup-init) ------------------------------------------------
 
+    async def _get_object(self, name: str) -> Any | None:
+        """The object's GET response, or None when the bucket has no such key."""
+        try:
+            return await self._client.get_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+
     def _toolchain_key(self, path: str) -> str:
         return f"{self.prefix}toolchains/{path}"
 
@@ -517,12 +523,9 @@ class S3Shared:
 
     async def _fetch_toolchain(self, path: str, sha256: str, into: Path, limit: int) -> int | None:
         name = self._toolchain_key(path)
-        try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=name)
-        except ClientError as exc:
-            if _code(exc) in _MISSING:
-                return None
-            raise
+        response = await self._get_object(name)
+        if response is None:
+            return None
         meta = response.get("Metadata", {})
         problem = self._sealer.problem("toolchain", name, sha256, meta)
         if problem is not None or meta.get("sha256") != sha256:
@@ -555,12 +558,9 @@ class S3Shared:
 
     async def _get_index(self, crate: CrateName) -> IndexEntry | None:
         name = self._index_key(crate)
-        try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=name)
-        except ClientError as exc:
-            if _code(exc) in _MISSING:
-                return None
-            raise
+        response = await self._get_object(name)
+        if response is None:
+            return None
         meta = response.get("Metadata", {})
         length = int(response.get("ContentLength", 0))
         if length > self.max_index_size:
