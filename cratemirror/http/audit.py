@@ -1,13 +1,14 @@
-"""The audit trail's one hook: every download answered or refused is recorded as its answer goes out.
+"""The audit trail's one hook: every download answered or refused is recorded as its handler finishes.
 
-`on_response_prepare` runs for every response just before its headers are sent, whichever branch of
-the download route made it (a file, a fill, a redirect, a 304, a policy refusal), so the route itself
-carries no recording code. Who: the token's name when auth is on, else the client (`client_of`).
+The counted routes' hook (`http/instrument.py`) calls `Mirror.on_download` for every download request,
+whichever branch of the route answered it (a file, a fill, a redirect, a 304, a policy refusal, an
+error), so the route itself carries no recording code and no response pays a signal of its own. Who:
+the token's name when auth is on, else the client (`client_of`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from aiohttp import web
 
@@ -15,7 +16,6 @@ from cratemirror.cache.audit import BLOCKED, FAILED, NOT_FOUND, SERVED, AuditTra
 from cratemirror.fleet.storage import LocalShared
 from cratemirror.http.auth import TOKEN_NAME
 from cratemirror.http.context import MIRROR
-from cratemirror.http.instrument import KIND
 from cratemirror.http.policy import POLICY_HEADER, client_of
 from cratemirror.names import DEFAULT_REGISTRY
 
@@ -35,7 +35,7 @@ def install_audit(app: web.Application) -> None:
     )
     app[AUDIT] = trail
     if trail.enabled:
-        app.on_response_prepare.append(_recorder(trail, mirror.config.auth.required))
+        mirror.on_download = _recorder(trail, mirror.config.auth.required)
         app.cleanup_ctx.append(_lifecycle)
 
 
@@ -46,22 +46,21 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await trail.close()  # the last records are written (and uploaded) before the storage closes
 
 
-Hook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+Hook = Callable[[web.Request, int, Mapping[str, str]], None]
 
 
 def _recorder(trail: AuditTrail, auth_required: bool) -> Hook:
-    """The hook, with what it needs bound once (it runs for every response: a few attribute reads)."""
+    """The hook, with what it needs bound once (it runs for every download: a few attribute reads)."""
     record = trail.record
 
-    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        if request.get(KIND) != "crate" or request.method != "GET":
-            return
-        status = response.status
+    def on_download(request: web.Request, status: int, headers: Mapping[str, str]) -> None:
+        if request.method != "GET":
+            return  # a HEAD takes nothing
         rule = ""
         if status in _SERVED_STATUSES:
             result = SERVED
         elif status == 403:
-            result, rule = BLOCKED, response.headers.get(POLICY_HEADER, "")
+            result, rule = BLOCKED, headers.get(POLICY_HEADER, "")
         elif status == 404:
             result = NOT_FOUND
         elif status == 400:
@@ -75,4 +74,4 @@ def _recorder(trail: AuditTrail, auth_required: bool) -> Hook:
         record(match.get("registry", DEFAULT_REGISTRY), match.get("name", ""), match.get("version", ""),
                result, rule, who)  # fmt: skip
 
-    return on_prepare
+    return on_download

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -50,6 +51,8 @@ class Mirror:
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
     # Warm index hits' prepared answers (create_app sizes them by cache.memory_size).
     index_answers: IndexAnswers = field(default_factory=lambda: IndexAnswers(0))
+    # Told of every answered download request (the request, its status and headers): the audit trail.
+    on_download: Callable[[web.Request, int, Mapping[str, str]], None] | None = None
     readiness: ReadinessWatch = field(init=False)  # what /readyz says, kept up to date in the background
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
@@ -40,20 +40,24 @@ def instrumented(handler: Handler) -> Handler:
         except KeyError:
             timing = request[TIMING] = start_request_timing()
         status = 500
+        headers: Mapping[str, str] = _NO_HEADERS
         try:
             response = await handler(request)
-            status = response.status
+            status, headers = response.status, response.headers
             return response
         except web.HTTPException as exc:
-            status = exc.status
+            status, headers = exc.status, exc.headers
             raise
         finally:
-            _record(request, timing, status)
+            _record(request, timing, status, headers)
 
     return counted
 
 
-def _record(request: web.Request, timing: RequestTiming, status: int) -> None:
+_NO_HEADERS: Mapping[str, str] = {}
+
+
+def _record(request: web.Request, timing: RequestTiming, status: int, headers: Mapping[str, str]) -> None:
     try:
         kind = request[KIND]  # unset: the request was refused before it was a client request of a kind
     except KeyError:
@@ -71,6 +75,8 @@ def _record(request: web.Request, timing: RequestTiming, status: int) -> None:
     registry = mirror.registries.get(name) if name is not None else None
     metrics = registry.metrics if registry is not None else mirror.metrics
     metrics.observe_request(kind, result, elapsed, sent)
+    if kind == "crate" and mirror.on_download is not None:  # the audit trail's hook (http/audit.py)
+        mirror.on_download(request, status, headers)
     if result in ("miss", "error"):  # as /metrics counts them: an upstream failure is no hit
         mirror.recent_misses.append(
             RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)

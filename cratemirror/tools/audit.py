@@ -143,11 +143,13 @@ def group_served(records: Iterable[AuditRecord], affected: Callable[[AuditRecord
         key = (record.crate, record.version, record.who)
         row = rows.get(key)
         if row is None:
-            rows[key] = Exposure(record.crate, record.version, record.who, 1, record.at, record.at)
+            rows[key] = Exposure(
+                record.crate, record.version, record.who, record.count, record.at, record.last
+            )
         else:
-            row.count += 1
+            row.count += record.count
             row.first = min(row.first, record.at)
-            row.last = max(row.last, record.at)
+            row.last = max(row.last, record.last)
     return sorted(rows.values(), key=lambda row: (row.crate, row.version, row.who))
 
 
@@ -195,11 +197,12 @@ def run_query(args: argparse.Namespace) -> int:
         for record in collect(config, since)
         if (wanted is None or wanted.matches(record)) and (args.who is None or record.who == args.who)
     ]
-    rows = [{**record.as_json(), "at": _when(record.at)} for record in records]
-    columns = ["at", "registry", "crate", "version", "result", "rule", "who"]
+    rows = [{**record.as_json(), "at": _when(record.at), "last": _when(record.last)} for record in records]
+    columns = ["at", "registry", "crate", "version", "result", "rule", "who", "count", "last"]
     print(render(rows, columns, args.format), end="")
     if args.format == "table":
-        print(f"audit query: {len(rows)} records since {_when(since)}")
+        downloads = sum(record.count for record in records)
+        print(f"audit query: {len(rows)} records, {downloads} requests since {_when(since)}")
     return EXIT_OK
 
 

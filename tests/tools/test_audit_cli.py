@@ -26,7 +26,7 @@ def trail(tmp_path: Path) -> Path:
         (NOW - 40 * 86400, "crates-io", "leaf", "0.3.0", "served", "", "old-ci"),  # older than --since 30d
         (NOW - 3600, "crates-io", "leaf", "0.3.2", "served", "", "alice"),
         (NOW - 1800, "crates-io", "leaf", "0.3.2", "served", "", "alice"),
-        (NOW - 900, "crates-io", "leaf", "0.3.2", "served", "", "10.0.0.7"),
+        (NOW - 950, "crates-io", "leaf", "0.3.2", "served", "", "10.0.0.7", 2, NOW - 900),  # 2 alike
         (NOW - 600, "crates-io", "leaf", "0.3.1", "served", "", "bob"),
         (NOW - 300, "crates-io", "leaf", "0.3.2", "blocked", LEAF_ADVISORY, "bob"),
         (NOW - 200, "crates-io", "serde", "1.0.0", "served", "", "bob"),
@@ -56,8 +56,10 @@ async def test_query_filters_and_formats(tmp_path: Path) -> None:
     ]  # fmt: skip
     result = await run_cli("audit", "query", "--crate", "serde", "--config", str(config), cwd=tmp_path)
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["AT", "REGISTRY", "CRATE", "VERSION", "RESULT", "RULE", "WHO"]
-    assert "serde" in lines[1] and "bob" in lines[1] and lines[-1].startswith("audit query: 1 records")
+    columns = ["AT", "REGISTRY", "CRATE", "VERSION", "RESULT", "RULE", "WHO", "COUNT", "LAST"]
+    assert lines[0].split() == columns
+    assert "serde" in lines[1] and "bob" in lines[1]
+    assert lines[-1].startswith("audit query: 1 records, 1 requests")
 
 
 async def test_impact_by_advisory_and_by_requirement(tmp_path: Path) -> None:
@@ -68,9 +70,9 @@ async def test_impact_by_advisory_and_by_requirement(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.code == 0, result.output
     document = json.loads(result.stdout)
-    assert document["clients"] == 2 and document["downloads"] == 3
+    assert document["clients"] == 2 and document["downloads"] == 4
     assert [(row["who"], row["version"], row["count"]) for row in document["served"]] == [
-        ("10.0.0.7", "0.3.2", 1),
+        ("10.0.0.7", "0.3.2", 2),
         ("alice", "0.3.2", 2),
     ]  # fmt: skip  (blocked, and 0.3.1 which is patched, are not exposure; old-ci is before --since)
     alice = document["served"][1]
@@ -78,7 +80,7 @@ async def test_impact_by_advisory_and_by_requirement(tmp_path: Path) -> None:
     table = await run_cli("audit", "impact", LEAF_ADVISORY, "--config", str(config), cwd=tmp_path)
     assert table.stdout.splitlines()[0].startswith(
         f"audit impact: {LEAF_ADVISORY} (leaf: leaf parses untrusted input unsoundly): affected versions "
-        "served to 3 clients (4 downloads)"
+        "served to 3 clients (5 downloads)"
     )  # all of audit.retention: old-ci too
     result = await run_cli(
         "audit", "impact", "--crate", "leaf@=0.3.1", "--format", "csv", "--config", str(config), cwd=tmp_path
