@@ -1,19 +1,21 @@
-"""The hit lane: warm index hits answered before aiohttp's router, from bytes made when the answer was.
+"""The hit lane: warm hits answered before aiohttp's router, from bytes made when the answer was.
 
-A warm index hit is a dictionary lookup; what it cost was the serving stack around it: the router
-trying the app's routes, the application's handler chain, a `Response` with its headers copied,
-prepared (Date, Server, Content-Length, Connection worked out per request) and serialised per request.
-The lane is the server's request handler (under the connection guard): a `GET` of crates.io's
-`/index/...` that finds a prepared answer (`index_answers.py`: fresh, the policy unchanged) is answered
-here with the answer's status line and headers as bytes made once per answer, the `Date` line made once
-a second, and the body, in one write. Everything else (a miss, a stale or refused answer, a
-conditional request, gzip not yet made, HTTP/1.0, `Connection: close`, another registry, any other
-route) goes on to the app exactly as before, and the app's path gives the same bytes for a hit.
+A warm hit is a dictionary lookup; what it cost was the serving stack around it: the router trying the
+app's routes, the application's handler chain, a `Response` with its headers copied, prepared (Date,
+Server, Content-Length, Connection worked out per request) and serialised per request. The lane is the
+server's request handler (under the connection guard): a keep-alive HTTP/1.1 `GET` of an index file
+(crates.io's `/index/...`, an extra registry's `/registries/<name>/index/...`) or of a small crates.io
+crate that finds a prepared answer (`index_answers.py`, `crate_answers.py`) is answered here with the
+answer's status line and headers as bytes made once per answer, the `Date` line made once a second, and
+the body, in one write. Everything else (a miss, an answer past its time or made before a policy
+change, a conditional request, HEAD, gzip not yet made, HTTP/1.0, `Connection: close`, any other route)
+goes on to the app exactly as before, and the app's path gives the same bytes for a hit.
 
-What a hit must still do, it does here: the token check with `auth.required`, the refresh generation
-check, the metrics (`cratemirror_request_duration_seconds`, `cratemirror_cache_requests_total`,
-`cratemirror_bytes_served_total`), and the access line (aiohttp's `finish_response` logs it as for any
-response).
+What a hit must still do, it does here: the token check with `auth.required` (a refused token goes on
+to the app, which answers and counts the 401), the refresh generation check, the metrics
+(`cratemirror_request_duration_seconds`, `cratemirror_cache_requests_total`,
+`cratemirror_bytes_served_total`), the audit record of a download, and the access line (aiohttp's
+`finish_response` logs it as for any response).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion11
 
 from cratemirror.cache.delivery import MetricResult
+from cratemirror.cache.registry import Registry
 from cratemirror.http.auth import TOKEN_NAME, presented_token
 from cratemirror.http.context import MIRROR, TIMING, Mirror
 from cratemirror.http.index_answers import Wire
@@ -35,6 +38,7 @@ from cratemirror.names import DEFAULT_REGISTRY
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 INDEX_PREFIX = "/index/"
+REGISTRIES_PREFIX = "/registries/"
 CRATE_PREFIX = "/api/v1/crates/"  # with a prepared answer: .../<name>/<version>/download
 _HIGH_WATER = 64 * 1024
 
@@ -44,7 +48,8 @@ class ReadyResponse(web.StreamResponse):
     prepare() only takes the request's writer; write_eof() sends head, Date and body in one write."""
 
     def __init__(self, wire: Wire) -> None:
-        super().__init__(status=200, _real_headers=wire.headers)  # shared, read only (the access log)
+        super().__init__(status=200)
+        self._headers = wire.headers  # shared by the answer's responses, read only (the access log)
         self._wire = wire
         self._keep_alive = True  # the lane takes only keep-alive HTTP/1.1 requests
 
@@ -93,8 +98,8 @@ class HitLane:
         self.mirror = mirror
         self.app_handler = app_handler
         self.registry = mirror.registries[DEFAULT_REGISTRY]
+        self.extras = {registry.name: registry for registry in mirror.extras()}
         self.tokens = mirror.tokens if mirror.config.auth.required else None
-        self.metrics = self.registry.metrics
         self.answered = 0  # hits this lane answered (the tests read it)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -102,20 +107,25 @@ class HitLane:
             path = request.path
             response = None
             if path.startswith(INDEX_PREFIX):
-                response = self.index_hit(request, path)
+                response = self.index_hit(request, self.registry, path[len(INDEX_PREFIX) :])
             elif path.startswith(CRATE_PREFIX):
                 response = self.crate_hit(request, path)
+            elif path.startswith(REGISTRIES_PREFIX):  # /registries/<name>/index/...
+                name, _, rest = path[len(REGISTRIES_PREFIX) :].partition("/")
+                registry = self.extras.get(name)
+                if registry is not None and rest.startswith(INDEX_PREFIX[1:]):
+                    response = self.index_hit(request, registry, rest[len(INDEX_PREFIX) - 1 :])
             if response is not None:
                 return response
         return await self.app_handler(request)
 
-    def index_hit(self, request: web.BaseRequest, path: str) -> ReadyResponse | None:
+    def index_hit(self, request: web.BaseRequest, registry: Registry, path: str) -> ReadyResponse | None:
         headers = request.headers
         if "If-None-Match" in headers or "If-Modified-Since" in headers:
             return None  # a 304 (or not): the app's path decides
         mirror = self.mirror
-        self.registry.index.check_generation()  # a stat every few ms at most
-        answer = mirror.index_answers.get(DEFAULT_REGISTRY, path[len(INDEX_PREFIX) :], mirror.policy.changes)
+        registry.index.check_generation()  # a stat every few ms at most
+        answer = mirror.index_answers.get(registry.name, path, mirror.policy.changes)
         if answer is None:
             return None
         gzip = answer.gzip_headers is not None and "gzip" in headers.get("Accept-Encoding", "")
@@ -124,7 +134,7 @@ class HitLane:
             return None
         if not self.admitted(request):
             return None
-        self.count(request, "index", wire)
+        self.count(request, registry, "index", wire)
         self.answered += 1
         return ReadyResponse(wire)
 
@@ -136,7 +146,7 @@ class HitLane:
         if answer is None or not self.admitted(request):
             return None
         wire = answer.wire
-        self.count(request, "crate", wire)
+        self.count(request, self.registry, "crate", wire)
         self.answered += 1
         on_download = self.mirror.on_download
         if on_download is not None:  # the audit trail
@@ -154,7 +164,7 @@ class HitLane:
         request[TOKEN_NAME] = verdict.name
         return True
 
-    def count(self, request: web.BaseRequest, kind: str, wire: Wire) -> None:
+    def count(self, request: web.BaseRequest, registry: Registry, kind: str, wire: Wire) -> None:
         """What the counted routes' hook records for a hit: the metrics, and the access log's fields."""
         sent = len(wire.body)
         request[KIND] = kind
@@ -162,7 +172,7 @@ class HitLane:
         request[BYTES] = sent
         timing = request.get(TIMING)
         elapsed = time.perf_counter() - timing.started if timing is not None else 0.0
-        self.metrics.observe_request(kind, MetricResult.HIT, elapsed, sent)
+        registry.metrics.observe_request(kind, MetricResult.HIT, elapsed, sent)
 
 
 def install_hit_lane(app: web.Application, server: web.Server) -> HitLane:

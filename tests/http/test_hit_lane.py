@@ -117,15 +117,10 @@ async def test_what_the_lane_does_not_know_goes_to_the_app(
     tarball = registry.add_crate("serde", "1.0.0").data
     mirror = await mirror_factory(registries={"corp": RegistryConfig(index_url=registry.index_url)})
     lane = LANES[mirror]
-    for path in (
-        idx("serde"),
-        CRATE,
-        CRATE,
-        f"/registries/corp{idx('serde')}",
-        f"/registries/corp{idx('serde')}",
-    ):
+    corp_crate = "/registries/corp/api/v1/crates/serde/1.0.0/download"
+    for path in (idx("serde"), CRATE, CRATE, corp_crate, corp_crate, corp_crate):
         assert (await fetch(mirror, path))[0] == 200
-    assert lane.answered == 0  # misses, the first hit of a crate, another registry's index
+    assert lane.answered == 0  # misses, the first hit of a crate, another registry's crates
     etag = (await fetch(mirror, CRATE))[1]["Etag"]
     assert lane.answered == 1
 
@@ -139,6 +134,24 @@ async def test_what_the_lane_does_not_know_goes_to_the_app(
     unknown = await fetch(mirror, "/api/v1/crates/serde/9.9.9/download")
     assert unknown[0] == 404
     assert lane.answered == 1
+
+
+async def test_an_extra_registrys_index_hits_take_the_lane_and_count_there(
+    registry: FakeRegistry, mirror_factory: MirrorFactory
+) -> None:
+    registry.add_crate("serde", "1.0.0")
+    mirror = await mirror_factory(registries={"corp": RegistryConfig(index_url=registry.index_url)})
+    lane = LANES[mirror]
+    corp = f"/registries/corp{idx('serde')}"
+    answers = [await fetch(mirror, corp) for _ in range(3)]
+    assert lane.answered == 2
+    assert [headers["X-Cache"] for _, headers, _ in answers] == ["MISS", "HIT", "HIT"]
+    assert len({body for _, _, body in answers}) == 1
+    assert (await fetch(mirror, "/registries/nope/index/se/rd/serde"))[0] == 404  # no such registry
+    text = await (await mirror.get("/metrics")).text()
+    hits = metric_value(text, "cratemirror_cache_requests_total", registry="corp", kind="index", result="hit")
+    assert hits == 2
+    assert metric_value(text, "cratemirror_cache_requests_total", registry="crates-io", kind="index") == 0
 
 
 async def test_the_lane_asks_for_a_token_as_the_app_does(
