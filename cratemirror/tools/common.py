@@ -11,10 +11,13 @@ import sys
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TextIO
 
+import aiohttp
 from tqdm import tqdm
 
+from cratemirror import __version__
 from cratemirror.config.load import find_config_path, load_config
 from cratemirror.config.schema import Config, ConfigError
 from cratemirror.fleet.storage.disk import Store
@@ -49,6 +52,33 @@ def mirror_headers(user_agent: str) -> dict[str, str]:
     if token:
         headers["Authorization"] = token
     return headers
+
+
+class MirrorClient:
+    """One session to a running mirror (--mirror) for the life of `async with`: our User-Agent and the
+    token; no overall timeout (a large file may take minutes), at most `sock_read` seconds between reads."""
+
+    def __init__(self, base: str, agent: str, sock_read: float) -> None:
+        self.base = base
+        self._agent = agent
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=sock_read)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        headers = mirror_headers(f"{self._agent}/{__version__}")
+        self._session = aiohttp.ClientSession(timeout=self._timeout, headers=headers)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "used outside `async with`"
+        return self._session
 
 
 def open_existing_store(config: Config) -> Store:

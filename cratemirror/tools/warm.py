@@ -20,7 +20,6 @@ from typing import Protocol
 
 import aiohttp
 
-from cratemirror import __version__
 from cratemirror.cache.delivery import Blocked, CacheResult, Failed, FromFile, FromFill, HeadersOnly, Redirect
 from cratemirror.cache.index import find_version
 from cratemirror.config.schema import Config, ConfigError
@@ -30,9 +29,9 @@ from cratemirror.names import DEFAULT_REGISTRY, CrateName, parse_crate_version
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
+    MirrorClient,
     Progress,
     error,
-    mirror_headers,
     plural,
     tool_config,
 )
@@ -126,31 +125,12 @@ class DirectWarmer:
         return FETCHED
 
 
-class MirrorWarmer:
+class MirrorWarmer(MirrorClient):
     """Asks a running mirror, like cargo would: the index file, then the download."""
 
     def __init__(self, base_url: str) -> None:
-        self.base = base_url
+        super().__init__(base_url, "cratemirror-warm", sock_read=120)
         self._index_files: dict[str, asyncio.Task[bytes]] = {}
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> MirrorWarmer:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
-            headers=mirror_headers(f"cratemirror-warm/{__version__}"),
-        )
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None
-        return self._session
 
     async def warm(self, crate: LockedCrate) -> str:
         wanted = parse_crate_version(crate.name, crate.version)

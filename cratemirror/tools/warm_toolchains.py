@@ -23,9 +23,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-import aiohttp
-
-from cratemirror import __version__
 from cratemirror.cache.delivery import CacheResult, Failed, FromFile, FromFill, HeadersOnly
 from cratemirror.cache.toolchains.paths import (
     Kind,
@@ -37,7 +34,7 @@ from cratemirror.config.schema import Config, ConfigError
 from cratemirror.http.app import create_app
 from cratemirror.http.toolchains import TOOLCHAINS
 from cratemirror.names import InvalidRequest
-from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, error, mirror_headers, tool_config
+from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, MirrorClient, error, tool_config
 
 FETCHED = "fetched"
 CACHED = "already cached"
@@ -204,36 +201,20 @@ class DirectSource:
         raise WarmFailure(f"unexpected answer {type(delivery).__name__}")
 
 
-class MirrorSource:
+class MirrorSource(MirrorClient):
     """A running mirror, asked like rustup asks it; every file hashed here against the manifest."""
 
     def __init__(self, base: str) -> None:
-        self.base = base
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> MirrorSource:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300),
-            headers=mirror_headers(f"cratemirror-warm/{__version__}"),
-        )
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._session is not None:
-            await self._session.close()
+        super().__init__(base, "cratemirror-warm", sock_read=300)
 
     async def manifest(self, path: ToolchainPath) -> bytes:
-        assert self._session is not None
-        async with self._session.get(f"{self.base}/toolchains/{path.path}") as response:
+        async with self.session.get(f"{self.base}/toolchains/{path.path}") as response:
             if response.status != 200:
                 raise WarmFailure(f"the mirror answered {response.status} for {path.path}")
             return await response.read()
 
     async def fetch(self, path: ToolchainPath, sha256: str) -> str:
-        assert self._session is not None
-        async with self._session.get(f"{self.base}/toolchains/{path.path}") as response:
+        async with self.session.get(f"{self.base}/toolchains/{path.path}") as response:
             if response.status != 200:
                 reason = (await response.text(errors="replace")).strip()[:200]
                 raise WarmFailure(f"the mirror answered {response.status}: {reason}")
