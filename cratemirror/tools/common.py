@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cratemirror import __version__
 from cratemirror.config.load import find_config_path, load_config
-from cratemirror.config.schema import Config, ConfigError
+from cratemirror.config.schema import Config, ConfigError, parse_duration
 from cratemirror.fleet.storage.disk import Store
 from cratemirror.fleet.storage.disk_artifacts import DiskArtifacts
 from cratemirror.logsetup import setup_records
@@ -43,6 +43,14 @@ def tool_config(args: argparse.Namespace, overrides: dict[str, object] | None = 
     config = load_config(path, os.environ, overrides or {})
     setup_records(config.logging.level, config.logging.format == "json")
     return config
+
+
+def duration_flag(flag: str, text: str, example: str) -> float:
+    """Seconds from a flag's duration (--since 30d); a bad one is a usage error naming the flag (exit 2)."""
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a duration like {example}, got {text!r}") from None
 
 
 def mirror_headers(user_agent: str) -> dict[str, str]:
