@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, Self, TextIO
 
 import aiohttp
 from tqdm import tqdm
@@ -87,6 +87,38 @@ class MirrorClient:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "used outside `async with`"
         return self._session
+
+
+class AppLifecycle(Protocol):
+    """The server's app (create_app's aiohttp web.Application) as ServerApp drives it; named by these
+    methods only, since only http/ and server/ speak aiohttp.web."""
+
+    def freeze(self) -> None: ...
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def cleanup(self) -> None: ...
+
+
+class ServerApp:
+    """For a tool that works through the server's own app: started and stopped by its lifecycle
+    (upstream session, stale temp files, closing) for the life of `async with`, as `serve` does."""
+
+    def __init__(self, app: AppLifecycle) -> None:
+        self._app = app
+
+    async def __aenter__(self) -> Self:
+        self._app.freeze()
+        await self._app.startup()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._app.shutdown()
+        await self._app.cleanup()
 
 
 def open_existing_store(config: Config) -> Store:

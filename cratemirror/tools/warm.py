@@ -15,7 +15,6 @@ import copy
 import hashlib
 import sys
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Protocol
 
 import aiohttp
@@ -31,6 +30,7 @@ from cratemirror.tools.common import (
     EXIT_OK,
     MirrorClient,
     Progress,
+    ServerApp,
     error,
     plural,
     tool_config,
@@ -68,16 +68,16 @@ def check_lockfile(crate: LockedCrate, cksum: str) -> None:
         )
 
 
-class DirectWarmer:
-    """Fills the cache dir itself with the server's own services, wired by create_app and started and
-    stopped by its lifecycle (upstream session, stale temp files, closing), as `serve` does."""
+class DirectWarmer(ServerApp):
+    """Fills the cache dir itself with the server's own services, wired by create_app (as `serve` does)."""
 
     def __init__(self, config: Config) -> None:
         # warm fetches exactly what the lockfile names: no guessing what cargo would pick
         upstream = config.upstream.model_copy(update={"prefetch": "off"})
         self.config = config = config.model_copy(update={"upstream": upstream})
-        self.app = create_app(config)
-        self.mirror = self.app[MIRROR]
+        app = create_app(config)
+        super().__init__(app)
+        self.mirror = app[MIRROR]
         self.registry = self.mirror.registries[DEFAULT_REGISTRY]
 
     def for_registry(self, name: str) -> DirectWarmer:
@@ -85,17 +85,6 @@ class DirectWarmer:
         view = copy.copy(self)
         view.registry = self.mirror.registries[name]
         return view
-
-    async def __aenter__(self) -> DirectWarmer:
-        self.app.freeze()
-        await self.app.startup()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.app.shutdown()
-        await self.app.cleanup()
 
     async def warm(self, crate: LockedCrate) -> str:
         """The server's own download decision (policy included), as a client named "warm" would get it."""

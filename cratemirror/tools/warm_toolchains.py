@@ -20,7 +20,6 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 from cratemirror.cache.delivery import CacheResult, Failed, FromFile, FromFill, HeadersOnly
@@ -34,7 +33,7 @@ from cratemirror.config.schema import Config, ConfigError
 from cratemirror.http.app import create_app
 from cratemirror.http.toolchains import TOOLCHAINS
 from cratemirror.names import InvalidRequest
-from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, MirrorClient, error, tool_config
+from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, MirrorClient, ServerApp, error, tool_config
 
 FETCHED = "fetched"
 CACHED = "already cached"
@@ -154,25 +153,15 @@ class Source(Protocol):
     async def fetch(self, path: ToolchainPath, sha256: str) -> str: ...
 
 
-class DirectSource:
+class DirectSource(ServerApp):
     """The server's own ToolchainService on the configured cache dir."""
 
     def __init__(self, config: Config) -> None:
-        self.app = create_app(config)
-        if TOOLCHAINS not in self.app:
+        app = create_app(config)
+        if TOOLCHAINS not in app:
             raise ConfigError(f"{config.source}: toolchains.upstream: expected a URL (toolchains are off)")
-        self.service = self.app[TOOLCHAINS]
-
-    async def __aenter__(self) -> DirectSource:
-        self.app.freeze()
-        await self.app.startup()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.app.shutdown()
-        await self.app.cleanup()
+        super().__init__(app)
+        self.service = app[TOOLCHAINS]
 
     async def manifest(self, path: ToolchainPath) -> bytes:
         delivery = await self.service.deliver(path)
