@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import sys
 from collections.abc import AsyncIterator, Coroutine
@@ -87,6 +88,14 @@ class MirrorClient:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "used outside `async with`"
         return self._session
+
+
+async def body_sha256(response: aiohttp.ClientResponse) -> str:
+    """The sha256 of a response's body, read in chunks and not kept (what --mirror checks a file by)."""
+    hasher = hashlib.sha256()
+    async for chunk in response.content.iter_chunked(256 * 1024):
+        hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 class AppLifecycle(Protocol):

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import collections
 import copy
-import hashlib
 import sys
 from collections.abc import Sequence
 from typing import Protocol
@@ -31,6 +30,7 @@ from cratemirror.tools.common import (
     MirrorClient,
     Progress,
     ServerApp,
+    body_sha256,
     error,
     plural,
     tool_config,
@@ -47,7 +47,6 @@ from cratemirror.tools.lockfile import (
 FETCHED = "fetched"
 CACHED = "already cached"
 DEFAULT_JOBS = 8
-CHUNK = 256 * 1024
 WARM_CLIENT = "cratemirror-warm"  # who asked, in the policy's log and the audit trail
 
 
@@ -138,13 +137,9 @@ class MirrorWarmer(MirrorClient):
         async with self.session.get(url) as response:
             if response.status != 200:
                 raise WarmFailure(f"the mirror answered {response.status}: {await _reason(response)}")
-            hasher = hashlib.sha256()
-            async for chunk in response.content.iter_chunked(CHUNK):
-                hasher.update(chunk)
-            if hasher.hexdigest() != record.cksum:
-                raise WarmFailure(
-                    f"the mirror sent bytes hashing to {hasher.hexdigest()}, not {record.cksum}"
-                )
+            digest = await body_sha256(response)
+            if digest != record.cksum:
+                raise WarmFailure(f"the mirror sent bytes hashing to {digest}, not {record.cksum}")
             return CACHED if response.headers.get("X-Cache") == CacheResult.HIT else FETCHED
 
     def _index_file(self, crate: CrateName) -> asyncio.Task[bytes]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import platform
 import re
 import sys
@@ -33,11 +32,18 @@ from cratemirror.config.schema import Config, ConfigError
 from cratemirror.http.app import create_app
 from cratemirror.http.toolchains import TOOLCHAINS
 from cratemirror.names import InvalidRequest
-from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, MirrorClient, ServerApp, error, tool_config
+from cratemirror.tools.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    MirrorClient,
+    ServerApp,
+    body_sha256,
+    error,
+    tool_config,
+)
 
 FETCHED = "fetched"
 CACHED = "already cached"
-CHUNK = 256 * 1024
 PROFILES = ("minimal", "default", "complete")
 _SPEC_RE = re.compile(
     r"(?P<channel>stable|beta|nightly|\d{1,3}\.\d{1,3}(?:\.\d{1,3})?)(?:-(?P<date>\d{4}-\d{2}-\d{2}))?"
@@ -207,11 +213,9 @@ class MirrorSource(MirrorClient):
             if response.status != 200:
                 reason = (await response.text(errors="replace")).strip()[:200]
                 raise WarmFailure(f"the mirror answered {response.status}: {reason}")
-            hasher = hashlib.sha256()
-            async for chunk in response.content.iter_chunked(CHUNK):
-                hasher.update(chunk)
-            if hasher.hexdigest() != sha256:
-                raise WarmFailure(f"the mirror sent bytes hashing to {hasher.hexdigest()}, not {sha256}")
+            digest = await body_sha256(response)
+            if digest != sha256:
+                raise WarmFailure(f"the mirror sent bytes hashing to {digest}, not {sha256}")
             return CACHED if response.headers.get("X-Cache") == CacheResult.HIT else FETCHED
 
 
