@@ -31,10 +31,10 @@ from cratemirror.cache.audit import (
     decode_hour,
     replica_id,
 )
-from cratemirror.config.schema import Config, ConfigError, parse_duration
+from cratemirror.config.schema import Config, ConfigError
 from cratemirror.names import InvalidRequest, parse_name
 from cratemirror.policy import advisories
-from cratemirror.tools.common import EXIT_OK, error, tool_config
+from cratemirror.tools.common import EXIT_OK, duration_flag, error, tool_config
 from cratemirror.versions import CargoRequirement, RequirementError, Version, parse_version
 
 CONFIG_HELP = "config file (default: $CRATEMIRROR_CONFIG, ./mirror.yaml)"
@@ -182,10 +182,7 @@ def render(rows: list[dict[str, Any]], columns: list[str], form: str) -> str:
 def _since(args: argparse.Namespace, config: Config) -> float:
     if args.since is None:
         return time.time() - config.audit.retention if config.audit.retention else 0.0
-    try:
-        return time.time() - parse_duration(args.since)
-    except ValueError:
-        raise ConfigError(f"--since: expected a duration like 30d, got {args.since!r}") from None
+    return time.time() - duration_flag("--since", args.since, "30d")
 
 
 def run_query(args: argparse.Namespace) -> int:

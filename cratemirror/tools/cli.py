@@ -86,7 +86,7 @@ def _cache_or_mirror(command: argparse.ArgumentParser, config_help: str) -> None
     )
 
 
-def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
+def _add_warm(commands: argparse._SubParsersAction[Any]) -> None:
     warm = commands.add_parser(
         "warm",
         help="prefetch every crate a Cargo.lock needs",
@@ -113,6 +113,8 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     warm.set_defaults(run=_warm)
 
+
+def _add_refresh(commands: argparse._SubParsersAction[Any]) -> None:
     refresh = commands.add_parser(
         "refresh",
         help="revalidate these index files with upstream now",
@@ -124,6 +126,8 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     _cache_or_mirror(refresh, "refresh in this config's cache dir")
     refresh.set_defaults(run=_refresh)
 
+
+def _add_verify(commands: argparse._SubParsersAction[Any]) -> None:
     verify = commands.add_parser(
         "verify",
         help="re-hash every cached crate",
@@ -138,6 +142,8 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     verify.set_defaults(run=_verify)
 
+
+def _add_prune(commands: argparse._SubParsersAction[Any]) -> None:
     prune = commands.add_parser(
         "prune",
         help="evict least-recently-used crates down to a size",
@@ -148,6 +154,8 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     prune.set_defaults(run=_prune)
 
+
+def _add_export(commands: argparse._SubParsersAction[Any]) -> None:
     export = commands.add_parser(
         "export",
         help="write the working set (crates + index files) to one tar",
@@ -178,6 +186,8 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )  # fmt: skip
     export.set_defaults(run=_export)
 
+
+def _add_import(commands: argparse._SubParsersAction[Any]) -> None:
     importer = commands.add_parser(
         "import",
         help="verify a bundle's checksums, then load it into the cache",
@@ -193,6 +203,8 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     importer.set_defaults(run=_import)
 
+
+def _add_policy(commands: argparse._SubParsersAction[Any]) -> None:
     policy = commands.add_parser(
         "policy",
         help="supply-chain policy tools",
@@ -209,6 +221,11 @@ def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
     check.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     check.set_defaults(run=_policy_check)
 
+
+def add_tool_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    """The operator commands, in the order `cratemirror --help` lists them."""
     from cratemirror.tools.audit import add_audit_command
 
+    for add in (_add_warm, _add_refresh, _add_verify, _add_prune, _add_export, _add_import, _add_policy):
+        add(commands)
     add_audit_command(commands)

@@ -6,17 +6,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import sys
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self, TextIO
 
+import aiohttp
 from tqdm import tqdm
 
+from cratemirror import __version__
 from cratemirror.config.load import find_config_path, load_config
-from cratemirror.config.schema import Config, ConfigError
+from cratemirror.config.schema import Config, ConfigError, parse_duration
 from cratemirror.fleet.storage.disk import Store
 from cratemirror.fleet.storage.disk_artifacts import DiskArtifacts
 from cratemirror.logsetup import setup_records
@@ -42,6 +46,14 @@ def tool_config(args: argparse.Namespace, overrides: dict[str, object] | None = 
     return config
 
 
+def duration_flag(flag: str, text: str, example: str) -> float:
+    """Seconds from a flag's duration (--since 30d); a bad one is a usage error naming the flag (exit 2)."""
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a duration like {example}, got {text!r}") from None
+
+
 def mirror_headers(user_agent: str) -> dict[str, str]:
     """Headers for asking a running mirror: our User-Agent, and its token when one is in the environment."""
     headers = {"User-Agent": user_agent}
@@ -49,6 +61,73 @@ def mirror_headers(user_agent: str) -> dict[str, str]:
     if token:
         headers["Authorization"] = token
     return headers
+
+
+class MirrorClient:
+    """One session to a running mirror (--mirror) for the life of `async with`: our User-Agent and the
+    token; no overall timeout (a large file may take minutes), at most `sock_read` seconds between reads."""
+
+    def __init__(self, base: str, agent: str, sock_read: float) -> None:
+        self.base = base
+        self._agent = agent
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=sock_read)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        headers = mirror_headers(f"{self._agent}/{__version__}")
+        self._session = aiohttp.ClientSession(timeout=self._timeout, headers=headers)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "used outside `async with`"
+        return self._session
+
+
+async def body_sha256(response: aiohttp.ClientResponse) -> str:
+    """The sha256 of a response's body, read in chunks and not kept (what --mirror checks a file by)."""
+    hasher = hashlib.sha256()
+    async for chunk in response.content.iter_chunked(256 * 1024):
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+class AppLifecycle(Protocol):
+    """The server's app (create_app's aiohttp web.Application) as ServerApp drives it; named by these
+    methods only, since only http/ and server/ speak aiohttp.web."""
+
+    def freeze(self) -> None: ...
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def cleanup(self) -> None: ...
+
+
+class ServerApp:
+    """For a tool that works through the server's own app: started and stopped by its lifecycle
+    (upstream session, stale temp files, closing) for the life of `async with`, as `serve` does."""
+
+    def __init__(self, app: AppLifecycle) -> None:
+        self._app = app
+
+    async def __aenter__(self) -> Self:
+        self._app.freeze()
+        await self._app.startup()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._app.shutdown()
+        await self._app.cleanup()
 
 
 def open_existing_store(config: Config) -> Store:

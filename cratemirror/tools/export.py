@@ -26,7 +26,7 @@ from typing import Any
 
 from cratemirror import __version__
 from cratemirror.cache.index import UPSTREAM_CONFIG_KEY, MalformedIndexLine, find_version
-from cratemirror.config.schema import Config, ConfigError, parse_duration
+from cratemirror.config.schema import Config, ConfigError
 from cratemirror.fleet.storage import ArtifactStore, CrateRecord, StoredCrate
 from cratemirror.fleet.storage.disk import IndexEntry
 from cratemirror.names import CrateName, InvalidRequest, parse_crate_version
@@ -50,6 +50,7 @@ from cratemirror.tools.common import (
     Opened,
     Progress,
     backend_of,
+    duration_flag,
     error,
     format_size,
     open_stores,
@@ -298,12 +299,7 @@ async def write_bundle(
 
 
 def run_export(args: argparse.Namespace) -> int:
-    since: float | None = None
-    if args.since is not None:
-        try:
-            since = parse_duration(args.since)
-        except ValueError:
-            raise ConfigError(f"--since: expected a duration like 30d, got {args.since!r}") from None
+    since = None if args.since is None else duration_flag("--since", args.since, "30d")
     config = tool_config(args)
     advisory_db = config.policy.advisory_db if args.advisory_db else None
     if args.advisory_db and (advisory_db is None or not (advisory_db / "crates").is_dir()):

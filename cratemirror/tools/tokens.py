@@ -12,18 +12,15 @@ from typing import Any
 from cratemirror.auth.tokens import TokenFileError, add_token, read_records, revoke_token, utcnow
 from cratemirror.config.client import ClientSetup, token_names, token_variable
 from cratemirror.config.load import find_config_path, load_config
-from cratemirror.config.schema import ConfigError, parse_duration
+from cratemirror.config.schema import ConfigError
 from cratemirror.tools.cli import CONFIG_HELP
-from cratemirror.tools.common import EXIT_OK, error
+from cratemirror.tools.common import EXIT_OK, duration_flag, error
 
 
 def _lifetime(text: str | None) -> float | None:
     if text is None:
         return None
-    try:
-        seconds = parse_duration(text)
-    except ValueError:
-        raise ConfigError(f"--expires: expected a duration like 90d, got {text!r}") from None
+    seconds = duration_flag("--expires", text, "90d")
     if seconds == 0:
         raise ConfigError(f"--expires: expected a positive duration like 90d, got {text!r}")
     return None if math.isinf(seconds) else seconds

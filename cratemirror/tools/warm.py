@@ -12,15 +12,12 @@ import argparse
 import asyncio
 import collections
 import copy
-import hashlib
 import sys
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Protocol
 
 import aiohttp
 
-from cratemirror import __version__
 from cratemirror.cache.delivery import Blocked, CacheResult, Failed, FromFile, FromFill, HeadersOnly, Redirect
 from cratemirror.cache.index import find_version
 from cratemirror.config.schema import Config, ConfigError
@@ -30,9 +27,11 @@ from cratemirror.names import DEFAULT_REGISTRY, CrateName, parse_crate_version
 from cratemirror.tools.common import (
     EXIT_FAILURE,
     EXIT_OK,
+    MirrorClient,
     Progress,
+    ServerApp,
+    body_sha256,
     error,
-    mirror_headers,
     plural,
     tool_config,
 )
@@ -48,7 +47,6 @@ from cratemirror.tools.lockfile import (
 FETCHED = "fetched"
 CACHED = "already cached"
 DEFAULT_JOBS = 8
-CHUNK = 256 * 1024
 WARM_CLIENT = "cratemirror-warm"  # who asked, in the policy's log and the audit trail
 
 
@@ -69,16 +67,16 @@ def check_lockfile(crate: LockedCrate, cksum: str) -> None:
         )
 
 
-class DirectWarmer:
-    """Fills the cache dir itself with the server's own services, wired by create_app and started and
-    stopped by its lifecycle (upstream session, stale temp files, closing), as `serve` does."""
+class DirectWarmer(ServerApp):
+    """Fills the cache dir itself with the server's own services, wired by create_app (as `serve` does)."""
 
     def __init__(self, config: Config) -> None:
         # warm fetches exactly what the lockfile names: no guessing what cargo would pick
         upstream = config.upstream.model_copy(update={"prefetch": "off"})
         self.config = config = config.model_copy(update={"upstream": upstream})
-        self.app = create_app(config)
-        self.mirror = self.app[MIRROR]
+        app = create_app(config)
+        super().__init__(app)
+        self.mirror = app[MIRROR]
         self.registry = self.mirror.registries[DEFAULT_REGISTRY]
 
     def for_registry(self, name: str) -> DirectWarmer:
@@ -86,17 +84,6 @@ class DirectWarmer:
         view = copy.copy(self)
         view.registry = self.mirror.registries[name]
         return view
-
-    async def __aenter__(self) -> DirectWarmer:
-        self.app.freeze()
-        await self.app.startup()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.app.shutdown()
-        await self.app.cleanup()
 
     async def warm(self, crate: LockedCrate) -> str:
         """The server's own download decision (policy included), as a client named "warm" would get it."""
@@ -126,31 +113,12 @@ class DirectWarmer:
         return FETCHED
 
 
-class MirrorWarmer:
+class MirrorWarmer(MirrorClient):
     """Asks a running mirror, like cargo would: the index file, then the download."""
 
     def __init__(self, base_url: str) -> None:
-        self.base = base_url
+        super().__init__(base_url, "cratemirror-warm", sock_read=120)
         self._index_files: dict[str, asyncio.Task[bytes]] = {}
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> MirrorWarmer:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
-            headers=mirror_headers(f"cratemirror-warm/{__version__}"),
-        )
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None
-        return self._session
 
     async def warm(self, crate: LockedCrate) -> str:
         wanted = parse_crate_version(crate.name, crate.version)
@@ -169,13 +137,9 @@ class MirrorWarmer:
         async with self.session.get(url) as response:
             if response.status != 200:
                 raise WarmFailure(f"the mirror answered {response.status}: {await _reason(response)}")
-            hasher = hashlib.sha256()
-            async for chunk in response.content.iter_chunked(CHUNK):
-                hasher.update(chunk)
-            if hasher.hexdigest() != record.cksum:
-                raise WarmFailure(
-                    f"the mirror sent bytes hashing to {hasher.hexdigest()}, not {record.cksum}"
-                )
+            digest = await body_sha256(response)
+            if digest != record.cksum:
+                raise WarmFailure(f"the mirror sent bytes hashing to {digest}, not {record.cksum}")
             return CACHED if response.headers.get("X-Cache") == CacheResult.HIT else FETCHED
 
     def _index_file(self, crate: CrateName) -> asyncio.Task[bytes]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import platform
 import re
 import sys
@@ -20,12 +19,8 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
-import aiohttp
-
-from cratemirror import __version__
 from cratemirror.cache.delivery import CacheResult, Failed, FromFile, FromFill, HeadersOnly
 from cratemirror.cache.toolchains.paths import (
     Kind,
@@ -37,11 +32,18 @@ from cratemirror.config.schema import Config, ConfigError
 from cratemirror.http.app import create_app
 from cratemirror.http.toolchains import TOOLCHAINS
 from cratemirror.names import InvalidRequest
-from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, error, mirror_headers, tool_config
+from cratemirror.tools.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    MirrorClient,
+    ServerApp,
+    body_sha256,
+    error,
+    tool_config,
+)
 
 FETCHED = "fetched"
 CACHED = "already cached"
-CHUNK = 256 * 1024
 PROFILES = ("minimal", "default", "complete")
 _SPEC_RE = re.compile(
     r"(?P<channel>stable|beta|nightly|\d{1,3}\.\d{1,3}(?:\.\d{1,3})?)(?:-(?P<date>\d{4}-\d{2}-\d{2}))?"
@@ -157,25 +159,15 @@ class Source(Protocol):
     async def fetch(self, path: ToolchainPath, sha256: str) -> str: ...
 
 
-class DirectSource:
+class DirectSource(ServerApp):
     """The server's own ToolchainService on the configured cache dir."""
 
     def __init__(self, config: Config) -> None:
-        self.app = create_app(config)
-        if TOOLCHAINS not in self.app:
+        app = create_app(config)
+        if TOOLCHAINS not in app:
             raise ConfigError(f"{config.source}: toolchains.upstream: expected a URL (toolchains are off)")
-        self.service = self.app[TOOLCHAINS]
-
-    async def __aenter__(self) -> DirectSource:
-        self.app.freeze()
-        await self.app.startup()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.app.shutdown()
-        await self.app.cleanup()
+        super().__init__(app)
+        self.service = app[TOOLCHAINS]
 
     async def manifest(self, path: ToolchainPath) -> bytes:
         delivery = await self.service.deliver(path)
@@ -204,44 +196,26 @@ class DirectSource:
         raise WarmFailure(f"unexpected answer {type(delivery).__name__}")
 
 
-class MirrorSource:
+class MirrorSource(MirrorClient):
     """A running mirror, asked like rustup asks it; every file hashed here against the manifest."""
 
     def __init__(self, base: str) -> None:
-        self.base = base
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> MirrorSource:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300),
-            headers=mirror_headers(f"cratemirror-warm/{__version__}"),
-        )
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._session is not None:
-            await self._session.close()
+        super().__init__(base, "cratemirror-warm", sock_read=300)
 
     async def manifest(self, path: ToolchainPath) -> bytes:
-        assert self._session is not None
-        async with self._session.get(f"{self.base}/toolchains/{path.path}") as response:
+        async with self.session.get(f"{self.base}/toolchains/{path.path}") as response:
             if response.status != 200:
                 raise WarmFailure(f"the mirror answered {response.status} for {path.path}")
             return await response.read()
 
     async def fetch(self, path: ToolchainPath, sha256: str) -> str:
-        assert self._session is not None
-        async with self._session.get(f"{self.base}/toolchains/{path.path}") as response:
+        async with self.session.get(f"{self.base}/toolchains/{path.path}") as response:
             if response.status != 200:
                 reason = (await response.text(errors="replace")).strip()[:200]
                 raise WarmFailure(f"the mirror answered {response.status}: {reason}")
-            hasher = hashlib.sha256()
-            async for chunk in response.content.iter_chunked(CHUNK):
-                hasher.update(chunk)
-            if hasher.hexdigest() != sha256:
-                raise WarmFailure(f"the mirror sent bytes hashing to {hasher.hexdigest()}, not {sha256}")
+            digest = await body_sha256(response)
+            if digest != sha256:
+                raise WarmFailure(f"the mirror sent bytes hashing to {digest}, not {sha256}")
             return CACHED if response.headers.get("X-Cache") == CacheResult.HIT else FETCHED
 
 
