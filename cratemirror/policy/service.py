@@ -25,10 +25,11 @@ from cachetools import LRUCache, TTLCache
 
 from cratemirror.cache.index import body_etag
 from cratemirror.config.schema import Config
+from cratemirror.fleet.storage import SharedStorage
 from cratemirror.fleet.storage.disk import IndexEntry, Store
 from cratemirror.metrics import Metrics
 from cratemirror.policy import advisories
-from cratemirror.policy.cooldown import COOLDOWN_RULE, Cooldown
+from cratemirror.policy.cooldown import COOLDOWN_RULE, Cooldown, Release
 from cratemirror.policy.exposure import MAX_WARNED, WARNED_KEY, exposure
 from cratemirror.policy.licenses import read_license
 from cratemirror.policy.rules import BLOCK, WARN, Decision, Rules, Verdict, check_policy
@@ -56,6 +57,7 @@ class PolicyService:
         *,
         cache_dir: Path | None = None,
         audit_retention: float = 0.0,
+        shared: SharedStorage | None = None,
     ) -> None:
         self.rules = rules
         self.root = advisory_db
@@ -67,7 +69,9 @@ class PolicyService:
         self._views: LRUCache[tuple[Any, ...], tuple[IndexEntry, float]] = LRUCache(
             VIEW_BYTES, getsizeof=_view_size
         )
-        self.cooldown = Cooldown(store, rules.min_release_age, rules.cooldown_exempts_fixes)
+        # The fleet's bucket (storage.backend s3): first-seen times.
+        self.shared = shared
+        self.cooldown = Cooldown(store, rules.min_release_age, rules.cooldown_exempts_fixes, shared)
         self._watcher: asyncio.Task[None] | None = None
         self._loaded = False
         # Counts what can change this worker's index view (a reloaded database, a learned licence):
@@ -281,20 +285,25 @@ class PolicyService:
         key = (lower, entry.etag, self.db.signature, tuple(sorted(known.items())))
         cached = self._views.get(key)
         if cached is None or cached[1] <= time.time():
-            # Parsing every line of a big file would stall the loop; the cooldown may write to the store.
-            if len(entry.body) > VIEW_IN_THREAD or cooling:
-                cached = await asyncio.to_thread(self._make_view, lower, entry, known)
+            # The cooldown learns off the loop (and, in a fleet, merges with the bucket's times).
+            learned = await self.cooldown.learn(lower, entry, self.db) if cooling else None
+            releases = learned.releases if learned is not None else {}
+            if len(entry.body) > VIEW_IN_THREAD:  # parsing every line of a big file would stall the loop
+                cached = await asyncio.to_thread(self._make_view, lower, entry, known, releases)
             else:
-                cached = self._make_view(lower, entry, known)
+                cached = self._make_view(lower, entry, known, releases)
+            if learned is not None and learned.retry_at < cached[1]:
+                cached = (cached[0], learned.retry_at)  # the fleet was not reached: learn again soon
             with contextlib.suppress(ValueError):
                 self._views[key] = cached
         return cached[0]
 
-    def _make_view(self, lower: str, entry: IndexEntry, known: dict[str, str]) -> tuple[IndexEntry, float]:
+    def _make_view(
+        self, lower: str, entry: IndexEntry, known: dict[str, str], releases: dict[str, Release]
+    ) -> tuple[IndexEntry, float]:
         """The view and until when it holds (when the next held-back version passes its cooldown)."""
         now = time.time()
         until = math.inf
-        releases = self.cooldown.learn(lower, entry.body, self.db) if self.cooldown.enabled else {}
         if not self.rules.enforcing:
             return entry, until
         blocked = set()
@@ -346,8 +355,11 @@ def _view_size(view: tuple[IndexEntry, float]) -> int:
     return len(view[0].body) + 256
 
 
-def create_policy(config: Config, store: Store, metrics: Metrics) -> PolicyService:
+def create_policy(
+    config: Config, store: Store, metrics: Metrics, shared: SharedStorage | None = None
+) -> PolicyService:
+    """`shared`: crates.io's part of the fleet's bucket (None with storage.backend local)."""
     return PolicyService(
         check_policy(config), config.policy.advisory_db, store, metrics,
-        cache_dir=config.cache.dir, audit_retention=config.audit.retention,
+        cache_dir=config.cache.dir, audit_retention=config.audit.retention, shared=shared,
     )  # fmt: skip
