@@ -30,7 +30,7 @@ from cratemirror.fleet.storage.disk import IndexEntry, Store
 from cratemirror.metrics import Metrics
 from cratemirror.policy import advisories
 from cratemirror.policy.cooldown import COOLDOWN_RULE, Cooldown, Release
-from cratemirror.policy.exposure import MAX_WARNED, WARNED_KEY, exposure
+from cratemirror.policy.exposure import MAX_WARNED, WARNED_KEY, exposure, served_here, served_in_fleet
 from cratemirror.policy.licenses import read_license
 from cratemirror.policy.rules import BLOCK, WARN, Decision, Rules, Verdict, check_policy
 from cratemirror.policy.view import mark_yanked, versions
@@ -69,10 +69,11 @@ class PolicyService:
         self._views: LRUCache[tuple[Any, ...], tuple[IndexEntry, float]] = LRUCache(
             VIEW_BYTES, getsizeof=_view_size
         )
-        # The fleet's bucket (storage.backend s3): first-seen times.
+        # The fleet's bucket (storage.backend s3): first-seen times and the other replicas' audit records.
         self.shared = shared
         self.cooldown = Cooldown(store, rules.min_release_age, rules.cooldown_exempts_fixes, shared)
         self._watcher: asyncio.Task[None] | None = None
+        self._exposure: asyncio.Task[None] | None = None
         self._loaded = False
         # Counts what can change this worker's index view (a reloaded database, a learned licence):
         # copies made from a view are good while it is unchanged.
@@ -101,10 +102,11 @@ class PolicyService:
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._exposure):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _watch(self) -> None:
         while True:
@@ -132,18 +134,40 @@ class PolicyService:
             self.root, db.count, db.newest_date or "-",
             f"; {len(db.errors)} files left out, e.g. {db.errors[0]}" if db.errors else "",
         )  # fmt: skip
+        if self.cache_dir is not None and self.audit_retention > 0:
+            # In the background: a fleet's audit objects take a while to read, and start-up and the
+            # watcher must not wait on the bucket. A newer database replaces a pass still running.
+            if self._exposure is not None:
+                self._exposure.cancel()
+            self._exposure = asyncio.get_running_loop().create_task(self._update_exposure_logged())
+        return True
+
+    async def _update_exposure_logged(self) -> None:
         try:
             await self.update_exposure()
         except (OSError, sqlite3.Error) as exc:
             log.warning("could not read the audit trail for advisory exposure: %s", exc)
-        return True
+        except Exception:  # a task: nobody else would see it
+            log.exception("could not compute the advisory exposure")
 
     async def update_exposure(self) -> None:
-        """Who was served what each advisory affects: the gauge, and one warning per newly exposed
-        advisory for the whole mirror (the advisories already warned about are kept in the store)."""
+        """Who was served what each advisory affects (this replica and, in a fleet, the others): the
+        gauge, and one warning per newly exposed advisory for the whole mirror (the advisories already
+        warned about are kept in the store)."""
         if self.cache_dir is None or self.audit_retention <= 0:
             return
-        found = await asyncio.to_thread(exposure, self.db, self.rules, self.cache_dir, self.audit_retention)
+        db = self.db
+        since = time.time() - self.audit_retention
+        served = await asyncio.to_thread(served_here, self.cache_dir, since) if db.count else set()
+        if self.shared is not None and db.count:
+            try:
+                served |= await served_in_fleet(self.shared, self.cache_dir, since, db)
+            except Exception as exc:  # the bucket failing: this replica's own clients still count
+                log.warning(
+                    "advisory exposure: the other replicas' audit records could not be read from the "
+                    "bucket (%s); counting this replica's clients only", exc,
+                )  # fmt: skip
+        found = await asyncio.to_thread(exposure, db, self.rules, served)
         counts = {advisory_id: len(clients) for advisory_id, clients in found.items()}
         for gone in set(self.exposed) - set(counts):
             self.metrics.advisory_exposure.labels(gone).set(0)
