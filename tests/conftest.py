@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from cratemirror.config.schema import CacheConfig, Config, ServerConfig, UpstreamConfig
 from cratemirror.http.app import create_app
+from cratemirror.http.hit_lane import HitLane, install_hit_lane
 from tests.dist_server import AGENT_HOMES, stop_agents
 from tests.fake_upstream import FakeRegistry
 from tests.fleet_support import MotoS3, RedisServer
@@ -63,6 +65,10 @@ def make_config(index_url: str, cache_dir: Path, **changes: Any) -> Config:
     return config
 
 
+# Each test mirror's hit lane (tests/http/test_hit_lane.py reads what it answered).
+LANES: weakref.WeakKeyDictionary[TestClient[Any, Any], HitLane] = weakref.WeakKeyDictionary()
+
+
 @pytest.fixture
 def mirror_factory(
     aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]], tmp_path: Path, registry: FakeRegistry
@@ -72,7 +78,12 @@ def mirror_factory(
 
     async def start(cache_dir: Path | None = None, **changes: Any) -> TestClient[Any, Any]:
         config = make_config(registry.index_url, cache_dir or tmp_path / "cache", **changes)
-        return await aiohttp_client(create_app(config))
+        app = create_app(config)
+        client = await aiohttp_client(app)
+        # As `cratemirror serve` runs it: the hit lane in front of the app (before any connection opens).
+        assert client.server.runner is not None and client.server.runner.server is not None
+        LANES[client] = install_hit_lane(app, client.server.runner.server)
+        return client
 
     return start
 

@@ -20,6 +20,7 @@ from cratemirror.http import routes, search, status_page, toolchains
 from cratemirror.http.audit import install_audit
 from cratemirror.http.auth import auth_middleware, token_checker
 from cratemirror.http.context import MIRROR, Mirror
+from cratemirror.http.crate_answers import CrateAnswers
 from cratemirror.http.index_answers import IndexAnswers
 from cratemirror.metrics import Metrics
 from cratemirror.names import DEFAULT_REGISTRY
@@ -42,6 +43,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     mirror = Mirror(config, metrics, disk_trouble, policy, registries)
     mirror.unknown_names = UnknownNameBudget(config.cache.dir / BUDGET_FILE, default.coordination)
     mirror.index_answers = IndexAnswers(config.cache.memory_size)
+    mirror.crate_answers = CrateAnswers(config.cache.memory_size // 4)
     for name, registry in registries.items():
         mirror.index_answers.watch(name, registry.index)
 

@@ -16,6 +16,7 @@ from cratemirror.cache.audit import BLOCKED, FAILED, NOT_FOUND, SERVED, AuditTra
 from cratemirror.fleet.storage import LocalShared
 from cratemirror.http.auth import TOKEN_NAME
 from cratemirror.http.context import MIRROR
+from cratemirror.http.crate_answers import DownloadAsked
 from cratemirror.http.policy import POLICY_HEADER, client_of
 from cratemirror.names import DEFAULT_REGISTRY
 
@@ -46,14 +47,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await trail.close()  # the last records are written (and uploaded) before the storage closes
 
 
-Hook = Callable[[web.Request, int, Mapping[str, str]], None]
+Hook = Callable[[web.BaseRequest, DownloadAsked, int, Mapping[str, str]], None]
 
 
 def _recorder(trail: AuditTrail, auth_required: bool) -> Hook:
     """The hook, with what it needs bound once (it runs for every download: a few attribute reads)."""
     record = trail.record
 
-    def on_download(request: web.Request, status: int, headers: Mapping[str, str]) -> None:
+    def on_download(
+        request: web.BaseRequest, asked: DownloadAsked, status: int, headers: Mapping[str, str]
+    ) -> None:
         if request.method != "GET":
             return  # a HEAD takes nothing
         rule = ""
@@ -67,11 +70,8 @@ def _recorder(trail: AuditTrail, auth_required: bool) -> Hook:
             return  # not a crate version: nothing was asked for that could be recorded
         else:
             result = FAILED
-        match = request.match_info
         # A token name only exists with auth on (a missing key costs an exception inside request.get).
         who = (request.get(TOKEN_NAME) if auth_required else None) or client_of(request)
-        # The registry path segment was looked up among the configured names before the kind was set.
-        record(match.get("registry", DEFAULT_REGISTRY), match.get("name", ""), match.get("version", ""),
-               result, rule, who)  # fmt: skip
+        record(asked.registry, asked.name, asked.version, result, rule, who)
 
     return on_download

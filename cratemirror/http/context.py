@@ -16,6 +16,7 @@ from cratemirror.cache.readiness import ReadinessWatch
 from cratemirror.cache.registry import Registry
 from cratemirror.config.schema import Config
 from cratemirror.fleet.storage.disk import DiskTrouble
+from cratemirror.http.crate_answers import CrateAnswers, DownloadAsked
 from cratemirror.http.index_answers import IndexAnswers
 from cratemirror.metrics import Metrics, RequestTiming
 from cratemirror.names import DEFAULT_REGISTRY
@@ -49,10 +50,11 @@ class Mirror:
     tokens: TokenChecker | None = None  # with auth.required: the tokens file as this worker reads it
     # Per worker process: cheap to keep, and each worker's own view is enough to spot what is missing.
     recent_misses: deque[RecentMiss] = field(default_factory=lambda: deque(maxlen=RECENT_MISSES))
-    # Warm index hits' prepared answers (create_app sizes them by cache.memory_size).
+    # Warm index hits' prepared answers (create_app sizes them by cache.memory_size), and small crates'.
     index_answers: IndexAnswers = field(default_factory=lambda: IndexAnswers(0))
-    # Told of every answered download request (the request, its status and headers): the audit trail.
-    on_download: Callable[[web.Request, int, Mapping[str, str]], None] | None = None
+    crate_answers: CrateAnswers = field(default_factory=lambda: CrateAnswers(0))
+    # Told of every answered download request (what was asked, the status and headers): the audit trail.
+    on_download: Callable[[web.BaseRequest, DownloadAsked, int, Mapping[str, str]], None] | None = None
     readiness: ReadinessWatch = field(init=False)  # what /readyz says, kept up to date in the background
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from cachetools import LRUCache
 from multidict import CIMultiDict
 
@@ -41,9 +42,38 @@ class Answer:
     gzipped: bytes | None  # made the first time a client accepts gzip
     valid_until: float  # wall clock: the entry's freshness, or the policy recheck
     policy_changes: int  # the policy's change count when the view was made
+    wire: Wire | None = None  # the identity answer's bytes, made when the hit lane first sends it
+    gzip_wire: Wire | None = None
 
     def size(self) -> int:
-        return len(self.shown.body) + len(self.gzipped or b"") + _OVERHEAD
+        return len(self.shown.body) + len(self.gzipped or b"") + _OVERHEAD  # a Wire shares the bodies
+
+    def wire_for(self, gzip: bool) -> Wire | None:
+        """The ready bytes of the identity or gzip answer (None: the gzipped body is not made yet)."""
+        if not gzip:
+            if self.wire is None:
+                self.wire = Wire(self.headers, self.shown.body)
+            return self.wire
+        if self.gzipped is None or self.gzip_headers is None:
+            return None
+        if self.gzip_wire is None:
+            self.gzip_wire = Wire(self.gzip_headers, self.gzipped)
+        return self.gzip_wire
+
+
+class Wire:
+    """An answer as the hit lane sends it: the status line and headers but Date as bytes, the body, and
+    the headers as aiohttp would have sent them (for the access log)."""
+
+    __slots__ = ("body", "head", "headers")
+
+    def __init__(self, headers: CIMultiDict[str], body: bytes) -> None:
+        self.headers = headers.copy()
+        self.headers["Content-Length"] = str(len(body))
+        self.headers["Server"] = SERVER_SOFTWARE
+        lines = ["HTTP/1.1 200 OK\r\n", *(f"{name}: {value}\r\n" for name, value in self.headers.items())]
+        self.head = "".join(lines).encode("latin-1")
+        self.body = body
 
 
 def make_answer(shown: IndexEntry, fresh_until: float, policy_changes: int) -> Answer:

@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from cratemirror.http.context import MIRROR, TIMING, RecentMiss
+from cratemirror.http.crate_answers import DownloadAsked
 from cratemirror.metrics import RequestTiming, start_request_timing
+from cratemirror.names import DEFAULT_REGISTRY
 
 # Keys on the request that the handlers set and the hook reads.
 KIND = web.RequestKey("cratemirror.kind", str)
@@ -76,7 +78,9 @@ def _record(request: web.Request, timing: RequestTiming, status: int, headers: M
     metrics = registry.metrics if registry is not None else mirror.metrics
     metrics.observe_request(kind, result, elapsed, sent)
     if kind == "crate" and mirror.on_download is not None:  # the audit trail's hook (http/audit.py)
-        mirror.on_download(request, status, headers)
+        match = request.match_info  # the registry segment was looked up before the kind was set
+        mirror.on_download(request, DownloadAsked(name or DEFAULT_REGISTRY, match.get("name", ""),
+                                                  match.get("version", "")), status, headers)  # fmt: skip
     if result in ("miss", "error"):  # as /metrics counts them: an upstream failure is no hit
         mirror.recent_misses.append(
             RecentMiss(time.time(), kind, request.path, status, elapsed, timing.upstream_seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Mapping
 
@@ -24,6 +25,7 @@ from cratemirror.cache.registry import Registry
 from cratemirror.http.budget import charge
 from cratemirror.http.clients import from_trusted_proxy
 from cratemirror.http.context import MIRROR
+from cratemirror.http.crate_answers import DownloadAsked
 from cratemirror.http.index_answers import (
     Answer,
     IndexAnswers,
@@ -34,7 +36,7 @@ from cratemirror.http.index_answers import (
 )
 from cratemirror.http.instrument import BYTES, KIND, REGISTRY, RESULT, instrumented
 from cratemirror.http.policy import client_of, refusal
-from cratemirror.http.responses import error, not_modified, send_file
+from cratemirror.http.responses import ONE_WRITE_MAX, error, not_modified, send_file
 from cratemirror.names import (
     DEFAULT_REGISTRY,
     InvalidRequest,
@@ -224,6 +226,13 @@ async def download(request: web.Request) -> web.StreamResponse:
                 file.close()
                 return web.Response(status=304, headers=headers)
             request[BYTES] = size if request.method != "HEAD" else 0
+            if size <= ONE_WRITE_MAX and request.method == "GET" and registry.is_default:
+                with file:  # one write with its headers, and kept for the hit lane's next answers
+                    body = os.pread(file.fileno(), size, 0)
+                mirror = request.app[MIRROR]
+                asked = DownloadAsked(DEFAULT_REGISTRY, wanted.crate.name, wanted.version)
+                mirror.crate_answers.remember(request.path, body, headers, mirror.policy, asked)
+                return web.Response(body=body, headers=headers)
             return await send_file(request, file, size, headers)
         case FromFill(body=body, headers=headers, release=release):
             try:

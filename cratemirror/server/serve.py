@@ -121,6 +121,7 @@ def run_worker(
     from aiohttp import web
 
     from cratemirror.http.app import create_app
+    from cratemirror.http.hit_lane import install_hit_lane
     from cratemirror.http.instrument import start_timing
     from cratemirror.server.logs import AccessLogger, flush_access_log
 
@@ -157,6 +158,7 @@ def run_worker(
         await runner.setup()
         try:
             assert runner.server is not None
+            install_hit_lane(app, runner.server)  # in front of the app; the guard wraps both
             guard.attach(runner.server, on_request=start_timing)
             site = web.TCPSite(
                 runner, config.server.host, config.server.port, reuse_port=config.server.workers > 1,

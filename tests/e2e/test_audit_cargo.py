@@ -130,9 +130,14 @@ async def test_audit_impact_names_the_token_that_pulled_the_affected_version(
                     return False
 
             await wait_until(exposed, f"{EXPOSURE} for {LEAF_ADVISORY}", timeout=20, interval=0.3)
-            async with session.get(f"{mirror.url}/") as response:
-                page = await response.text()
-            assert 'id="advisory-exposure"' in page and LEAF_ADVISORY in page
+
+            async def shown() -> bool:
+                # Each worker reloads the database on its own: the page may come from one that has not yet.
+                async with session.get(f"{mirror.url}/") as response:
+                    page = await response.text()
+                return 'id="advisory-exposure"' in page and LEAF_ADVISORY in page
+
+            await wait_until(shown, "the exposure table on the status page", timeout=20, interval=0.3)
 
         impact = await audit_json(config, tmp_path, "impact", LEAF_ADVISORY)
         assert isinstance(impact, dict)
