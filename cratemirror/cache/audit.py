@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
@@ -323,6 +323,50 @@ def decode_hour(data: bytes, now: float | None = None) -> Iterator[AuditRecord]:
                     yield record
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
         return
+
+
+async def bucket_records(
+    shared: SharedStorage,
+    since: float,
+    skip: str | None,
+    keep: Callable[[AuditRecord], bool] | None = None,
+    limit: int = MAX_ROWS,
+) -> AsyncIterator[list[AuditRecord]]:
+    """The records from `since` on in the replicas' hourly objects in the bucket, an object at a time
+    (those `keep` accepts), except replica `skip`'s (the caller's own: its file is newer). Each object
+    is authenticated by the store and decoded (bounded) off the event loop; at most `limit` records are
+    read in all (`audit query`, `audit impact` and the exposure gauge alike)."""
+    read = 0
+    objects = [item async for item in shared.iter_audit(int(since // HOUR))]
+    for replica, hour in objects:
+        if replica == skip:
+            continue
+        body = await shared.get_audit(replica, hour, MAX_OBJECT_BYTES)
+        if body is None:
+            continue
+        taken, count = await asyncio.to_thread(_take, body, since, keep, limit - read)
+        read += count
+        if taken:
+            yield taken
+        if read >= limit:
+            return
+
+
+def _take(
+    body: bytes, since: float, keep: Callable[[AuditRecord], bool] | None, room: int
+) -> tuple[list[AuditRecord], int]:
+    """(the records from `since` on that `keep` accepts, how many were read from `since` on)."""
+    taken: list[AuditRecord] = []
+    count = 0
+    for record in decode_hour(body):
+        if record.at < since:
+            continue
+        count += 1
+        if keep is None or keep(record):
+            taken.append(record)
+        if count >= room:
+            break
+    return taken, count
 
 
 # --- the recorder --------------------------------------------------------------------------------

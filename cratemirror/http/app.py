@@ -14,6 +14,7 @@ from cratemirror.cache.ratelimit import FILE_NAME as BUDGET_FILE
 from cratemirror.cache.ratelimit import UnknownNameBudget
 from cratemirror.cache.registry import build_registries
 from cratemirror.config.schema import Config
+from cratemirror.fleet.storage import LocalShared
 from cratemirror.fleet.storage.disk import DiskTrouble
 from cratemirror.http import routes, search, status_page, toolchains
 from cratemirror.http.audit import install_audit
@@ -33,7 +34,9 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     disk_trouble = DiskTrouble()
     registries = build_registries(config, metrics, disk_trouble)
     default = registries[DEFAULT_REGISTRY]
-    policy = create_policy(config, default.store, metrics)  # the policy gates crates.io's crates
+    # The policy gates crates.io's crates; in a fleet it shares first-seen times and reads audit records.
+    fleet = None if isinstance(default.shared, LocalShared) else default.shared
+    policy = create_policy(config, default.store, metrics, fleet)
     if policy.enabled:  # the policy gates crates.io's downloads, and what it blocks is never prefetched
         default.crates.gate = policy
         default.index.prefetch.allowed = lambda name, version: not policy.blocks(name, version)

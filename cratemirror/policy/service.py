@@ -25,11 +25,12 @@ from cachetools import LRUCache, TTLCache
 
 from cratemirror.cache.index import body_etag
 from cratemirror.config.schema import Config
+from cratemirror.fleet.storage import SharedStorage
 from cratemirror.fleet.storage.disk import IndexEntry, Store
 from cratemirror.metrics import Metrics
 from cratemirror.policy import advisories
-from cratemirror.policy.cooldown import COOLDOWN_RULE, Cooldown
-from cratemirror.policy.exposure import MAX_WARNED, WARNED_KEY, exposure
+from cratemirror.policy.cooldown import COOLDOWN_RULE, Cooldown, Release
+from cratemirror.policy.exposure import MAX_WARNED, WARNED_KEY, exposure, served_here, served_in_fleet
 from cratemirror.policy.licenses import read_license
 from cratemirror.policy.rules import BLOCK, WARN, Decision, Rules, Verdict, check_policy
 from cratemirror.policy.view import mark_yanked, versions
@@ -56,6 +57,7 @@ class PolicyService:
         *,
         cache_dir: Path | None = None,
         audit_retention: float = 0.0,
+        shared: SharedStorage | None = None,
     ) -> None:
         self.rules = rules
         self.root = advisory_db
@@ -67,8 +69,11 @@ class PolicyService:
         self._views: LRUCache[tuple[Any, ...], tuple[IndexEntry, float]] = LRUCache(
             VIEW_BYTES, getsizeof=_view_size
         )
-        self.cooldown = Cooldown(store, rules.min_release_age, rules.cooldown_exempts_fixes)
+        # The fleet's bucket (storage.backend s3): first-seen times and the other replicas' audit records.
+        self.shared = shared
+        self.cooldown = Cooldown(store, rules.min_release_age, rules.cooldown_exempts_fixes, shared)
         self._watcher: asyncio.Task[None] | None = None
+        self._exposure: asyncio.Task[None] | None = None
         self._loaded = False
         # Counts what can change this worker's index view (a reloaded database, a learned licence):
         # copies made from a view are good while it is unchanged.
@@ -97,10 +102,11 @@ class PolicyService:
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._exposure):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _watch(self) -> None:
         while True:
@@ -128,18 +134,40 @@ class PolicyService:
             self.root, db.count, db.newest_date or "-",
             f"; {len(db.errors)} files left out, e.g. {db.errors[0]}" if db.errors else "",
         )  # fmt: skip
+        if self.cache_dir is not None and self.audit_retention > 0:
+            # In the background: a fleet's audit objects take a while to read, and start-up and the
+            # watcher must not wait on the bucket. A newer database replaces a pass still running.
+            if self._exposure is not None:
+                self._exposure.cancel()
+            self._exposure = asyncio.get_running_loop().create_task(self._update_exposure_logged())
+        return True
+
+    async def _update_exposure_logged(self) -> None:
         try:
             await self.update_exposure()
         except (OSError, sqlite3.Error) as exc:
             log.warning("could not read the audit trail for advisory exposure: %s", exc)
-        return True
+        except Exception:  # a task: nobody else would see it
+            log.exception("could not compute the advisory exposure")
 
     async def update_exposure(self) -> None:
-        """Who was served what each advisory affects: the gauge, and one warning per newly exposed
-        advisory for the whole mirror (the advisories already warned about are kept in the store)."""
+        """Who was served what each advisory affects (this replica and, in a fleet, the others): the
+        gauge, and one warning per newly exposed advisory for the whole mirror (the advisories already
+        warned about are kept in the store)."""
         if self.cache_dir is None or self.audit_retention <= 0:
             return
-        found = await asyncio.to_thread(exposure, self.db, self.rules, self.cache_dir, self.audit_retention)
+        db = self.db
+        since = time.time() - self.audit_retention
+        served = await asyncio.to_thread(served_here, self.cache_dir, since) if db.count else set()
+        if self.shared is not None and db.count:
+            try:
+                served |= await served_in_fleet(self.shared, self.cache_dir, since, db)
+            except Exception as exc:  # the bucket failing: this replica's own clients still count
+                log.warning(
+                    "advisory exposure: the other replicas' audit records could not be read from the "
+                    "bucket (%s); counting this replica's clients only", exc,
+                )  # fmt: skip
+        found = await asyncio.to_thread(exposure, db, self.rules, served)
         counts = {advisory_id: len(clients) for advisory_id, clients in found.items()}
         for gone in set(self.exposed) - set(counts):
             self.metrics.advisory_exposure.labels(gone).set(0)
@@ -281,20 +309,25 @@ class PolicyService:
         key = (lower, entry.etag, self.db.signature, tuple(sorted(known.items())))
         cached = self._views.get(key)
         if cached is None or cached[1] <= time.time():
-            # Parsing every line of a big file would stall the loop; the cooldown may write to the store.
-            if len(entry.body) > VIEW_IN_THREAD or cooling:
-                cached = await asyncio.to_thread(self._make_view, lower, entry, known)
+            # The cooldown learns off the loop (and, in a fleet, merges with the bucket's times).
+            learned = await self.cooldown.learn(lower, entry, self.db) if cooling else None
+            releases = learned.releases if learned is not None else {}
+            if len(entry.body) > VIEW_IN_THREAD:  # parsing every line of a big file would stall the loop
+                cached = await asyncio.to_thread(self._make_view, lower, entry, known, releases)
             else:
-                cached = self._make_view(lower, entry, known)
+                cached = self._make_view(lower, entry, known, releases)
+            if learned is not None and learned.retry_at < cached[1]:
+                cached = (cached[0], learned.retry_at)  # the fleet was not reached: learn again soon
             with contextlib.suppress(ValueError):
                 self._views[key] = cached
         return cached[0]
 
-    def _make_view(self, lower: str, entry: IndexEntry, known: dict[str, str]) -> tuple[IndexEntry, float]:
+    def _make_view(
+        self, lower: str, entry: IndexEntry, known: dict[str, str], releases: dict[str, Release]
+    ) -> tuple[IndexEntry, float]:
         """The view and until when it holds (when the next held-back version passes its cooldown)."""
         now = time.time()
         until = math.inf
-        releases = self.cooldown.learn(lower, entry.body, self.db) if self.cooldown.enabled else {}
         if not self.rules.enforcing:
             return entry, until
         blocked = set()
@@ -346,8 +379,11 @@ def _view_size(view: tuple[IndexEntry, float]) -> int:
     return len(view[0].body) + 256
 
 
-def create_policy(config: Config, store: Store, metrics: Metrics) -> PolicyService:
+def create_policy(
+    config: Config, store: Store, metrics: Metrics, shared: SharedStorage | None = None
+) -> PolicyService:
+    """`shared`: crates.io's part of the fleet's bucket (None with storage.backend local)."""
     return PolicyService(
         check_policy(config), config.policy.advisory_db, store, metrics,
-        cache_dir=config.cache.dir, audit_retention=config.audit.retention,
+        cache_dir=config.cache.dir, audit_retention=config.audit.retention, shared=shared,
     )  # fmt: skip

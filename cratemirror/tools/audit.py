@@ -22,13 +22,11 @@ from typing import Any
 
 from cratemirror.cache.audit import (
     AUDIT_FILE,
-    HOUR,
-    MAX_OBJECT_BYTES,
     MAX_ROWS,
     SERVED,
     AuditDb,
     AuditRecord,
-    decode_hour,
+    bucket_records,
     replica_id,
 )
 from cratemirror.config.schema import Config, ConfigError
@@ -69,16 +67,8 @@ async def _from_bucket(config: Config, since: float, own: str | None) -> list[Au
     await shared.start()
     found: list[AuditRecord] = []
     try:
-        objects = [item async for item in shared.iter_audit(int(since // HOUR))]
-        for replica, hour in objects:
-            if replica == own:
-                continue  # this replica's own records came from its file, which is newer
-            body = await shared.get_audit(replica, hour, MAX_OBJECT_BYTES)
-            if body is None:
-                continue
-            found.extend(record for record in decode_hour(body) if record.at >= since)
-            if len(found) > MAX_ROWS:
-                break
+        async for records in bucket_records(shared, since, own):  # this replica's came from its file
+            found.extend(records)
     finally:
         await shared.close()
     return found

@@ -1,5 +1,6 @@
 """The audit trail of a fleet (moto's real S3 server): each replica uploads its records to the bucket
-under audit/<replica>/, and one `audit query` answers for every replica, from anywhere."""
+under audit/<replica>/, one `audit query` answers for every replica, from anywhere, and each replica's
+advisory exposure gauge counts the clients of every replica."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ import pytest
 from cratemirror.fleet.storage.integrity import Sealer
 from tests.fake_upstream import FakeRegistry
 from tests.fleet_support import MotoS3, replicas
+from tests.mirror_process import metric_value, wait_until
+from tests.policy_support import LEAF_ADVISORY, write_advisory
 from tests.tools_support import run_cli
 
 pytestmark = pytest.mark.fleet
+
+EXPOSURE = "cratemirror_advisory_exposure"
 
 
 async def test_one_query_sees_both_replicas_records(
@@ -75,3 +80,42 @@ async def test_one_query_sees_both_replicas_records(
         assert sorted((row["crate"], row["version"], row["result"]) for row in rows) == [
             ("alpha", "1.0.0", "served"), ("beta", "2.0.0", "served"), ("planted", "2.0.0", "served"),
         ]  # fmt: skip
+
+
+async def test_the_exposure_gauge_counts_the_clients_of_every_replica(
+    registry: FakeRegistry, moto: MotoS3, tmp_path: Path
+) -> None:
+    """Replica A served an affected version; the advisory lands while only replica B runs: B's gauge,
+    status page and warning count A's client (from A's audit objects in the bucket)."""
+    db = tmp_path / "advisory-db"
+    (db / "crates").mkdir(parents=True)  # a checkout without an advisory yet
+    registry.add_crate("leaf", "0.3.0")
+    registry.add_crate("other", "1.0.0")
+    config = moto.yaml() + f"policy:\n  advisory_db: {db}\n"
+    async with (
+        replicas(registry.index_url, tmp_path, 2, config_text=config) as (a, b),
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.get(f"{a.url}/api/v1/crates/leaf/0.3.0/download") as response:
+            assert response.status == 200
+        async with session.get(f"{b.url}/api/v1/crates/other/1.0.0/download") as response:
+            assert response.status == 200  # B's own records: none affected
+        assert await a.stop() == 0, a.output()  # shutting down uploads A's records
+        write_advisory(db, "leaf", LEAF_ADVISORY, patched=[">= 0.3.1"])
+
+        async def exposed() -> bool:
+            async with session.get(f"{b.url}/metrics") as response:
+                text = await response.text()
+            try:
+                return metric_value(text, EXPOSURE, advisory=LEAF_ADVISORY) == 1
+            except KeyError:  # not set yet
+                return False
+
+        await wait_until(exposed, f"{EXPOSURE} on B for {LEAF_ADVISORY}", timeout=20, interval=0.2)
+        async with session.get(f"{b.url}/") as response:
+            page = await response.text()
+        assert 'id="advisory-exposure"' in page and LEAF_ADVISORY in page
+        warning = (
+            f"advisory {LEAF_ADVISORY} affects versions this mirror already served to 1 client (127.0.0.1)"
+        )
+        assert b.output().count(warning) == 1, b.output()

@@ -117,6 +117,12 @@ class LocalShared:
     async def get_audit(self, replica: str, hour: int, limit: int) -> bytes | None:
         return None
 
+    async def put_first_seen(self, crate: CrateName, body: bytes) -> None:
+        return None
+
+    async def get_first_seen(self, crate: CrateName, limit: int) -> bytes | None:
+        return None
+
 
 def make_shared_storage(
     config: StorageConfig,

@@ -14,8 +14,10 @@ Wraps any SharedStorage (the S3 one) for the server's fills:
 - `problem()` (for /readyz) and the `cratemirror_storage_up` gauge read the breaker: no I/O.
 
 The operator tools (iter_crates, read_crate, delete_crate, usage, iter_audit, get_audit) pass straight
-through: they want the bucket's real errors, not a degraded view. put_audit raises while degraded: the
-audit log then keeps the hour for its next upload round.
+through: they want the bucket's real errors, not a degraded view. put_audit, put_first_seen and
+get_first_seen raise while degraded (within the timeout otherwise): their callers must tell "not done"
+or "not known" from "absent" (the audit log keeps the hour for its next round; the cooldown merges with
+the fleet on a later copy).
 """
 
 from __future__ import annotations
@@ -197,15 +199,28 @@ class GuardedShared:
             lambda: self.inner.fetch_toolchain(path, sha256, into, limit), None, total=False
         )
 
-    async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
-        """Raises while degraded (the audit log keeps the hour and uploads it on a later round)."""
+    async def _strict(self, work: Callable[[], Awaitable[T]]) -> T:
+        """`work` within the timeout, for a caller that must know it did not happen: raises while
+        degraded, and when it fails (which trips the breaker)."""
         if self._down_since is not None:
-            raise StorageDegraded(f"not uploaded: {self._reason}")
+            raise StorageDegraded(f"shared storage degraded: {self._reason}")
         try:
-            await self._bounded(self.inner.put_audit(replica, hour, body))
+            return await self._bounded(work())
         except Exception as exc:
             self._trip(exc)
             raise
+
+    async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
+        """Raises while degraded (the audit log keeps the hour and uploads it on a later round)."""
+        await self._strict(lambda: self.inner.put_audit(replica, hour, body))
+
+    async def put_first_seen(self, crate: CrateName, body: bytes) -> None:
+        """Raises while degraded (the cooldown merges again on a later copy of the index file)."""
+        await self._strict(lambda: self.inner.put_first_seen(crate, body))
+
+    async def get_first_seen(self, crate: CrateName, limit: int) -> bytes | None:
+        """Raises while degraded: "not known" is not "absent" to the cooldown."""
+        return await self._strict(lambda: self.inner.get_first_seen(crate, limit))
 
     def iter_audit(self, since_hour: int) -> AsyncIterator[tuple[str, int]]:
         return self.inner.iter_audit(since_hour)

@@ -23,7 +23,7 @@ from typing import Literal
 
 __all__ = ["CRATE_FIELDS", "INDEX_FIELDS", "KEY_ID_FIELD", "MAC_FIELD", "ObjectKind", "Sealer"]
 
-ObjectKind = Literal["index", "crate", "toolchain", "audit"]
+ObjectKind = Literal["index", "crate", "toolchain", "audit", "first-seen"]
 
 DOMAIN = b"cratemirror/storage-object"
 VERSION = "v1"
@@ -37,8 +37,10 @@ _FIELDS: dict[ObjectKind, Sequence[str]] = {
     "index": INDEX_FIELDS,
     "crate": CRATE_FIELDS,
     "toolchain": CRATE_FIELDS,
-    # An audit object (cache/audit.py) has no validators: its key and body are what is authenticated.
+    # An audit object (cache/audit.py) and a crate's first-seen times (policy/cooldown.py) have no
+    # validators: their key and body are what is authenticated.
     "audit": (),
+    "first-seen": (),
 }
 MAX_FIELD = 4096  # S3 user metadata is 2 KiB in all: anything longer is not ours
 

@@ -5,6 +5,7 @@ Layout under storage.s3.prefix:
   crates/<name>/<version, percent-encoded>.crate   body = the .crate; metadata sha256, mac
   index/<lowercase name>                           body = the index file; metadata = its validators, mac
   audit/<replica>/<epoch hour>.jsonl.gz            one replica's audit records of an hour; mac
+  first-seen/<lowercase name>                      when the fleet first saw each index line (cooldown); mac
 
 Every object's metadata carries an HMAC-SHA256 made with storage.s3.integrity_key (integrity.py) over
 its key, body and validators: the bucket is storage, not a trusted source. An object that fails
@@ -277,9 +278,7 @@ class S3Shared:
         return f"shared storage failing ({self._failure[:200]}); serving from this replica and upstream"
 
     async def put_audit(self, replica: str, hour: int, body: bytes) -> None:
-        name = self._audit_key(replica, hour)
-        meta = self._sealer.seal("audit", name, await _sha256(body), {})
-        await self._tracked(self._client.put_object(Bucket=self.bucket, Key=name, Body=body, Metadata=meta))
+        await self._put_sealed("audit", self._audit_key(replica, hour), body, "application/gzip")
 
     async def iter_audit(self, since_hour: int) -> AsyncIterator[tuple[str, int]]:
         """Audit objects whose key parses back into a replica name and an hour; others are skipped."""
@@ -297,23 +296,46 @@ class S3Shared:
 
     async def get_audit(self, replica: str, hour: int, limit: int) -> bytes | None:
         """The object's bytes if they authenticate with the fleet secret (else None, counted)."""
-        name = self._audit_key(replica, hour)
-        try:
-            response = await self._tracked(self._client.get_object(Bucket=self.bucket, Key=name))
-        except ClientError as exc:
-            if _code(exc) in _MISSING:
-                return None
-            raise
+        return await self._get_sealed("audit", self._audit_key(replica, hour), limit, oversize_fails=False)
+
+    async def put_first_seen(self, crate: CrateName, body: bytes) -> None:
+        await self._put_sealed("first-seen", self._first_seen_key(crate), body, "application/json")
+
+    async def get_first_seen(self, crate: CrateName, limit: int) -> bytes | None:
+        """Replicas write at most `limit` bytes: a larger object is not theirs (counted like a bad MAC)."""
+        return await self._get_sealed("first-seen", self._first_seen_key(crate), limit, oversize_fails=True)
+
+    async def _put_sealed(self, kind: ObjectKind, name: str, body: bytes, content_type: str) -> None:
+        """A small object whose key and body are all there is to authenticate (audit, first-seen)."""
+        meta = self._sealer.seal(kind, name, await _sha256(body), {})
+        await self._tracked(
+            self._client.put_object(
+                Bucket=self.bucket, Key=name, Body=body, ContentType=content_type, Metadata=meta
+            )
+        )
+        self._passed(name)
+
+    async def _get_sealed(
+        self, kind: ObjectKind, name: str, limit: int, *, oversize_fails: bool
+    ) -> bytes | None:
+        """A small object's bytes if they authenticate (else None, counted); None if it is missing or
+        larger than `limit` (counted too with `oversize_fails`)."""
+        response = await self._tracked(self._get_object(name))
+        if response is None:
+            return None
+        body: bytes | None = None
         if int(response.get("ContentLength", 0)) > limit:
             response["Body"].close()
+        else:
+            async with response["Body"] as stream:
+                body = bytes(await stream.read(limit + 1))
+        if body is None or len(body) > limit:
+            if oversize_fails:
+                self._failed(kind, name, f"more than {limit} bytes")
             return None
-        async with response["Body"] as stream:
-            body = bytes(await stream.read(limit + 1))
-        if len(body) > limit:
-            return None
-        problem = self._sealer.problem("audit", name, await _sha256(body), response.get("Metadata", {}))
+        problem = self._sealer.problem(kind, name, await _sha256(body), response.get("Metadata", {}))
         if problem is not None:
-            self._failed("audit", name, problem)
+            self._failed(kind, name, problem)
             return None
         self._passed(name)
         return body
@@ -331,6 +353,9 @@ class S3Shared:
     def _index_key(self, crate: CrateName) -> str:
         return f"{self.prefix}index/{crate.lower}"
 
+    def _first_seen_key(self, crate: CrateName) -> str:
+        return f"{self.prefix}first-seen/{crate.lower}"
+
     # ---- authentication ---------------------------------------------------------------------------
 
     def _failed(self, kind: ObjectKind, name: str, reason: str) -> None:
@@ -342,7 +367,9 @@ class S3Shared:
         self._known.pop(name, None)
         if name not in self._reported:
             self._reported[name] = True
-            then = "" if kind == "audit" else ", replaced from upstream"
+            then = {"audit": "", "first-seen": ", rewritten from this replica's times"}.get(
+                kind, ", replaced from upstream"
+            )
             log.error("shared storage: %s has %s: ignored%s", name, reason, then)
 
     def _passed(self, name: str) -> None:

@@ -144,6 +144,17 @@ class SharedStorage(Protocol):
         """An audit object's bytes; None if it is missing or larger than `limit`."""
         ...
 
+    async def put_first_seen(self, crate: CrateName, body: bytes) -> None:
+        """The fleet's first-seen times of a crate's index lines (policy/cooldown.py encodes them),
+        replacing the earlier object."""
+        ...
+
+    async def get_first_seen(self, crate: CrateName, limit: int) -> bytes | None:
+        """That object's bytes; None if it is missing, larger than `limit` or fails authentication (the
+        last two counted as integrity failures). Raises when the store cannot answer: absent and
+        unknown differ to the caller."""
+        ...
+
 
 class ArtifactStore(Protocol):
     """One registry's stored crates and index files, as verify, prune, export and import see them.
