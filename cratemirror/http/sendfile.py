@@ -10,7 +10,6 @@ is full. Not for TLS (the bytes must pass through the TLS layer): there the call
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from typing import Any, Protocol
 
@@ -41,14 +40,14 @@ async def sendfile(transport: Transport, fd: int, size: int) -> bool:
         return False
     sock = transport.get_extra_info("socket")
     out = os.dup(sock.fileno())
-    loop = asyncio.get_running_loop()
+    writable = _Writable(asyncio.get_running_loop(), out, transport)
     try:
         offset = 0
         while offset < size:
             try:
                 sent = os.sendfile(out, fd, offset, size - offset)
             except BlockingIOError:
-                await _writable(loop, out, transport)
+                await writable.wait()
                 continue
             except OSError as exc:  # EPIPE, ECONNRESET: the client left
                 raise ConnectionResetError(str(exc)) from exc
@@ -57,22 +56,49 @@ async def sendfile(transport: Transport, fd: int, size: int) -> bool:
             offset += sent
         return True
     finally:
+        writable.close()
         os.close(out)
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, out: int, transport: Transport) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
+class _Writable:
+    """Waits for the duplicate descriptor to take more bytes. The descriptor is watched from the first
+    wait to the end of the file (one add_writer, not one per wait) and each wait is a bare future with a
+    timer that looks at the connection every WAIT_SLICE (no task per wait, as wait_for made): a 3 MiB
+    crate waits many times on a full socket."""
 
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
+    def __init__(self, loop: asyncio.AbstractEventLoop, out: int, transport: Transport) -> None:
+        self.loop, self.out, self.transport = loop, out, transport
+        self.waiter: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.watching = False
 
-    loop.add_writer(out, wake)
-    try:
-        while not ready.done():
-            if transport.is_closing():
-                raise ConnectionResetError("the connection was closed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(ready), WAIT_SLICE)
-    finally:
-        loop.remove_writer(out)
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _look(self) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        if self.transport.is_closing():  # the guard (or the server) closed it meanwhile
+            waiter.set_exception(ConnectionResetError("the connection was closed"))
+        else:
+            self.timer = self.loop.call_later(WAIT_SLICE, self._look)
+
+    async def wait(self) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("the connection was closed")
+        if not self.watching:
+            self.loop.add_writer(self.out, self._wake)
+            self.watching = True
+        self.waiter = self.loop.create_future()
+        self.timer = self.loop.call_later(WAIT_SLICE, self._look)
+        try:
+            await self.waiter
+        finally:
+            self.timer.cancel()
+            self.waiter = self.timer = None
+
+    def close(self) -> None:
+        if self.watching:
+            self.loop.remove_writer(self.out)
