@@ -26,9 +26,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry  # the asyncio client's (redis 8 converts a sync one, with a warning)
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from cratemirror.fleet.coordination.health import UpstreamHealth
 from cratemirror.fleet.coordination.local import LocalCoordination
