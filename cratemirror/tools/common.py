@@ -98,6 +98,12 @@ async def body_sha256(response: aiohttp.ClientResponse) -> str:
     return hasher.hexdigest()
 
 
+async def answer_reason(response: aiohttp.ClientResponse) -> str:
+    """Why a mirror refused, in one line: the first line of its body (a proxy's error page has many)."""
+    text = (await response.text(errors="replace")).strip()
+    return text.splitlines()[0][:200] if text else response.reason or "no reason given"
+
+
 class AppLifecycle(Protocol):
     """The server's app (create_app's aiohttp web.Application) as ServerApp drives it; named by these
     methods only, since only http/ and server/ speak aiohttp.web."""

@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-import aiohttp
-
 from cratemirror.cache.delivery import Blocked, CacheResult, Failed, FromFile, FromFill, HeadersOnly, Redirect
 from cratemirror.cache.index import find_version
 from cratemirror.config.schema import Config, ConfigError
@@ -30,6 +28,7 @@ from cratemirror.tools.common import (
     MirrorClient,
     Progress,
     ServerApp,
+    answer_reason,
     body_sha256,
     error,
     plural,
@@ -136,7 +135,7 @@ class MirrorWarmer(MirrorClient):
                 return CACHED
         async with self.session.get(url) as response:
             if response.status != 200:
-                raise WarmFailure(f"the mirror answered {response.status}: {await _reason(response)}")
+                raise WarmFailure(f"the mirror answered {response.status}: {await answer_reason(response)}")
             digest = await body_sha256(response)
             if digest != record.cksum:
                 raise WarmFailure(f"the mirror sent bytes hashing to {digest}, not {record.cksum}")
@@ -157,14 +156,9 @@ class MirrorWarmer(MirrorClient):
             if response.status != 200:
                 raise WarmFailure(
                     f"the mirror answered {response.status} for index/{crate.index_path}: "
-                    f"{await _reason(response)}"
+                    f"{await answer_reason(response)}"
                 )
             return await response.read()
-
-
-async def _reason(response: aiohttp.ClientResponse) -> str:
-    text = (await response.text(errors="replace")).strip()
-    return text.splitlines()[0][:200] if text else response.reason or "no reason given"
 
 
 async def warm_all(warmer: Warmer, crates: Sequence[LockedCrate], jobs: int) -> collections.Counter[str]:

@@ -37,6 +37,7 @@ from cratemirror.tools.common import (
     EXIT_OK,
     MirrorClient,
     ServerApp,
+    answer_reason,
     body_sha256,
     error,
     tool_config,
@@ -211,8 +212,7 @@ class MirrorSource(MirrorClient):
     async def fetch(self, path: ToolchainPath, sha256: str) -> str:
         async with self.session.get(f"{self.base}/toolchains/{path.path}") as response:
             if response.status != 200:
-                reason = (await response.text(errors="replace")).strip()[:200]
-                raise WarmFailure(f"the mirror answered {response.status}: {reason}")
+                raise WarmFailure(f"the mirror answered {response.status}: {await answer_reason(response)}")
             digest = await body_sha256(response)
             if digest != sha256:
                 raise WarmFailure(f"the mirror sent bytes hashing to {digest}, not {sha256}")
