@@ -91,7 +91,7 @@ def date_line() -> bytes:
 
 
 class HitLane:
-    """The server's request handler: warm index hits here, everything else to `app_handler`."""
+    """The server's request handler: warm hits here, everything else to `app_handler`."""
 
     def __init__(self, app: web.Application, app_handler: Handler) -> None:
         mirror: Mirror = app[MIRROR]

@@ -19,7 +19,14 @@ import aiohttp
 from cratemirror import __version__
 from cratemirror.config.schema import ConfigError
 from cratemirror.names import CrateName, InvalidRequest, parse_name
-from cratemirror.tools.common import EXIT_FAILURE, EXIT_OK, error, mirror_headers, tool_config
+from cratemirror.tools.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    answer_reason,
+    error,
+    mirror_headers,
+    tool_config,
+)
 from cratemirror.tools.warm import DirectWarmer, mirror_base
 from cratemirror.upstream.client import UpstreamError
 
@@ -80,7 +87,7 @@ async def _through_mirror(base: str, crates: list[CrateName]) -> list[Outcome]:
             try:
                 async with session.post(url) as response:
                     if response.status != 200:
-                        reason = (await response.text(errors="replace")).strip()[:200]
+                        reason = await answer_reason(response)
                         status = response.status
                         return RefreshFailure(f"{crate.name}: the mirror answered {status}: {reason}")
                     answer = await response.json()
