@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from cratemirror.http.sendfile import can_sendfile, sendfile
+from cratemirror.http.sendfile import can_sendfile, corked, sendfile
 from cratemirror.redact import redact
 
 _CHUNK = 256 * 1024
@@ -52,17 +52,12 @@ async def send_file(
         response = web.StreamResponse(headers=headers)
         response.content_length = size
         try:
-            await response.prepare(request)
-            if request.method != "HEAD" and size:
-                transport = request.transport
-                if transport is None:
-                    raise ConnectionResetError("client went away")
-                try:
-                    await asyncio.get_running_loop().sendfile(transport, file, 0, size)
-                except NotImplementedError:  # an event loop without sendfile (uvloop): our own, else copy
-                    sent = can_sendfile(transport) and await sendfile(transport, file.fileno(), size)
-                    while not sent and (chunk := file.read(_CHUNK)):
-                        await response.write(chunk)
+            if request.method == "HEAD" or not size:
+                await response.prepare(request)
+            else:
+                with corked(request.transport):  # the headers leave with the file's first bytes
+                    await response.prepare(request)
+                    await _send_body(request, response, file, size)
             await response.write_eof()
         except ConnectionError:
             # Every write here goes to the client: it left mid-answer (a cancelled build, a session the
@@ -73,3 +68,18 @@ async def send_file(
         return response
     finally:
         file.close()
+
+
+async def _send_body(
+    request: web.BaseRequest, response: web.StreamResponse, file: BinaryIO, size: int
+) -> None:
+    """The file after the headers: the kernel's sendfile, else copied through the transport (TLS)."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    try:
+        await asyncio.get_running_loop().sendfile(transport, file, 0, size)
+    except NotImplementedError:  # an event loop without sendfile (uvloop): our own, else copy
+        sent = can_sendfile(transport) and await sendfile(transport, file.fileno(), size)
+        while not sent and (chunk := file.read(_CHUNK)):
+            await response.write(chunk)

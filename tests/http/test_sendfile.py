@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cratemirror.http.sendfile import can_sendfile, sendfile
+from cratemirror.http.sendfile import can_sendfile, corked, sendfile
 from tests.fake_upstream import make_crate_tarball
 from tests.hostile_upstream import HostileUpstream, index_line, sha256
 from tests.mirror_process import MirrorProcess
@@ -149,3 +149,30 @@ async def test_a_large_hit_from_a_real_server_is_byte_exact(tmp_path: Path) -> N
                     assert response.status == 200
                     assert response.headers["Content-Length"] == str(len(big))
                     assert await response.read() == b""
+
+
+async def test_a_large_answer_is_corked_until_its_body_is_out() -> None:
+    """TCP_CORK (nginx's tcp_nopush) holds the headers back for the file's first bytes, and is released
+    when the body is out (else its last partial segment would wait up to 200 ms)."""
+    accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+
+    async def on_client(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put(writer)
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, client = await asyncio.open_connection("127.0.0.1", port)
+    served = await accepted.get()
+    try:
+        sock = served.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+        with corked(served.transport):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+        with corked(None):  # no transport (the client left): nothing to do
+            pass
+    finally:
+        client.close()
+        served.close()
+        server.close()
+        await server.wait_closed()
