@@ -21,7 +21,7 @@ to the app, which answers and counts the 401), the refresh generation check, the
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
@@ -103,7 +103,12 @@ class HitLane:
         self.answered = 0  # hits this lane answered (the tests read it)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.method == "GET" and request.version == HttpVersion11 and request.keep_alive:
+        if (
+            request.method == "GET"
+            and request.version == HttpVersion11
+            and request.keep_alive
+            and not _conditional(request.headers)  # a 304 (or not): the app's path decides
+        ):
             path = request.path
             response = None
             if path.startswith(INDEX_PREFIX):
@@ -120,15 +125,12 @@ class HitLane:
         return await self.app_handler(request)
 
     def index_hit(self, request: web.BaseRequest, registry: Registry, path: str) -> ReadyResponse | None:
-        headers = request.headers
-        if "If-None-Match" in headers or "If-Modified-Since" in headers:
-            return None  # a 304 (or not): the app's path decides
         mirror = self.mirror
         registry.index.check_generation()  # a stat every few ms at most
         answer = mirror.index_answers.get(registry.name, path, mirror.policy.changes)
         if answer is None:
             return None
-        gzip = answer.gzip_headers is not None and "gzip" in headers.get("Accept-Encoding", "")
+        gzip = answer.gzip_headers is not None and "gzip" in request.headers.get("Accept-Encoding", "")
         wire = answer.wire_for(gzip)
         if wire is None:
             return None
@@ -139,9 +141,6 @@ class HitLane:
         return ReadyResponse(wire)
 
     def crate_hit(self, request: web.BaseRequest, path: str) -> ReadyResponse | None:
-        headers = request.headers
-        if "If-None-Match" in headers or "If-Modified-Since" in headers:
-            return None
         answer = self.mirror.crate_answers.get(path, self.mirror.policy.changes)
         if answer is None or not self.admitted(request):
             return None
@@ -173,6 +172,10 @@ class HitLane:
         timing = request.get(TIMING)
         elapsed = time.perf_counter() - timing.started if timing is not None else 0.0
         registry.metrics.observe_request(kind, MetricResult.HIT, elapsed, sent)
+
+
+def _conditional(headers: Mapping[str, str]) -> bool:
+    return "If-None-Match" in headers or "If-Modified-Since" in headers
 
 
 def install_hit_lane(app: web.Application, server: web.Server) -> HitLane:
