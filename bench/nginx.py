@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.procs import Child
+from bench.procs import Child, LocalServer
 from tests.mirror_process import free_port
 
 START_TIMEOUT = 15.0
@@ -98,7 +98,7 @@ def nginx_binary() -> str | None:
     )
 
 
-class Nginx:
+class Nginx(LocalServer):
     def __init__(self, prefix: Path, upstream_host: str, upstream_port: int, index_ttl: int) -> None:
         self.prefix = prefix
         self.port = free_port()
@@ -119,14 +119,6 @@ class Nginx:
         assert binary is not None
         argv = [binary, "-p", str(prefix), "-c", str(self.conf_path), "-e", str(prefix / "logs/stderr.log")]
         self.child = Child("nginx", argv, prefix / "logs/console.log", prefix, dict(os.environ))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.child.pid
 
     def output(self) -> str:
         logs = self.prefix / "logs"

@@ -115,6 +115,21 @@ def nginx_worker(command: str) -> bool:
     return "worker process" in command
 
 
+class LocalServer:
+    """A reference server the bench runs on loopback as a Child (trivial, nginx): where, and which pid."""
+
+    port: int
+    child: Child
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+
 class PeakRss:
     """Samples the summed RSS of a fixed set of processes until stopped; bounded in samples."""
 

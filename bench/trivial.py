@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bench.procs import Child
+from bench.procs import Child, LocalServer
 from tests.mirror_process import clean_env, free_port, listening_sockets
 
 START_TIMEOUT = 30.0
@@ -97,7 +97,7 @@ def main() -> None:
             process.kill()
 
 
-class Trivial:
+class Trivial(LocalServer):
     """The driver's handle on the trivial server: fetch the answers from a warm server, start, stop."""
 
     def __init__(self, tmp: Path, workers: int) -> None:
@@ -107,14 +107,6 @@ class Trivial:
         self.answers_file = tmp / "trivial-answers.json"
         argv = [sys.executable, "-m", "bench.trivial", str(self.port), str(workers), str(self.answers_file)]
         self.child = Child("trivial", argv, tmp / "trivial.log", REPO, clean_env())
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.child.pid
 
     async def copy_answers(self, source_url: str, paths: list[str]) -> None:
         """The exact bytes (and Content-Type, ETag) that `source_url` answers for each path."""
