@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
@@ -42,13 +42,21 @@ def not_modified(request: web.BaseRequest, etag: str, last_modified: str) -> boo
 
 
 async def send_file(
-    request: web.BaseRequest, file: BinaryIO, size: int, headers: Mapping[str, str]
+    request: web.BaseRequest,
+    file: BinaryIO,
+    size: int,
+    headers: Mapping[str, str],
+    keep: Callable[[bytes, Mapping[str, str]], None] | None = None,
 ) -> web.StreamResponse:
     """Send an open file; closes it. A small file goes out in one write with its headers (cheaper than
-    any sendfile set-up); a large one through the kernel's sendfile where the event loop has it."""
+    any sendfile set-up), and is handed to `keep` (the hit lane's answers) if given; a large one through
+    the kernel's sendfile where the event loop has it."""
     try:
         if size <= ONE_WRITE_MAX:
-            return web.Response(body=os.pread(file.fileno(), size, 0), headers=headers)
+            body = os.pread(file.fileno(), size, 0)
+            if keep is not None:
+                keep(body, headers)
+            return web.Response(body=body, headers=headers)
         response = web.StreamResponse(headers=headers)
         response.content_length = size
         try:

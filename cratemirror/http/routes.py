@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
@@ -36,9 +35,10 @@ from cratemirror.http.index_answers import (
 )
 from cratemirror.http.instrument import BYTES, KIND, REGISTRY, RESULT, instrumented
 from cratemirror.http.policy import client_of, refusal
-from cratemirror.http.responses import ONE_WRITE_MAX, error, not_modified, send_file
+from cratemirror.http.responses import error, not_modified, send_file
 from cratemirror.names import (
     DEFAULT_REGISTRY,
+    CrateVersion,
     InvalidRequest,
     parse_crate_version,
     parse_index_path,
@@ -226,14 +226,10 @@ async def download(request: web.Request) -> web.StreamResponse:
                 file.close()
                 return web.Response(status=304, headers=headers)
             request[BYTES] = size if request.method != "HEAD" else 0
-            if size <= ONE_WRITE_MAX and request.method == "GET" and registry.is_default:
-                with file:  # one write with its headers, and kept for the hit lane's next answers
-                    body = os.pread(file.fileno(), size, 0)
-                mirror = request.app[MIRROR]
-                asked = DownloadAsked(DEFAULT_REGISTRY, wanted.crate.name, wanted.version)
-                mirror.crate_answers.remember(request.path, body, headers, mirror.policy, asked)
-                return web.Response(body=body, headers=headers)
-            return await send_file(request, file, size, headers)
+            keep = None
+            if request.method == "GET" and registry.is_default:  # a small one, for the hit lane's answers
+                keep = _remembered(request, wanted)
+            return await send_file(request, file, size, headers, keep)
         case FromFill(body=body, headers=headers, release=release):
             try:
                 return await _stream_fill(request, body, headers)
@@ -247,6 +243,17 @@ async def download(request: web.Request) -> web.StreamResponse:
             return refusal(rule, reason, x_cache)
         case Failed(status=status, reason=reason, x_cache=x_cache):
             return error(status, reason, x_cache)
+
+
+def _remembered(request: web.Request, wanted: CrateVersion) -> Callable[[bytes, Mapping[str, str]], None]:
+    """Keeps a small stored crates.io crate the app's path sends, for the hit lane's next answers."""
+    mirror = request.app[MIRROR]
+    asked = DownloadAsked(DEFAULT_REGISTRY, wanted.crate.name, wanted.version)
+
+    def keep(body: bytes, headers: Mapping[str, str]) -> None:
+        mirror.crate_answers.remember(request.path, body, headers, mirror.policy, asked)
+
+    return keep
 
 
 async def _stream_fill(
